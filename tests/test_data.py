@@ -1,0 +1,134 @@
+"""Data pipeline: rare vocabulary, packing with spans, sampler and masking, caching."""
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from tnf_scale.config import ConfigError
+from tnf_scale.data.packing import cut_points, make_packer
+from tnf_scale.data.prepare import RARE_VOCAB_FILE, cache_key, prepare_data
+from tnf_scale.data.rare_vocab import RareVocab, band_coverage, choose_band, word_splitter
+from tnf_scale.data.sampler import Collator, GlobalBatchSampler, local_share
+
+
+def test_rare_vocabulary_is_byte_identical_for_the_same_corpus_and_bounds(small_config, prepared, tmp_path):
+    again = prepare_data(dataclasses.replace(small_config, data_cache=str(tmp_path)), log=lambda *_: None, show_progress=False)
+    assert again.path != prepared.path
+    first = (prepared.tokenizer_dir / RARE_VOCAB_FILE).read_bytes()
+    assert first == (again.tokenizer_dir / RARE_VOCAB_FILE).read_bytes()
+    assert len(prepared.rare_vocab) > 100
+
+
+def test_rare_ids_follow_descending_count_then_word(prepared):
+    rare = prepared.rare_vocab
+    keys = [(-c, w) for w, c in zip(rare.words, rare.counts)]
+    assert keys == sorted(keys)
+    assert all(rare.min_count <= c <= rare.max_count for c in rare.counts)
+
+
+def test_rare_vocab_round_trips_through_its_file(prepared, tmp_path):
+    prepared.rare_vocab.save(tmp_path / "v.tsv")
+    assert RareVocab.load(tmp_path / "v.tsv") == prepared.rare_vocab
+
+
+def test_choose_band_takes_the_rarest_recurring_words_up_to_the_coverage():
+    counts = Counter({f"w{i}": c for i, c in enumerate([1] * 500 + [2] * 100 + [3] * 50 + [8] * 20 + [40] * 5 + [1000] * 3)})
+    total = sum(counts.values())  # 4210
+    assert choose_band(counts, 0.09) == (2, 3)  # [2, 3] covers 350 / 4210 = 8.3%; adding 8 would cover 12.1%
+    assert choose_band(counts, 0.20) == (2, 8)  # widening stops at 5 * 2 = 10
+    assert band_coverage(counts, 2, 8) == 510 / total
+    with pytest.raises(ConfigError, match="occurs twice"):
+        choose_band(Counter({"a": 1, "b": 1}), 0.02)
+
+
+def test_spans_cover_exactly_the_subword_tokens_of_each_rare_word(prepared):
+    tok, rare = prepared.tokenizer, prepared.rare_vocab
+    split = word_splitter(tok)
+    checked = multi = 0
+    for row in prepared.train.select(range(200)):
+        for r, s, t in zip(row["rare_ids"], row["span_start"], row["span_end"]):
+            pieces = tok.convert_ids_to_tokens(row["input_ids"][s : t + 1])
+            word = pieces[0] + "".join(p.removeprefix("##") for p in pieces[1:])
+            assert word == rare.words[r]
+            assert split(word) == [word]
+            # the span is the whole word: the next token does not continue it
+            if t + 1 < len(row["input_ids"]):
+                assert not tok.convert_ids_to_tokens(row["input_ids"][t + 1]).startswith("##")
+            checked += 1
+            multi += t > s
+    assert checked > 100 and multi > 10
+
+
+def test_words_cut_by_truncation_get_no_occurrence(prepared):
+    tok = prepared.tokenizer
+    word = prepared.rare_vocab.words[0]
+    long_word = "pneumonoultramicroscopicsilicovolcanoconiosis"
+    pieces = len(tok(long_word, add_special_tokens=False)["input_ids"])
+    rare_id_of = {word: 0, long_word: 1}
+    packer = make_packer(tok, rare_id_of, max_seq_len=pieces + 1)  # the long word cannot fit in one sequence
+    out = packer({"text": [f"{word} {long_word} {word}"]})
+    found = [r for seq in out["rare_ids"] for r in seq.tolist()]
+    assert 1 not in found  # the truncated word
+    assert found.count(0) == 2  # the rare word on both sides still counts
+    for ids, s_list, t_list in zip(out["input_ids"], out["span_start"], out["span_end"]):
+        assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id and len(ids) <= pieces + 1
+        for s, t in zip(s_list, t_list):
+            assert tok.decode(ids[s : t + 1]).replace(" ", "") == word
+
+
+def test_cut_points_move_back_to_word_starts():
+    word_start = np.array([1, 0, 0, 1, 1, 0, 1, 0, 0, 0, 1], dtype=bool)
+    assert cut_points(word_start, 11, 5) == [0, 4, 6, 11]
+    # a word longer than a sequence is cut where it must be
+    assert cut_points(np.array([1, 0, 0, 0, 0, 0, 0, 1], dtype=bool), 8, 3) == [0, 3, 6, 8]
+
+
+def test_cache_is_reused_and_its_key_follows_the_inputs(small_config, prepared):
+    again = prepare_data(small_config, log=lambda *_: None, show_progress=False)
+    assert again.path == prepared.path
+    assert cache_key(dataclasses.replace(small_config, max_seq_len=32)) != cache_key(small_config)
+
+
+def test_global_batch_depends_only_on_seed_step_and_size():
+    a, b = GlobalBatchSampler(100, 16, seed=3), GlobalBatchSampler(100, 16, seed=3)
+    for step in (0, 5, 6, 7, 40):
+        assert a.step(step) == b.step(step)
+    indices, keys, epochs = a.step(6)  # order positions 96..111 cross into epoch 1
+    assert keys == list(range(96, 112)) and epochs[:4] == [0] * 4 and epochs[4:] == [1] * 12
+    epoch0 = [i for s in range(7) for i, e in zip(*a.step(s)[::2]) if e == 0]
+    assert sorted(epoch0) == list(range(100))
+    assert GlobalBatchSampler(100, 16, seed=4).step(0) != a.step(0)
+
+
+def test_rank_shares_partition_the_global_batch():
+    items = list(range(32))
+    assert sum((local_share(items, r, 4) for r in range(4)), []) == items
+
+
+def test_masks_do_not_depend_on_position_in_the_micro_batch(prepared):
+    collate = Collator(prepared.tokenizer, 64, 0.15, seed=7)
+    indices, keys, epochs = [5, 9, 13, 2], [40, 41, 42, 43], [0, 0, 0, 0]
+    together = collate(prepared.train, indices, keys, epochs)
+    reversed_ = collate(prepared.train, indices[::-1], keys[::-1], epochs[::-1])
+    for i in range(4):
+        alone = collate(prepared.train, [indices[i]], [keys[i]], [epochs[i]])
+        assert torch.equal(together.input_ids[i], alone.input_ids[0])
+        assert torch.equal(together.labels[i], alone.labels[0])
+        assert torch.equal(together.labels[i], reversed_.labels[3 - i])
+    assert (together.labels != -100).any()
+    other_seed = Collator(prepared.tokenizer, 64, 0.15, seed=8)(prepared.train, indices, keys, epochs)
+    assert not torch.equal(other_seed.labels, together.labels)
+
+
+def test_masking_spares_special_and_padding_tokens(prepared):
+    batch = Collator(prepared.tokenizer, 64, 0.5, seed=1)(prepared.train, list(range(16)), list(range(16)), [0] * 16)
+    tok = prepared.tokenizer
+    original = torch.where(batch.labels != -100, batch.labels, batch.input_ids)
+    special = torch.isin(original, torch.tensor([tok.cls_token_id, tok.sep_token_id, tok.pad_token_id]))
+    assert not (special & (batch.labels != -100)).any()
+    rate = float((batch.labels != -100).sum() / (~special).sum())
+    assert 0.4 < rate < 0.6

@@ -1,0 +1,107 @@
+"""Note math and the one-rank store (TNF_SPEC sections 3 and 4)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tnf_scale.notes.note_math import (
+    application_order, ema_closed_form, ema_sequential, expand_spans, initial_notes, mix64, mix_notes, owner_of, pool_windows,
+)
+from tnf_scale.notes.store import LocalNoteStore
+
+
+def test_read_mix_changes_exactly_the_rare_spans():
+    torch.manual_seed(0)
+    h = torch.randn(3, 10, 8, requires_grad=True)
+    sample, start, end = torch.tensor([0, 0, 2]), torch.tensor([1, 6, 4]), torch.tensor([3, 6, 8])
+    rows = torch.randn(3, 8)
+    token_index, token_occ = expand_spans(sample, start, end, seq_len=10)
+    out = mix_notes(h, token_index, token_occ, rows, lam=0.5)
+    in_span = torch.zeros(3, 10, dtype=torch.bool)
+    in_span[0, 1:4] = in_span[0, 6] = in_span[2, 4:9] = True
+    assert torch.equal(out[~in_span], h[~in_span])  # bitwise untouched elsewhere
+    expected = {(0, p): 0 for p in range(1, 4)} | {(0, 6): 1} | {(2, p): 2 for p in range(4, 9)}
+    for (b, p), occ in expected.items():
+        torch.testing.assert_close(out[b, p], 0.5 * h[b, p] + 0.5 * rows[occ])
+    out.sum().backward()  # gradient reaches h through (1 - lambda) only
+    assert torch.allclose(h.grad[in_span], torch.full_like(h.grad[in_span], 0.5))
+    assert torch.allclose(h.grad[~in_span], torch.ones_like(h.grad[~in_span]))
+
+
+def test_read_mix_with_no_occurrence_is_the_identity():
+    h = torch.randn(2, 5, 4)
+    empty = torch.zeros(0, dtype=torch.int64)
+    token_index, token_occ = expand_spans(empty, empty, empty, seq_len=5)
+    assert torch.equal(mix_notes(h, token_index, token_occ, torch.zeros(0, 4), 0.5), h)
+
+
+def brute_force_pool(context, sample, start, end, lengths, k):
+    out = []
+    for b, s, t in zip(sample.tolist(), start.tolist(), end.tolist()):
+        lo, hi = max(0, s - k), min(int(lengths[b]) - 1, t + k)
+        out.append(context[b, lo : hi + 1].double().mean(0))
+    return torch.stack(out).float()
+
+
+def test_window_pooling_at_sequence_start_end_and_padding():
+    torch.manual_seed(1)
+    context = torch.randn(2, 12, 6)
+    lengths = torch.tensor([12, 7])  # sample 1 has 5 padding positions the window must not reach
+    sample = torch.tensor([0, 0, 0, 1, 1])
+    start = torch.tensor([0, 5, 10, 1, 5])
+    end = torch.tensor([1, 5, 11, 2, 6])
+    for k in (0, 2, 16):
+        got = pool_windows(context, sample, start, end, lengths, k)
+        torch.testing.assert_close(got, brute_force_pool(context, sample, start, end, lengths, k), rtol=1e-5, atol=1e-6)
+    got = pool_windows(context, sample, start, end, lengths, 2)
+    torch.testing.assert_close(got[4], context[1, 3:7].mean(0))  # [5-2, min(6, 6+2)]: stops at the last real token
+    torch.testing.assert_close(got[0], context[0, 0:4].mean(0))  # clipped at position 0
+
+
+def test_sequential_ema_equals_its_closed_form():
+    torch.manual_seed(2)
+    table = torch.randn(5, 4, dtype=torch.float64)
+    ids = torch.tensor([3, 1, 3, 3, 0, 1, 3])
+    order_key = torch.tensor([7, 2, 1, 7, 5, 9, 4])
+    start = torch.tensor([9, 0, 3, 2, 1, 1, 0])
+    notes = torch.randn(7, 4, dtype=torch.float64)
+    perm = application_order(ids, order_key, start)
+    assert ids[perm].tolist() == [0, 1, 1, 3, 3, 3, 3]
+    assert order_key[perm].tolist() == [5, 2, 9, 1, 4, 7, 7] and start[perm][-2:].tolist() == [2, 9]
+    expected = ema_sequential(table, ids[perm], notes[perm], gamma=0.1)
+    unique, decay, contribution = ema_closed_form(ids[perm], notes[perm], gamma=0.1)
+    closed = table.clone()
+    closed[unique] = closed[unique] * decay.unsqueeze(1) + contribution
+    torch.testing.assert_close(closed, expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(closed[[2, 4]], table[[2, 4]])  # ids never written stay as they were
+
+
+def test_store_applies_writes_in_order_key_order_whatever_the_input_order():
+    store_a = LocalNoteStore(6, 4, seed=1, init_std=0.02, gamma=0.1)
+    store_b = LocalNoteStore(6, 4, seed=1, init_std=0.02, gamma=0.1)
+    ids, keys, starts = torch.tensor([2, 2, 5, 2]), torch.tensor([3, 1, 0, 2]), torch.tensor([4, 4, 1, 8])
+    notes = torch.randn(4, 4)
+    store_a.write(ids, keys, starts, notes)
+    flip = torch.tensor([3, 2, 1, 0])
+    store_b.write(ids[flip], keys[flip], starts[flip], notes[flip])
+    assert torch.equal(store_a.table, store_b.table)
+    expected = ema_sequential(LocalNoteStore(6, 4, 1, 0.02, 0.1).table, torch.tensor([2, 2, 2, 5]), notes[[1, 3, 0, 2]], 0.1)
+    torch.testing.assert_close(store_a.table, expected)
+    assert store_a.distinct_noted() == 2
+    torch.testing.assert_close(store_a.read(torch.tensor([5, 5])), expected[[5, 5]])
+
+
+def test_initial_notes_depend_only_on_seed_and_id():
+    all_rows = initial_notes(torch.arange(1000), 16, seed=5, std=0.02)
+    some = torch.tensor([999, 3, 500])
+    assert torch.equal(initial_notes(some, 16, seed=5, std=0.02), all_rows[some])
+    assert not torch.equal(initial_notes(some, 16, seed=6, std=0.02), all_rows[some])
+    assert abs(float(all_rows.std()) - 0.02) < 0.001 and abs(float(all_rows.mean())) < 0.001
+
+
+def test_mix64_is_the_splitmix64_finalizer_and_spreads_owners():
+    # splitmix64 with state 0: the first output is 0xE220A8397B1DCDAF
+    assert int(mix64(0)) == 0xE220A8397B1DCDAF
+    owners = owner_of(torch.arange(10_000), 4)
+    counts = np.bincount(owners.numpy(), minlength=4)
+    assert counts.min() > 2300 and counts.max() < 2700

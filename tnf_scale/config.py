@@ -1,0 +1,187 @@
+"""Typed run configuration: presets, command-line flags, validation with clear messages.
+
+Everything a run needs is one `RunConfig`. A preset supplies defaults, `--config FILE`
+(JSON) overrides the preset, and command-line flags override both. `validate()` runs
+before any process group exists, so a bad value is one sentence, not a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BUNDLED_CORPUS = str(Path(__file__).resolve().parent.parent / "data" / "bundled_corpus.jsonl.xz")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one sentence that names the problem and the fix."""
+
+
+@dataclass
+class RunConfig:
+    """One training run. Field names are the command-line flags (`--field_name`)."""
+
+    preset: str = "tiny"
+    # data
+    corpus: list[str] = field(default_factory=lambda: [BUNDLED_CORPUS])
+    text_column: str = "text"
+    tokenizer: str | None = None  # a saved tokenizer directory; None trains WordPiece on the corpus
+    data_cache: str = ".cache/tnf_data"
+    rare_min_count: int | None = None  # None: choose the band by rare_coverage
+    rare_max_count: int | None = None
+    rare_coverage: float = 0.02
+    eval_fraction: float = 0.02
+    # model
+    vocab_size: int = 8192
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 512
+    max_seq_len: int = 128
+    dropout: float = 0.1
+    # optimisation
+    max_steps: int = 300
+    global_batch_size: int = 32
+    micro_batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    mlm_probability: float = 0.15
+    seed: int = 1234
+    # TNF (paper defaults: lambda 0.5, gamma 0.1, k 16)
+    tnf: str = "on"
+    note_lambda: float = 0.5
+    note_gamma: float = 0.1
+    note_window: int = 16
+    # run control
+    deepspeed_config: str | None = None
+    output_dir: str = "runs/demo"
+    log_interval: int = 1
+    eval_interval: int = 100
+    eval_batches: int = 8
+    save_interval: int = 0  # 0: save only at the end
+    resume: bool = False
+    overwrite: bool = False  # start afresh in an output_dir that holds a run, deleting it
+    export: bool = True
+    save_notes: bool = True
+
+    @property
+    def tnf_enabled(self) -> bool:
+        return self.tnf == "on"
+
+    def validate(self) -> None:
+        """Raise ConfigError with one clear sentence for the first bad value found."""
+        if self.tnf not in ("on", "off"):
+            raise ConfigError(f"--tnf must be 'on' or 'off', got {self.tnf!r}.")
+        for name in ("note_lambda", "note_gamma"):
+            value = getattr(self, name)
+            if not 0.0 < value < 1.0:
+                raise ConfigError(f"--{name} must lie strictly between 0 and 1, got {value}.")
+        if self.note_window < 0:
+            raise ConfigError(f"--note_window (k) must be 0 or more, got {self.note_window}.")
+        if not 0.0 < self.rare_coverage < 1.0:
+            raise ConfigError(f"--rare_coverage must lie strictly between 0 and 1, got {self.rare_coverage}.")
+        if (self.rare_min_count is None) != (self.rare_max_count is None):
+            raise ConfigError("--rare_min_count and --rare_max_count go together: give both, or neither to choose the band by --rare_coverage.")
+        if self.rare_min_count is not None and not 1 <= self.rare_min_count <= self.rare_max_count:
+            raise ConfigError(f"the rare band needs 1 <= --rare_min_count <= --rare_max_count, got {self.rare_min_count}..{self.rare_max_count}.")
+        for name in ("max_steps", "global_batch_size", "micro_batch_size", "hidden_size", "num_layers", "num_heads", "max_seq_len", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"--hidden_size {self.hidden_size} must be divisible by --num_heads {self.num_heads}.")
+        if self.max_seq_len < 8:
+            raise ConfigError(f"--max_seq_len must be at least 8 tokens, got {self.max_seq_len}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"--dropout must lie in [0, 1), got {self.dropout}.")
+        if not 0.0 < self.eval_fraction < 0.5:
+            raise ConfigError(f"--eval_fraction must lie in (0, 0.5), got {self.eval_fraction}.")
+        if not self.corpus:
+            raise ConfigError("--corpus is empty: name at least one .txt/.jsonl/.parquet file, folder, or datasets hub name.")
+        if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
+            raise ConfigError(f"--deepspeed_config {self.deepspeed_config} does not exist; pass a JSON file such as ds_configs/zero1.json.")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Sized for a 2-core CPU: the demo, the tests and the benchmarks.
+    "tiny": {},
+    # BERT-base / BERT-large (Devlin et al.), phase-1 sequence length, the paper's rare band.
+    "bert-base": dict(
+        vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
+        max_seq_len=128, max_steps=1_000_000, global_batch_size=256, micro_batch_size=32,
+        lr=1e-4, warmup_steps=10_000, rare_min_count=100, rare_max_count=500,
+        log_interval=100, eval_interval=10_000, eval_batches=50, save_interval=10_000,
+    ),
+    "bert-large": dict(
+        vocab_size=30522, hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096,
+        max_seq_len=128, max_steps=1_000_000, global_batch_size=256, micro_batch_size=16,
+        lr=1e-4, warmup_steps=10_000, rare_min_count=100, rare_max_count=500,
+        log_interval=100, eval_interval=10_000, eval_batches=50, save_interval=10_000,
+    ),
+}
+
+_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def _flag_type(name: str):
+    kind = str(_FIELDS[name].type)
+    if kind == "bool":
+        return lambda s: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[s.lower()]
+    if kind in ("int", "int | None"):
+        return int
+    if kind in ("float",):
+        return float
+    return str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Argument parser with one flag per RunConfig field, all defaulting to the preset."""
+    parser = argparse.ArgumentParser(description="TNF (Taking Notes on the Fly) BERT pre-training on DeepSpeed.")
+    parser.add_argument("--config", help="JSON file of RunConfig fields, applied over the preset")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    for name, f in _FIELDS.items():
+        if name == "corpus":
+            parser.add_argument("--corpus", nargs="+", default=None, help="text/jsonl/parquet files, folders, or a datasets hub name")
+        elif name == "tnf":
+            parser.add_argument("--tnf", choices=("on", "off"), default=None, help="off runs the same pipeline without notes (the baseline)")
+        else:
+            parser.add_argument(f"--{name}", type=_flag_type(name), default=None)
+    return parser
+
+
+def resolve(preset: str, overrides: dict[str, Any]) -> RunConfig:
+    """Preset values, then `overrides`; unknown presets and keys are named in the error."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}.")
+    unknown = sorted(set(overrides) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r}; valid keys are the RunConfig fields listed by --help.")
+    values = {**PRESETS[preset], **overrides, "preset": preset}
+    return RunConfig(**values)
+
+
+def parse_args(argv: list[str] | None = None) -> RunConfig:
+    """Parse flags into a validated RunConfig (preset < --config file < flags)."""
+    args = vars(build_parser().parse_args(argv))
+    file_values: dict[str, Any] = {}
+    config_path = args.pop("config")
+    if config_path:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"--config {path} does not exist; pass a JSON file of RunConfig fields.")
+        try:
+            file_values = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"--config {path} is not valid JSON ({err.msg} at line {err.lineno}); fix the file.") from None
+        if not isinstance(file_values, dict):
+            raise ConfigError(f"--config {path} must hold a JSON object of RunConfig fields.")
+    args.pop("local_rank")
+    flags = {k: v for k, v in args.items() if v is not None}
+    preset = flags.pop("preset", file_values.pop("preset", "tiny"))
+    config = resolve(preset, {**file_values, **flags})
+    config.validate()
+    return config

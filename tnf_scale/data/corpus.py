@@ -1,0 +1,119 @@
+"""Load a pre-training corpus as one `datasets.Dataset` with a single `text` column.
+
+Accepted entries: local .txt / .jsonl / .json / .parquet files (optionally .gz, .xz, .bz2,
+.zst compressed), folders holding them, or a `datasets` hub name such as
+`wikimedia/wikipedia:20231101.en` (name, then an optional `:config`).
+"""
+from __future__ import annotations
+
+import bz2
+import gzip
+import hashlib
+import lzma
+from collections.abc import Iterable
+from pathlib import Path
+
+import datasets
+
+from tnf_scale.config import ConfigError
+
+COMPRESSIONS = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
+BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def _builder_for(path: Path) -> str | None:
+    suffixes = path.suffixes
+    if suffixes and suffixes[-1] in (*COMPRESSIONS, ".zst"):
+        suffixes = suffixes[:-1]
+    return BUILDERS.get(suffixes[-1]) if suffixes else None
+
+
+def _expand(entry: str) -> list[Path] | None:
+    """Files an entry names, or None when it is not a local path (a hub name)."""
+    path = Path(entry).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _builder_for(p))
+        if not files:
+            raise ConfigError(f"corpus folder {entry} holds no .txt, .jsonl, .json or .parquet file; point --corpus at your text files.")
+        return files
+    if path.is_file():
+        if _builder_for(path) is None:
+            raise ConfigError(f"corpus file {entry} has an unknown type; use .txt, .jsonl, .json or .parquet (optionally .gz/.xz/.bz2).")
+        return [path]
+    if entry.startswith((".", "/", "~")) or _builder_for(path):
+        raise ConfigError(f"corpus path {entry} does not exist; check the path or pass a datasets hub name.")
+    return None
+
+
+def count_undecodable_lines(path: Path) -> int:
+    """How many lines of a text or JSON-lines file are not valid UTF-8."""
+    opener = COMPRESSIONS.get(path.suffix, open)
+    bad = 0
+    with opener(path, "rb") as f:
+        for line in f:
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                bad += 1
+    return bad
+
+
+def _load_files(files: list[Path], text_column: str, log) -> datasets.Dataset:
+    parts = []
+    for path in files:
+        builder = _builder_for(path)
+        kwargs = {}
+        if builder in ("text", "json"):
+            bad = count_undecodable_lines(path)
+            if bad:
+                if builder == "json":
+                    raise ConfigError(f"corpus file {path} has {bad} lines that are not valid UTF-8; re-encode it as UTF-8 (e.g. iconv -f latin1 -t utf-8).")
+                log(f"corpus file {path}: {bad} lines are not valid UTF-8 and were decoded with U+FFFD replacement characters")
+                kwargs["encoding_errors"] = "replace"
+        if builder == "text":
+            kwargs["sample_by"] = "paragraph"
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        if builder != "text" and text_column not in ds.column_names:
+            raise ConfigError(f"corpus file {path} has no column {text_column!r} (it has {ds.column_names}); pass --text_column.")
+        column = "text" if builder == "text" else text_column
+        ds = ds.select_columns([column])
+        parts.append(ds.rename_column(column, "text") if column != "text" else ds)
+    return datasets.concatenate_datasets(parts)
+
+
+def _load_hub(name: str, text_column: str) -> datasets.Dataset:
+    repo, _, config = name.partition(":")
+    try:
+        ds = datasets.load_dataset(repo, config or None, split="train")
+    except Exception as err:  # the hub raises many types; the user needs one sentence
+        raise ConfigError(f"corpus {name!r} is neither an existing path nor a loadable datasets hub name ({type(err).__name__}); check the spelling or the network.") from None
+    if text_column not in ds.column_names:
+        raise ConfigError(f"corpus {name} has no column {text_column!r} (it has {ds.column_names}); pass --text_column.")
+    return ds.select_columns([text_column]).rename_column(text_column, "text") if text_column != "text" else ds.select_columns(["text"])
+
+
+def load_corpus(entries: Iterable[str], text_column: str = "text", log=print) -> datasets.Dataset:
+    """All entries as one Dataset of non-empty documents in column `text`."""
+    parts = []
+    for entry in entries:
+        files = _expand(entry)
+        parts.append(_load_files(files, text_column, log) if files is not None else _load_hub(entry, text_column))
+    ds = datasets.concatenate_datasets(parts)
+    ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
+    if len(ds) == 0:
+        raise ConfigError(f"corpus {', '.join(entries)} holds no text; point --corpus at non-empty files.")
+    return ds
+
+
+def corpus_fingerprint(entries: Iterable[str]) -> str:
+    """A key that changes when a local corpus file changes (size or mtime) or the hub name does."""
+    digest = hashlib.sha256()
+    for entry in entries:
+        files = _expand(entry)
+        if files is None:
+            digest.update(f"hub:{entry}".encode())
+            continue
+        for path in files:
+            st = path.stat()
+            digest.update(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,134 @@
+"""Data preparation: corpus -> tokenizer + rare vocabulary + packed Arrow sequences, cached.
+
+The result lives in `<data_cache>/<key>/`, where the key hashes everything that changes
+the output; a second run with the same inputs loads it instead of redoing the work.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import pyarrow.compute as pc
+from transformers import PreTrainedTokenizerFast
+
+from tnf_scale.config import ConfigError, RunConfig
+from tnf_scale.data.corpus import corpus_fingerprint, load_corpus
+from tnf_scale.data.packing import make_packer
+from tnf_scale.data.rare_vocab import RareVocab, band_coverage, choose_band, count_words
+from tnf_scale.data.tokenizer import load_tokenizer, train_wordpiece
+
+FORMAT_VERSION = 1
+RARE_VOCAB_FILE = "rare_vocab.tsv"
+
+
+@dataclass
+class PreparedData:
+    tokenizer: PreTrainedTokenizerFast
+    rare_vocab: RareVocab
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    stats: dict
+    path: Path
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / "tokenizer"
+
+
+def cache_key(cfg: RunConfig) -> str:
+    """Hash of every input that changes the prepared data."""
+    tokenizer_spec = str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer else f"wordpiece:{cfg.vocab_size}"
+    parts = [
+        FORMAT_VERSION, corpus_fingerprint(cfg.corpus), cfg.text_column, tokenizer_spec,
+        cfg.rare_min_count, cfg.rare_max_count, cfg.rare_coverage, cfg.max_seq_len, cfg.eval_fraction,
+    ]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def is_eval_sequence(index: int, eval_fraction: float, block: int = 16) -> bool:
+    """Held-out sequences come in contiguous blocks, one block in every 1/eval_fraction."""
+    return (index // block) % round(1 / eval_fraction) == round(1 / eval_fraction) - 1
+
+
+def _build(cfg: RunConfig, out: Path, log, show_progress: bool) -> None:
+    corpus = load_corpus(cfg.corpus, cfg.text_column, log=log)
+    log(f"corpus: {len(corpus)} documents")
+    if cfg.tokenizer:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    else:
+        tokenizer = train_wordpiece(corpus, cfg.vocab_size, cfg.max_seq_len)
+    counts = count_words(corpus, tokenizer, show_progress)
+    if cfg.rare_min_count is None:
+        lo, hi = choose_band(counts, cfg.rare_coverage)
+    else:
+        lo, hi = cfg.rare_min_count, cfg.rare_max_count
+    rare = RareVocab.from_counts(counts, lo, hi)
+    tokenizer.save_pretrained(str(out / "tokenizer"))
+    rare.save(out / "tokenizer" / RARE_VOCAB_FILE)
+
+    packer = make_packer(tokenizer, rare.id_of(), cfg.max_seq_len)
+    num_proc = os.cpu_count() if len(corpus) >= 20_000 else None
+    packed = corpus.map(packer, batched=True, batch_size=256, remove_columns=corpus.column_names,
+                        num_proc=num_proc, desc="packing sequences")
+    held_out = [is_eval_sequence(i, cfg.eval_fraction) for i in range(len(packed))]
+    train = packed.select([i for i, h in enumerate(held_out) if not h])
+    evals = packed.select([i for i, h in enumerate(held_out) if h])
+    if len(evals) == 0 or len(train) == 0:
+        raise ConfigError(f"corpus {cfg.corpus} packs into only {len(packed)} sequences; give a larger corpus or a shorter --max_seq_len.")
+    train.save_to_disk(str(out / "train"))
+    evals.save_to_disk(str(out / "eval"))
+
+    with_rare = pc.sum(pc.greater(pc.list_value_length(packed.data.column("rare_ids")), 0)).as_py()
+    stats = {
+        "documents": len(corpus),
+        "words": sum(counts.values()),
+        "distinct_words": len(counts),
+        "rare_band": [lo, hi],
+        "rare_types": len(rare),
+        "rare_word_share": band_coverage(counts, lo, hi),
+        "sequences": len(packed),
+        "train_sequences": len(train),
+        "eval_sequences": len(evals),
+        "sequences_with_rare_share": with_rare / len(packed),
+        "max_seq_len": cfg.max_seq_len,
+    }
+    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+
+
+def prepare_data(cfg: RunConfig, log=print, show_progress: bool = True) -> PreparedData:
+    """Prepared data for `cfg`, built on first use and loaded from the cache afterwards."""
+    root = Path(cfg.data_cache) / cache_key(cfg)
+    if not (root / "stats.json").is_file():
+        staging = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        _build(cfg, staging, log, show_progress)
+        shutil.rmtree(root, ignore_errors=True)
+        staging.rename(root)  # stats.json inside marks the cache entry complete
+    else:
+        log(f"prepared data: reusing {root}")
+    return load_prepared(root, log)
+
+
+def load_prepared(root: Path, log=print) -> PreparedData:
+    """Load a prepared-data directory written by `prepare_data`."""
+    stats = json.loads((root / "stats.json").read_text())
+    lo, hi = stats["rare_band"]
+    log(
+        f"rare band {lo}..{hi}: {stats['rare_types']} rare word types, "
+        f"{100 * stats['rare_word_share']:.2f}% of {stats['words']} word occurrences, "
+        f"{100 * stats['sequences_with_rare_share']:.1f}% of {stats['sequences']} sequences hold one"
+    )
+    return PreparedData(
+        tokenizer=load_tokenizer(root / "tokenizer"),
+        rare_vocab=RareVocab.load(root / "tokenizer" / RARE_VOCAB_FILE),
+        train=datasets.load_from_disk(str(root / "train")),
+        eval=datasets.load_from_disk(str(root / "eval")),
+        stats=stats,
+        path=root,
+    )

@@ -1,0 +1,110 @@
+"""Word counts and the rare vocabulary of TNF_SPEC section 1.
+
+A word is one unit of the tokenizer's pre-tokenizer after its normalizer. A word `w` is
+rare iff `min_count <= count(w) <= max_count`; rare ids `0..R-1` follow `(-count, word)`.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerFast
+
+from tnf_scale.config import ConfigError
+
+BAND_RATIO = 5  # the paper's band is 100..500: max_count = 5 * min_count
+
+
+def word_splitter(tokenizer: PreTrainedTokenizerFast):
+    """A function text -> list of words, exactly as the tokenizer's normalizer and pre-tokenizer see them."""
+    backend = tokenizer.backend_tokenizer
+    normalize = backend.normalizer.normalize_str if backend.normalizer else (lambda s: s)
+    pre_tokenize = backend.pre_tokenizer.pre_tokenize_str
+
+    def split(text: str) -> list[str]:
+        return [word for word, _ in pre_tokenize(normalize(text))]
+
+    return split
+
+
+def count_words(corpus: datasets.Dataset, tokenizer: PreTrainedTokenizerFast, show_progress: bool = True) -> Counter:
+    """count(w) for every word of the corpus."""
+    split = word_splitter(tokenizer)
+    counts: Counter = Counter()
+    batch = 256
+    with tqdm(total=len(corpus), desc="counting words", unit="doc", disable=not show_progress) as bar:
+        for start in range(0, len(corpus), batch):
+            for text in corpus[start : start + batch]["text"]:
+                counts.update(split(text))
+            bar.update(min(batch, len(corpus) - start))
+    return counts
+
+
+def band_coverage(counts: Counter, lo: int, hi: int) -> float:
+    """Share of word occurrences whose word count lies in [lo, hi]."""
+    total = sum(counts.values())
+    return sum(c for c in counts.values() if lo <= c <= hi) / total if total else 0.0
+
+
+def choose_band(counts: Counter, coverage: float) -> tuple[int, int]:
+    """The rarest words that recur, up to `coverage` of word occurrences: [2, hi], hi <= 5 * 2.
+
+    Starts at 2 because a word seen once never reads a note it wrote; widens hi one count
+    at a time (up to the paper's max/min ratio of 5) while the band covers at most `coverage`.
+    """
+    total = sum(counts.values())
+    if total == 0:
+        raise ConfigError("the corpus holds no words; point --corpus at text.")
+    lo = min((c for c in counts.values() if c >= 2), default=None)
+    if lo is None:
+        raise ConfigError(f"no word of the {len(counts)} distinct words counted occurs twice; give a larger corpus.")
+    by_count = Counter(counts.values())  # count value -> number of word types with it
+    hi, covered = lo, lo * by_count[lo]
+    for value in sorted(v for v in by_count if lo < v <= BAND_RATIO * lo):
+        if (covered + value * by_count[value]) / total > coverage:
+            break
+        hi, covered = value, covered + value * by_count[value]
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class RareVocab:
+    """Rare words with ids assigned by (-count, word), and the band that chose them."""
+
+    words: tuple[str, ...]
+    counts: tuple[int, ...]
+    min_count: int
+    max_count: int
+
+    @classmethod
+    def from_counts(cls, counts: Counter, min_count: int, max_count: int) -> RareVocab:
+        rare = sorted(((-c, w) for w, c in counts.items() if min_count <= c <= max_count))
+        if not rare:
+            lo, hi = choose_band(counts, 0.02)
+            raise ConfigError(
+                f"no word of the {len(counts)} distinct words ({sum(counts.values())} occurrences) counted has a count in "
+                f"[{min_count}, {max_count}]; try --rare_min_count {lo} --rare_max_count {hi}, which covers about 2% of words."
+            )
+        return cls(tuple(w for _, w in rare), tuple(-c for c, _ in rare), min_count, max_count)
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def id_of(self) -> dict[str, int]:
+        return {w: i for i, w in enumerate(self.words)}
+
+    def save(self, path: str | Path) -> None:
+        """Write `word<TAB>id<TAB>count` lines under a header naming the band; same input, same bytes."""
+        lines = [f"# rare band {self.min_count}..{self.max_count}\n", "word\tid\tcount\n"]
+        lines += [f"{w}\t{i}\t{c}\n" for i, (w, c) in enumerate(zip(self.words, self.counts))]
+        Path(path).write_text("".join(lines), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> RareVocab:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lo, hi = (int(x) for x in lines[0].removeprefix("# rare band ").split(".."))
+        rows = [line.split("\t") for line in lines[2:]]
+        return cls(tuple(r[0] for r in rows), tuple(int(r[2]) for r in rows), lo, hi)

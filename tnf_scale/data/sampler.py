@@ -1,0 +1,117 @@
+"""Global batches, MLM masking and collation (TNF_SPEC section 2).
+
+Step n trains on order positions [n*B, (n+1)*B) of an endless stream that visits the
+training set in a fresh seeded permutation every epoch. A sample's order key is its order
+position; its MLM mask is drawn from a generator seeded by (seed, epoch, order key), so it is
+the same whichever rank, micro-batch or position in a micro-batch holds it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from tnf_scale.notes.note_math import mix64
+
+EVAL_EPOCH = 2**32 - 1  # masks of held-out sequences come from a stream no training epoch uses
+
+
+def seeded_generator(*parts: int) -> torch.Generator:
+    """A generator whose stream is a function of the integers `parts` only (folded with mix64)."""
+    key = np.uint64(0)
+    for part in parts:
+        key = mix64(key ^ np.uint64(part))
+    return torch.Generator().manual_seed(int(key) & (2**63 - 1))
+
+
+class GlobalBatchSampler:
+    """Which samples, in which order, step n trains on: a function of (seed, n, B) and the data size."""
+
+    def __init__(self, num_samples: int, global_batch_size: int, seed: int):
+        self.num_samples, self.batch, self.seed = num_samples, global_batch_size, seed
+        self._perm_epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            self._perm = torch.randperm(self.num_samples, generator=seeded_generator(self.seed, epoch))
+            self._perm_epoch = epoch
+        return self._perm
+
+    def step(self, n: int) -> tuple[list[int], list[int], list[int]]:
+        """(dataset indices, order keys, epochs) of the global batch of step n, in order."""
+        keys = list(range(n * self.batch, (n + 1) * self.batch))
+        epochs = [k // self.num_samples for k in keys]
+        indices = [int(self._permutation(e)[k % self.num_samples]) for k, e in zip(keys, epochs)]
+        return indices, keys, epochs
+
+
+def local_share(items: list, rank: int, world_size: int) -> list:
+    """This data-parallel rank's contiguous share of a global batch."""
+    per_rank = len(items) // world_size
+    return items[rank * per_rank : (rank + 1) * per_rank]
+
+
+@dataclass
+class Batch:
+    """A micro-batch: padded tokens, MLM labels, and the rare occurrences it holds."""
+
+    input_ids: torch.Tensor  # (b, L) int64, masked
+    attention_mask: torch.Tensor  # (b, L)
+    labels: torch.Tensor  # (b, L), -100 where not predicted
+    lengths: torch.Tensor  # (b,) real (non-padding) length
+    order_key: torch.Tensor  # (b,)
+    occ_sample: torch.Tensor  # (n,) which row of the micro-batch
+    occ_rare: torch.Tensor  # (n,) rare id
+    occ_start: torch.Tensor  # (n,) inclusive token span
+    occ_end: torch.Tensor
+
+    @property
+    def occ_order_key(self) -> torch.Tensor:
+        return self.order_key[self.occ_sample]
+
+    def to(self, device) -> Batch:
+        return Batch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+
+class Collator:
+    """Turns dataset rows into a masked, padded Batch."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, max_seq_len: int, mlm_probability: float, seed: int):
+        self.seq_len, self.prob, self.seed = max_seq_len, mlm_probability, seed
+        self.pad_id, self.mask_id = tokenizer.pad_token_id, tokenizer.mask_token_id
+        self.vocab_size = len(tokenizer)
+        self.special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.int64)
+
+    def mask(self, ids: torch.Tensor, epoch: int, order_key: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """BERT masking of one sample: 15% of non-special tokens; of those 80% [MASK], 10% random, 10% kept."""
+        g = seeded_generator(self.seed, epoch, order_key)  # the same wherever the sample sits
+        chosen = (torch.rand(len(ids), generator=g) < self.prob) & ~torch.isin(ids, self.special)
+        action = torch.rand(len(ids), generator=g)
+        random_tokens = torch.randint(self.vocab_size, (len(ids),), generator=g)
+        inputs = torch.where(chosen & (action < 0.8), self.mask_id, ids)
+        inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_tokens, inputs)
+        return inputs, torch.where(chosen, ids, -100)
+
+    def __call__(self, dataset: datasets.Dataset, indices: list[int], order_keys: list[int], epochs: list[int]) -> Batch:
+        rows = dataset[indices]
+        b = len(indices)
+        input_ids = torch.full((b, self.seq_len), self.pad_id, dtype=torch.int64)
+        labels = torch.full((b, self.seq_len), -100, dtype=torch.int64)
+        lengths = torch.zeros(b, dtype=torch.int64)
+        occ = {"sample": [], "rare": [], "start": [], "end": []}
+        for i in range(b):
+            ids = torch.as_tensor(rows["input_ids"][i], dtype=torch.int64)
+            inputs, lab = self.mask(ids, epochs[i], order_keys[i])
+            input_ids[i, : len(ids)], labels[i, : len(ids)], lengths[i] = inputs, lab, len(ids)
+            rare = torch.as_tensor(rows["rare_ids"][i], dtype=torch.int64)
+            occ["sample"].append(torch.full_like(rare, i))
+            occ["rare"].append(rare)
+            occ["start"].append(torch.as_tensor(rows["span_start"][i], dtype=torch.int64))
+            occ["end"].append(torch.as_tensor(rows["span_end"][i], dtype=torch.int64))
+        attention_mask = (torch.arange(self.seq_len)[None, :] < lengths[:, None]).long()
+        cat = {k: torch.cat(v) if v else torch.zeros(0, dtype=torch.int64) for k, v in occ.items()}
+        return Batch(input_ids, attention_mask, labels, lengths, torch.as_tensor(order_keys, dtype=torch.int64),
+                     cat["sample"], cat["rare"], cat["start"], cat["end"])

@@ -1,0 +1,70 @@
+"""The DeepSpeed config of a run: the user's JSON file, with "auto" and missing values filled from the flags.
+
+Values the file states explicitly must agree with the flags; a disagreement is one sentence
+naming both, never a silent override.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from tnf_scale.config import ConfigError, RunConfig
+
+DEFAULT_DS_CONFIG: dict[str, Any] = {"zero_optimization": {"stage": 1}}
+
+
+def load_ds_file(path: str | None) -> dict[str, Any]:
+    if path is None:
+        return copy.deepcopy(DEFAULT_DS_CONFIG)
+    try:
+        loaded = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--deepspeed_config {path} is not valid JSON ({err.msg} at line {err.lineno}); fix the file.") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--deepspeed_config {path} must hold a JSON object.")
+    return loaded
+
+
+def _agree(ds: dict, key: str, value: Any, flag: str, source: str) -> None:
+    """Fill ds[key] with value when it is missing or "auto"; refuse a different explicit value."""
+    current = ds.get(key, "auto")
+    if current == "auto":
+        ds[key] = value
+    elif current != value:
+        raise ConfigError(f"{source} sets {key}={current} but {flag} gives {value}; make them agree or set {key} to \"auto\".")
+
+
+def build_ds_config(cfg: RunConfig, data_parallel_size: int, bf16_supported: bool) -> dict[str, Any]:
+    """A complete DeepSpeed config for this run and data-parallel size."""
+    source = f"--deepspeed_config {cfg.deepspeed_config}" if cfg.deepspeed_config else "the default DeepSpeed config"
+    ds = load_ds_file(cfg.deepspeed_config)
+    per_step = cfg.micro_batch_size * data_parallel_size
+    if cfg.global_batch_size % per_step:
+        raise ConfigError(
+            f"--global_batch_size {cfg.global_batch_size} is not a multiple of --micro_batch_size {cfg.micro_batch_size} "
+            f"x {data_parallel_size} data-parallel ranks; choose sizes where it is."
+        )
+    _agree(ds, "train_batch_size", cfg.global_batch_size, "--global_batch_size", source)
+    _agree(ds, "train_micro_batch_size_per_gpu", cfg.micro_batch_size, "--micro_batch_size", source)
+    _agree(ds, "gradient_accumulation_steps", cfg.global_batch_size // per_step, "--global_batch_size / (--micro_batch_size x ranks)", source)
+    _agree(ds, "gradient_clipping", cfg.grad_clip, "--grad_clip", source)
+
+    ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = ds["optimizer"].setdefault("params", {})
+    for key, value in (("lr", cfg.lr), ("weight_decay", cfg.weight_decay), ("betas", [0.9, 0.999]), ("eps", 1e-6)):
+        _agree(params, key, value, f"--{key}" if key in ("lr", "weight_decay") else "the default", f"{source} optimizer.params")
+
+    ds.setdefault("scheduler", {"type": "WarmupDecayLR", "params": {}})
+    sched = ds["scheduler"].setdefault("params", {})
+    for key, value, flag in (("total_num_steps", cfg.max_steps, "--max_steps"), ("warmup_num_steps", cfg.warmup_steps, "--warmup_steps"),
+                             ("warmup_max_lr", cfg.lr, "--lr"), ("warmup_min_lr", 0.0, "the default")):
+        if ds["scheduler"]["type"] == "WarmupDecayLR" or key in sched:
+            _agree(sched, key, value, flag, f"{source} scheduler.params")
+
+    bf16 = ds.setdefault("bf16", {"enabled": "auto"})
+    if bf16.get("enabled", "auto") == "auto":
+        bf16["enabled"] = bf16_supported
+    ds.setdefault("steps_per_print", 10**9)  # progress is ours; DeepSpeed's own step log would repeat it
+    return ds

@@ -1,0 +1,104 @@
+"""One TNF training step (read notes -> DeepSpeed forward/backward/step -> write notes), and evaluation.
+
+The loss of a step is the mean cross-entropy over every masked token of the global batch,
+whatever the split into ranks and micro-batches: each micro-batch's summed loss is scaled by
+(ranks x accumulation steps / masked tokens in the global batch), which DeepSpeed's own
+1/accumulation and 1/ranks averaging turn back into that mean.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tnf_scale.config import RunConfig
+from tnf_scale.data.sampler import EVAL_EPOCH, Batch, Collator, GlobalBatchSampler, local_share
+from tnf_scale.distributed import World, all_reduce_sum
+from tnf_scale.model.tnf_bert import TnfHooks
+from tnf_scale.notes.store import LocalNoteStore
+
+
+@dataclass
+class StepResult:
+    loss: float
+    tokens: int
+    occurrences: int
+    notes_written: int
+    seconds: float
+
+
+class TnfTrainer:
+    """Runs steps and evaluations of one DeepSpeed engine, with or without notes."""
+
+    def __init__(self, cfg: RunConfig, engine, world: World, train_set, eval_set, collator: Collator,
+                 hooks: TnfHooks | None, store: LocalNoteStore | None):
+        self.cfg, self.engine, self.world = cfg, engine, world
+        self.train_set, self.eval_set, self.collator = train_set, eval_set, collator
+        self.hooks, self.store = hooks, store
+        self.sampler = GlobalBatchSampler(len(train_set), cfg.global_batch_size, cfg.seed)
+        self.grad_accum = engine.gradient_accumulation_steps()
+
+    def _micro_batches(self, dataset, indices: list[int], keys: list[int], epochs: list[int]) -> list[Batch]:
+        mb = self.cfg.micro_batch_size
+        return [self.collator(dataset, indices[i : i + mb], keys[i : i + mb], epochs[i : i + mb]) for i in range(0, len(indices), mb)]
+
+    def _read_notes(self, batches: list[Batch]) -> list[torch.Tensor]:
+        """One read for all of this rank's occurrences in the step, split back per micro-batch."""
+        ids = torch.cat([b.occ_rare for b in batches])
+        rows = self.store.read(ids)
+        return list(torch.split(rows, [len(b.occ_rare) for b in batches]))
+
+    def _summed_ce(self, batch: Batch) -> torch.Tensor:
+        return self.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+
+    def train_step(self, step: int) -> StepResult:
+        """Train global batch `step`; notes read at the start and written once at the end."""
+        t0 = time.perf_counter()
+        indices, keys, epochs = self.sampler.step(step)
+        share = [local_share(x, self.world.rank, self.world.size) for x in (indices, keys, epochs)]
+        batches = [b.to(self.world.device) for b in self._micro_batches(self.train_set, *share)]
+        local_masked = sum(int((b.labels != -100).sum()) for b in batches)
+        local_tokens = sum(int(b.lengths.sum()) for b in batches)
+        (global_masked,) = all_reduce_sum([local_masked], self.world.device)
+        scale = self.world.size * self.grad_accum / max(global_masked, 1.0)
+        rows = self._read_notes(batches) if self.store is not None else [None] * len(batches)
+
+        ce_total, written = 0.0, []
+        for batch, batch_rows in zip(batches, rows):
+            if self.hooks is not None:
+                self.hooks.set_reads(batch.occ_sample, batch.occ_start, batch.occ_end, batch_rows, batch.input_ids.shape[1])
+                self.hooks.set_capture(batch.occ_sample, batch.occ_start, batch.occ_end, batch.lengths)
+            ce = self._summed_ce(batch)
+            self.engine.backward(ce * scale)
+            self.engine.step()
+            ce_total += float(ce.detach())
+            if self.hooks is not None:
+                written.append((batch.occ_rare, batch.occ_order_key, batch.occ_start, self.hooks.pooled))
+                self.hooks.clear()
+        occurrences = sum(len(b.occ_rare) for b in batches)
+        if self.store is not None:
+            ids, order_keys, starts, notes = (torch.cat(parts) for parts in zip(*written))
+            self.store.write(ids, order_keys, starts, notes)
+        ce_sum, tokens, occ = all_reduce_sum([ce_total, local_tokens, occurrences], self.world.device)
+        return StepResult(ce_sum / max(global_masked, 1.0), int(tokens), int(occ), int(occ) if self.store else 0, time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def evaluate(self, with_notes: bool) -> float:
+        """Held-out MLM loss over a fixed, masked eval set; with notes it reads (never writes) them."""
+        size = min(len(self.eval_set), self.cfg.eval_batches * self.cfg.micro_batch_size)
+        mine = [i for i in range(size) if i % self.world.size == self.world.rank]
+        batches = [b.to(self.world.device) for b in self._micro_batches(self.eval_set, mine, mine, [EVAL_EPOCH] * len(mine))]
+        rows = self._read_notes(batches) if with_notes else [None] * len(batches)
+        self.engine.eval()
+        ce_total, masked = 0.0, 0
+        for batch, batch_rows in zip(batches, rows):
+            if with_notes:
+                self.hooks.set_reads(batch.occ_sample, batch.occ_start, batch.occ_end, batch_rows, batch.input_ids.shape[1])
+            ce_total += float(self._summed_ce(batch))
+            masked += int((batch.labels != -100).sum())
+            if self.hooks is not None:
+                self.hooks.clear()
+        self.engine.train()
+        ce_sum, masked_sum = all_reduce_sum([ce_total, masked], self.world.device)
+        return ce_sum / max(masked_sum, 1.0)

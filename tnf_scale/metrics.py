@@ -1,0 +1,42 @@
+"""Run metrics: one JSON line per record in metrics.jsonl, the same scalars in TensorBoard."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch.utils.tensorboard import SummaryWriter
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class MetricsLogger:
+    """Writes on rank 0 only; other ranks hold a logger that does nothing."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool):
+        self.enabled = enabled
+        self.path = Path(output_dir) / METRICS_FILE
+        self.tb_dir = Path(output_dir) / TENSORBOARD_DIR
+        self._writer = SummaryWriter(str(self.tb_dir)) if enabled else None
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append `record` (which must hold `step`) to metrics.jsonl and TensorBoard."""
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self._writer.add_scalar(key, value, record["step"])
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All records of a run's metrics.jsonl, in order."""
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,85 @@
+"""Hugging Face BERT, unchanged, with TNF entering through two hooks.
+
+The read-mix is a forward pre-hook on `bert.embeddings.LayerNorm` (its input is the summed
+word + position + type embedding of TNF_SPEC 3); note taking is a forward hook on
+`bert.encoder` that pools the last layer's output around each occurrence (TNF_SPEC 4).
+With no reads or captures set, both hooks do nothing and the model is plain BERT.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
+
+from tnf_scale.config import RunConfig
+from tnf_scale.notes.note_math import expand_spans, mix_notes, pool_windows
+
+
+def bert_config(cfg: RunConfig, tokenizer: PreTrainedTokenizerFast) -> BertConfig:
+    """The BertConfig of a run: model shape from the preset, vocabulary from the tokenizer."""
+    return BertConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_seq_len, type_vocab_size=2, pad_token_id=tokenizer.pad_token_id,
+        hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
+    )
+
+
+def build_bert(cfg: RunConfig, tokenizer: PreTrainedTokenizerFast) -> BertForMaskedLM:
+    """A freshly initialised BertForMaskedLM; the same seed gives the same weights."""
+    torch.manual_seed(cfg.seed)
+    return BertForMaskedLM(bert_config(cfg, tokenizer))
+
+
+class MaskedLMObjective(nn.Module):
+    """BertForMaskedLM's MLM loss, summed over masked tokens, with the head run on those tokens only.
+
+    The wrapped model is used as it is; its weights sit under the `mlm.` prefix.
+    """
+
+    def __init__(self, mlm: BertForMaskedLM):
+        super().__init__()
+        self.mlm = mlm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        hidden = self.mlm.bert(input_ids=input_ids, attention_mask=attention_mask)[0]
+        predicted = labels != -100
+        logits = self.mlm.cls(hidden[predicted])
+        return F.cross_entropy(logits.float(), labels[predicted], reduction="sum")
+
+
+class TnfHooks:
+    """Attach TNF to a BertForMaskedLM: set reads and captures before a forward, collect notes after."""
+
+    def __init__(self, model: BertForMaskedLM, lam: float, window: int):
+        self.lam, self.window = lam, window
+        self._reads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._capture: tuple[torch.Tensor, ...] | None = None
+        self.pooled: torch.Tensor | None = None
+        model.bert.embeddings.LayerNorm.register_forward_pre_hook(self._mix)
+        model.bert.encoder.register_forward_hook(self._take_notes)
+
+    def set_reads(self, sample: torch.Tensor, start: torch.Tensor, end: torch.Tensor, rows: torch.Tensor, seq_len: int) -> None:
+        """Mix `rows` (one note per occurrence) into the spans of the next forward."""
+        token_index, token_occ = expand_spans(sample, start, end, seq_len)
+        self._reads = (token_index, token_occ, rows)
+
+    def set_capture(self, sample: torch.Tensor, start: torch.Tensor, end: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Pool the context window of every occurrence in the next forward into `self.pooled`."""
+        self._capture = (sample, start, end, lengths)
+
+    def clear(self) -> None:
+        self._reads = self._capture = self.pooled = None
+
+    def _mix(self, module, args):
+        if self._reads is None:
+            return None
+        token_index, token_occ, rows = self._reads
+        return (mix_notes(args[0], token_index.to(args[0].device), token_occ.to(args[0].device), rows.to(args[0].device), self.lam),)
+
+    def _take_notes(self, module, args, output):
+        if self._capture is not None:
+            device = output[0].device
+            sample, start, end, lengths = (t.to(device) for t in self._capture)
+            self.pooled = pool_windows(output[0], sample, start, end, lengths, self.window)

@@ -1,0 +1,103 @@
+"""The note math of TNF_SPEC sections 3-5, written once for every store and every path.
+
+All functions are tensor code over occurrences; none loops over occurrences in Python.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def mix64(x: np.ndarray | int) -> np.ndarray:
+    """SplitMix64's finalizer: a fixed 64-bit integer mixer (the same on every machine)."""
+    z = np.asarray(x, dtype=np.uint64) + _GOLDEN
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def owner_of(ids: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Rank that owns each rare id: mix64(id) mod world_size."""
+    mixed = mix64(ids.cpu().numpy().astype(np.uint64))
+    return torch.from_numpy((mixed % np.uint64(world_size)).astype(np.int64)).to(ids.device)
+
+
+def initial_notes(ids: torch.Tensor, dim: int, seed: int, std: float) -> torch.Tensor:
+    """Normal(0, std) rows whose values depend only on (seed, id): any partition gives the same rows."""
+    row_key = mix64(mix64(np.uint64(seed)) ^ ids.cpu().numpy().astype(np.uint64))
+    counters = np.arange(2 * dim, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        bits = mix64(row_key[:, None] + counters[None, :] * _GOLDEN)
+    uniform = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53  # in (0, 1)
+    u1, u2 = uniform[:, :dim], uniform[:, dim:]
+    normal = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)  # Box-Muller
+    return torch.from_numpy((normal * std).astype(np.float32))
+
+
+def expand_spans(sample: torch.Tensor, start: torch.Tensor, end: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat token indices (sample * seq_len + position) of every span, and the occurrence each belongs to."""
+    lengths = end - start + 1
+    occ = torch.repeat_interleave(torch.arange(len(start), device=start.device), lengths)
+    first_of_occ = torch.cumsum(lengths, 0) - lengths
+    offset = torch.arange(len(occ), device=start.device) - first_of_occ[occ]
+    return sample[occ] * seq_len + start[occ] + offset, occ
+
+
+def mix_notes(h: torch.Tensor, token_index: torch.Tensor, token_occ: torch.Tensor, rows: torch.Tensor, lam: float) -> torch.Tensor:
+    """h_p <- (1 - lam) * h_p + lam * N[r] at every span position; all other positions stay as they are.
+
+    `rows` holds one note per occurrence and is treated as a constant (no gradient).
+    """
+    batch, seq_len, dim = h.shape
+    flat = h.reshape(batch * seq_len, dim)
+    weight = flat.new_zeros(batch * seq_len, 1).index_fill_(0, token_index, lam)
+    notes = flat.new_zeros(batch * seq_len, dim).index_copy_(0, token_index, rows.detach()[token_occ].to(h.dtype))
+    return (flat * (1 - weight) + weight * notes).view(batch, seq_len, dim)
+
+
+def pool_windows(context: torch.Tensor, sample: torch.Tensor, start: torch.Tensor, end: torch.Tensor,
+                 lengths: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean of context[j] over j in [max(0, s - k), min(L - 1, t + k)] for each occurrence, by prefix sums.
+
+    `context` is (batch, seq_len, dim); `lengths` is each sample's real (non-padding) length.
+    """
+    context = context.detach().float()
+    prefix = torch.nn.functional.pad(torch.cumsum(context, dim=1), (0, 0, 1, 0))  # prefix[:, j] = sum of context[:, :j]
+    lo = torch.clamp(start - k, min=0)
+    hi = torch.minimum(end + k, lengths[sample] - 1)
+    total = prefix[sample, hi + 1] - prefix[sample, lo]
+    return total / (hi - lo + 1).unsqueeze(1).to(total.dtype)
+
+
+def application_order(ids: torch.Tensor, order_key: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """Permutation that sorts occurrences by (id, order key, start): the order writes are applied in."""
+    perm = torch.argsort(start, stable=True)
+    perm = perm[torch.argsort(order_key[perm], stable=True)]
+    return perm[torch.argsort(ids[perm], stable=True)]
+
+
+def ema_sequential(table: torch.Tensor, ids: torch.Tensor, notes: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The definition: N[r] <- (1 - gamma) N[r] + gamma * note, one occurrence at a time, in the given order."""
+    table = table.clone()
+    for r, note in zip(ids.tolist(), notes):
+        table[r] = (1 - gamma) * table[r] + gamma * note
+    return table
+
+
+def ema_closed_form(ids: torch.Tensor, notes: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Combine occurrences, already in application order, into one (decay, contribution) per id.
+
+    For the m occurrences of an id: decay = (1 - gamma)^m and
+    contribution = sum_i gamma (1 - gamma)^(m - i) note_i, so that N[r] <- decay N[r] + contribution.
+    Returns (unique ids, decay (U,), contribution (U, dim)).
+    """
+    unique, run_of, counts = torch.unique_consecutive(ids, return_inverse=True, return_counts=True)
+    run_first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(ids), device=ids.device) - run_first[run_of] + 1  # i, 1-based within the run
+    keep = torch.tensor(1.0 - gamma, dtype=torch.float64, device=ids.device)
+    weight = (gamma * keep ** (counts[run_of] - rank)).to(notes.dtype)
+    contribution = notes.new_zeros(len(unique), notes.shape[1]).index_add_(0, run_of, weight.unsqueeze(1) * notes)
+    return unique, (keep ** counts).to(notes.dtype), contribution

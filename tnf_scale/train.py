@@ -1,0 +1,167 @@
+"""TNF pre-training: `deepspeed tnf_scale/train.py ...` or `python -m tnf_scale.train ...`.
+
+Reads top to bottom as the run: configuration, process group, data, model with TNF hooks,
+DeepSpeed engine, (resume,) the step loop with metrics and checkpoints, export.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by the deepspeed launcher
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import deepspeed
+from deepspeed.accelerator import get_accelerator
+from tqdm.auto import tqdm
+
+from tnf_scale.checkpoint import latest_complete, load_checkpoint, merge_note_rows, save_checkpoint
+from tnf_scale.config import ConfigError, RunConfig, parse_args
+from tnf_scale.data.prepare import RARE_VOCAB_FILE, PreparedData, prepare_data
+from tnf_scale.data.sampler import Collator
+from tnf_scale.distributed import World, init_distributed
+from tnf_scale.ds_config import build_ds_config
+from tnf_scale.engine import TnfTrainer
+from tnf_scale.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsLogger
+from tnf_scale.model.export import MODEL_CONFIG, copy_tokenizer, export_hf, save_notes
+from tnf_scale.model.tnf_bert import MaskedLMObjective, TnfHooks, build_bert
+from tnf_scale.notes.store import LocalNoteStore
+
+RUN_ARTIFACTS = (METRICS_FILE, TENSORBOARD_DIR, "checkpoints", "export", "notes.safetensors")
+
+
+def check_output_dir(cfg: RunConfig, world: World) -> Path:
+    """Refuse to mix a new run into an old one unless --resume or --overwrite says what to do."""
+    out = Path(cfg.output_dir)
+    existing = [name for name in RUN_ARTIFACTS if (out / name).exists()]
+    if cfg.resume and latest_complete(out) is None:
+        raise ConfigError(f"--resume found no complete checkpoint under {out / 'checkpoints'}; drop --resume to start a fresh run there.")
+    if existing and not cfg.resume and not cfg.overwrite:
+        raise ConfigError(f"--output_dir {out} already holds a run ({existing[0]}); pass --resume to continue it, --overwrite to replace it, or choose another directory.")
+    deepspeed.comm.barrier()  # every rank has looked before rank 0 deletes anything
+    if world.is_main:
+        if cfg.overwrite and not cfg.resume:
+            for name in existing:
+                target = out / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+    deepspeed.comm.barrier()
+    return out
+
+
+def prepare_on_local_rank0(cfg: RunConfig, world: World, log) -> PreparedData:
+    """Local rank 0 of each node prepares (or finds) the data; the other ranks then load it."""
+    if world.local_rank == 0:
+        data = prepare_data(cfg, log=log, show_progress=world.is_main)
+    deepspeed.comm.barrier()
+    if world.local_rank != 0:
+        data = prepare_data(cfg, log=lambda *_: None, show_progress=False)
+    return data
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def run(cfg: RunConfig) -> int:
+    world = init_distributed()
+    log = print if world.is_main else (lambda *_: None)
+    if cfg.tnf_enabled and world.size > 1:
+        raise ConfigError(f"TNF on {world.size} ranks needs the sharded note dictionary, which this version does not have yet; run TNF on one rank or pass --tnf off.")
+    out = check_output_dir(cfg, world)
+    data = prepare_on_local_rank0(cfg, world, log)
+    rare_digest = digest(data.tokenizer_dir / RARE_VOCAB_FILE)
+
+    model = build_bert(cfg, data.tokenizer)
+    if world.is_main:
+        copy_tokenizer(data.tokenizer_dir, out)
+        model.config.to_json_file(str(out / MODEL_CONFIG))
+        (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    hooks = TnfHooks(model, cfg.note_lambda, cfg.note_window) if cfg.tnf_enabled else None
+    store = (LocalNoteStore(len(data.rare_vocab), cfg.hidden_size, cfg.seed, model.config.initializer_range, cfg.note_gamma, world.device)
+             if cfg.tnf_enabled else None)
+
+    accelerator = get_accelerator()
+    ds_config = build_ds_config(cfg, world.size, bf16_supported=accelerator.device_name() != "cpu" and accelerator.is_bf16_supported())
+    objective = MaskedLMObjective(model)
+    engine, optimizer, _, _ = deepspeed.initialize(model=objective, model_parameters=objective.parameters(), config=ds_config)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    log(f"world {world.size} on {accelerator.device_name()}; ZeRO stage {engine.zero_optimization_stage()}; "
+        f"optimizer {type(inner).__module__}.{type(inner).__name__}; bf16 {ds_config['bf16']['enabled']}; TNF {cfg.tnf}")
+
+    trainer = TnfTrainer(cfg, engine, world, data.train, data.eval, Collator(data.tokenizer, cfg.max_seq_len, cfg.mlm_probability, cfg.seed), hooks, store)
+    state = {"step": 0, "tokens": 0, "wall_time": 0.0, "rare_vocab_digest": rare_digest}
+    if cfg.resume:
+        ckpt = latest_complete(out)
+        state, rank_files = load_checkpoint(engine, ckpt, world.rank, rare_digest)
+        if store is not None:
+            store.load_state(merge_note_rows(rank_files, len(data.rare_vocab), ckpt))
+        log(f"resumed from {ckpt} at step {state['step']}")
+
+    metrics = MetricsLogger(out, world.is_main)
+    if state["step"] == 0:
+        metrics.log({"step": 0, **evaluate(trainer, cfg)})
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="TNF" if cfg.tnf_enabled else "baseline", unit="step", disable=not world.is_main)
+    clock = time.perf_counter() - state["wall_time"]
+    last_saved = state["step"]
+    for step in range(state["step"], cfg.max_steps):
+        result = trainer.train_step(step)
+        state.update(step=step + 1, tokens=state["tokens"] + result.tokens, wall_time=time.perf_counter() - clock)
+        record = {}
+        if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_steps:
+            record = {"step": step + 1, "loss": result.loss, "lr": engine.get_lr()[0], "tokens": state["tokens"],
+                      "wall_time": state["wall_time"], "tokens_per_s": result.tokens / result.seconds,
+                      "occurrences_read": result.occurrences, "notes_written": result.notes_written,
+                      "distinct_noted": store.distinct_noted() if store else 0}
+        if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_steps:
+            record = {"step": step + 1, **record, **evaluate(trainer, cfg)}
+        if record:
+            metrics.log(record)
+        bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{result.tokens / result.seconds:,.0f}")
+        bar.update(1)
+        if cfg.save_interval and (step + 1) % cfg.save_interval == 0 and step + 1 < cfg.max_steps:
+            save_checkpoint(engine, out, step + 1, world.rank, world.size, store.state() if store else None, state)
+            last_saved = step + 1
+    bar.close()
+    metrics.close()
+
+    if last_saved != state["step"] or latest_complete(out) is None:
+        ckpt = save_checkpoint(engine, out, state["step"], world.rank, world.size, store.state() if store else None, state)
+    else:
+        ckpt = latest_complete(out)
+    if world.is_main:
+        if cfg.export:
+            log(f"export (Hugging Face BertForMaskedLM, no notes): {export_hf(out, ckpt, out / 'export')}")
+        if cfg.save_notes and store is not None:
+            log(f"notes: {save_notes(out, store.ids, store.table)}")
+        log(f"run: {out}\nmetrics: {out / METRICS_FILE}\nTensorBoard: tensorboard --logdir {out / TENSORBOARD_DIR}")
+    deepspeed.comm.barrier()
+    return 0
+
+
+def evaluate(trainer: TnfTrainer, cfg: RunConfig) -> dict[str, float]:
+    """Held-out loss of the model as it will be exported, and with notes for TNF runs."""
+    result = {"eval_loss_no_notes": trainer.evaluate(with_notes=False)}
+    if cfg.tnf_enabled:
+        result["eval_loss_notes"] = trainer.evaluate(with_notes=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: a bad input ends in one line on stderr and exit code 2."""
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    try:
+        return run(parse_args(argv))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
