@@ -45,3 +45,33 @@ def prepared(small_config):
     from tnf_scale.data.prepare import prepare_data
 
     return prepare_data(small_config, log=lambda *_: None, show_progress=False)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without the rank variables a process group leaves behind."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def run_cmd(args: list[str], timeout: int = 600):
+    """Run a command from the repository root; return the CompletedProcess (output captured)."""
+    import subprocess
+
+    return subprocess.run(args, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def train_args(cfg: RunConfig, output_dir: Path, **flags) -> list[str]:
+    """Flags of tnf_scale/train.py for the small test config, plus `flags`."""
+    values = {"corpus": cfg.corpus[0], "data_cache": cfg.data_cache, "vocab_size": cfg.vocab_size, "max_seq_len": cfg.max_seq_len,
+              "rare_coverage": cfg.rare_coverage, "eval_fraction": cfg.eval_fraction, "output_dir": str(output_dir),
+              "global_batch_size": 16, "micro_batch_size": 8, "eval_interval": 20, "eval_batches": 4, **flags}
+    return [arg for key, value in values.items() for arg in (f"--{key}", str(value))]

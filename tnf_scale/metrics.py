@@ -14,11 +14,22 @@ TENSORBOARD_DIR = "tensorboard"
 class MetricsLogger:
     """Writes on rank 0 only; other ranks hold a logger that does nothing."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool):
+    def __init__(self, output_dir: str | Path, enabled: bool, resumed_step: int | None = None):
+        """With `resumed_step`, records after that step (from the interrupted run) are dropped first."""
         self.enabled = enabled
         self.path = Path(output_dir) / METRICS_FILE
         self.tb_dir = Path(output_dir) / TENSORBOARD_DIR
-        self._writer = SummaryWriter(str(self.tb_dir)) if enabled else None
+        self._writer = None
+        if not enabled:
+            return
+        purge_step = None
+        if resumed_step is not None:
+            purge_step = resumed_step + 1
+            kept = [r for r in read_metrics(output_dir) if r["step"] <= resumed_step] if self.path.is_file() else []
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp.replace(self.path)
+        self._writer = SummaryWriter(str(self.tb_dir), purge_step=purge_step)
 
     def log(self, record: dict[str, Any]) -> None:
         """Append `record` (which must hold `step`) to metrics.jsonl and TensorBoard."""

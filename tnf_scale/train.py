@@ -104,12 +104,13 @@ def run(cfg: RunConfig) -> int:
             store.load_state(merge_note_rows(rank_files, len(data.rare_vocab), ckpt))
         log(f"resumed from {ckpt} at step {state['step']}")
 
-    metrics = MetricsLogger(out, world.is_main)
+    metrics = MetricsLogger(out, world.is_main, resumed_step=state["step"] if cfg.resume else None)
     if state["step"] == 0:
         metrics.log({"step": 0, **evaluate(trainer, cfg)})
     bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="TNF" if cfg.tnf_enabled else "baseline", unit="step", disable=not world.is_main)
     clock = time.perf_counter() - state["wall_time"]
     last_saved = state["step"]
+    record: dict = {}
     for step in range(state["step"], cfg.max_steps):
         result = trainer.train_step(step)
         state.update(step=step + 1, tokens=state["tokens"] + result.tokens, wall_time=time.perf_counter() - clock)
@@ -130,6 +131,8 @@ def run(cfg: RunConfig) -> int:
             last_saved = step + 1
     bar.close()
     metrics.close()
+    if record:
+        log("final: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("loss", "eval_"))))
 
     if last_saved != state["step"] or latest_complete(out) is None:
         ckpt = save_checkpoint(engine, out, state["step"], world.rank, world.size, store.state() if store else None, state)

@@ -107,7 +107,11 @@ def prepare_data(cfg: RunConfig, log=print, show_progress: bool = True) -> Prepa
         staging = root.with_name(f"{root.name}.tmp-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        _build(cfg, staging, log, show_progress)
+        try:
+            _build(cfg, staging, log, show_progress)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         shutil.rmtree(root, ignore_errors=True)
         staging.rename(root)  # stats.json inside marks the cache entry complete
     else:

@@ -1,0 +1,121 @@
+"""Bad input is one clear sentence naming the problem and the fix (and never a deep traceback)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from tnf_scale.config import ConfigError, RunConfig, parse_args, resolve
+from tnf_scale.data.corpus import load_corpus
+from tnf_scale.data.prepare import prepare_data
+from tnf_scale.ds_config import build_ds_config
+
+
+def quiet(*_):
+    pass
+
+
+def test_missing_corpus_path_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"corpus path .*nothere\.txt does not exist"):
+        load_corpus([str(tmp_path / "nothere.txt")], log=quiet)
+
+
+def test_empty_corpus_is_refused(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n   \n")
+    with pytest.raises(ConfigError, match="holds no text"):
+        load_corpus([str(empty)], log=quiet)
+
+
+def test_corpus_folder_without_text_files_is_refused(tmp_path):
+    (tmp_path / "notes.md").write_text("hello")
+    with pytest.raises(ConfigError, match="holds no .txt"):
+        load_corpus([str(tmp_path)], log=quiet)
+
+
+def test_non_utf8_text_file_is_decoded_with_replacement_and_reported(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\xe9 au lait\n\nplain line\n\nna\xefve\n".encode("latin-1"))
+    said = []
+    ds = load_corpus([str(path)], log=said.append)
+    assert len(said) == 1 and str(path) in said[0] and "2 lines are not valid UTF-8" in said[0]
+    assert "caf\ufffd au lait" in ds["text"][0]
+    assert len(ds) == 3
+
+
+def test_non_utf8_jsonl_is_refused_with_the_file_named(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ConfigError, match=r"bad\.jsonl has 1 lines that are not valid UTF-8"):
+        load_corpus([str(path)], log=quiet)
+
+
+def test_jsonl_without_the_text_column_names_the_column(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"body": "some words here"}\n')
+    with pytest.raises(ConfigError, match="has no column 'text'.*--text_column"):
+        load_corpus([str(path)], log=quiet)
+
+
+def test_no_word_in_the_rare_band_says_what_was_counted_and_suggests_bounds(small_config, tmp_path):
+    cfg = dataclasses.replace(small_config, data_cache=str(tmp_path), rare_min_count=10**7, rare_max_count=10**8)
+    with pytest.raises(ConfigError, match=r"no word of the \d+ distinct words \(\d+ occurrences\).*try --rare_min_count \d+ --rare_max_count \d+"):
+        prepare_data(cfg, log=quiet, show_progress=False)
+    assert not any(tmp_path.iterdir())  # no half-built cache entry is left behind
+
+
+def test_unknown_preset_and_config_key_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset 'bert-huge'.*tiny, bert-base, bert-large"):
+        resolve("bert-huge", {})
+    with pytest.raises(ConfigError, match="unknown config key 'learning_rate'"):
+        resolve("tiny", {"learning_rate": 1e-3})
+    cfg_file = tmp_path / "run.json"
+    cfg_file.write_text(json.dumps({"hidden_sise": 64}))
+    with pytest.raises(ConfigError, match="unknown config key 'hidden_sise'"):
+        parse_args(["--config", str(cfg_file)])
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--note_lambda", "1.0", "note_lambda must lie strictly between 0 and 1"),
+    ("--note_lambda", "0", "note_lambda must lie strictly between 0 and 1"),
+    ("--note_gamma", "1.5", "note_gamma must lie strictly between 0 and 1"),
+    ("--note_gamma", "-0.1", "note_gamma must lie strictly between 0 and 1"),
+    ("--note_window", "-1", r"note_window \(k\) must be 0 or more"),
+])
+def test_note_hyperparameters_out_of_range(flag, value, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args([flag, value])
+
+
+def test_flags_override_the_preset_and_the_config_file(tmp_path):
+    cfg_file = tmp_path / "run.json"
+    cfg_file.write_text(json.dumps({"max_steps": 7, "lr": 0.5}))
+    cfg = parse_args(["--preset", "bert-large", "--config", str(cfg_file), "--lr", "0.25", "--tnf", "off"])
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads) == (1024, 24, 16)
+    assert (cfg.max_steps, cfg.lr, cfg.tnf_enabled) == (7, 0.25, False)
+
+
+def test_deepspeed_config_batch_sizes_must_agree_with_the_flags(tmp_path):
+    ds_file = tmp_path / "ds.json"
+    ds_file.write_text(json.dumps({"train_batch_size": 64, "zero_optimization": {"stage": 2}}))
+    cfg = RunConfig(deepspeed_config=str(ds_file), global_batch_size=32, micro_batch_size=16)
+    with pytest.raises(ConfigError, match="sets train_batch_size=64 but --global_batch_size gives 32"):
+        build_ds_config(cfg, data_parallel_size=1, bf16_supported=False)
+    ds_file.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": 8}))
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=8 but --micro_batch_size gives 16"):
+        build_ds_config(cfg, data_parallel_size=1, bf16_supported=False)
+    with pytest.raises(ConfigError, match="not a multiple of --micro_batch_size 16 x 3 data-parallel ranks"):
+        build_ds_config(RunConfig(global_batch_size=32, micro_batch_size=16), data_parallel_size=3, bf16_supported=False)
+
+
+def test_deepspeed_config_is_completed_from_the_flags():
+    ds = build_ds_config(RunConfig(global_batch_size=64, micro_batch_size=8, lr=3e-4, max_steps=99), data_parallel_size=2, bf16_supported=True)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 8, 4)
+    assert ds["optimizer"]["params"]["lr"] == 3e-4 and ds["scheduler"]["params"]["total_num_steps"] == 99
+    assert ds["bf16"]["enabled"] is True and ds["zero_optimization"]["stage"] == 1
+
+
+def test_missing_deepspeed_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"--deepspeed_config .*nope\.json does not exist"):
+        parse_args(["--deepspeed_config", str(tmp_path / "nope.json")])

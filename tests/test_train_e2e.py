@@ -1,0 +1,130 @@
+"""End to end: the real `deepspeed` launcher and `python -m`, TNF and baseline, resume, export."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import BertForMaskedLM, pipeline
+
+from tnf_scale.checkpoint import COMPLETE, latest_complete
+from tnf_scale.metrics import read_metrics
+from tnf_scale.notes.note_math import initial_notes
+
+from conftest import REPO, free_port, run_cmd, train_args
+
+STEP_FIELDS = {"step", "loss", "lr", "tokens", "wall_time", "tokens_per_s", "occurrences_read", "notes_written", "distinct_noted"}
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+pytestmark = pytest.mark.launcher
+
+
+def check_ok(proc) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
+@pytest.fixture(scope="module")
+def tnf_run(small_config, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tnf_run")
+    args = [DEEPSPEED, "--num_gpus", "1", "--master_port", str(free_port()), "tnf_scale/train.py",
+            *train_args(small_config, out, max_steps=40, save_interval=20)]
+    check_ok(run_cmd(args))
+    return out
+
+
+@pytest.fixture(scope="module")
+def baseline_run(small_config, tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("baseline_run")
+    proc = run_cmd([sys.executable, "-m", "tnf_scale.train", *train_args(small_config, out, max_steps=40, tnf="off")])
+    check_ok(proc)
+    return out, proc.stdout
+
+
+def test_tnf_run_under_the_deepspeed_launcher_learns_and_takes_notes(tnf_run, prepared):
+    records = read_metrics(tnf_run)
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 41))
+    assert all(STEP_FIELDS <= set(r) for r in steps)
+    first, last = sum(r["loss"] for r in steps[:5]) / 5, sum(r["loss"] for r in steps[-5:]) / 5
+    assert last < first - 0.5, (first, last)
+    evals = [r for r in records if "eval_loss_no_notes" in r]
+    assert [r["step"] for r in evals] == [0, 20, 40] and all("eval_loss_notes" in r for r in evals)
+    assert evals[-1]["eval_loss_no_notes"] < evals[0]["eval_loss_no_notes"]
+    assert all(r["occurrences_read"] > 0 and r["notes_written"] == r["occurrences_read"] for r in steps)
+    assert steps[-1]["distinct_noted"] > steps[0]["distinct_noted"] > 0
+
+    notes = load_file(str(tnf_run / "notes.safetensors"))
+    assert notes["ids"].dtype == torch.int64 and torch.equal(notes["ids"], torch.arange(len(prepared.rare_vocab)))
+    start = initial_notes(notes["ids"], notes["vectors"].shape[1], seed=1234, std=0.02)
+    changed = (notes["vectors"] != start).any(dim=1)
+    assert int(changed.sum()) == steps[-1]["distinct_noted"]  # exactly the noted words moved
+    assert (tnf_run / "tensorboard").is_dir() and any((tnf_run / "tensorboard").iterdir())
+
+
+def test_export_is_a_stock_bert_with_no_notes_that_fills_masks(tnf_run):
+    export = tnf_run / "export"
+    weights = load_file(str(export / "model.safetensors"))
+    assert not [name for name in weights if "note" in name.lower()]
+    model = BertForMaskedLM.from_pretrained(str(export))
+    fill = pipeline("fill-mask", model=model, tokenizer=str(export))
+    guesses = fill("in the beginning god created the [MASK] and the earth.")
+    assert len(guesses) == 5 and all(0.0 <= g["score"] <= 1.0 for g in guesses)
+
+
+def test_resume_continues_exactly_where_the_checkpoint_left_off(tnf_run, small_config, tmp_path):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tnf_run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step00000040")  # as if the run died after step 20's checkpoint
+    assert latest_complete(resumed).name == "step00000020"
+    args = [DEEPSPEED, "--num_gpus", "1", "--master_port", str(free_port()), "tnf_scale/train.py",
+            *train_args(small_config, resumed, max_steps=40, save_interval=20, resume="true")]
+    check_ok(run_cmd(args))
+    original = {r["step"]: r for r in read_metrics(tnf_run)}
+    again = read_metrics(resumed)
+    assert [r["step"] for r in again] == [r["step"] for r in read_metrics(tnf_run)]  # no step logged twice
+    for r in again:
+        if r["step"] > 20 and "loss" in r:
+            assert r["loss"] == pytest.approx(original[r["step"]]["loss"], rel=1e-5)
+    a, b = load_file(str(tnf_run / "notes.safetensors")), load_file(str(resumed / "notes.safetensors"))
+    torch.testing.assert_close(b["vectors"], a["vectors"], rtol=1e-5, atol=1e-6)
+    assert json.loads((resumed / "checkpoints" / "step00000040" / COMPLETE).read_text())["step"] == 40
+
+
+def test_baseline_run_via_python_m_takes_no_notes(baseline_run):
+    out, stdout = baseline_run
+    records = read_metrics(out)
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 40 and all(STEP_FIELDS <= set(r) for r in steps)
+    assert all(r["notes_written"] == 0 and r["distinct_noted"] == 0 for r in steps)
+    assert all("eval_loss_notes" not in r for r in records) and "eval_loss_no_notes" in records[-1]
+    assert not (out / "notes.safetensors").exists()
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.5
+    assert "TNF off" in stdout and (out / "export" / "model.safetensors").is_file()
+
+
+def test_a_second_run_into_the_same_directory_is_refused(baseline_run, small_config):
+    out, _ = baseline_run
+    before = (out / "metrics.jsonl").read_bytes()
+    proc = run_cmd([sys.executable, "-m", "tnf_scale.train", *train_args(small_config, out, max_steps=5, tnf="off")])
+    assert proc.returncode == 2
+    assert "already holds a run" in proc.stderr and "--resume" in proc.stderr and "Traceback" not in proc.stderr
+    assert (out / "metrics.jsonl").read_bytes() == before
+
+
+def test_resume_without_a_checkpoint_says_so(small_config, tmp_path):
+    proc = run_cmd([sys.executable, "-m", "tnf_scale.train", *train_args(small_config, tmp_path / "fresh", max_steps=5, resume="true")])
+    assert proc.returncode == 2 and "found no complete checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_export_tool_rebuilds_the_export_and_names_a_run_without_checkpoints(tnf_run, tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "tools"))
+    import export as export_tool
+
+    assert export_tool.main(["--run", str(tnf_run), "--out", str(tmp_path / "again")]) == 0
+    a, b = load_file(str(tnf_run / "export" / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert export_tool.main(["--run", str(tmp_path / "empty")]) == 2
+    assert "holds no complete checkpoint" in capsys.readouterr().err
