@@ -7,7 +7,7 @@ import torch
 from tnf_scale.notes.note_math import (
     application_order, ema_closed_form, ema_sequential, expand_spans, initial_notes, mix64, mix_notes, owner_of, pool_windows,
 )
-from tnf_scale.notes.store import LocalNoteStore
+from tnf_scale.notes.store import NoteStore
 
 
 def test_read_mix_changes_exactly_the_rare_spans():
@@ -77,15 +77,15 @@ def test_sequential_ema_equals_its_closed_form():
 
 
 def test_store_applies_writes_in_order_key_order_whatever_the_input_order():
-    store_a = LocalNoteStore(6, 4, seed=1, init_std=0.02, gamma=0.1)
-    store_b = LocalNoteStore(6, 4, seed=1, init_std=0.02, gamma=0.1)
+    store_a = NoteStore(6, 4, seed=1, init_std=0.02, gamma=0.1)
+    store_b = NoteStore(6, 4, seed=1, init_std=0.02, gamma=0.1)
     ids, keys, starts = torch.tensor([2, 2, 5, 2]), torch.tensor([3, 1, 0, 2]), torch.tensor([4, 4, 1, 8])
     notes = torch.randn(4, 4)
     store_a.write(ids, keys, starts, notes)
     flip = torch.tensor([3, 2, 1, 0])
     store_b.write(ids[flip], keys[flip], starts[flip], notes[flip])
     assert torch.equal(store_a.table, store_b.table)
-    expected = ema_sequential(LocalNoteStore(6, 4, 1, 0.02, 0.1).table, torch.tensor([2, 2, 2, 5]), notes[[1, 3, 0, 2]], 0.1)
+    expected = ema_sequential(NoteStore(6, 4, 1, 0.02, 0.1).table, torch.tensor([2, 2, 2, 5]), notes[[1, 3, 0, 2]], 0.1)
     torch.testing.assert_close(store_a.table, expected)
     assert store_a.distinct_noted() == 2
     torch.testing.assert_close(store_a.read(torch.tensor([5, 5])), expected[[5, 5]])

@@ -17,7 +17,7 @@ from tnf_scale.notes.note_math import initial_notes
 
 from conftest import REPO, free_port, run_cmd, train_args
 
-STEP_FIELDS = {"step", "loss", "lr", "tokens", "wall_time", "tokens_per_s", "occurrences_read", "notes_written", "distinct_noted"}
+STEP_FIELDS = {"step", "loss", "lr", "tokens", "wall_time", "step_seconds", "tokens_per_s", "occurrences_read", "notes_written", "distinct_noted"}
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 pytestmark = pytest.mark.launcher
 

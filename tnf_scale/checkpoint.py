@@ -7,6 +7,10 @@ finished, `COMPLETE` (JSON). A checkpoint without `COMPLETE` is never resumed fr
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,24 +81,39 @@ def read_rank_files(ckpt: Path, world_size: int) -> list[dict[str, torch.Tensor]
     return states
 
 
-def merge_note_rows(states: list[dict[str, torch.Tensor]], num_rare: int, ckpt: Path) -> dict[str, torch.Tensor]:
-    """All ranks' note rows as one state sorted by id; every id 0..num_rare-1 must appear exactly once."""
+def check_note_rows(states: list[dict[str, torch.Tensor]], num_rare: int, ckpt: Path) -> None:
+    """Every rare id 0..num_rare-1 must appear exactly once across the ranks' files."""
     ids = torch.cat([s["ids"] for s in states])
-    order = torch.argsort(ids)
-    if len(ids) != num_rare or not torch.equal(ids[order], torch.arange(num_rare)):
+    in_range = len(ids) == 0 or (int(ids.min()) >= 0 and int(ids.max()) < num_rare)
+    if len(ids) != num_rare or not in_range or not bool((torch.bincount(ids, minlength=num_rare) == 1).all()):
         raise CheckpointError(
-            f"checkpoint {ckpt} holds {len(ids)} note rows but the rare vocabulary has {num_rare} words; "
-            "it belongs to other data — resume with the data it was trained on."
+            f"checkpoint {ckpt} holds {len(ids)} note rows but the rare vocabulary has {num_rare} words, each needed exactly once; "
+            "it belongs to other data or is damaged — resume with the data it was trained on, or from another checkpoint."
         )
-    return {
-        "ids": ids[order],
-        "vectors": torch.cat([s["vectors"] for s in states])[order],
-        "noted": torch.cat([s["noted"] for s in states])[order],
-    }
 
 
-def load_checkpoint(engine, ckpt: Path, rank: int, rare_vocab_digest: str) -> tuple[dict[str, Any], list[dict[str, torch.Tensor]]]:
-    """Load the engine state; return the trainer state and every rank's note file of `ckpt`."""
+@dataclass
+class ResumePoint:
+    """A complete checkpoint chosen for resuming, checked before any engine exists."""
+
+    ckpt: Path
+    marker: dict[str, Any]
+    rank_files: list[dict[str, torch.Tensor]]
+
+    @property
+    def step(self) -> int:
+        return self.marker["step"]
+
+    @property
+    def world_size(self) -> int:
+        return self.marker["world_size"]
+
+
+def plan_resume(output_dir: str | Path, rare_vocab_digest: str, num_rare: int | None) -> ResumePoint:
+    """The newest complete checkpoint, with its note files read and validated (num_rare None: a baseline run)."""
+    ckpt = latest_complete(output_dir)
+    if ckpt is None:
+        raise CheckpointError(f"--resume found no complete checkpoint under {checkpoint_root(output_dir)}; drop --resume to start a fresh run there.")
     marker = json.loads((ckpt / COMPLETE).read_text())
     if marker.get("rare_vocab_digest") != rare_vocab_digest:
         raise CheckpointError(
@@ -102,9 +121,30 @@ def load_checkpoint(engine, ckpt: Path, rank: int, rare_vocab_digest: str) -> tu
             "resume with the same corpus, tokenizer and rare band."
         )
     rank_files = read_rank_files(ckpt, marker["world_size"])
-    if rank < marker["world_size"]:
-        torch.set_rng_state(rank_files[rank]["torch_rng_state"])
-    load_path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    if num_rare is not None:
+        if not marker["notes"]:
+            raise CheckpointError(f"checkpoint {ckpt} comes from a --tnf off run and holds no notes; resume it with --tnf off.")
+        check_note_rows(rank_files, num_rare, ckpt)
+    return ResumePoint(ckpt, marker, rank_files)
+
+
+def universal_checkpoint(point: ResumePoint, rank: int) -> Path:
+    """DeepSpeed's universal form of the checkpoint, which loads on any number of ranks (converted once, by rank 0)."""
+    target = point.ckpt.parent / "universal" / point.ckpt.name
+    if rank == 0 and not (target / COMPLETE).is_file():
+        shutil.rmtree(target, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(point.ckpt),
+                        "--output_folder", str(target)], check=True, capture_output=True)
+        (target.parent / "latest").write_text(point.ckpt.name)
+        (target / COMPLETE).write_text(json.dumps(point.marker))
+    deepspeed.comm.barrier()
+    return target
+
+
+def load_engine(engine, point: ResumePoint, source: Path, rank: int) -> None:
+    """Load model and optimizer state from `source` (the checkpoint or its universal form) and this rank's RNG."""
+    if rank < point.world_size:
+        torch.set_rng_state(point.rank_files[rank]["torch_rng_state"])
+    load_path, _ = engine.load_checkpoint(str(source.parent), tag=source.name)
     if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load checkpoint {ckpt}; its model or optimizer files are missing.")
-    return client["trainer"], rank_files
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {source}; its model or optimizer files are missing.")

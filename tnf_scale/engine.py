@@ -16,28 +16,34 @@ from tnf_scale.config import RunConfig
 from tnf_scale.data.sampler import EVAL_EPOCH, Batch, Collator, GlobalBatchSampler, local_share
 from tnf_scale.distributed import World, all_reduce_sum
 from tnf_scale.model.tnf_bert import TnfHooks
-from tnf_scale.notes.store import LocalNoteStore
+from tnf_scale.notes.store import NoteStore
 
 
 @dataclass
 class StepResult:
+    """One step, summed over all data-parallel ranks."""
+
     loss: float
     tokens: int
-    occurrences: int
-    notes_written: int
     seconds: float
+    notes: dict[str, float]  # occurrences, distinct words noted, note traffic; empty without TNF
 
 
 class TnfTrainer:
     """Runs steps and evaluations of one DeepSpeed engine, with or without notes."""
 
     def __init__(self, cfg: RunConfig, engine, world: World, train_set, eval_set, collator: Collator,
-                 hooks: TnfHooks | None, store: LocalNoteStore | None):
+                 hooks: TnfHooks | None, store: NoteStore | None):
         self.cfg, self.engine, self.world = cfg, engine, world
         self.train_set, self.eval_set, self.collator = train_set, eval_set, collator
         self.hooks, self.store = hooks, store
         self.sampler = GlobalBatchSampler(len(train_set), cfg.global_batch_size, cfg.seed)
         self.grad_accum = engine.gradient_accumulation_steps()
+        self.rows_per_rank: list[int] = []
+        if store is not None:
+            one_hot = [0.0] * world.size
+            one_hot[world.rank] = len(store.ids)
+            self.rows_per_rank = [int(n) for n in all_reduce_sum(one_hot, world.device)]
 
     def _micro_batches(self, dataset, indices: list[int], keys: list[int], epochs: list[int]) -> list[Batch]:
         mb = self.cfg.micro_batch_size
@@ -76,12 +82,17 @@ class TnfTrainer:
             if self.hooks is not None:
                 written.append((batch.occ_rare, batch.occ_order_key, batch.occ_start, self.hooks.pooled))
                 self.hooks.clear()
-        occurrences = sum(len(b.occ_rare) for b in batches)
+        notes: dict[str, float] = {}
         if self.store is not None:
-            ids, order_keys, starts, notes = (torch.cat(parts) for parts in zip(*written))
-            self.store.write(ids, order_keys, starts, notes)
-        ce_sum, tokens, occ = all_reduce_sum([ce_total, local_tokens, occurrences], self.world.device)
-        return StepResult(ce_sum / max(global_masked, 1.0), int(tokens), int(occ), int(occ) if self.store else 0, time.perf_counter() - t0)
+            ids, order_keys, starts, pooled = (torch.cat(parts) for parts in zip(*written))
+            self.store.write(ids, order_keys, starts, pooled)
+            notes = {"occurrences_read": len(ids), "notes_written": len(ids), "distinct_noted": self.store.distinct_noted(),
+                     **{f"note_{k}": v for k, v in self.store.take_traffic().items()}}
+        ce_sum, tokens, *note_sums = all_reduce_sum([ce_total, local_tokens, *notes.values()], self.world.device)
+        notes = dict(zip(notes, note_sums))
+        if self.rows_per_rank:
+            notes.update(note_rows_max_rank=max(self.rows_per_rank), note_rows_min_rank=min(self.rows_per_rank))
+        return StepResult(ce_sum / max(global_masked, 1.0), int(tokens), time.perf_counter() - t0, notes)
 
     @torch.no_grad()
     def evaluate(self, with_notes: bool) -> float:
@@ -100,5 +111,7 @@ class TnfTrainer:
             if self.hooks is not None:
                 self.hooks.clear()
         self.engine.train()
+        if with_notes:
+            self.store.take_traffic()  # eval reads are not a training step's traffic
         ce_sum, masked_sum = all_reduce_sum([ce_total, masked], self.world.device)
         return ce_sum / max(masked_sum, 1.0)

@@ -18,10 +18,13 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import deepspeed
+import torch
 from deepspeed.accelerator import get_accelerator
 from tqdm.auto import tqdm
 
-from tnf_scale.checkpoint import latest_complete, load_checkpoint, merge_note_rows, save_checkpoint
+from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE
+
+from tnf_scale.checkpoint import latest_complete, load_engine, plan_resume, read_rank_files, save_checkpoint, universal_checkpoint
 from tnf_scale.config import ConfigError, RunConfig, parse_args
 from tnf_scale.data.prepare import RARE_VOCAB_FILE, PreparedData, prepare_data
 from tnf_scale.data.sampler import Collator
@@ -31,7 +34,8 @@ from tnf_scale.engine import TnfTrainer
 from tnf_scale.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsLogger
 from tnf_scale.model.export import MODEL_CONFIG, copy_tokenizer, export_hf, save_notes
 from tnf_scale.model.tnf_bert import MaskedLMObjective, TnfHooks, build_bert
-from tnf_scale.notes.store import LocalNoteStore
+from tnf_scale.notes.exchange import ExchangeGroup
+from tnf_scale.notes.store import NoteStore
 
 RUN_ARTIFACTS = (METRICS_FILE, TENSORBOARD_DIR, "checkpoints", "export", "notes.safetensors")
 
@@ -40,8 +44,6 @@ def check_output_dir(cfg: RunConfig, world: World) -> Path:
     """Refuse to mix a new run into an old one unless --resume or --overwrite says what to do."""
     out = Path(cfg.output_dir)
     existing = [name for name in RUN_ARTIFACTS if (out / name).exists()]
-    if cfg.resume and latest_complete(out) is None:
-        raise ConfigError(f"--resume found no complete checkpoint under {out / 'checkpoints'}; drop --resume to start a fresh run there.")
     if existing and not cfg.resume and not cfg.overwrite:
         raise ConfigError(f"--output_dir {out} already holds a run ({existing[0]}); pass --resume to continue it, --overwrite to replace it, or choose another directory.")
     deepspeed.comm.barrier()  # every rank has looked before rank 0 deletes anything
@@ -72,11 +74,10 @@ def digest(path: Path) -> str:
 def run(cfg: RunConfig) -> int:
     world = init_distributed()
     log = print if world.is_main else (lambda *_: None)
-    if cfg.tnf_enabled and world.size > 1:
-        raise ConfigError(f"TNF on {world.size} ranks needs the sharded note dictionary, which this version does not have yet; run TNF on one rank or pass --tnf off.")
     out = check_output_dir(cfg, world)
     data = prepare_on_local_rank0(cfg, world, log)
     rare_digest = digest(data.tokenizer_dir / RARE_VOCAB_FILE)
+    point = plan_resume(out, rare_digest, len(data.rare_vocab) if cfg.tnf_enabled else None) if cfg.resume else None
 
     model = build_bert(cfg, data.tokenizer)
     if world.is_main:
@@ -84,12 +85,17 @@ def run(cfg: RunConfig) -> int:
         model.config.to_json_file(str(out / MODEL_CONFIG))
         (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     hooks = TnfHooks(model, cfg.note_lambda, cfg.note_window) if cfg.tnf_enabled else None
-    store = (LocalNoteStore(len(data.rare_vocab), cfg.hidden_size, cfg.seed, model.config.initializer_range, cfg.note_gamma, world.device)
-             if cfg.tnf_enabled else None)
+    store = (NoteStore(len(data.rare_vocab), cfg.hidden_size, cfg.seed, model.config.initializer_range, cfg.note_gamma,
+                       ExchangeGroup(world.rank, world.size), world.device) if cfg.tnf_enabled else None)
 
     accelerator = get_accelerator()
     ds_config = build_ds_config(cfg, world.size, bf16_supported=accelerator.device_name() != "cpu" and accelerator.is_bf16_supported())
+    source = point.ckpt if point else None
+    if point and point.world_size != world.size and ds_config["zero_optimization"].get("stage", 0) > 0:
+        source = universal_checkpoint(point, world.rank)  # ZeRO state saved on another number of ranks
+        ds_config["checkpoint"] = {"load_universal": True}
     objective = MaskedLMObjective(model)
+    setattr(objective, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
     engine, optimizer, _, _ = deepspeed.initialize(model=objective, model_parameters=objective.parameters(), config=ds_config)
     inner = getattr(optimizer, "optimizer", optimizer)
     log(f"world {world.size} on {accelerator.device_name()}; ZeRO stage {engine.zero_optimization_stage()}; "
@@ -97,12 +103,12 @@ def run(cfg: RunConfig) -> int:
 
     trainer = TnfTrainer(cfg, engine, world, data.train, data.eval, Collator(data.tokenizer, cfg.max_seq_len, cfg.mlm_probability, cfg.seed), hooks, store)
     state = {"step": 0, "tokens": 0, "wall_time": 0.0, "rare_vocab_digest": rare_digest}
-    if cfg.resume:
-        ckpt = latest_complete(out)
-        state, rank_files = load_checkpoint(engine, ckpt, world.rank, rare_digest)
+    if point:
+        load_engine(engine, point, source, world.rank)
         if store is not None:
-            store.load_state(merge_note_rows(rank_files, len(data.rare_vocab), ckpt))
-        log(f"resumed from {ckpt} at step {state['step']}")
+            store.load_rows(point.rank_files)
+        state = {key: point.marker[key] for key in state}
+        log(f"resumed from {point.ckpt} (saved on {point.world_size} ranks) at step {state['step']}")
 
     metrics = MetricsLogger(out, world.is_main, resumed_step=state["step"] if cfg.resume else None)
     if state["step"] == 0:
@@ -117,9 +123,8 @@ def run(cfg: RunConfig) -> int:
         record = {}
         if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_steps:
             record = {"step": step + 1, "loss": result.loss, "lr": engine.get_lr()[0], "tokens": state["tokens"],
-                      "wall_time": state["wall_time"], "tokens_per_s": result.tokens / result.seconds,
-                      "occurrences_read": result.occurrences, "notes_written": result.notes_written,
-                      "distinct_noted": store.distinct_noted() if store else 0}
+                      "wall_time": state["wall_time"], "step_seconds": result.seconds, "tokens_per_s": result.tokens / result.seconds,
+                      "occurrences_read": 0, "notes_written": 0, "distinct_noted": 0, **result.notes}
         if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_steps:
             record = {"step": step + 1, **record, **evaluate(trainer, cfg)}
         if record:
@@ -142,7 +147,8 @@ def run(cfg: RunConfig) -> int:
         if cfg.export:
             log(f"export (Hugging Face BertForMaskedLM, no notes): {export_hf(out, ckpt, out / 'export')}")
         if cfg.save_notes and store is not None:
-            log(f"notes: {save_notes(out, store.ids, store.table)}")
+            rows = read_rank_files(ckpt, world.size)
+            log(f"notes: {save_notes(out, torch.cat([r['ids'] for r in rows]), torch.cat([r['vectors'] for r in rows]))}")
         log(f"run: {out}\nmetrics: {out / METRICS_FILE}\nTensorBoard: tensorboard --logdir {out / TENSORBOARD_DIR}")
     deepspeed.comm.barrier()
     return 0

@@ -25,16 +25,19 @@ def owner_of(ids: torch.Tensor, world_size: int) -> torch.Tensor:
     return torch.from_numpy((mixed % np.uint64(world_size)).astype(np.int64)).to(ids.device)
 
 
-def initial_notes(ids: torch.Tensor, dim: int, seed: int, std: float) -> torch.Tensor:
+def initial_notes(ids: torch.Tensor, dim: int, seed: int, std: float, chunk: int = 4096) -> torch.Tensor:
     """Normal(0, std) rows whose values depend only on (seed, id): any partition gives the same rows."""
-    row_key = mix64(mix64(np.uint64(seed)) ^ ids.cpu().numpy().astype(np.uint64))
+    all_ids = ids.cpu().numpy().astype(np.uint64)
     counters = np.arange(2 * dim, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        bits = mix64(row_key[:, None] + counters[None, :] * _GOLDEN)
-    uniform = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53  # in (0, 1)
-    u1, u2 = uniform[:, :dim], uniform[:, dim:]
-    normal = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)  # Box-Muller
-    return torch.from_numpy((normal * std).astype(np.float32))
+    out = np.empty((len(all_ids), dim), dtype=np.float32)
+    for first in range(0, len(all_ids), chunk):  # bounded memory for BERT-large-sized dictionaries
+        row_key = mix64(mix64(np.uint64(seed)) ^ all_ids[first : first + chunk])
+        with np.errstate(over="ignore"):
+            bits = mix64(row_key[:, None] + counters[None, :] * _GOLDEN)
+        uniform = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53  # in (0, 1)
+        u1, u2 = uniform[:, :dim], uniform[:, dim:]
+        out[first : first + chunk] = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2) * std  # Box-Muller
+    return torch.from_numpy(out)
 
 
 def expand_spans(sample: torch.Tensor, start: torch.Tensor, end: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,160 @@
+"""The sharded note dictionary under the real launcher: bitwise store, W-invariant training, ZeRO 1/2/3,
+re-partitioning resumes, and refused checkpoints."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tnf_scale.checkpoint import COMPLETE, CheckpointError, notes_file, plan_resume, read_rank_files
+from tnf_scale.metrics import read_metrics
+from tnf_scale.notes.note_math import owner_of
+from tnf_scale.notes.store import NoteStore
+
+from conftest import REPO, free_port, run_cmd, train_args
+
+sys.path.insert(0, str(REPO / "tests" / "workers"))
+import store_worker  # noqa: E402
+
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+pytestmark = pytest.mark.launcher
+
+
+def launch(ranks: int, script_args: list[str]):
+    proc = run_cmd([DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), *script_args])
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def merged_rows(files: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.cat([f["ids"] for f in files])
+    order = torch.argsort(ids)
+    return ids[order], torch.cat([f["vectors"] for f in files])[order]
+
+
+def whole_store_after_all_steps() -> NoteStore:
+    whole = NoteStore(store_worker.NUM_RARE, store_worker.DIM, seed=9, init_std=0.02, gamma=0.1)
+    for step in range(store_worker.STEPS):
+        occ = store_worker.global_occurrences(step)
+        whole.write(occ["ids"], occ["order_key"], occ["start"], occ["notes"])
+    return whole
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_store_alone_is_bitwise_identical_for_any_number_of_ranks(ranks, tmp_path):
+    launch(ranks, ["tests/workers/store_worker.py", str(tmp_path)])
+    files = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(ranks)]
+    for r, f in enumerate(files):
+        assert bool((owner_of(f["ids"], ranks) == r).all())  # each rank holds only its own rows
+        assert len(f["ids"]) < store_worker.NUM_RARE * 0.8 / (ranks / 2)
+    ids, vectors = merged_rows(files)
+    whole = whole_store_after_all_steps()
+    assert torch.equal(ids, whole.ids)
+    assert torch.equal(vectors, whole.table)  # bitwise
+    assert not torch.equal(whole.table, NoteStore(store_worker.NUM_RARE, store_worker.DIM, 9, 0.02, 0.1).table)
+
+
+STAGES = {1: 1, 2: 2, 4: 3}  # ranks -> ZeRO stage the run uses
+
+
+@pytest.fixture(scope="module")
+def runs_by_world(small_config, tmp_path_factory) -> dict[int, Path]:
+    """The same TNF training (dropout 0, global batch 16, micro-batch 4) on 1, 2 and 4 ranks."""
+    runs = {}
+    for ranks, stage in STAGES.items():
+        out = tmp_path_factory.mktemp(f"w{ranks}")
+        launch(ranks, ["tnf_scale/train.py", *train_args(small_config, out, max_steps=20, micro_batch_size=4, dropout=0.0,
+                                                         save_interval=10, deepspeed_config=f"ds_configs/zero{stage}.json")])
+        runs[ranks] = out
+    return runs
+
+
+def step_losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run) if "loss" in r}
+
+
+def test_training_agrees_for_1_2_and_4_ranks_across_zero_stages(runs_by_world):
+    reference = step_losses(runs_by_world[1])
+    ref_notes = load_file(str(runs_by_world[1] / "notes.safetensors"))
+    assert reference[20] < reference[1] - 0.3  # learns
+    for ranks in (2, 4):
+        losses = step_losses(runs_by_world[ranks])
+        assert losses.keys() == reference.keys()
+        for step, loss in reference.items():
+            assert losses[step] == pytest.approx(loss, rel=1e-5), (ranks, step)
+        notes = load_file(str(runs_by_world[ranks] / "notes.safetensors"))
+        assert torch.equal(notes["ids"], ref_notes["ids"])
+        torch.testing.assert_close(notes["vectors"], ref_notes["vectors"], rtol=1e-5, atol=1e-6)
+
+
+def test_zero_stages_train_tnf_and_log_note_traffic(runs_by_world):
+    for ranks, stage in STAGES.items():
+        run = runs_by_world[ranks]
+        marker = json.loads((run / "checkpoints" / "step00000020" / COMPLETE).read_text())
+        assert marker["world_size"] == ranks
+        steps = [r for r in read_metrics(run) if "loss" in r]
+        last = steps[-1]
+        assert last["note_ids_unique"] <= last["note_ids_requested"] == last["occurrences_read"] > 0
+        assert last["note_rows_max_rank"] >= last["note_rows_min_rank"] > 0
+        if ranks == 1:
+            assert last["note_read_bytes_sent"] == 0 and last["note_write_bytes_sent"] == 0
+        else:
+            assert last["note_read_bytes_sent"] == last["note_read_bytes_received"] > 0
+            assert last["note_write_bytes_sent"] == last["note_write_bytes_received"] > 0
+            assert last["note_rows_max_rank"] < 0.8 * last["note_rows_min_rank"] * ranks
+
+
+@pytest.mark.parametrize("ranks", [4, 1])
+def test_resume_from_2_ranks_onto_another_number_of_ranks(ranks, runs_by_world, small_config, tmp_path, prepared):
+    source = runs_by_world[2]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(source, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step00000020")
+    launch(ranks, ["tnf_scale/train.py", *train_args(small_config, resumed, max_steps=20, micro_batch_size=4, dropout=0.0,
+                                                     save_interval=10, deepspeed_config="ds_configs/zero2.json", resume="true")])
+    expected, got = step_losses(source), step_losses(resumed)
+    assert got.keys() == expected.keys()
+    for step in range(11, 21):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+    files = read_rank_files(resumed / "checkpoints" / "step00000020", ranks)
+    ids, vectors = merged_rows(files)
+    assert torch.equal(ids, torch.arange(len(prepared.rare_vocab)))  # every rare id exactly once
+    torch.testing.assert_close(vectors, load_file(str(source / "notes.safetensors"))["vectors"], rtol=1e-5, atol=1e-6)
+
+
+def fake_checkpoint(root: Path, rows: list[torch.Tensor], digest: str = "d") -> Path:
+    ckpt = root / "checkpoints" / "step00000005"
+    ckpt.mkdir(parents=True)
+    for rank, ids in enumerate(rows):
+        save_file({"ids": ids, "vectors": torch.zeros(len(ids), 4), "noted": torch.zeros(len(ids), dtype=torch.bool),
+                   "torch_rng_state": torch.get_rng_state()}, str(notes_file(ckpt, rank)))
+    (ckpt / COMPLETE).write_text(json.dumps({"step": 5, "world_size": len(rows), "notes": True, "rare_vocab_digest": digest,
+                                             "tokens": 0, "wall_time": 0.0}))
+    return ckpt
+
+
+def test_a_missing_or_truncated_note_shard_is_refused_by_name(tmp_path):
+    ckpt = fake_checkpoint(tmp_path / "missing", [torch.tensor([0, 2]), torch.tensor([1, 3])])
+    notes_file(ckpt, 1).unlink()
+    with pytest.raises(CheckpointError, match=r"is missing notes_rank00001\.safetensors"):
+        plan_resume(tmp_path / "missing", "d", num_rare=4)
+    ckpt = fake_checkpoint(tmp_path / "cut", [torch.tensor([0, 2]), torch.tensor([1, 3])])
+    data = notes_file(ckpt, 0).read_bytes()
+    notes_file(ckpt, 0).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"notes_rank00000\.safetensors is truncated or corrupt"):
+        plan_resume(tmp_path / "cut", "d", num_rare=4)
+
+
+def test_a_checkpoint_of_other_data_is_refused(tmp_path):
+    fake_checkpoint(tmp_path / "other", [torch.tensor([0, 2]), torch.tensor([1, 3])], digest="abc")
+    with pytest.raises(CheckpointError, match="different rare vocabulary"):
+        plan_resume(tmp_path / "other", "xyz", num_rare=4)
+    fake_checkpoint(tmp_path / "dup", [torch.tensor([0, 2]), torch.tensor([2, 3])])
+    with pytest.raises(CheckpointError, match="each needed exactly once"):
+        plan_resume(tmp_path / "dup", "d", num_rare=4)
+    assert plan_resume(tmp_path / "other", "abc", num_rare=4).step == 5

@@ -1,0 +1,54 @@
+"""Run under `deepspeed --num_gpus W`: feed the sharded note store identical occurrences for several steps.
+
+Every rank checks that its reads equal those of a whole (W = 1) store fed the same global
+occurrences, bit for bit, and saves its final rows to OUT/rank{r}.safetensors.
+Usage: store_worker.py OUT
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from tnf_scale.distributed import init_distributed  # noqa: E402
+from tnf_scale.notes.exchange import ExchangeGroup  # noqa: E402
+from tnf_scale.notes.store import NoteStore  # noqa: E402
+
+NUM_RARE, DIM, SAMPLES_PER_STEP, STEPS = 500, 16, 32, 6
+
+
+def global_occurrences(step: int) -> dict[str, torch.Tensor]:
+    """The occurrences of one global batch: the same on every rank and every W."""
+    g = torch.Generator().manual_seed(1000 + step)
+    n = 200
+    sample = torch.sort(torch.randint(SAMPLES_PER_STEP, (n,), generator=g)).values
+    return {"ids": torch.randint(0, 60, (n,), generator=g) ** 2 % NUM_RARE,  # skewed: many repeats of some ids
+            "order_key": step * SAMPLES_PER_STEP + sample, "sample": sample,
+            "start": torch.randint(0, 100, (n,), generator=g), "notes": torch.randn(n, DIM, generator=g)}
+
+
+def main(out: Path) -> None:
+    world = init_distributed()
+    sharded = NoteStore(NUM_RARE, DIM, seed=9, init_std=0.02, gamma=0.1, exchange=ExchangeGroup(world.rank, world.size))
+    whole = NoteStore(NUM_RARE, DIM, seed=9, init_std=0.02, gamma=0.1)
+    per_rank = SAMPLES_PER_STEP // world.size
+    for step in range(STEPS):
+        occ = global_occurrences(step)
+        mine = (occ["sample"] // per_rank) == world.rank
+        got = sharded.read(occ["ids"][mine])
+        assert torch.equal(got, whole.read(occ["ids"][mine])), f"rank {world.rank}: read differs at step {step}"
+        sharded.write(occ["ids"][mine], occ["order_key"][mine], occ["start"][mine], occ["notes"][mine])
+        whole.write(occ["ids"], occ["order_key"], occ["start"], occ["notes"])
+    sharded.read(torch.zeros(0, dtype=torch.int64))  # a rank with nothing to ask still takes part
+    state = sharded.state()
+    save_file(state, str(out / f"rank{world.rank}.safetensors"))
+    deepspeed.comm.barrier()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[-1]))  # the launcher puts --local_rank first

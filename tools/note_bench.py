@@ -1,0 +1,142 @@
+"""Note-dictionary cost: step time with TNF on vs off, note bytes vs gradient bytes, and a prediction for BERT-large.
+
+    python tools/note_bench.py --ranks 2 --steps 60 --out runs/note_bench
+
+Trains the tiny preset twice under the real `deepspeed` launcher (same seed, data and batch),
+reads both runs' metrics.jsonl, and writes note_bench.json and note_bench.md into --out.
+The BERT-large prediction uses the same byte formulas as the measurement:
+  note read bytes / step  = occurrences x (W-1)/W x (8 + 4 d)      (id out, fp32 row back)
+  note write bytes / step = occurrences x (W-1)/W x (24 + 4 d)     (id, order key, start, fp32 note)
+  gradient bytes / step   = 2 (W-1) x parameters x bytes per grad  (ring all-reduce or ZeRO reduce-scatter
+                                                                     + all-gather, summed over ranks)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from transformers import BertConfig, BertForMaskedLM  # noqa: E402
+
+from tnf_scale.config import PRESETS, RunConfig  # noqa: E402
+from tnf_scale.metrics import read_metrics  # noqa: E402
+
+
+
+def note_bytes(occurrences: float, world: int, dim: int) -> tuple[float, float]:
+    """Predicted (read, write) payload bytes per step crossing between ranks, summed over ranks."""
+    off_rank = (world - 1) / world
+    return occurrences * off_rank * (8 + 4 * dim), occurrences * off_rank * (24 + 4 * dim)
+
+
+def gradient_bytes(params: int, world: int, bytes_per_grad: int) -> float:
+    """Bytes per step the gradient reduction moves between ranks, summed over ranks."""
+    return 2 * (world - 1) * params * bytes_per_grad
+
+
+def train(out: Path, ranks: int, steps: int, tnf: str, port: int, extra: list[str]) -> Path:
+    run_dir = out / f"tnf_{tnf}"
+    args = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
+            "tnf_scale/train.py", "--preset", "tiny", "--max_steps", str(steps), "--tnf", tnf, "--output_dir", str(run_dir),
+            "--overwrite", "true", "--eval_interval", str(10 * steps), "--export", "false", *extra]
+    subprocess.run(args, cwd=REPO, check=True)
+    return run_dir
+
+
+def steady_steps(run_dir: Path, warmup: int) -> list[dict]:
+    return [r for r in read_metrics(run_dir) if "loss" in r and r["step"] > warmup]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=10, help="steps left out of the timing")
+    parser.add_argument("--out", default="runs/note_bench")
+    parser.add_argument("--master_port", type=int, default=29655)
+    parser.add_argument("--rare_per_sequence", type=float, default=1.0,
+                        help="rare occurrences per 128-token sequence assumed for BERT-large on Wikipedia + BookCorpus "
+                             "(the paper: about 20%% of sentences hold a rare word; a 128-token sequence holds about five)")
+    args, extra = parser.parse_known_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    runs = {tnf: train(out, args.ranks, args.steps, tnf, args.master_port + i, extra) for i, tnf in enumerate(("off", "on"))}
+    step_s = {tnf: statistics.median(r["step_seconds"] for r in steady_steps(d, args.warmup)) for tnf, d in runs.items()}
+    on = steady_steps(runs["on"], args.warmup)
+    tiny = RunConfig()
+    params = parameter_count(BertConfig.from_json_file(str(runs["on"] / "model_config.json")))
+    measured = {
+        "ranks": args.ranks, "steps": args.steps, "warmup_excluded": args.warmup,
+        "step_seconds_tnf_off": step_s["off"], "step_seconds_tnf_on": step_s["on"],
+        "tnf_overhead": step_s["on"] / step_s["off"] - 1,
+        "occurrences_per_step": statistics.mean(r["occurrences_read"] for r in on),
+        "note_read_bytes_per_step": statistics.mean(r["note_read_bytes_sent"] for r in on),
+        "note_write_bytes_per_step": statistics.mean(r["note_write_bytes_sent"] for r in on),
+        "gradient_bytes_per_step": gradient_bytes(params, args.ranks, 4),
+        "parameters": params,
+    }
+    measured["predicted_note_bytes_per_step"] = sum(note_bytes(measured["occurrences_per_step"], args.ranks, tiny.hidden_size))
+    large = PRESETS["bert-large"]
+    large_params = parameter_count(BertConfig(vocab_size=large["vocab_size"], hidden_size=large["hidden_size"],
+                                              num_hidden_layers=large["num_layers"], num_attention_heads=large["num_heads"],
+                                              intermediate_size=large["intermediate_size"], max_position_embeddings=512))
+    predictions = []
+    for world in (8, 64, 512):
+        for batch in (large["global_batch_size"], 32 * world):
+            occ = batch * args.rare_per_sequence * large["max_seq_len"] / 128
+            read, write = note_bytes(occ, world, large["hidden_size"])
+            grads = gradient_bytes(large_params, world, 2)
+            predictions.append({"gpus": world, "global_batch": batch, "note_read_MB": read / 1e6, "note_write_MB": write / 1e6,
+                                "gradient_GB": grads / 1e9, "note_share_of_gradient": (read + write) / grads,
+                                "note_MB_per_rank": (read + write) / world / 1e6})
+    report = {"measured": measured, "bert_large_predicted": predictions, "bert_large_parameters": large_params,
+              "rare_per_sequence": args.rare_per_sequence, "command": " ".join(["python", "tools/note_bench.py", *(argv or sys.argv[1:])])}
+    (out / "note_bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "note_bench.md").write_text(render(report))
+    print(render(report))
+    return 0
+
+
+def parameter_count(config: BertConfig) -> int:
+    """Parameters of a BertForMaskedLM of this shape (built on the meta device: no memory used)."""
+    with torch.device("meta"):
+        model = BertForMaskedLM(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def render(report: dict) -> str:
+    m = report["measured"]
+    lines = [
+        f"Measured: tiny preset, {m['ranks']} ranks, {m['steps']} steps (first {m['warmup_excluded']} left out), `{report['command']}`",
+        "",
+        "| | TNF off | TNF on |",
+        "| --- | --- | --- |",
+        f"| median step time | {m['step_seconds_tnf_off'] * 1000:.1f} ms | {m['step_seconds_tnf_on'] * 1000:.1f} ms ({100 * m['tnf_overhead']:+.1f}%) |",
+        "",
+        f"Per step with TNF: {m['occurrences_per_step']:.0f} rare occurrences; note bytes between ranks "
+        f"{m['note_read_bytes_per_step'] / 1e3:.1f} kB read + {m['note_write_bytes_per_step'] / 1e3:.1f} kB write "
+        f"(formula: {m['predicted_note_bytes_per_step'] / 1e3:.1f} kB) vs {m['gradient_bytes_per_step'] / 1e6:.1f} MB of fp32 gradients "
+        f"({m['parameters']:,} parameters).",
+        "",
+        f"Predicted for BERT-large ({report['bert_large_parameters']:,} parameters, bf16 gradients, d = 1024, "
+        f"{report['rare_per_sequence']} rare occurrence per 128-token sequence):",
+        "",
+        "| GPUs | global batch | note read MB | note write MB | gradient GB | notes / gradients | note MB per rank |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for p in report["bert_large_predicted"]:
+        lines.append(f"| {p['gpus']} | {p['global_batch']} | {p['note_read_MB']:.2f} | {p['note_write_MB']:.2f} | {p['gradient_GB']:.1f} | "
+                     f"{p['note_share_of_gradient']:.1e} | {p['note_MB_per_rank']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
