@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from deepspeed.accelerator import get_accelerator
 
 from tnf_scale.config import RunConfig
 from tnf_scale.data.sampler import EVAL_EPOCH, Batch, Collator, GlobalBatchSampler, local_share
@@ -27,6 +28,21 @@ class StepResult:
     tokens: int
     seconds: float
     notes: dict[str, float]  # occurrences, distinct words noted, note traffic; empty without TNF
+    phases: dict[str, float]  # seconds this rank spent in data, note_read, forward, backward, optimizer, note_write
+
+
+class PhaseTimer:
+    """Wall-clock seconds per phase of a step; synchronizes the accelerator so GPU work lands in its phase."""
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(("data", "note_read", "forward", "backward", "optimizer", "note_write"), 0.0)
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        get_accelerator().synchronize()
+        now = time.perf_counter()
+        self.seconds[phase] += now - self._last
+        self._last = now
 
 
 class TnfTrainer:
@@ -61,6 +77,7 @@ class TnfTrainer:
     def train_step(self, step: int) -> StepResult:
         """Train global batch `step`; notes read at the start and written once at the end."""
         t0 = time.perf_counter()
+        timer = PhaseTimer()
         indices, keys, epochs = self.sampler.step(step)
         share = [local_share(x, self.world.rank, self.world.size) for x in (indices, keys, epochs)]
         batches = [b.to(self.world.device) for b in self._micro_batches(self.train_set, *share)]
@@ -68,7 +85,9 @@ class TnfTrainer:
         local_tokens = sum(int(b.lengths.sum()) for b in batches)
         (global_masked,) = all_reduce_sum([local_masked], self.world.device)
         scale = self.world.size * self.grad_accum / max(global_masked, 1.0)
+        timer.lap("data")
         rows = self._read_notes(batches) if self.store is not None else [None] * len(batches)
+        timer.lap("note_read")
 
         ce_total, written = 0.0, []
         for batch, batch_rows in zip(batches, rows):
@@ -76,8 +95,11 @@ class TnfTrainer:
                 self.hooks.set_reads(batch.occ_sample, batch.occ_start, batch.occ_end, batch_rows, batch.input_ids.shape[1])
                 self.hooks.set_capture(batch.occ_sample, batch.occ_start, batch.occ_end, batch.lengths)
             ce = self._summed_ce(batch)
+            timer.lap("forward")
             self.engine.backward(ce * scale)
+            timer.lap("backward")
             self.engine.step()
+            timer.lap("optimizer")
             ce_total += float(ce.detach())
             if self.hooks is not None:
                 written.append((batch.occ_rare, batch.occ_order_key, batch.occ_start, self.hooks.pooled))
@@ -88,11 +110,12 @@ class TnfTrainer:
             self.store.write(ids, order_keys, starts, pooled)
             notes = {"occurrences_read": len(ids), "notes_written": len(ids), "distinct_noted": self.store.distinct_noted(),
                      **{f"note_{k}": v for k, v in self.store.take_traffic().items()}}
+        timer.lap("note_write")
         ce_sum, tokens, *note_sums = all_reduce_sum([ce_total, local_tokens, *notes.values()], self.world.device)
         notes = dict(zip(notes, note_sums))
         if self.rows_per_rank:
             notes.update(note_rows_max_rank=max(self.rows_per_rank), note_rows_min_rank=min(self.rows_per_rank))
-        return StepResult(ce_sum / max(global_masked, 1.0), int(tokens), time.perf_counter() - t0, notes)
+        return StepResult(ce_sum / max(global_masked, 1.0), int(tokens), time.perf_counter() - t0, notes, timer.seconds)
 
     @torch.no_grad()
     def evaluate(self, with_notes: bool) -> float:

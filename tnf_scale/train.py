@@ -124,7 +124,8 @@ def run(cfg: RunConfig) -> int:
         if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_steps:
             record = {"step": step + 1, "loss": result.loss, "lr": engine.get_lr()[0], "tokens": state["tokens"],
                       "wall_time": state["wall_time"], "step_seconds": result.seconds, "tokens_per_s": result.tokens / result.seconds,
-                      "occurrences_read": 0, "notes_written": 0, "distinct_noted": 0, **result.notes}
+                      "occurrences_read": 0, "notes_written": 0, "distinct_noted": 0, **result.notes,
+                      **{f"time_{phase}": seconds for phase, seconds in result.phases.items()}}
         if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_steps:
             record = {"step": step + 1, **record, **evaluate(trainer, cfg)}
         if record:

@@ -71,12 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     runs = {tnf: train(out, args.ranks, args.steps, tnf, args.master_port + i, extra) for i, tnf in enumerate(("off", "on"))}
     step_s = {tnf: statistics.median(r["step_seconds"] for r in steady_steps(d, args.warmup)) for tnf, d in runs.items()}
     on = steady_steps(runs["on"], args.warmup)
+    phases = {tnf: {k: statistics.median(r[k] for r in steady_steps(d, args.warmup)) for k in on[0] if k.startswith("time_")}
+              for tnf, d in runs.items()}
     tiny = RunConfig()
     params = parameter_count(BertConfig.from_json_file(str(runs["on"] / "model_config.json")))
     measured = {
         "ranks": args.ranks, "steps": args.steps, "warmup_excluded": args.warmup,
         "step_seconds_tnf_off": step_s["off"], "step_seconds_tnf_on": step_s["on"],
         "tnf_overhead": step_s["on"] / step_s["off"] - 1,
+        "phases_tnf_off": phases["off"], "phases_tnf_on": phases["on"],
         "occurrences_per_step": statistics.mean(r["occurrences_read"] for r in on),
         "note_read_bytes_per_step": statistics.mean(r["note_read_bytes_sent"] for r in on),
         "note_write_bytes_per_step": statistics.mean(r["note_write_bytes_sent"] for r in on),
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                                               intermediate_size=large["intermediate_size"], max_position_embeddings=512))
     predictions = []
     for world in (8, 64, 512):
-        for batch in (large["global_batch_size"], 32 * world):
+        for batch in sorted({large["global_batch_size"], 32 * world}):
             occ = batch * args.rare_per_sequence * large["max_seq_len"] / 128
             read, write = note_bytes(occ, world, large["hidden_size"])
             grads = gradient_bytes(large_params, world, 2)
@@ -120,6 +123,8 @@ def render(report: dict) -> str:
         "| | TNF off | TNF on |",
         "| --- | --- | --- |",
         f"| median step time | {m['step_seconds_tnf_off'] * 1000:.1f} ms | {m['step_seconds_tnf_on'] * 1000:.1f} ms ({100 * m['tnf_overhead']:+.1f}%) |",
+        *(f"| median {phase.removeprefix('time_')} | {1000 * m['phases_tnf_off'][phase]:.1f} ms | {1000 * m['phases_tnf_on'][phase]:.1f} ms |"
+          for phase in m["phases_tnf_on"]),
         "",
         f"Per step with TNF: {m['occurrences_per_step']:.0f} rare occurrences; note bytes between ranks "
         f"{m['note_read_bytes_per_step'] / 1e3:.1f} kB read + {m['note_write_bytes_per_step'] / 1e3:.1f} kB write "
