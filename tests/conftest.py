@@ -75,3 +75,31 @@ def train_args(cfg: RunConfig, output_dir: Path, **flags) -> list[str]:
               "rare_coverage": cfg.rare_coverage, "eval_fraction": cfg.eval_fraction, "output_dir": str(output_dir),
               "global_batch_size": 16, "micro_batch_size": 8, "eval_interval": 20, "eval_batches": 4, **flags}
     return [arg for key, value in values.items() for arg in (f"--{key}", str(value))]
+
+
+DEEPSPEED = str(Path(os.sys.executable).parent / "deepspeed")
+
+
+def check_ok(proc) -> None:
+    """Fail with the command's output when it did not exit 0."""
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
+def launch(ranks: int, script_args: list[str], timeout: int = 900):
+    """`deepspeed --num_gpus ranks script_args...` from the repository root; fails the test with its output on error."""
+    proc = run_cmd([DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), *script_args], timeout=timeout)
+    check_ok(proc)
+    return proc
+
+
+# Runs compared across parallel layouts: dropout 0, global batch 16, micro-batch 4, warmup longer than the run.
+COMPARED_RUN = dict(micro_batch_size=4, dropout=0.0, warmup_steps=30)
+
+
+@pytest.fixture(scope="session")
+def dp_reference_run(small_config, tmp_path_factory) -> Path:
+    """TNF on one rank, ZeRO-1, 20 steps with a checkpoint at 10: the reference other layouts must match."""
+    out = tmp_path_factory.mktemp("w1")
+    launch(1, ["tnf_scale/train.py", *train_args(small_config, out, max_steps=20, save_interval=10,
+                                                 deepspeed_config="ds_configs/zero1.json", **COMPARED_RUN)])
+    return out

@@ -101,16 +101,17 @@ def test_deepspeed_config_batch_sizes_must_agree_with_the_flags(tmp_path):
     ds_file.write_text(json.dumps({"train_batch_size": 64, "zero_optimization": {"stage": 2}}))
     cfg = RunConfig(deepspeed_config=str(ds_file), global_batch_size=32, micro_batch_size=16)
     with pytest.raises(ConfigError, match="sets train_batch_size=64 but --global_batch_size gives 32"):
-        build_ds_config(cfg, data_parallel_size=1, bf16_supported=False)
+        build_ds_config(cfg, world_size=1, bf16_supported=False)
     ds_file.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": 8}))
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=8 but --micro_batch_size gives 16"):
-        build_ds_config(cfg, data_parallel_size=1, bf16_supported=False)
+        build_ds_config(cfg, world_size=1, bf16_supported=False)
     with pytest.raises(ConfigError, match="not a multiple of --micro_batch_size 16 x 3 data-parallel ranks"):
-        build_ds_config(RunConfig(global_batch_size=32, micro_batch_size=16), data_parallel_size=3, bf16_supported=False)
+        build_ds_config(RunConfig(global_batch_size=32, micro_batch_size=16), world_size=3, bf16_supported=False)
 
 
 def test_deepspeed_config_is_completed_from_the_flags():
-    ds = build_ds_config(RunConfig(global_batch_size=64, micro_batch_size=8, lr=3e-4, max_steps=99), data_parallel_size=2, bf16_supported=True)
+    ds, dims = build_ds_config(RunConfig(global_batch_size=64, micro_batch_size=8, lr=3e-4, max_steps=99), world_size=2, bf16_supported=True)
+    assert (dims.pipeline, dims.data) == (1, 2)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 8, 4)
     assert ds["optimizer"]["params"]["lr"] == 3e-4 and ds["scheduler"]["params"]["total_num_steps"] == 99
     assert ds["bf16"]["enabled"] is True and ds["zero_optimization"]["stage"] == 1
@@ -119,3 +120,16 @@ def test_deepspeed_config_is_completed_from_the_flags():
 def test_missing_deepspeed_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"--deepspeed_config .*nope\.json does not exist"):
         parse_args(["--deepspeed_config", str(tmp_path / "nope.json")])
+
+
+def test_pipeline_degree_must_fit_the_world_and_the_model(tmp_path):
+    ds_file = tmp_path / "pp.json"
+    ds_file.write_text(json.dumps({"pipeline": {"stages": 2}}))
+    cfg = RunConfig(deepspeed_config=str(ds_file), global_batch_size=32, micro_batch_size=4)
+    with pytest.raises(ConfigError, match="3 ranks cannot be split into 2 pipeline stages"):
+        build_ds_config(cfg, world_size=3, bf16_supported=False)
+    _, dims = build_ds_config(cfg, world_size=4, bf16_supported=False)
+    assert (dims.pipeline, dims.data) == (2, 2)
+    ds_file.write_text(json.dumps({"pipeline": {"stages": 4}}))
+    with pytest.raises(ConfigError, match="asks for 4 pipeline stages but the model has only 2 encoder layers"):
+        build_ds_config(cfg, world_size=4, bf16_supported=False)

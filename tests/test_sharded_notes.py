@@ -16,19 +16,12 @@ from tnf_scale.metrics import read_metrics
 from tnf_scale.notes.note_math import owner_of
 from tnf_scale.notes.store import NoteStore
 
-from conftest import REPO, free_port, run_cmd, train_args
+from conftest import COMPARED_RUN, REPO, launch, train_args
 
 sys.path.insert(0, str(REPO / "tests" / "workers"))
 import store_worker  # noqa: E402
 
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 pytestmark = pytest.mark.launcher
-
-
-def launch(ranks: int, script_args: list[str]):
-    proc = run_cmd([DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), *script_args])
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
 
 
 def merged_rows(files: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,14 +56,15 @@ STAGES = {1: 1, 2: 2, 4: 3}  # ranks -> ZeRO stage the run uses
 
 
 @pytest.fixture(scope="module")
-def runs_by_world(small_config, tmp_path_factory) -> dict[int, Path]:
-    """The same TNF training (dropout 0, global batch 16, micro-batch 4) on 1, 2 and 4 ranks."""
-    runs = {}
+def runs_by_world(small_config, tmp_path_factory, dp_reference_run) -> dict[int, Path]:
+    """The same TNF training on 1, 2 and 4 ranks, on ZeRO stages 1, 2 and 3."""
+    runs = {1: dp_reference_run}
     for ranks, stage in STAGES.items():
-        out = tmp_path_factory.mktemp(f"w{ranks}")
-        launch(ranks, ["tnf_scale/train.py", *train_args(small_config, out, max_steps=20, micro_batch_size=4, dropout=0.0,
-                                                         save_interval=10, deepspeed_config=f"ds_configs/zero{stage}.json")])
-        runs[ranks] = out
+        if ranks > 1:
+            out = tmp_path_factory.mktemp(f"w{ranks}")
+            launch(ranks, ["tnf_scale/train.py", *train_args(small_config, out, max_steps=20, save_interval=10,
+                                                             deepspeed_config=f"ds_configs/zero{stage}.json", **COMPARED_RUN)])
+            runs[ranks] = out
     return runs
 
 
@@ -115,8 +109,8 @@ def test_resume_from_2_ranks_onto_another_number_of_ranks(ranks, runs_by_world, 
     resumed = tmp_path / "resumed"
     shutil.copytree(source, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step00000020")
-    launch(ranks, ["tnf_scale/train.py", *train_args(small_config, resumed, max_steps=20, micro_batch_size=4, dropout=0.0,
-                                                     save_interval=10, deepspeed_config="ds_configs/zero2.json", resume="true")])
+    launch(ranks, ["tnf_scale/train.py", *train_args(small_config, resumed, max_steps=20, save_interval=10,
+                                                     deepspeed_config="ds_configs/zero2.json", resume="true", **COMPARED_RUN)])
     expected, got = step_losses(source), step_losses(resumed)
     assert got.keys() == expected.keys()
     for step in range(11, 21):

@@ -15,23 +15,16 @@ from tnf_scale.checkpoint import COMPLETE, latest_complete
 from tnf_scale.metrics import read_metrics
 from tnf_scale.notes.note_math import initial_notes
 
-from conftest import REPO, free_port, run_cmd, train_args
+from conftest import REPO, check_ok, launch, run_cmd, train_args
 
 STEP_FIELDS = {"step", "loss", "lr", "tokens", "wall_time", "step_seconds", "tokens_per_s", "occurrences_read", "notes_written", "distinct_noted"}
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 pytestmark = pytest.mark.launcher
-
-
-def check_ok(proc) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
 
 @pytest.fixture(scope="module")
 def tnf_run(small_config, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tnf_run")
-    args = [DEEPSPEED, "--num_gpus", "1", "--master_port", str(free_port()), "tnf_scale/train.py",
-            *train_args(small_config, out, max_steps=40, save_interval=20)]
-    check_ok(run_cmd(args))
+    launch(1, ["tnf_scale/train.py", *train_args(small_config, out, max_steps=40, save_interval=20)])
     return out
 
 
@@ -79,9 +72,7 @@ def test_resume_continues_exactly_where_the_checkpoint_left_off(tnf_run, small_c
     shutil.copytree(tnf_run, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step00000040")  # as if the run died after step 20's checkpoint
     assert latest_complete(resumed).name == "step00000020"
-    args = [DEEPSPEED, "--num_gpus", "1", "--master_port", str(free_port()), "tnf_scale/train.py",
-            *train_args(small_config, resumed, max_steps=40, save_interval=20, resume="true")]
-    check_ok(run_cmd(args))
+    launch(1, ["tnf_scale/train.py", *train_args(small_config, resumed, max_steps=40, save_interval=20, resume="true")])
     original = {r["step"]: r for r in read_metrics(tnf_run)}
     again = read_metrics(resumed)
     assert [r["step"] for r in again] == [r["step"] for r in read_metrics(tnf_run)]  # no step logged twice

@@ -51,6 +51,7 @@ class RunConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     mlm_probability: float = 0.15
+    activation_checkpointing: bool = False
     seed: int = 1234
     # TNF (paper defaults: lambda 0.5, gamma 0.1, k 16)
     tnf: str = "on"

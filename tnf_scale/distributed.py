@@ -28,6 +28,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def env_world_size() -> int:
+    """The world size the launcher announced (1 for a lone process), readable before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or 1)
+
+
 def init_distributed() -> World:
     """Start the process group DeepSpeed uses; a lone `python -m tnf_scale.train` becomes rank 0 of 1."""
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:

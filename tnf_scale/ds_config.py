@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,33 @@ def _agree(ds: dict, key: str, value: Any, flag: str, source: str) -> None:
         raise ConfigError(f"{source} sets {key}={current} but {flag} gives {value}; make them agree or set {key} to \"auto\".")
 
 
-def build_ds_config(cfg: RunConfig, data_parallel_size: int, bf16_supported: bool) -> dict[str, Any]:
-    """A complete DeepSpeed config for this run and data-parallel size."""
+@dataclass(frozen=True)
+class ParallelDims:
+    """Pipeline stages x data-parallel ranks = world size."""
+
+    pipeline: int
+    data: int
+
+
+def parallel_dims(ds: dict[str, Any], cfg: RunConfig, world_size: int, source: str) -> ParallelDims:
+    """Pipeline degree from the config's `pipeline.stages`; refused when it does not fit the model or the world."""
+    stages = ds.get("pipeline", {}).get("stages", "auto")
+    stages = 1 if stages == "auto" else stages
+    if not isinstance(stages, int) or stages < 1:
+        raise ConfigError(f"{source} sets pipeline.stages={stages!r}; use a whole number of stages (1 for no pipeline).")
+    if stages > cfg.num_layers:
+        raise ConfigError(f"{source} asks for {stages} pipeline stages but the model has only {cfg.num_layers} encoder layers; use at most {cfg.num_layers} stages.")
+    if world_size % stages:
+        raise ConfigError(f"{world_size} ranks cannot be split into {stages} pipeline stages ({source}); launch a multiple of {stages} ranks.")
+    return ParallelDims(stages, world_size // stages)
+
+
+def build_ds_config(cfg: RunConfig, world_size: int, bf16_supported: bool) -> tuple[dict[str, Any], ParallelDims]:
+    """A complete DeepSpeed config for this run and world size, and the parallel degrees it implies."""
     source = f"--deepspeed_config {cfg.deepspeed_config}" if cfg.deepspeed_config else "the default DeepSpeed config"
     ds = load_ds_file(cfg.deepspeed_config)
+    dims = parallel_dims(ds, cfg, world_size, source)
+    data_parallel_size = dims.data
     per_step = cfg.micro_batch_size * data_parallel_size
     if cfg.global_batch_size % per_step:
         raise ConfigError(
@@ -59,7 +83,7 @@ def build_ds_config(cfg: RunConfig, data_parallel_size: int, bf16_supported: boo
     ds.setdefault("scheduler", {"type": "WarmupDecayLR", "params": {}})
     sched = ds["scheduler"].setdefault("params", {})
     for key, value, flag in (("total_num_steps", cfg.max_steps, "--max_steps"), ("warmup_num_steps", cfg.warmup_steps, "--warmup_steps"),
-                             ("warmup_max_lr", cfg.lr, "--lr"), ("warmup_min_lr", 0.0, "the default")):
+                             ("warmup_max_lr", cfg.lr, "--lr"), ("warmup_min_lr", 0.0, "the default"), ("warmup_type", "linear", "the default")):
         if ds["scheduler"]["type"] == "WarmupDecayLR" or key in sched:
             _agree(sched, key, value, flag, f"{source} scheduler.params")
 
@@ -67,4 +91,4 @@ def build_ds_config(cfg: RunConfig, data_parallel_size: int, bf16_supported: boo
     if bf16.get("enabled", "auto") == "auto":
         bf16["enabled"] = bf16_supported
     ds.setdefault("steps_per_print", 10**9)  # progress is ours; DeepSpeed's own step log would repeat it
-    return ds
+    return ds, dims

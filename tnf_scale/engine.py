@@ -17,6 +17,7 @@ from tnf_scale.config import RunConfig
 from tnf_scale.data.sampler import EVAL_EPOCH, Batch, Collator, GlobalBatchSampler, local_share
 from tnf_scale.distributed import World, all_reduce_sum
 from tnf_scale.model.tnf_bert import TnfHooks
+from tnf_scale.notes.note_math import expand_spans
 from tnf_scale.notes.store import NoteStore
 
 
@@ -46,7 +47,11 @@ class PhaseTimer:
 
 
 class TnfTrainer:
-    """Runs steps and evaluations of one DeepSpeed engine, with or without notes."""
+    """Runs steps and evaluations of one DeepSpeed engine (data parallel), with or without notes.
+
+    Roles: every rank here holds data, reads notes for it and writes its notes. The pipeline
+    subclass narrows them (first stage reads, last stage writes) and runs DeepSpeed's schedule.
+    """
 
     def __init__(self, cfg: RunConfig, engine, world: World, train_set, eval_set, collator: Collator,
                  hooks: TnfHooks | None, store: NoteStore | None):
@@ -55,6 +60,8 @@ class TnfTrainer:
         self.hooks, self.store = hooks, store
         self.sampler = GlobalBatchSampler(len(train_set), cfg.global_batch_size, cfg.seed)
         self.grad_accum = engine.gradient_accumulation_steps()
+        self.data_rank, self.data_size = world.rank, world.size
+        self.reads_notes = self.writes_notes = self.counts_data = True
         self.rows_per_rank: list[int] = []
         if store is not None:
             one_hot = [0.0] * world.size
@@ -63,33 +70,36 @@ class TnfTrainer:
 
     def _micro_batches(self, dataset, indices: list[int], keys: list[int], epochs: list[int]) -> list[Batch]:
         mb = self.cfg.micro_batch_size
-        return [self.collator(dataset, indices[i : i + mb], keys[i : i + mb], epochs[i : i + mb]) for i in range(0, len(indices), mb)]
+        return [self.collator(dataset, indices[i : i + mb], keys[i : i + mb], epochs[i : i + mb]).to(self.world.device)
+                for i in range(0, len(indices), mb)]
 
     def _read_notes(self, batches: list[Batch]) -> list[torch.Tensor]:
-        """One read for all of this rank's occurrences in the step, split back per micro-batch."""
-        ids = torch.cat([b.occ_rare for b in batches])
+        """One read for all occurrences this rank feeds into the model in the step, split per micro-batch.
+
+        Every rank takes part; a rank that feeds no inputs asks for nothing and gets empty rows.
+        """
+        ids = torch.cat([b.occ_rare for b in batches]) if self.reads_notes else torch.zeros(0, dtype=torch.int64)
         rows = self.store.read(ids)
+        if not self.reads_notes:
+            return [rows.new_zeros(len(b.occ_rare), rows.shape[1]) for b in batches]
         return list(torch.split(rows, [len(b.occ_rare) for b in batches]))
+
+    def _write_notes(self, batches: list[Batch], pooled: list[torch.Tensor]) -> None:
+        """One write of every note this rank took in the step (none when it does not take notes)."""
+        if self.writes_notes:
+            parts = [torch.cat(x) for x in zip(*((b.occ_rare, b.occ_order_key, b.occ_start) for b in batches))]
+            notes = torch.cat(pooled)
+        else:
+            parts = [torch.zeros(0, dtype=torch.int64, device=self.world.device)] * 3
+            notes = torch.zeros(0, self.cfg.hidden_size, device=self.world.device)
+        self.store.write(*parts, notes)
 
     def _summed_ce(self, batch: Batch) -> torch.Tensor:
         return self.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
 
-    def train_step(self, step: int) -> StepResult:
-        """Train global batch `step`; notes read at the start and written once at the end."""
-        t0 = time.perf_counter()
-        timer = PhaseTimer()
-        indices, keys, epochs = self.sampler.step(step)
-        share = [local_share(x, self.world.rank, self.world.size) for x in (indices, keys, epochs)]
-        batches = [b.to(self.world.device) for b in self._micro_batches(self.train_set, *share)]
-        local_masked = sum(int((b.labels != -100).sum()) for b in batches)
-        local_tokens = sum(int(b.lengths.sum()) for b in batches)
-        (global_masked,) = all_reduce_sum([local_masked], self.world.device)
-        scale = self.world.size * self.grad_accum / max(global_masked, 1.0)
-        timer.lap("data")
-        rows = self._read_notes(batches) if self.store is not None else [None] * len(batches)
-        timer.lap("note_read")
-
-        ce_total, written = 0.0, []
+    def _train_micro_batches(self, batches: list[Batch], rows: list, scale: float, timer: PhaseTimer) -> tuple[float, list]:
+        """Forward, backward and step over the micro-batches; returns (summed CE, pooled notes per micro-batch)."""
+        ce_total, pooled = 0.0, []
         for batch, batch_rows in zip(batches, rows):
             if self.hooks is not None:
                 self.hooks.set_reads(batch.occ_sample, batch.occ_start, batch.occ_end, batch_rows, batch.input_ids.shape[1])
@@ -102,13 +112,42 @@ class TnfTrainer:
             timer.lap("optimizer")
             ce_total += float(ce.detach())
             if self.hooks is not None:
-                written.append((batch.occ_rare, batch.occ_order_key, batch.occ_start, self.hooks.pooled))
+                pooled.append(self.hooks.pooled)
                 self.hooks.clear()
+        return ce_total, pooled
+
+    def _eval_micro_batches(self, batches: list[Batch], rows: list) -> tuple[float, int]:
+        """(summed CE, masked tokens) of a forward over the micro-batches, notes mixed in when rows are given."""
+        ce_total, masked = 0.0, 0
+        for batch, batch_rows in zip(batches, rows):
+            if batch_rows is not None:
+                self.hooks.set_reads(batch.occ_sample, batch.occ_start, batch.occ_end, batch_rows, batch.input_ids.shape[1])
+            ce_total += float(self._summed_ce(batch))
+            masked += int((batch.labels != -100).sum())
+            if self.hooks is not None:
+                self.hooks.clear()
+        return ce_total, masked
+
+    def train_step(self, step: int) -> StepResult:
+        """Train global batch `step`; notes read at the start and written once at the end."""
+        t0 = time.perf_counter()
+        timer = PhaseTimer()
+        indices, keys, epochs = self.sampler.step(step)
+        batches = self._micro_batches(self.train_set, *(local_share(x, self.data_rank, self.data_size) for x in (indices, keys, epochs)))
+        counted = batches if self.counts_data else []
+        local_masked = sum(int((b.labels != -100).sum()) for b in counted)
+        local_tokens = sum(int(b.lengths.sum()) for b in counted)
+        (global_masked,) = all_reduce_sum([local_masked], self.world.device)
+        scale = self.data_size * self.grad_accum / max(global_masked, 1.0)
+        timer.lap("data")
+        rows = self._read_notes(batches) if self.store is not None else [None] * len(batches)
+        timer.lap("note_read")
+        ce_total, pooled = self._train_micro_batches(batches, rows, scale, timer)
         notes: dict[str, float] = {}
         if self.store is not None:
-            ids, order_keys, starts, pooled = (torch.cat(parts) for parts in zip(*written))
-            self.store.write(ids, order_keys, starts, pooled)
-            notes = {"occurrences_read": len(ids), "notes_written": len(ids), "distinct_noted": self.store.distinct_noted(),
+            self._write_notes(batches, pooled)
+            occurrences = sum(len(b.occ_rare) for b in counted)
+            notes = {"occurrences_read": occurrences, "notes_written": occurrences, "distinct_noted": self.store.distinct_noted(),
                      **{f"note_{k}": v for k, v in self.store.take_traffic().items()}}
         timer.lap("note_write")
         ce_sum, tokens, *note_sums = all_reduce_sum([ce_total, local_tokens, *notes.values()], self.world.device)
@@ -119,22 +158,52 @@ class TnfTrainer:
 
     @torch.no_grad()
     def evaluate(self, with_notes: bool) -> float:
-        """Held-out MLM loss over a fixed, masked eval set; with notes it reads (never writes) them."""
-        size = min(len(self.eval_set), self.cfg.eval_batches * self.cfg.micro_batch_size)
-        mine = [i for i in range(size) if i % self.world.size == self.world.rank]
-        batches = [b.to(self.world.device) for b in self._micro_batches(self.eval_set, mine, mine, [EVAL_EPOCH] * len(mine))]
+        """Held-out MLM loss over a fixed, masked eval set (eval_batches micro-batches per data-parallel rank);
+        with notes it reads (never writes) them."""
+        size = min(len(self.eval_set), self.cfg.eval_batches * self.cfg.micro_batch_size * self.data_size)
+        mine = local_share(list(range(size)), self.data_rank, self.data_size)
+        batches = self._micro_batches(self.eval_set, mine, mine, [EVAL_EPOCH] * len(mine))
         rows = self._read_notes(batches) if with_notes else [None] * len(batches)
         self.engine.eval()
-        ce_total, masked = 0.0, 0
-        for batch, batch_rows in zip(batches, rows):
-            if with_notes:
-                self.hooks.set_reads(batch.occ_sample, batch.occ_start, batch.occ_end, batch_rows, batch.input_ids.shape[1])
-            ce_total += float(self._summed_ce(batch))
-            masked += int((batch.labels != -100).sum())
-            if self.hooks is not None:
-                self.hooks.clear()
+        ce_total, masked = self._eval_micro_batches(batches, rows)
         self.engine.train()
         if with_notes:
             self.store.take_traffic()  # eval reads are not a training step's traffic
         ce_sum, masked_sum = all_reduce_sum([ce_total, masked], self.world.device)
         return ce_sum / max(masked_sum, 1.0)
+
+
+class PipelineTnfTrainer(TnfTrainer):
+    """TNF over DeepSpeed's pipeline schedule: reads travel into the first stage with each micro-batch,
+    the last stage's loss function pools the notes, one exchange before and one after the schedule."""
+
+    def __init__(self, cfg: RunConfig, engine, world: World, train_set, eval_set, collator: Collator,
+                 store: NoteStore | None, objective):
+        super().__init__(cfg, engine, world, train_set, eval_set, collator, None, store)
+        self.objective = objective
+        self.data_rank, self.data_size = engine.grid.data_parallel_id, engine.grid.data_parallel_size
+        self.reads_notes, self.writes_notes = engine.is_first_stage(), engine.is_last_stage()
+        self.counts_data = engine.is_first_stage()
+
+    def _pipeline_items(self, batches: list[Batch], rows: list):
+        for batch, batch_rows in zip(batches, rows):
+            if batch_rows is None:  # no notes: an empty mix
+                batch_rows = torch.zeros(0, self.cfg.hidden_size, device=self.world.device)
+                token_index = token_occ = torch.zeros(0, dtype=torch.int64, device=self.world.device)
+            else:
+                token_index, token_occ = expand_spans(batch.occ_sample, batch.occ_start, batch.occ_end, batch.input_ids.shape[1])
+            yield ((batch.input_ids, batch.attention_mask, token_index, token_occ, batch_rows),
+                   (batch.labels, batch.occ_sample, batch.occ_start, batch.occ_end, batch.lengths))
+
+    def _train_micro_batches(self, batches: list[Batch], rows: list, scale: float, timer: PhaseTimer) -> tuple[float, list]:
+        self.objective.reset()
+        self.objective.scale, self.objective.take_notes = scale, self.store is not None
+        self.engine.train_batch(iter(self._pipeline_items(batches, rows)))
+        timer.lap("forward")  # the schedule interleaves forward, backward and the step: all counted here
+        return self.objective.ce_sum, self.objective.pooled
+
+    def _eval_micro_batches(self, batches: list[Batch], rows: list) -> tuple[float, int]:
+        self.objective.reset()
+        self.objective.scale, self.objective.take_notes = 1.0, False
+        self.engine.eval_batch(iter(self._pipeline_items(batches, rows)), num_micro_batches=len(batches))
+        return self.objective.ce_sum, self.objective.masked

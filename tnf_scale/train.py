@@ -28,11 +28,12 @@ from tnf_scale.checkpoint import latest_complete, load_engine, plan_resume, read
 from tnf_scale.config import ConfigError, RunConfig, parse_args
 from tnf_scale.data.prepare import RARE_VOCAB_FILE, PreparedData, prepare_data
 from tnf_scale.data.sampler import Collator
-from tnf_scale.distributed import World, init_distributed
-from tnf_scale.ds_config import build_ds_config
-from tnf_scale.engine import TnfTrainer
+from tnf_scale.distributed import World, env_world_size, init_distributed
+from tnf_scale.ds_config import ParallelDims, build_ds_config
+from tnf_scale.engine import PipelineTnfTrainer, TnfTrainer
 from tnf_scale.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsLogger
 from tnf_scale.model.export import MODEL_CONFIG, copy_tokenizer, export_hf, save_notes
+from tnf_scale.model.pipeline import PipelineObjective, build_pipeline
 from tnf_scale.model.tnf_bert import MaskedLMObjective, TnfHooks, build_bert
 from tnf_scale.notes.exchange import ExchangeGroup
 from tnf_scale.notes.store import NoteStore
@@ -71,7 +72,31 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def build_engine(cfg: RunConfig, model, ds_config: dict, dims: ParallelDims, world: World, data: PreparedData,
+                 store: NoteStore | None) -> tuple[TnfTrainer, object]:
+    """The DeepSpeed engine over `model` (data parallel, or pipeline stages) and the trainer that drives it."""
+    collator = Collator(data.tokenizer, cfg.max_seq_len, cfg.mlm_probability, cfg.seed)
+    universal_info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+    if dims.pipeline > 1:
+        objective = PipelineObjective(cfg.note_window)
+        module = build_pipeline(model, dims.pipeline, cfg.note_lambda, objective, cfg.activation_checkpointing)
+        setattr(module, UNIVERSAL_CHECKPOINT_INFO, universal_info)
+        engine, optimizer, _, _ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
+                                                       config=ds_config)
+        return PipelineTnfTrainer(cfg, engine, world, data.train, data.eval, collator, store, objective), optimizer
+    hooks = TnfHooks(model, cfg.note_lambda, cfg.note_window) if cfg.tnf_enabled else None
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    objective = MaskedLMObjective(model)
+    setattr(objective, UNIVERSAL_CHECKPOINT_INFO, universal_info)
+    engine, optimizer, _, _ = deepspeed.initialize(model=objective, model_parameters=objective.parameters(), config=ds_config)
+    return TnfTrainer(cfg, engine, world, data.train, data.eval, collator, hooks, store), optimizer
+
+
 def run(cfg: RunConfig) -> int:
+    accelerator = get_accelerator()
+    # Parallel degrees are checked before any process group exists.
+    ds_config, dims = build_ds_config(cfg, env_world_size(), bf16_supported=accelerator.device_name() != "cpu" and accelerator.is_bf16_supported())
     world = init_distributed()
     log = print if world.is_main else (lambda *_: None)
     out = check_output_dir(cfg, world)
@@ -84,30 +109,30 @@ def run(cfg: RunConfig) -> int:
         copy_tokenizer(data.tokenizer_dir, out)
         model.config.to_json_file(str(out / MODEL_CONFIG))
         (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    hooks = TnfHooks(model, cfg.note_lambda, cfg.note_window) if cfg.tnf_enabled else None
     store = (NoteStore(len(data.rare_vocab), cfg.hidden_size, cfg.seed, model.config.initializer_range, cfg.note_gamma,
                        ExchangeGroup(world.rank, world.size), world.device) if cfg.tnf_enabled else None)
 
-    accelerator = get_accelerator()
-    ds_config = build_ds_config(cfg, world.size, bf16_supported=accelerator.device_name() != "cpu" and accelerator.is_bf16_supported())
     source = point.ckpt if point else None
-    if point and point.world_size != world.size and ds_config["zero_optimization"].get("stage", 0) > 0:
-        source = universal_checkpoint(point, world.rank)  # ZeRO state saved on another number of ranks
-        ds_config["checkpoint"] = {"load_universal": True}
-    objective = MaskedLMObjective(model)
-    setattr(objective, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
-    engine, optimizer, _, _ = deepspeed.initialize(model=objective, model_parameters=objective.parameters(), config=ds_config)
+    if point and (point.marker.get("pipeline_stages", 1), point.world_size) != (dims.pipeline, world.size):
+        if dims.pipeline > 1 or point.marker.get("pipeline_stages", 1) > 1:
+            raise ConfigError(f"checkpoint {point.ckpt} was saved with {point.marker.get('pipeline_stages', 1)} pipeline stages on "
+                              f"{point.world_size} ranks; resume a pipeline run with the same stages and ranks.")
+        if ds_config["zero_optimization"].get("stage", 0) > 0:
+            source = universal_checkpoint(point, world.rank)  # ZeRO state saved on another number of ranks
+            ds_config["checkpoint"] = {"load_universal": True}
+    trainer, optimizer = build_engine(cfg, model, ds_config, dims, world, data, store)
+    engine = trainer.engine
     inner = getattr(optimizer, "optimizer", optimizer)
-    log(f"world {world.size} on {accelerator.device_name()}; ZeRO stage {engine.zero_optimization_stage()}; "
-        f"optimizer {type(inner).__module__}.{type(inner).__name__}; bf16 {ds_config['bf16']['enabled']}; TNF {cfg.tnf}")
+    log(f"world {world.size} on {accelerator.device_name()} ({dims.pipeline} pipeline stages x {dims.data} data-parallel); "
+        f"ZeRO stage {engine.zero_optimization_stage()}; optimizer {type(inner).__module__}.{type(inner).__name__}; "
+        f"bf16 {ds_config['bf16']['enabled']}; TNF {cfg.tnf}")
 
-    trainer = TnfTrainer(cfg, engine, world, data.train, data.eval, Collator(data.tokenizer, cfg.max_seq_len, cfg.mlm_probability, cfg.seed), hooks, store)
-    state = {"step": 0, "tokens": 0, "wall_time": 0.0, "rare_vocab_digest": rare_digest}
+    state = {"step": 0, "tokens": 0, "wall_time": 0.0, "rare_vocab_digest": rare_digest, "pipeline_stages": dims.pipeline}
     if point:
         load_engine(engine, point, source, world.rank)
         if store is not None:
             store.load_rows(point.rank_files)
-        state = {key: point.marker[key] for key in state}
+        state = {**state, **{key: point.marker[key] for key in ("step", "tokens", "wall_time")}}
         log(f"resumed from {point.ckpt} (saved on {point.world_size} ranks) at step {state['step']}")
 
     metrics = MetricsLogger(out, world.is_main, resumed_step=state["step"] if cfg.resume else None)

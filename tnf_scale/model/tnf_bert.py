@@ -49,34 +49,50 @@ class MaskedLMObjective(nn.Module):
         return F.cross_entropy(logits.float(), labels[predicted], reduction="sum")
 
 
+class NoteMixer:
+    """Forward pre-hook on an embedding LayerNorm: mixes the notes set for the next forward into its input."""
+
+    def __init__(self, layer_norm: nn.Module, lam: float):
+        self.lam = lam
+        self._reads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        layer_norm.register_forward_pre_hook(self._mix)
+
+    def set_reads(self, token_index: torch.Tensor, token_occ: torch.Tensor, rows: torch.Tensor) -> None:
+        """Mix rows[token_occ[i]] into flat position token_index[i] (sample * seq_len + position) next forward."""
+        self._reads = (token_index, token_occ, rows)
+
+    def clear(self) -> None:
+        self._reads = None
+
+    def _mix(self, module, args):
+        if self._reads is None:
+            return None
+        device = args[0].device
+        token_index, token_occ, rows = (t.to(device) for t in self._reads)
+        return (mix_notes(args[0], token_index, token_occ, rows, self.lam),)
+
+
 class TnfHooks:
-    """Attach TNF to a BertForMaskedLM: set reads and captures before a forward, collect notes after."""
+    """TNF on a whole BertForMaskedLM (the data-parallel path): set reads and captures before a forward."""
 
     def __init__(self, model: BertForMaskedLM, lam: float, window: int):
-        self.lam, self.window = lam, window
-        self._reads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.window = window
+        self.mixer = NoteMixer(model.bert.embeddings.LayerNorm, lam)
         self._capture: tuple[torch.Tensor, ...] | None = None
         self.pooled: torch.Tensor | None = None
-        model.bert.embeddings.LayerNorm.register_forward_pre_hook(self._mix)
         model.bert.encoder.register_forward_hook(self._take_notes)
 
     def set_reads(self, sample: torch.Tensor, start: torch.Tensor, end: torch.Tensor, rows: torch.Tensor, seq_len: int) -> None:
         """Mix `rows` (one note per occurrence) into the spans of the next forward."""
-        token_index, token_occ = expand_spans(sample, start, end, seq_len)
-        self._reads = (token_index, token_occ, rows)
+        self.mixer.set_reads(*expand_spans(sample, start, end, seq_len), rows)
 
     def set_capture(self, sample: torch.Tensor, start: torch.Tensor, end: torch.Tensor, lengths: torch.Tensor) -> None:
         """Pool the context window of every occurrence in the next forward into `self.pooled`."""
         self._capture = (sample, start, end, lengths)
 
     def clear(self) -> None:
-        self._reads = self._capture = self.pooled = None
-
-    def _mix(self, module, args):
-        if self._reads is None:
-            return None
-        token_index, token_occ, rows = self._reads
-        return (mix_notes(args[0], token_index.to(args[0].device), token_occ.to(args[0].device), rows.to(args[0].device), self.lam),)
+        self.mixer.clear()
+        self._capture = self.pooled = None
 
     def _take_notes(self, module, args, output):
         if self._capture is not None:
