@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,8 +24,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from transformers import BertConfig, BertForMaskedLM  # noqa: E402
 
+from tnf_scale.bench import launch_training, median_of, steady_steps  # noqa: E402
 from tnf_scale.config import PRESETS, RunConfig  # noqa: E402
-from tnf_scale.metrics import read_metrics  # noqa: E402
 
 
 
@@ -39,19 +38,6 @@ def note_bytes(occurrences: float, world: int, dim: int) -> tuple[float, float]:
 def gradient_bytes(params: int, world: int, bytes_per_grad: int) -> float:
     """Bytes per step the gradient reduction moves between ranks, summed over ranks."""
     return 2 * (world - 1) * params * bytes_per_grad
-
-
-def train(out: Path, ranks: int, steps: int, tnf: str, port: int, extra: list[str]) -> Path:
-    run_dir = out / f"tnf_{tnf}"
-    args = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
-            "tnf_scale/train.py", "--preset", "tiny", "--max_steps", str(steps), "--tnf", tnf, "--output_dir", str(run_dir),
-            "--overwrite", "true", "--eval_interval", str(10 * steps), "--export", "false", *extra]
-    subprocess.run(args, cwd=REPO, check=True)
-    return run_dir
-
-
-def steady_steps(run_dir: Path, warmup: int) -> list[dict]:
-    return [r for r in read_metrics(run_dir) if "loss" in r and r["step"] > warmup]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,11 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    runs = {tnf: train(out, args.ranks, args.steps, tnf, args.master_port + i, extra) for i, tnf in enumerate(("off", "on"))}
-    step_s = {tnf: statistics.median(r["step_seconds"] for r in steady_steps(d, args.warmup)) for tnf, d in runs.items()}
+    flags = ["--preset", "tiny", "--max_steps", str(args.steps), "--eval_interval", str(10 * args.steps), "--export", "false", *extra]
+    runs = {tnf: launch_training(out / f"tnf_{tnf}", args.ranks, args.master_port + i, [*flags, "--tnf", tnf])
+            for i, tnf in enumerate(("off", "on"))}
+    step_s = {tnf: median_of(steady_steps(d, args.warmup), "step_seconds") for tnf, d in runs.items()}
     on = steady_steps(runs["on"], args.warmup)
-    phases = {tnf: {k: statistics.median(r[k] for r in steady_steps(d, args.warmup)) for k in on[0] if k.startswith("time_")}
-              for tnf, d in runs.items()}
+    phases = {tnf: {k: median_of(steady_steps(d, args.warmup), k) for k in on[0] if k.startswith("time_")} for tnf, d in runs.items()}
     tiny = RunConfig()
     params = parameter_count(BertConfig.from_json_file(str(runs["on"] / "model_config.json")))
     measured = {
