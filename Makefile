@@ -12,18 +12,30 @@ endif
 # DeepSpeed JIT-builds its CPU ops once into a private folder, so ranks never wait on each other's compiles.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: demo test install
+# The cluster tests drive real pdsh + sshd, SLURM (slurmctld, slurmd, munge) and OpenMPI on this host.
+CLUSTER_BINS := pdsh /usr/sbin/sshd slurmctld slurmd munged mpirun
+CLUSTER_PKGS := pdsh openssh-server openssh-client slurm-wlm munge openmpi-bin libopenmpi-dev
+
+.PHONY: demo test install cluster-deps
 install: $(VENV)/.installed
+
+cluster-deps:
+	@missing=; for b in $(CLUSTER_BINS); do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+		echo "missing$$missing: the cluster tests will be skipped (installing them needs root and apt-get)"; exit 0; fi; \
+	echo "installing$$missing (Debian: $(CLUSTER_PKGS))"; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CLUSTER_PKGS) >/dev/null
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,mpi]"
 	$(PY) -m tnf_scale.ops
 	touch $@
 
 demo: install
 	$(VENV)/bin/deepspeed --num_gpus 1 --master_port 29611 tnf_scale/train.py --preset tiny --output_dir $(RUN_DIR) --overwrite true
 
-test: install
+test: cluster-deps install
 	$(PY) -m pytest -q tests

@@ -1,13 +1,26 @@
-"""Process-group start-up and the few collectives the trainer itself needs."""
+"""Rank discovery, process-group start-up and the few collectives the trainer itself needs.
+
+Discovery, in one place, for every way users launch:
+  env    RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT (deepspeed launcher, torchrun)
+  slurm  SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; master = first host of SLURM_JOB_NODELIST,
+         port = 20000 + SLURM_JOB_ID % 10000 unless MASTER_ADDR / MASTER_PORT are set
+  mpi    mpi4py's COMM_WORLD (mpirun, srun --mpi=pmix); master = rank 0's host unless set
+  single a lone `python -m tnf_scale.train`: rank 0 of 1 on 127.0.0.1
+"""
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from dataclasses import dataclass
 
 import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
+
+from tnf_scale.config import ConfigError
+
+MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 
 
 @dataclass(frozen=True)
@@ -22,29 +35,90 @@ class World:
         return self.rank == 0
 
 
+@dataclass(frozen=True)
+class RankInfo:
+    """Where this process sits, and how that was found out."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    source: str  # env | slurm | mpi | single
+
+    def describe(self) -> str:
+        return (f"rank {self.rank}/{self.world_size} local {self.local_rank} node {socket.gethostname()} "
+                f"master {self.master_addr}:{self.master_port} (from {self.source})")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def env_world_size() -> int:
-    """The world size the launcher announced (1 for a lone process), readable before any process group exists."""
-    return int(os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or 1)
+def _slurm_master() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+    try:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        hosts = [nodelist.split(",")[0]] if nodelist and "[" not in nodelist else []
+    if not hosts:
+        raise ConfigError(f"cannot find the master node in SLURM_JOB_NODELIST={nodelist!r}; set MASTER_ADDR in the batch script.")
+    return hosts[0]
 
 
-def init_distributed() -> World:
-    """Start the process group DeepSpeed uses; a lone `python -m tnf_scale.train` becomes rank 0 of 1."""
-    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+def discover() -> RankInfo:
+    """Rank, world size and master of this process, from the launcher's environment (see the module doc)."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return RankInfo(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
+                        env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "env")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_ID" in env:
+        return RankInfo(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
+                        env.get("MASTER_ADDR") or _slurm_master(),
+                        int(env.get("MASTER_PORT") or 20000 + int(env["SLURM_JOB_ID"]) % 10000), "slurm")
+    if any(v in env for v in MPI_RANK_VARS):
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        master = comm.bcast(env.get("MASTER_ADDR") or socket.gethostname(), root=0)
+        port = comm.bcast(int(env.get("MASTER_PORT") or 29500), root=0)
+        return RankInfo(comm.Get_rank(), local.Get_rank(), comm.Get_size(), master, port, "mpi")
+    return RankInfo(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT") or _free_port()), "single")
+
+
+def check_master_port(info: RankInfo) -> None:
+    """Rank 0 will listen on the master port: refuse, in one sentence, a port another process holds."""
+    if info.rank != 0 or info.world_size == 1 or "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's agent holds it on purpose
+        return
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", info.master_port))
+        except OSError:
+            raise ConfigError(f"master port {info.master_port} is already in use on {socket.gethostname()}; "
+                              "pass another --master_port to the launcher (or MASTER_PORT).") from None
+
+
+def init_distributed(info: RankInfo) -> World:
+    """Start the process group DeepSpeed uses, from the discovered ranks."""
+    os.environ.update(RANK=str(info.rank), LOCAL_RANK=str(info.local_rank), WORLD_SIZE=str(info.world_size),
+                      MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
     accelerator = get_accelerator()
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
-    rank, size = deepspeed.comm.get_rank(), deepspeed.comm.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False)
     if accelerator.device_name() != "cpu":
-        accelerator.set_device(local_rank)
-    return World(rank, local_rank, size, torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu"))
+        accelerator.set_device(info.local_rank)
+        device = torch.device(accelerator.device_name(info.local_rank))
+    else:
+        device = torch.device("cpu")
+    return World(deepspeed.comm.get_rank(), info.local_rank, deepspeed.comm.get_world_size(), device)
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on at least one (one collective)."""
+    return all_reduce_sum([float(flag)], device)[0] > 0
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

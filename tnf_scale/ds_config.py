@@ -45,7 +45,7 @@ class ParallelDims:
     data: int
 
 
-def parallel_dims(ds: dict[str, Any], cfg: RunConfig, world_size: int, source: str) -> ParallelDims:
+def parallel_dims(ds: dict[str, Any], cfg: RunConfig, world_size: int, source: str, world_source: str = "") -> ParallelDims:
     """Pipeline degree from the config's `pipeline.stages`; refused when it does not fit the model or the world."""
     stages = ds.get("pipeline", {}).get("stages", "auto")
     stages = 1 if stages == "auto" else stages
@@ -54,21 +54,24 @@ def parallel_dims(ds: dict[str, Any], cfg: RunConfig, world_size: int, source: s
     if stages > cfg.num_layers:
         raise ConfigError(f"{source} asks for {stages} pipeline stages but the model has only {cfg.num_layers} encoder layers; use at most {cfg.num_layers} stages.")
     if world_size % stages:
-        raise ConfigError(f"{world_size} ranks cannot be split into {stages} pipeline stages ({source}); launch a multiple of {stages} ranks.")
+        raise ConfigError(f"{world_size} ranks{world_source} cannot be split into {stages} pipeline stages ({source}); launch a multiple of {stages} ranks.")
     return ParallelDims(stages, world_size // stages)
 
 
-def build_ds_config(cfg: RunConfig, world_size: int, bf16_supported: bool) -> tuple[dict[str, Any], ParallelDims]:
-    """A complete DeepSpeed config for this run and world size, and the parallel degrees it implies."""
+def build_ds_config(cfg: RunConfig, world_size: int, bf16_supported: bool, world_source: str = "") -> tuple[dict[str, Any], ParallelDims]:
+    """A complete DeepSpeed config for this run and world size, and the parallel degrees it implies.
+
+    `world_source` says where the world size came from, for the messages (e.g. " in the SLURM allocation").
+    """
     source = f"--deepspeed_config {cfg.deepspeed_config}" if cfg.deepspeed_config else "the default DeepSpeed config"
     ds = load_ds_file(cfg.deepspeed_config)
-    dims = parallel_dims(ds, cfg, world_size, source)
+    dims = parallel_dims(ds, cfg, world_size, source, world_source)
     data_parallel_size = dims.data
     per_step = cfg.micro_batch_size * data_parallel_size
     if cfg.global_batch_size % per_step:
         raise ConfigError(
             f"--global_batch_size {cfg.global_batch_size} is not a multiple of --micro_batch_size {cfg.micro_batch_size} "
-            f"x {data_parallel_size} data-parallel ranks; choose sizes where it is."
+            f"x {data_parallel_size} data-parallel ranks{world_source}; choose sizes where it is."
         )
     _agree(ds, "train_batch_size", cfg.global_batch_size, "--global_batch_size", source)
     _agree(ds, "train_micro_batch_size_per_gpu", cfg.micro_batch_size, "--micro_batch_size", source)

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ from tnf_scale.checkpoint import latest_complete, load_engine, plan_resume, read
 from tnf_scale.config import ConfigError, RunConfig, parse_args
 from tnf_scale.data.prepare import RARE_VOCAB_FILE, PreparedData, prepare_data
 from tnf_scale.data.sampler import Collator
-from tnf_scale.distributed import World, env_world_size, init_distributed
+from tnf_scale.distributed import World, any_rank, check_master_port, discover, init_distributed
 from tnf_scale.ds_config import ParallelDims, build_ds_config
 from tnf_scale.engine import PipelineTnfTrainer, TnfTrainer
 from tnf_scale.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsLogger
@@ -39,6 +40,20 @@ from tnf_scale.notes.exchange import ExchangeGroup
 from tnf_scale.notes.store import NoteStore
 
 RUN_ARTIFACTS = (METRICS_FILE, TENSORBOARD_DIR, "checkpoints", "export", "notes.safetensors")
+WORLD_SOURCES = {"slurm": " in the SLURM allocation (SLURM_NTASKS)", "mpi": " started by MPI"}
+PREEMPTED_EXIT = 85  # checkpointed on SIGUSR1: the batch script requeues the job
+PREEMPTED_MARKER = "PREEMPTED"
+
+
+class PreemptionSignal:
+    """Remembers a SIGUSR1 (SLURM's --signal=USR1@secs before a time limit or pre-emption)."""
+
+    def __init__(self):
+        self.raised = False
+        signal.signal(signal.SIGUSR1, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
 
 
 def check_output_dir(cfg: RunConfig, world: World) -> Path:
@@ -95,10 +110,15 @@ def build_engine(cfg: RunConfig, model, ds_config: dict, dims: ParallelDims, wor
 
 def run(cfg: RunConfig) -> int:
     accelerator = get_accelerator()
-    # Parallel degrees are checked before any process group exists.
-    ds_config, dims = build_ds_config(cfg, env_world_size(), bf16_supported=accelerator.device_name() != "cpu" and accelerator.is_bf16_supported())
-    world = init_distributed()
+    info = discover()
+    # Parallel degrees and the master port are checked before any process group exists.
+    ds_config, dims = build_ds_config(cfg, info.world_size, accelerator.device_name() != "cpu" and accelerator.is_bf16_supported(),
+                                      WORLD_SOURCES.get(info.source, ""))
+    check_master_port(info)
+    world = init_distributed(info)
+    print(info.describe(), flush=True)  # one line per rank
     log = print if world.is_main else (lambda *_: None)
+    preemption = PreemptionSignal()
     out = check_output_dir(cfg, world)
     data = prepare_on_local_rank0(cfg, world, log)
     rare_digest = digest(data.tokenizer_dir / RARE_VOCAB_FILE)
@@ -143,6 +163,15 @@ def run(cfg: RunConfig) -> int:
     last_saved = state["step"]
     record: dict = {}
     for step in range(state["step"], cfg.max_steps):
+        if any_rank(preemption.raised, world.device):  # every rank stops at the same step
+            bar.close()
+            metrics.close()
+            save_checkpoint(engine, out, step, world.rank, world.size, store.state() if store else None, state)
+            if world.is_main:  # the batch script requeues on this marker even if srun reports another rank's exit first
+                (out / PREEMPTED_MARKER).write_text(f"{step}\n")
+            log(f"SIGUSR1: checkpointed step {step} in {out}; exiting with {PREEMPTED_EXIT} so the job is requeued and resumes")
+            deepspeed.comm.barrier()
+            return PREEMPTED_EXIT
         result = trainer.train_step(step)
         state.update(step=step + 1, tokens=state["tokens"] + result.tokens, wall_time=time.perf_counter() - clock)
         record = {}

@@ -1,0 +1,45 @@
+#!/bin/bash
+# TNF pre-training of BERT-large on N nodes x G GPUs (one task per GPU), requeued on pre-emption.
+# Submit from the repository root:   CORPUS="/data/wiki /data/books" sbatch slurm/pretrain_large.sh
+# Override any #SBATCH default on the command line: sbatch --nodes=8 --partition=gpu --account=me ...
+#SBATCH --job-name=tnf-bert-large
+#SBATCH --nodes=4
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --time=24:00:00
+#SBATCH --requeue
+#SBATCH --signal=USR1@600
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+set -euo pipefail
+
+: "${CORPUS:?set CORPUS to your corpus files or folders (see README)}"
+PRESET=${PRESET:-bert-large}
+DS_CONFIG=${DS_CONFIG:-ds_configs/zero1.json}
+PYTHON=${PYTHON:-python}
+RUN_ROOT=${RUN_ROOT:-runs}
+TRAIN_ARGS=${TRAIN_ARGS:-}
+RUN_DIR="$RUN_ROOT/slurm-$SLURM_JOB_ID"  # a requeued job keeps its id, so it finds its own checkpoints
+
+export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
+
+resume=()
+if compgen -G "$RUN_DIR/checkpoints/step*/COMPLETE" > /dev/null; then
+    resume=(--resume true)
+fi
+echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NTASKS tasks on $SLURM_JOB_NUM_NODES nodes, master $MASTER_ADDR:$MASTER_PORT, run $RUN_DIR ${resume[*]}"
+
+set +e
+# shellcheck disable=SC2086  # CORPUS and TRAIN_ARGS are word lists on purpose
+srun --kill-on-bad-exit=1 "$PYTHON" tnf_scale/train.py --preset "$PRESET" --deepspeed_config "$DS_CONFIG" \
+    --corpus $CORPUS --output_dir "$RUN_DIR" "${resume[@]}" $TRAIN_ARGS
+rc=$?
+set -e
+if [ "$rc" -eq 85 ] || [ -f "$RUN_DIR/PREEMPTED" ]; then  # train.py checkpointed on SIGUSR1: run again from there
+    rm -f "$RUN_DIR/PREEMPTED"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+exit "$rc"

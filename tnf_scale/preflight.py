@@ -1,0 +1,78 @@
+"""Checks to run before a multi-node launch: `python -m tnf_scale.preflight --hostfile hosts [--deepspeed_config F]`.
+
+Each problem is one sentence naming it and the fix; exit code 2 when there is one.
+(The world-size, pipeline and master-port checks also run inside train.py before any process group.)
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import socket
+import sys
+from pathlib import Path
+
+from tnf_scale.config import ConfigError
+from tnf_scale.ds_config import load_ds_file
+
+HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)$")  # the form DeepSpeed's runner accepts
+
+
+def read_hostfile(path: str | Path) -> list[tuple[str, int]]:
+    """(host, slots) per line of a DeepSpeed hostfile; blank lines and # comments are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"hostfile {path} does not exist; write one line per node: '<host> slots=<GPUs>'.")
+    hosts = []
+    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = HOSTFILE_LINE.match(line)
+        if not match:
+            raise ConfigError(f"hostfile {path} line {number} {raw.strip()!r} is not '<host> slots=<N>'; fix that line.")
+        hosts.append((match[1], int(match[2])))
+    if not hosts:
+        raise ConfigError(f"hostfile {path} names no host; write one line per node: '<host> slots=<GPUs>'.")
+    return hosts
+
+
+def check_hosts_resolve(hosts: list[tuple[str, int]], path: str | Path) -> None:
+    for host, _ in hosts:
+        try:
+            socket.getaddrinfo(host, None)
+        except socket.gaierror:
+            raise ConfigError(f"host {host!r} in hostfile {path} does not resolve; fix the name or add it to /etc/hosts.") from None
+
+
+def check_slots(hosts: list[tuple[str, int]], pipeline_stages: int, path: str | Path) -> None:
+    total = sum(slots for _, slots in hosts)
+    if total % pipeline_stages:
+        raise ConfigError(f"hostfile {path} gives {total} slots, which do not divide into {pipeline_stages} pipeline stages; "
+                          f"use a multiple of {pipeline_stages} slots.")
+
+
+def preflight(hostfile: str, deepspeed_config: str | None) -> list[tuple[str, int]]:
+    """All hostfile checks; returns the hosts when they pass."""
+    hosts = read_hostfile(hostfile)
+    check_hosts_resolve(hosts, hostfile)
+    stages = load_ds_file(deepspeed_config).get("pipeline", {}).get("stages", 1)
+    check_slots(hosts, 1 if stages == "auto" else stages, hostfile)
+    return hosts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hostfile", required=True)
+    parser.add_argument("--deepspeed_config")
+    args = parser.parse_args(argv)
+    try:
+        hosts = preflight(args.hostfile, args.deepspeed_config)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"hostfile {args.hostfile}: {len(hosts)} nodes, {sum(s for _, s in hosts)} slots, all resolve")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
