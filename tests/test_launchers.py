@@ -101,13 +101,13 @@ def test_sbatch_runs_the_batch_script_to_completion(slurm, small_config, tmp_pat
 
 def test_usr1_checkpoints_requeues_and_resumes_without_losing_a_note(slurm, small_config, tmp_path):
     reference = tmp_path / "reference"
-    reference_job = sbatch(slurm, small_config, reference, steps=16)
+    reference_job = sbatch(slurm, small_config, reference, steps=12)
     assert wait_for_job(reference_job, slurm)["JobState"] == "COMPLETED"
     preempted = tmp_path / "preempted"
-    job = sbatch(slurm, small_config, preempted, steps=16)
+    job = sbatch(slurm, small_config, preempted, steps=12)
     run = preempted / f"slurm-{job}"
     deadline = time.monotonic() + 300
-    while not (run / "metrics.jsonl").is_file() or max((r["step"] for r in read_metrics(run)), default=0) < 7:
+    while not (run / "metrics.jsonl").is_file() or max((r["step"] for r in read_metrics(run)), default=0) < 4:
         assert time.monotonic() < deadline, job_state(job, slurm)
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
@@ -121,8 +121,8 @@ def test_usr1_checkpoints_requeues_and_resumes_without_losing_a_note(slurm, smal
     assert state["JobState"] == "COMPLETED" and int(state.get("Restarts", 0)) == 1, log[-4000:]
     assert "SIGUSR1: checkpointed step" in log and "resumed from" in log
     stopped_at = int(log.split("SIGUSR1: checkpointed step ")[1].split()[0])
-    assert 7 <= stopped_at < 16
-    assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, 17))
+    assert 4 <= stopped_at < 12
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, 13))
     torch.testing.assert_close(notes_of(run), notes_of(reference / f"slurm-{reference_job}"), rtol=1e-5, atol=1e-6)
 
 

@@ -15,7 +15,7 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from tnf_scale.distributed import init_distributed  # noqa: E402
+from tnf_scale.distributed import discover, init_distributed  # noqa: E402
 from tnf_scale.notes.exchange import ExchangeGroup  # noqa: E402
 from tnf_scale.notes.store import NoteStore  # noqa: E402
 
@@ -33,7 +33,7 @@ def global_occurrences(step: int) -> dict[str, torch.Tensor]:
 
 
 def main(out: Path) -> None:
-    world = init_distributed()
+    world = init_distributed(discover())
     sharded = NoteStore(NUM_RARE, DIM, seed=9, init_std=0.02, gamma=0.1, exchange=ExchangeGroup(world.rank, world.size))
     whole = NoteStore(NUM_RARE, DIM, seed=9, init_std=0.02, gamma=0.1)
     per_rank = SAMPLES_PER_STEP // world.size
