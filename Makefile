@@ -16,7 +16,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 CLUSTER_BINS := pdsh /usr/sbin/sshd slurmctld slurmd munged mpirun
 CLUSTER_PKGS := pdsh openssh-server openssh-client slurm-wlm munge openmpi-bin libopenmpi-dev
 
-.PHONY: demo test install cluster-deps
+.PHONY: demo test test-slow install cluster-deps
 install: $(VENV)/.installed
 
 cluster-deps:
@@ -37,5 +37,9 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/deepspeed --num_gpus 1 --master_port 29611 tnf_scale/train.py --preset tiny --output_dir $(RUN_DIR) --overwrite true
 
+# The whole suite but the BERT-large-sized test, within 15 minutes here set-up included.
 test: cluster-deps install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -q tests -m slow

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,15 @@ BUNDLED_CORPUS = str(Path(__file__).resolve().parent.parent / "data" / "bundled_
 
 class ConfigError(ValueError):
     """A configuration problem, phrased as one sentence that names the problem and the fix."""
+
+
+def exit_code(action: Callable[[], int]) -> int:
+    """Run a command's body: a ConfigError becomes one line on stderr and exit code 2, not a traceback."""
+    try:
+        return action()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 @dataclass

@@ -11,7 +11,7 @@ import socket
 import sys
 from pathlib import Path
 
-from tnf_scale.config import ConfigError
+from tnf_scale.config import ConfigError, exit_code
 from tnf_scale.ds_config import load_ds_file
 
 HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)$")  # the form DeepSpeed's runner accepts
@@ -65,13 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hostfile", required=True)
     parser.add_argument("--deepspeed_config")
     args = parser.parse_args(argv)
-    try:
+
+    def check() -> int:
         hosts = preflight(args.hostfile, args.deepspeed_config)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"hostfile {args.hostfile}: {len(hosts)} nodes, {sum(s for _, s in hosts)} slots, all resolve")
-    return 0
+        print(f"hostfile {args.hostfile}: {len(hosts)} nodes, {sum(s for _, s in hosts)} slots, all resolve")
+        return 0
+
+    return exit_code(check)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE
 
 from tnf_scale.checkpoint import latest_complete, load_engine, plan_resume, read_rank_files, save_checkpoint, universal_checkpoint
-from tnf_scale.config import ConfigError, RunConfig, parse_args
+from tnf_scale.config import ConfigError, RunConfig, exit_code, parse_args
 from tnf_scale.data.prepare import RARE_VOCAB_FILE, PreparedData, prepare_data
 from tnf_scale.data.sampler import Collator
 from tnf_scale.distributed import World, any_rank, check_master_port, discover, init_distributed
@@ -220,11 +220,7 @@ def evaluate(trainer: TnfTrainer, cfg: RunConfig) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: a bad input ends in one line on stderr and exit code 2."""
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    try:
-        return run(parse_args(argv))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return exit_code(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tnf_scale.checkpoint import latest_complete  # noqa: E402
-from tnf_scale.config import ConfigError  # noqa: E402
+from tnf_scale.config import ConfigError, exit_code  # noqa: E402
 from tnf_scale.model.export import export_hf  # noqa: E402
 
 
@@ -21,16 +21,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="export directory (default: RUN/export)")
     args = parser.parse_args(argv)
     run = Path(args.run)
-    ckpt = latest_complete(run)
-    try:
+
+    def export() -> int:
+        ckpt = latest_complete(run)
         if ckpt is None:
             raise ConfigError(f"{run} holds no complete checkpoint; train with --output_dir {run} first.")
-        out = export_hf(run, ckpt, Path(args.out) if args.out else run / "export")
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"exported {ckpt} -> {out}")
-    return 0
+        print(f"exported {ckpt} -> {export_hf(run, ckpt, Path(args.out) if args.out else run / 'export')}")
+        return 0
+
+    return exit_code(export)
 
 
 if __name__ == "__main__":
