@@ -1,0 +1,145 @@
+"""Time-to-loss comparison of a baseline run and a TNF run, on the loss of the model as exported.
+
+The target is a held-out loss (default: the baseline's final `eval_loss_no_notes`, smoothed);
+each run's first step and wall time at which its smoothed `eval_loss_no_notes` reaches the
+target give the saving in steps and in time. The paper's headline is a 60% saving.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+EVAL_KEY = "eval_loss_no_notes"
+
+
+@dataclass(frozen=True)
+class Curve:
+    steps: list[int]
+    times: list[float]
+    losses: list[float]
+
+
+def eval_curve(records: list[dict], key: str = EVAL_KEY) -> Curve:
+    """(step, wall time, loss) of every record holding `key`; step 0 has wall time 0."""
+    rows = [(r["step"], r.get("wall_time", 0.0), r[key]) for r in records if key in r]
+    return Curve([s for s, _, _ in rows], [t for _, t, _ in rows], [v for _, _, v in rows])
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last `window` values (fewer at the start)."""
+    out = []
+    for i in range(len(values)):
+        chunk = values[max(0, i - window + 1) : i + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out
+
+
+def first_crossing(curve: Curve, target: float, window: int) -> tuple[int, float] | None:
+    """(step, wall time) at which the smoothed loss first reaches `target`, or None if it never does."""
+    for step, time, loss in zip(curve.steps, curve.times, smooth(curve.losses, window)):
+        if loss <= target:
+            return step, time
+    return None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    target: float
+    baseline: tuple[int, float] | None
+    tnf: tuple[int, float] | None
+    loss_gap_at_equal_steps: float | None  # TNF minus baseline at the last step both evaluated
+    gap_step: int | None
+
+    @property
+    def step_saving(self) -> float | None:
+        """Share of the baseline's steps TNF did not need (0.6 is the paper's claim)."""
+        if self.baseline is None or self.tnf is None or self.baseline[0] == 0:
+            return None
+        return 1 - self.tnf[0] / self.baseline[0]
+
+    @property
+    def time_saving(self) -> float | None:
+        if self.baseline is None or self.tnf is None or self.baseline[1] == 0:
+            return None
+        return 1 - self.tnf[1] / self.baseline[1]
+
+    def verdict(self) -> str:
+        """One plain sentence: did TNF reach the target, and did it save time."""
+        if self.baseline is None:
+            return f"The baseline never reached the target loss {self.target:.4f}; choose a target it reaches."
+        if self.tnf is None:
+            return f"TNF did not reach the target loss {self.target:.4f} within its run: no saving shown."
+        if self.time_saving is not None and self.time_saving <= 0:
+            return (f"TNF reached the target loss {self.target:.4f} at step {self.tnf[0]} (baseline {self.baseline[0]}) "
+                    f"but did not save wall time ({100 * self.time_saving:+.1f}%).")
+        return (f"TNF reached the target loss {self.target:.4f} {100 * self.step_saving:.1f}% sooner in steps and "
+                f"{100 * self.time_saving:.1f}% sooner in wall time than the baseline (the paper reports 60%).")
+
+
+def compare(baseline: list[dict], tnf: list[dict], target: float | None = None, window: int = 3) -> Comparison:
+    """Compare two runs' metrics records on the exported model's held-out loss."""
+    base_curve, tnf_curve = eval_curve(baseline), eval_curve(tnf)
+    if not base_curve.steps or not tnf_curve.steps:
+        raise ValueError(f"both runs need {EVAL_KEY} records; train with --eval_interval set")
+    if target is None:
+        target = smooth(base_curve.losses, window)[-1]
+    common = sorted(set(base_curve.steps) & set(tnf_curve.steps))
+    gap = gap_step = None
+    if common:
+        gap_step = common[-1]
+        gap = tnf_curve.losses[tnf_curve.steps.index(gap_step)] - base_curve.losses[base_curve.steps.index(gap_step)]
+    return Comparison(target, first_crossing(base_curve, target, window), first_crossing(tnf_curve, target, window), gap, gap_step)
+
+
+def markdown(result: Comparison, baseline_dir: str, tnf_dir: str) -> str:
+    """The report table and verdict as markdown."""
+    def cell(point: tuple[int, float] | None) -> str:
+        return "never" if point is None else f"step {point[0]}, {point[1]:.1f} s"
+
+    def pct(value: float | None) -> str:
+        return "n/a" if value is None else f"{100 * value:.1f}%"
+
+    gap = "n/a" if result.loss_gap_at_equal_steps is None else f"{result.loss_gap_at_equal_steps:+.4f} at step {result.gap_step}"
+    return "\n".join([
+        f"Target held-out loss (`{EVAL_KEY}`, the model as exported): {result.target:.4f}",
+        "",
+        "| | baseline | TNF |",
+        "| --- | --- | --- |",
+        f"| run | `{baseline_dir}` | `{tnf_dir}` |",
+        f"| reaches the target | {cell(result.baseline)} | {cell(result.tnf)} |",
+        "",
+        f"Saving in steps: {pct(result.step_saving)}; in wall time: {pct(result.time_saving)}; "
+        f"loss gap (TNF - baseline) at equal steps: {gap}.",
+        "",
+        result.verdict(),
+        "",
+    ])
+
+
+def plot(baseline: list[dict], tnf: list[dict], result: Comparison, path: Path) -> Path:
+    """PNG: held-out loss vs steps and vs wall time (target marked), and the training loss curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for records, name in ((baseline, "baseline"), (tnf, "TNF")):
+        curve = eval_curve(records)
+        axes[0].plot(curve.steps, curve.losses, marker="o", label=name)
+        axes[1].plot(curve.times, curve.losses, marker="o", label=name)
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        axes[2].plot([s for s, _ in train], [v for _, v in train], label=name, linewidth=0.8)
+    for ax, xlabel in zip(axes[:2], ("step", "wall time (s)")):
+        ax.axhline(result.target, color="grey", linestyle="--", label=f"target {result.target:.3f}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(EVAL_KEY)
+    axes[2].set_xlabel("step")
+    axes[2].set_ylabel("training loss")
+    for ax in axes:
+        ax.legend()
+    fig.suptitle(result.verdict(), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
