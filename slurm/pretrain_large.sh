@@ -31,6 +31,10 @@ if compgen -G "$RUN_DIR/checkpoints/step*/COMPLETE" > /dev/null; then
 fi
 echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NTASKS tasks on $SLURM_JOB_NUM_NODES nodes, master $MASTER_ADDR:$MASTER_PORT, run $RUN_DIR ${resume[*]}"
 
+# SIGUSR1 is for train.py (through srun); should it reach this shell too, it must not end the job before
+# the requeue below. A trap with a command (not '') keeps srun's own USR1 handling intact.
+trap 'echo "batch shell: SIGUSR1 noted; train.py checkpoints and the job is requeued"' USR1
+
 set +e
 # shellcheck disable=SC2086  # CORPUS and TRAIN_ARGS are word lists on purpose
 srun --kill-on-bad-exit=1 "$PYTHON" tnf_scale/train.py --preset "$PRESET" --deepspeed_config "$DS_CONFIG" \

@@ -162,11 +162,15 @@ def run(cfg: RunConfig) -> int:
     clock = time.perf_counter() - state["wall_time"]
     last_saved = state["step"]
     record: dict = {}
+
+    def checkpoint(step_reached: int) -> Path:
+        return save_checkpoint(engine, out, step_reached, world.rank, world.size, store.state() if store else None, state)
+
     for step in range(state["step"], cfg.max_steps):
         if any_rank(preemption.raised, world.device):  # every rank stops at the same step
             bar.close()
             metrics.close()
-            save_checkpoint(engine, out, step, world.rank, world.size, store.state() if store else None, state)
+            checkpoint(step)
             if world.is_main:  # the batch script requeues on this marker even if srun reports another rank's exit first
                 (out / PREEMPTED_MARKER).write_text(f"{step}\n")
             log(f"SIGUSR1: checkpointed step {step} in {out}; exiting with {PREEMPTED_EXIT} so the job is requeued and resumes")
@@ -187,7 +191,7 @@ def run(cfg: RunConfig) -> int:
         bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{result.tokens / result.seconds:,.0f}")
         bar.update(1)
         if cfg.save_interval and (step + 1) % cfg.save_interval == 0 and step + 1 < cfg.max_steps:
-            save_checkpoint(engine, out, step + 1, world.rank, world.size, store.state() if store else None, state)
+            checkpoint(step + 1)
             last_saved = step + 1
     bar.close()
     metrics.close()
@@ -195,7 +199,7 @@ def run(cfg: RunConfig) -> int:
         log("final: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("loss", "eval_"))))
 
     if last_saved != state["step"] or latest_complete(out) is None:
-        ckpt = save_checkpoint(engine, out, state["step"], world.rank, world.size, store.state() if store else None, state)
+        ckpt = checkpoint(state["step"])
     else:
         ckpt = latest_complete(out)
     if world.is_main:
