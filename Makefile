@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN_DIR ?= runs/demo
+BENCH_DIR ?= runs/bench
 # No GPU: the CPU build of torch (on this kind of machine it lies on local disk). With a GPU,
 # set TORCH_SPEC=torch to take the CUDA build.
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
@@ -16,7 +17,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 CLUSTER_BINS := pdsh /usr/sbin/sshd slurmctld slurmd munged mpirun
 CLUSTER_PKGS := pdsh openssh-server openssh-client slurm-wlm munge openmpi-bin libopenmpi-dev
 
-.PHONY: demo test test-slow install cluster-deps
+.PHONY: demo bench test test-slow install cluster-deps
 install: $(VENV)/.installed
 
 cluster-deps:
@@ -36,6 +37,10 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(VENV)/bin/deepspeed --num_gpus 1 --master_port 29611 tnf_scale/train.py --preset tiny --output_dir $(RUN_DIR) --overwrite true
+
+# Baseline and TNF side by side on the bundled corpus (about 25 minutes here), plus the Hugging Face Trainer peer.
+bench: install
+	$(PY) tools/bench_tnf.py --out $(BENCH_DIR)
 
 # The whole suite but the BERT-large-sized test, within 15 minutes here set-up included.
 test: cluster-deps install

@@ -87,8 +87,11 @@ def check_ok(proc) -> None:
 
 def launch(ranks: int, script_args: list[str], timeout: int = 900):
     """`deepspeed --num_gpus ranks script_args...` from the repository root; fails the test with its output on error."""
-    proc = run_cmd([DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), *script_args], timeout=timeout)
+    port = free_port()
+    proc = run_cmd([DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(port), *script_args], timeout=timeout)
     check_ok(proc)
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not left, f"the run left DeepSpeed's shared-memory buffers behind: {[p.name for p in left]}"
     return proc
 
 

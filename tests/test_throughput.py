@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from tnf_scale.throughput import flops_per_token, gpu_peak, gpu_state, summarize
 
 from conftest import REPO, train_args
@@ -39,9 +41,20 @@ def test_throughput_report_runs_a_few_steps_of_the_tiny_preset(small_config, tmp
     args = train_args(small_config, out)
     flags = [x for key, value in zip(args[::2], args[1::2]) if key != "--output_dir" for x in (key, value)]
     assert throughput_report.main(["--preset", "tiny", "--steps", "6", "--warmup", "2", "--out", str(out), "--master_port", "29693", *flags]) == 0
-    result = json.loads((out / "throughput.json").read_text())
+    report = json.loads((out / "throughput.json").read_text())
+    (result,) = report["runs"]
+    assert report["peer"] is None and result["run"] == str(out / "run")
     assert result["steps"] == 4 and result["tokens_per_s"]["median"] > 0
-    assert 0 < result["mfu"] < 1 and "measured now" in result["peak"] or result["gpus"]
+    assert 0 < result["mfu"] < 1 and "measured now" in report["peak"] or report["gpus"]
     assert set(result["phase_seconds"]) == {"data", "note_read", "forward", "backward", "optimizer", "note_write"}
-    assert result["phase_seconds"]["forward"] > 0
+    assert result["phase_seconds"]["forward"] > 0 and result["timed_phases"]
     assert "| MFU |" in capsys.readouterr().out
+
+
+def test_throughput_report_refuses_a_folder_without_a_run(tmp_path):
+    from tnf_scale.config import ConfigError
+    from tnf_scale.throughput import write_report
+
+    with pytest.raises(ConfigError, match=r"--peer .*nothing holds no run \(metrics.jsonl is missing\)"):
+        write_report([], tmp_path / "nothing", tmp_path / "out", warmup=5)
+    assert not (tmp_path / "out").exists()

@@ -68,7 +68,21 @@ def test_report_writes_markdown_json_and_a_valid_png(tmp_path, monkeypatch, caps
     assert tool.main(["--baseline", str(base_dir), "--tnf", str(tnf_dir), "--out", str(tmp_path / "out"), "--window", "1"]) == 0
     image = matplotlib.image.imread(str(tmp_path / "out" / "time_to_loss.png"))
     assert image.shape[0] > 300 and image.shape[1] > 1000
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    report = json.loads((tmp_path / "out" / "time_to_loss.json").read_text())
     assert report["baseline"] == [30, 30.0] and report["tnf"] == [20, 24.0]
-    assert "| reaches the target | step 30, 30.0 s | step 20, 24.0 s |" in (tmp_path / "out" / "report.md").read_text()
+    assert "| reaches the target | step 30, 30.0 s | step 20, 24.0 s |" in (tmp_path / "out" / "time_to_loss.md").read_text()
     assert markdown(compare(run([9.0], 1.0), run([9.5], 1.0)), "a", "b").count("never") == 1
+
+
+def test_report_refuses_a_folder_without_a_run_in_one_sentence(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "tools"))
+    import time_to_loss as tool
+    from tnf_scale.config import exit_code
+
+    (tmp_path / "tnf").mkdir()
+    (tmp_path / "tnf" / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval_loss_no_notes": 9.0}) + "\n")
+    argv = ["--baseline", str(tmp_path / "missing"), "--tnf", str(tmp_path / "tnf"), "--out", str(tmp_path / "out")]
+    assert exit_code(lambda: tool.main(argv)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--baseline" in err and "missing" in err and "metrics.jsonl" in err
+    assert not (tmp_path / "out").exists()

@@ -1,22 +1,47 @@
-"""Helpers the benchmark tools share: launch a training run, read its steady-state steps."""
+"""Helpers the benchmark tools share: launch runs, check and read finished runs, describe the machine."""
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from tnf_scale.metrics import read_metrics
+import torch
+
+from tnf_scale.config import ConfigError
+from tnf_scale.metrics import METRICS_FILE, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
+TRAIN_SCRIPT = "tnf_scale/train.py"
+PEER_SCRIPT = "tnf_scale/hf_peer.py"
 
 
-def launch_training(run_dir: Path, ranks: int, port: int, flags: list[str]) -> Path:
-    """Train `tnf_scale/train.py` under the real deepspeed launcher into `run_dir` (replacing a previous run)."""
+def launch_training(run_dir: Path, ranks: int, port: int, flags: list[str], script: str = TRAIN_SCRIPT) -> Path:
+    """Run `script` (train.py, or the Hugging Face Trainer peer) under the real deepspeed launcher into `run_dir`,
+    replacing a previous run there."""
     args = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
-            "tnf_scale/train.py", "--output_dir", str(run_dir), "--overwrite", "true", *flags]
+            script, "--output_dir", str(run_dir), "--overwrite", "true", *flags]
     subprocess.run(args, cwd=REPO, check=True)
     return run_dir
+
+
+def launch_pair(out: Path, ranks: int, port: int, flags: list[str]) -> tuple[Path, Path]:
+    """The baseline (--tnf off), then TNF, with the same flags, into out/baseline and out/tnf.
+
+    One after the other, so neither run's wall time is shared with the other.
+    """
+    return (launch_training(out / "baseline", ranks, port, [*flags, "--tnf", "off"]),
+            launch_training(out / "tnf", ranks, port, [*flags, "--tnf", "on"]))
+
+
+def finished_run(run_dir: str | Path, flag: str) -> Path:
+    """`run_dir` if it holds a run's metrics; otherwise one sentence naming the flag and the fix."""
+    path = Path(run_dir)
+    if not (path / METRICS_FILE).is_file():
+        raise ConfigError(f"{flag} {path} holds no run ({METRICS_FILE} is missing); point it at the --output_dir of a training run.")
+    return path
 
 
 def steady_steps(run_dir: Path, warmup: int) -> list[dict]:
@@ -26,3 +51,24 @@ def steady_steps(run_dir: Path, warmup: int) -> list[dict]:
 
 def median_of(records: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in records)
+
+
+def machine() -> str:
+    """One line naming this machine: CPU model and cores, torch build, accelerator."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")), cpu)
+    from deepspeed.accelerator import get_accelerator
+
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, DeepSpeed accelerator {get_accelerator().device_name()}"
+
+
+def commit() -> str:
+    """The checkout's commit, marked when the working tree differs from it: which code produced a report."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "commit unknown (not a git checkout)"
+    return f"commit {head}" + (" with uncommitted changes" if dirty else "")

@@ -121,6 +121,10 @@ class RunConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # Sized for a 2-core CPU: the demo, the tests and the benchmarks.
     "tiny": {},
+    # The tiny model for `make bench`: about 3 epochs of the bundled corpus, one run in under 20 minutes
+    # here; a band of words seen 10..50 times (the paper's ratio 5), so rare words recur within a run.
+    "bench": dict(max_steps=2400, warmup_steps=240, eval_interval=200, eval_batches=34,
+                  rare_min_count=10, rare_max_count=50, log_interval=1),
     # BERT-base / BERT-large (Devlin et al.), phase-1 sequence length, the paper's rare band.
     "bert-base": dict(
         vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,

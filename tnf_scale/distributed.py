@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -102,12 +103,28 @@ def check_master_port(info: RankInfo) -> None:
                               "pass another --master_port to the launcher (or MASTER_PORT).") from None
 
 
+def shm_buffer(info: RankInfo) -> Path:
+    """The /dev/shm file DeepSpeed's CPU shared-memory all-reduce creates for this rank (when all ranks share a host)."""
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{info.master_addr}_{info.master_port}_{info.rank}"
+
+
+def release_shm_buffer(info: RankInfo) -> None:
+    """Unlink this rank's shared-memory all-reduce buffer once every rank has mapped them all.
+
+    DeepSpeed never removes these files (64 MB a rank): run after run they fill /dev/shm, that is RAM.
+    Unlinked, the mappings stay valid until the processes exit, and nothing is left behind, even after a kill.
+    """
+    deepspeed.comm.barrier()  # every rank has opened every buffer inside init_distributed
+    shm_buffer(info).unlink(missing_ok=True)
+
+
 def init_distributed(info: RankInfo) -> World:
     """Start the process group DeepSpeed uses, from the discovered ranks."""
     os.environ.update(RANK=str(info.rank), LOCAL_RANK=str(info.local_rank), WORLD_SIZE=str(info.world_size),
                       MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
     accelerator = get_accelerator()
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False)
+    release_shm_buffer(info)
     if accelerator.device_name() != "cpu":
         accelerator.set_device(info.local_rank)
         device = torch.device(accelerator.device_name(info.local_rank))

@@ -7,10 +7,14 @@ feed-forward f, sequence s, vocabulary V, and the MLM head run on a fraction p o
 """
 from __future__ import annotations
 
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
+
+from tnf_scale.bench import finished_run, machine, steady_steps
 
 PHASES = ("data", "note_read", "forward", "backward", "optimizer", "note_write")
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) by the NVML device name's model; MFU is left out for others.
@@ -24,7 +28,7 @@ def flops_per_token(layers: int, hidden: int, ffn: int, seq_len: int, vocab: int
     return 3 * (layers * per_layer + head)
 
 
-def measured_matmul_peak(size: int = 1024, repeats: int = 20) -> float:
+def measured_matmul_peak(size: int = 2048, repeats: int = 10) -> float:
     """This machine's best fp32 matmul rate (FLOP/s), measured now: the CPU's reference for MFU."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     best = float("inf")
@@ -69,3 +73,74 @@ def summarize(steps: list[dict], samples_per_step: int) -> dict:
         "step_seconds": statistics.median(r["step_seconds"] for r in steps),
         "phase_seconds": {p: statistics.median(r.get(f"time_{p}", 0.0) for r in steps) for p in PHASES},
     }
+
+
+def device_peak() -> dict:
+    """The peak MFU is measured against, and the GPU state: a GPU's table peak x count, else this CPU's matmul peak."""
+    gpus = gpu_state()
+    peak = gpu_peak(gpus["gpus"][0]["name"]) if gpus["gpus"] else None
+    if peak:
+        return {"peak_flops_per_s": peak * len(gpus["gpus"]), "peak": f"{gpus['gpus'][0]['name']} dense bf16 peak x {len(gpus['gpus'])}", **gpus}
+    return {"peak_flops_per_s": measured_matmul_peak(), "peak": "fp32 matmul peak of this machine, measured now", **gpus}
+
+
+def run_figures(run: Path, warmup: int, peak_flops_per_s: float) -> dict:
+    """Throughput figures of one finished run (train.py's or the Hugging Face Trainer peer's).
+
+    FLOPs count the MLM head on masked tokens for every trainer: the work the objective needs.
+    """
+    config = json.loads((run / "run_config.json").read_text())
+    model = json.loads((run / "model_config.json").read_text())
+    steps = steady_steps(run, warmup) or steady_steps(run, 0)
+    summary = summarize(steps, config["global_batch_size"])
+    flops = flops_per_token(model["num_hidden_layers"], model["hidden_size"], model["intermediate_size"],
+                            config["max_seq_len"], model["vocab_size"], config["mlm_probability"])
+    achieved = flops * summary["tokens_per_s"]["median"]
+    return {"run": str(run), "preset": config["preset"], "tnf": config["tnf"], "timed_phases": any("time_forward" in r for r in steps),
+            **summary, "flops_per_token": flops, "achieved_flops_per_s": achieved, "mfu": achieved / peak_flops_per_s}
+
+
+def render(report: dict) -> str:
+    """The report as a markdown table, one column per run (the peer last), with the ratio to the peer."""
+    runs, peer = report["runs"], report["peer"]
+    columns = [*runs, peer] if peer else runs
+
+    def row(name: str, cell) -> str:
+        return f"| {name} | " + " | ".join(cell(r) for r in columns) + " |"
+
+    def phase(r: dict, name: str) -> str:
+        return f"{1000 * r['phase_seconds'][name]:.1f} ms" if r["timed_phases"] else "n/a"
+
+    lines = [f"Machine: {report['machine']}. Median over steady steps (warm-up excluded).", "",
+             "| | " + " | ".join(f"`{r['run']}`" for r in columns) + " |", "| --- |" + " --- |" * len(columns),
+             row("trainer", lambda r: "Hugging Face Trainer" if r is peer else "tnf_scale"),
+             row("preset, TNF", lambda r: f"{r['preset']}, {r['tnf']}"),
+             row("steps timed", lambda r: str(r["steps"])),
+             row("tokens/s", lambda r: f"{r['tokens_per_s']['median']:,.0f} ({r['tokens_per_s']['min']:,.0f}..{r['tokens_per_s']['max']:,.0f})"),
+             row("samples/s", lambda r: f"{r['samples_per_s']['median']:,.1f}"),
+             row("step", lambda r: f"{1000 * r['step_seconds']:.1f} ms"),
+             *(row(name, lambda r, name=name: phase(r, name)) for name in PHASES),
+             row("model FLOPs / token", lambda r: f"{r['flops_per_token'] / 1e6:,.1f} M"),
+             row("achieved", lambda r: f"{r['achieved_flops_per_s'] / 1e9:,.2f} GFLOP/s"),
+             row("MFU", lambda r: f"{100 * r['mfu']:.1f}%")]
+    if peer:
+        lines.append(row("tokens/s ÷ HF Trainer", lambda r: f"{r['tokens_per_s']['median'] / peer['tokens_per_s']['median']:.2f}x"))
+    lines += ["", f"MFU is against {report['peak_flops_per_s'] / 1e9:,.1f} GFLOP/s ({report['peak']}). GPUs: {report['note']}."]
+    if peer:
+        lines.append("The Hugging Face Trainer runs stock BertForMaskedLM, whose MLM head computes logits at every position; "
+                     "tnf_scale computes them at masked positions only. Model FLOPs count the masked positions for both.")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(runs: list[Path], peer: Path | None, out: Path, warmup: int) -> str:
+    """Throughput of finished runs (and the peer's, with the ratio); writes throughput.md and .json into `out`."""
+    runs = [finished_run(r, "--run") for r in runs]
+    peer = finished_run(peer, "--peer") if peer else None
+    device = device_peak()
+    report = {"machine": machine(), **device, "runs": [run_figures(r, warmup, device["peak_flops_per_s"]) for r in runs],
+              "peer": run_figures(peer, warmup, device["peak_flops_per_s"]) if peer else None}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = render(report)
+    (out / "throughput.md").write_text(text)
+    return text

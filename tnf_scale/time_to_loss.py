@@ -6,8 +6,14 @@ target give the saving in steps and in time. The paper's headline is a 60% savin
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from tnf_scale.bench import finished_run
+from tnf_scale.config import ConfigError
+from tnf_scale.metrics import read_metrics
 
 EVAL_KEY = "eval_loss_no_notes"
 
@@ -80,7 +86,7 @@ def compare(baseline: list[dict], tnf: list[dict], target: float | None = None, 
     """Compare two runs' metrics records on the exported model's held-out loss."""
     base_curve, tnf_curve = eval_curve(baseline), eval_curve(tnf)
     if not base_curve.steps or not tnf_curve.steps:
-        raise ValueError(f"both runs need {EVAL_KEY} records; train with --eval_interval set")
+        raise ConfigError(f"both runs need {EVAL_KEY} records and one has none; train them with --eval_interval below --max_steps.")
     if target is None:
         target = smooth(base_curve.losses, window)[-1]
     common = sorted(set(base_curve.steps) & set(tnf_curve.steps))
@@ -143,3 +149,16 @@ def plot(baseline: list[dict], tnf: list[dict], result: Comparison, path: Path) 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def write_report(baseline_dir: Path, tnf_dir: Path, out: Path, target: float | None = None, window: int = 3) -> str:
+    """Compare two finished runs; write time_to_loss.md, .json and .png into `out`; return the markdown."""
+    baseline, tnf = read_metrics(finished_run(baseline_dir, "--baseline")), read_metrics(finished_run(tnf_dir, "--tnf"))
+    result = compare(baseline, tnf, target, window)
+    out.mkdir(parents=True, exist_ok=True)
+    report = markdown(result, str(baseline_dir), str(tnf_dir)) + "\n![time to loss](time_to_loss.png)\n"
+    (out / "time_to_loss.md").write_text(report)
+    (out / "time_to_loss.json").write_text(json.dumps({**dataclasses.asdict(result), "step_saving": result.step_saving,
+                                                       "time_saving": result.time_saving, "verdict": result.verdict()}, indent=2) + "\n")
+    plot(baseline, tnf, result, out / "time_to_loss.png")
+    return report

@@ -83,6 +83,13 @@ def prepare_on_local_rank0(cfg: RunConfig, world: World, log) -> PreparedData:
     return data
 
 
+def write_run_files(out: Path, cfg: RunConfig, model, data: PreparedData) -> None:
+    """The files that describe a run beside its metrics: tokenizer, model config, run config."""
+    copy_tokenizer(data.tokenizer_dir, out)
+    model.config.to_json_file(str(out / MODEL_CONFIG))
+    (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+
+
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
@@ -126,9 +133,7 @@ def run(cfg: RunConfig) -> int:
 
     model = build_bert(cfg, data.tokenizer)
     if world.is_main:
-        copy_tokenizer(data.tokenizer_dir, out)
-        model.config.to_json_file(str(out / MODEL_CONFIG))
-        (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        write_run_files(out, cfg, model, data)
     store = (NoteStore(len(data.rare_vocab), cfg.hidden_size, cfg.seed, model.config.initializer_range, cfg.note_gamma,
                        ExchangeGroup(world.rank, world.size), world.device) if cfg.tnf_enabled else None)
 
@@ -185,7 +190,9 @@ def run(cfg: RunConfig) -> int:
                       "occurrences_read": 0, "notes_written": 0, "distinct_noted": 0, **result.notes,
                       **{f"time_{phase}": seconds for phase, seconds in result.phases.items()}}
         if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_steps:
+            started = time.perf_counter()
             record = {"step": step + 1, **record, **evaluate(trainer, cfg)}
+            clock += time.perf_counter() - started  # wall_time is training time: TNF's extra eval pass must not count
         if record:
             metrics.log(record)
         bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{result.tokens / result.seconds:,.0f}")

@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from transformers import BertConfig, BertForMaskedLM  # noqa: E402
 
-from tnf_scale.bench import launch_training, median_of, steady_steps  # noqa: E402
+from tnf_scale.bench import launch_pair, median_of, steady_steps  # noqa: E402
 from tnf_scale.config import PRESETS, RunConfig  # noqa: E402
 
 
@@ -55,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     flags = ["--preset", "tiny", "--max_steps", str(args.steps), "--eval_interval", str(10 * args.steps), "--export", "false", *extra]
-    runs = {tnf: launch_training(out / f"tnf_{tnf}", args.ranks, args.master_port + i, [*flags, "--tnf", tnf])
-            for i, tnf in enumerate(("off", "on"))}
+    runs = dict(zip(("off", "on"), launch_pair(out, args.ranks, args.master_port, flags)))
     step_s = {tnf: median_of(steady_steps(d, args.warmup), "step_seconds") for tnf, d in runs.items()}
     on = steady_steps(runs["on"], args.warmup)
     phases = {tnf: {k: median_of(steady_steps(d, args.warmup), k) for k in on[0] if k.startswith("time_")} for tnf, d in runs.items()}

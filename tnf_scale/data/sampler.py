@@ -42,7 +42,10 @@ class GlobalBatchSampler:
 
     def step(self, n: int) -> tuple[list[int], list[int], list[int]]:
         """(dataset indices, order keys, epochs) of the global batch of step n, in order."""
-        keys = list(range(n * self.batch, (n + 1) * self.batch))
+        return self.at(list(range(n * self.batch, (n + 1) * self.batch)))
+
+    def at(self, keys: list[int]) -> tuple[list[int], list[int], list[int]]:
+        """(dataset indices, order keys, epochs) of the samples at order positions `keys`."""
         epochs = [k // self.num_samples for k in keys]
         indices = [int(self._permutation(e)[k % self.num_samples]) for k, e in zip(keys, epochs)]
         return indices, keys, epochs

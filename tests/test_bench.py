@@ -1,0 +1,54 @@
+"""`make bench`'s tool end to end on the small corpus: baseline, TNF, the Hugging Face Trainer peer, both reports."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tnf_scale.config import ConfigError, parse_args
+from tnf_scale.metrics import read_metrics
+
+from conftest import REPO, check_ok, free_port, run_cmd, train_args
+
+pytestmark = pytest.mark.launcher
+
+
+def step_records(run) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(run) if "loss" in r}
+
+
+def test_bench_writes_both_reports_and_the_peer_trains_like_the_baseline(small_config, tmp_path):
+    out = tmp_path / "bench"
+    # One micro-batch a step, so both trainers average the loss over the same masked tokens.
+    args = train_args(small_config, out, max_steps=6, eval_interval=2, dropout=0.0, export="false", micro_batch_size=16,
+                      warmup_steps=2)
+    flags = [x for key, value in zip(args[::2], args[1::2]) if key != "--output_dir" for x in (key, value)]
+    check_ok(run_cmd([os.sys.executable, "tools/bench_tnf.py", "--out", str(out), "--preset", "tiny", "--peer_steps", "6",
+                      "--warmup", "1", "--master_port", str(free_port()), *flags]))
+
+    report = (out / "report.md").read_text()
+    assert "## Time to loss" in report and "## Throughput" in report and (out / "time_to_loss.png").is_file()
+    time_to_loss = json.loads((out / "time_to_loss.json").read_text())
+    assert time_to_loss["baseline"] is not None and time_to_loss["gap_step"] == 6
+    throughput = json.loads((out / "throughput.json").read_text())
+    assert [r["tnf"] for r in throughput["runs"]] == ["off", "on"] and not throughput["peer"]["timed_phases"]
+    ratio = throughput["runs"][0]["tokens_per_s"]["median"] / throughput["peer"]["tokens_per_s"]["median"]
+    assert f"| tokens/s ÷ HF Trainer | {ratio:.2f}x |" in report
+
+    # Same initial weights, samples, masks and optimizer: the same losses, step after step.
+    baseline, peer = step_records(out / "baseline"), step_records(out / "hf_trainer")
+    assert sorted(peer) == sorted(baseline) == list(range(1, 7))
+    assert [peer[s]["tokens"] for s in peer] == [baseline[s]["tokens"] for s in peer]
+    assert max(abs(peer[s]["loss"] - baseline[s]["loss"]) for s in peer) < 1e-5
+    assert baseline[6]["loss"] < baseline[1]["loss"] - 0.01  # it trained: the match is not two frozen models
+
+
+def test_peer_refuses_a_pipeline_config_before_any_process_group(monkeypatch):
+    from tnf_scale import hf_peer
+
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    cfg = parse_args(["--deepspeed_config", str(REPO / "ds_configs" / "tiny_pp2.json")])
+    with pytest.raises(ConfigError, match="Hugging Face Trainer has no pipeline parallelism.*without pipeline.stages"):
+        hf_peer.run(cfg)
