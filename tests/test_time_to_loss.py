@@ -44,6 +44,16 @@ def test_saving_in_steps_and_time():
     assert result.step_saving == pytest.approx(0.4) and result.time_saving == pytest.approx(1 - 33.0 / 50.0)
     assert result.loss_gap_at_equal_steps == pytest.approx(-1.0) and result.gap_step == 50
     assert "40.0% sooner in steps" in result.verdict()
+    assert result.tnf_with_notes is None and "notes read" not in markdown(result, "a", "b")
+
+
+def test_tnfs_loss_with_notes_is_reported_beside_the_exported_models():
+    tnf = run([9.0, 7.0, 6.0], seconds_per_step=1.0)
+    for record, with_notes in zip((r for r in tnf if "eval_loss_no_notes" in r), (8.9, 6.5, 5.25)):
+        record["eval_loss_notes"] = with_notes
+    result = compare(run([9.0, 7.5, 6.5], seconds_per_step=1.0), tnf, window=1)
+    assert result.tnf_with_notes == 5.25 and result.gap_step == 20
+    assert "(`eval_loss_notes`, the model as trained, not as exported): 5.2500 at step 20" in markdown(result, "a", "b")
 
 
 def test_default_target_is_the_baselines_final_smoothed_loss_and_failures_are_said_plainly():

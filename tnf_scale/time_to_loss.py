@@ -16,6 +16,7 @@ from tnf_scale.config import ConfigError
 from tnf_scale.metrics import read_metrics
 
 EVAL_KEY = "eval_loss_no_notes"
+NOTES_KEY = "eval_loss_notes"  # TNF's held-out loss with its notes read: the model as trained, not as exported
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class Comparison:
     tnf: tuple[int, float] | None
     loss_gap_at_equal_steps: float | None  # TNF minus baseline at the last step both evaluated
     gap_step: int | None
+    tnf_with_notes: float | None = None  # TNF's NOTES_KEY loss at gap_step, when it logged one
 
     @property
     def step_saving(self) -> float | None:
@@ -90,11 +92,14 @@ def compare(baseline: list[dict], tnf: list[dict], target: float | None = None, 
     if target is None:
         target = smooth(base_curve.losses, window)[-1]
     common = sorted(set(base_curve.steps) & set(tnf_curve.steps))
-    gap = gap_step = None
+    gap = gap_step = with_notes = None
     if common:
         gap_step = common[-1]
         gap = tnf_curve.losses[tnf_curve.steps.index(gap_step)] - base_curve.losses[base_curve.steps.index(gap_step)]
-    return Comparison(target, first_crossing(base_curve, target, window), first_crossing(tnf_curve, target, window), gap, gap_step)
+        notes_curve = eval_curve(tnf, NOTES_KEY)
+        with_notes = notes_curve.losses[notes_curve.steps.index(gap_step)] if gap_step in notes_curve.steps else None
+    return Comparison(target, first_crossing(base_curve, target, window), first_crossing(tnf_curve, target, window), gap, gap_step,
+                      with_notes)
 
 
 def markdown(result: Comparison, baseline_dir: str, tnf_dir: str) -> str:
@@ -116,6 +121,8 @@ def markdown(result: Comparison, baseline_dir: str, tnf_dir: str) -> str:
         "",
         f"Saving in steps: {pct(result.step_saving)}; in wall time: {pct(result.time_saving)}; "
         f"loss gap (TNF - baseline) at equal steps: {gap}.",
+        *([f"TNF with its notes read (`{NOTES_KEY}`, the model as trained, not as exported): {result.tnf_with_notes:.4f} at step {result.gap_step}."]
+          if result.tnf_with_notes is not None else []),
         "",
         result.verdict(),
         "",
@@ -134,6 +141,10 @@ def plot(baseline: list[dict], tnf: list[dict], result: Comparison, path: Path) 
         curve = eval_curve(records)
         axes[0].plot(curve.steps, curve.losses, marker="o", label=name)
         axes[1].plot(curve.times, curve.losses, marker="o", label=name)
+        notes = eval_curve(records, NOTES_KEY)
+        if notes.steps:
+            axes[0].plot(notes.steps, notes.losses, linestyle=":", label=f"{name}, notes read ({NOTES_KEY})")
+            axes[1].plot(notes.times, notes.losses, linestyle=":", label=f"{name}, notes read ({NOTES_KEY})")
         train = [(r["step"], r["loss"]) for r in records if "loss" in r]
         axes[2].plot([s for s, _ in train], [v for _, v in train], label=name, linewidth=0.8)
     for ax, xlabel in zip(axes[:2], ("step", "wall time (s)")):

@@ -7,7 +7,7 @@ Trains the baseline (--tnf off) and then TNF with the same preset, seed, data an
 (OUT/baseline, OUT/tnf), then --peer_steps steps of the same model, data, batch and optimizer
 through the Hugging Face Trainer (OUT/hf_trainer). Writes time_to_loss.{md,json,png},
 throughput.{md,json} and report.md (both, with the machine and the command) into OUT.
-Extra flags go to every run.
+Extra flags go to every run. --reports_only makes the reports again from the runs in OUT.
 """
 from __future__ import annotations
 
@@ -33,11 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peer_steps", type=int, default=200, help="steps of the Hugging Face Trainer peer (throughput only)")
     parser.add_argument("--warmup", type=int, default=20, help="steps left out of the throughput timing")
     parser.add_argument("--master_port", type=int, default=29697)
+    parser.add_argument("--reports_only", action="store_true", help="make the reports again from the runs already in --out")
     args, train_flags = parser.parse_known_args(argv)
     out = Path(args.out)
     flags = ["--preset", args.preset, *train_flags]
-    baseline, tnf = launch_pair(out, args.ranks, args.master_port, flags)
-    peer = launch_training(out / "hf_trainer", args.ranks, args.master_port, [*flags, "--max_steps", str(args.peer_steps)], PEER_SCRIPT)
+    if args.reports_only:
+        baseline, tnf, peer = out / "baseline", out / "tnf", out / "hf_trainer"
+    else:
+        baseline, tnf = launch_pair(out, args.ranks, args.master_port, flags)
+        peer = launch_training(out / "hf_trainer", args.ranks, args.master_port, [*flags, "--max_steps", str(args.peer_steps)], PEER_SCRIPT)
     command = shlex.join(["python", "tools/bench_tnf.py", *(argv if argv is not None else sys.argv[1:])])
     report = "\n".join([
         f"# TNF vs baseline: preset {args.preset}, {args.ranks} rank(s)", "",
