@@ -8,6 +8,7 @@ import pytest
 
 from tnf_scale.config import ConfigError, parse_args
 from tnf_scale.metrics import read_metrics
+from tnf_scale.provenance import read_provenance
 
 from conftest import REPO, check_ok, free_port, run_cmd, train_args
 
@@ -28,6 +29,8 @@ def test_bench_writes_both_reports_and_the_peer_trains_like_the_baseline(small_c
                       "--warmup", "1", "--master_port", str(free_port()), *flags]))
 
     report = (out / "report.md").read_text()
+    origin = read_provenance(out / "baseline")
+    assert origin["world_size"] == 1 and origin["commit"] and f"Trained at commit {origin['commit']} on {origin['machine']}" in report
     assert "## Time to loss" in report and "## Throughput" in report and (out / "time_to_loss.png").is_file()
     time_to_loss = json.loads((out / "time_to_loss.json").read_text())
     assert time_to_loss["baseline"] is not None and time_to_loss["gap_step"] == 6

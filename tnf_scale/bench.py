@@ -1,14 +1,10 @@
-"""Helpers the benchmark tools share: launch runs, check and read finished runs, describe the machine."""
+"""Helpers the benchmark tools share: launch runs, check and read finished runs."""
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import subprocess
 import sys
 from pathlib import Path
-
-import torch
 
 from tnf_scale.config import ConfigError
 from tnf_scale.metrics import METRICS_FILE, read_metrics
@@ -51,24 +47,3 @@ def steady_steps(run_dir: Path, warmup: int) -> list[dict]:
 
 def median_of(records: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in records)
-
-
-def machine() -> str:
-    """One line naming this machine: CPU model and cores, torch build, accelerator."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")), cpu)
-    from deepspeed.accelerator import get_accelerator
-
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, DeepSpeed accelerator {get_accelerator().device_name()}"
-
-
-def commit() -> str:
-    """The checkout's commit, marked when the working tree differs from it: which code produced a report."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "commit unknown (not a git checkout)"
-    return f"commit {head}" + (" with uncommitted changes" if dirty else "")

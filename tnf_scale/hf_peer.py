@@ -112,7 +112,7 @@ def run(cfg: RunConfig) -> int:
     data = prepare_on_local_rank0(cfg, world, log)
     model = build_bert(cfg, data.tokenizer)
     if world.is_main:
-        write_run_files(out, cfg, model, data)
+        write_run_files(out, cfg, model, data, world)
 
     sampler = GlobalBatchSampler(len(data.train), cfg.global_batch_size, cfg.seed)
     optimizer = ds_config["optimizer"]["params"]

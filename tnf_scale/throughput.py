@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from tnf_scale.bench import finished_run, machine, steady_steps
+from tnf_scale.bench import finished_run, steady_steps
+from tnf_scale.provenance import machine, read_provenance
 
 PHASES = ("data", "note_read", "forward", "backward", "optimizer", "note_write")
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) by the NVML device name's model; MFU is left out for others.
@@ -96,7 +97,9 @@ def run_figures(run: Path, warmup: int, peak_flops_per_s: float) -> dict:
     flops = flops_per_token(model["num_hidden_layers"], model["hidden_size"], model["intermediate_size"],
                             config["max_seq_len"], model["vocab_size"], config["mlm_probability"])
     achieved = flops * summary["tokens_per_s"]["median"]
+    origin = read_provenance(run)
     return {"run": str(run), "preset": config["preset"], "tnf": config["tnf"], "timed_phases": any("time_forward" in r for r in steps),
+            "commit": origin.get("commit", "unknown"), "world_size": origin.get("world_size"), "machine": origin.get("machine"),
             **summary, "flops_per_token": flops, "achieved_flops_per_s": achieved, "mfu": achieved / peak_flops_per_s}
 
 
@@ -111,10 +114,12 @@ def render(report: dict) -> str:
     def phase(r: dict, name: str) -> str:
         return f"{1000 * r['phase_seconds'][name]:.1f} ms" if r["timed_phases"] else "n/a"
 
-    lines = [f"Machine: {report['machine']}. Median over steady steps (warm-up excluded).", "",
+    machines = sorted({r["machine"] or "unrecorded" for r in columns})
+    lines = [f"Trained on: {'; '.join(machines)}. Median over steady steps (warm-up excluded).", "",
              "| | " + " | ".join(f"`{r['run']}`" for r in columns) + " |", "| --- |" + " --- |" * len(columns),
              row("trainer", lambda r: "Hugging Face Trainer" if r is peer else "tnf_scale"),
              row("preset, TNF", lambda r: f"{r['preset']}, {r['tnf']}"),
+             row("ranks, commit", lambda r: f"{r['world_size'] or '?'}, {r['commit']}"),
              row("steps timed", lambda r: str(r["steps"])),
              row("tokens/s", lambda r: f"{r['tokens_per_s']['median']:,.0f} ({r['tokens_per_s']['min']:,.0f}..{r['tokens_per_s']['max']:,.0f})"),
              row("samples/s", lambda r: f"{r['samples_per_s']['median']:,.1f}"),
@@ -125,7 +130,8 @@ def render(report: dict) -> str:
              row("MFU", lambda r: f"{100 * r['mfu']:.1f}%")]
     if peer:
         lines.append(row("tokens/s ÷ HF Trainer", lambda r: f"{r['tokens_per_s']['median'] / peer['tokens_per_s']['median']:.2f}x"))
-    lines += ["", f"MFU is against {report['peak_flops_per_s'] / 1e9:,.1f} GFLOP/s ({report['peak']}). GPUs: {report['note']}."]
+    lines += ["", f"MFU is against {report['peak_flops_per_s'] / 1e9:,.1f} GFLOP/s ({report['peak']}) on {report['reported_on']}. "
+                  f"GPUs there: {report['note']}."]
     if peer:
         lines.append("The Hugging Face Trainer runs stock BertForMaskedLM, whose MLM head computes logits at every position; "
                      "tnf_scale computes them at masked positions only. Model FLOPs count the masked positions for both.")
@@ -137,7 +143,7 @@ def write_report(runs: list[Path], peer: Path | None, out: Path, warmup: int) ->
     runs = [finished_run(r, "--run") for r in runs]
     peer = finished_run(peer, "--peer") if peer else None
     device = device_peak()
-    report = {"machine": machine(), **device, "runs": [run_figures(r, warmup, device["peak_flops_per_s"]) for r in runs],
+    report = {"reported_on": machine(), **device, "runs": [run_figures(r, warmup, device["peak_flops_per_s"]) for r in runs],
               "peer": run_figures(peer, warmup, device["peak_flops_per_s"]) if peer else None}
     out.mkdir(parents=True, exist_ok=True)
     (out / "throughput.json").write_text(json.dumps(report, indent=2) + "\n")

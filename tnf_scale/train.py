@@ -38,6 +38,7 @@ from tnf_scale.model.pipeline import PipelineObjective, build_pipeline
 from tnf_scale.model.tnf_bert import MaskedLMObjective, TnfHooks, build_bert
 from tnf_scale.notes.exchange import ExchangeGroup
 from tnf_scale.notes.store import NoteStore
+from tnf_scale.provenance import write_provenance
 
 RUN_ARTIFACTS = (METRICS_FILE, TENSORBOARD_DIR, "checkpoints", "export", "notes.safetensors")
 WORLD_SOURCES = {"slurm": " in the SLURM allocation (SLURM_NTASKS)", "mpi": " started by MPI"}
@@ -83,8 +84,9 @@ def prepare_on_local_rank0(cfg: RunConfig, world: World, log) -> PreparedData:
     return data
 
 
-def write_run_files(out: Path, cfg: RunConfig, model, data: PreparedData) -> None:
-    """The files that describe a run beside its metrics: tokenizer, model config, run config."""
+def write_run_files(out: Path, cfg: RunConfig, model, data: PreparedData, world: World) -> None:
+    """The files that describe a run beside its metrics: tokenizer, model config, run config, provenance."""
+    write_provenance(out, world.size)
     copy_tokenizer(data.tokenizer_dir, out)
     model.config.to_json_file(str(out / MODEL_CONFIG))
     (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
@@ -133,7 +135,7 @@ def run(cfg: RunConfig) -> int:
 
     model = build_bert(cfg, data.tokenizer)
     if world.is_main:
-        write_run_files(out, cfg, model, data)
+        write_run_files(out, cfg, model, data, world)
     store = (NoteStore(len(data.rare_vocab), cfg.hidden_size, cfg.seed, model.config.initializer_range, cfg.note_gamma,
                        ExchangeGroup(world.rank, world.size), world.device) if cfg.tnf_enabled else None)
 

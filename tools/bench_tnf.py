@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tnf_scale.bench import PEER_SCRIPT, commit, launch_pair, launch_training, machine  # noqa: E402
+from tnf_scale.bench import PEER_SCRIPT, launch_pair, launch_training  # noqa: E402
 from tnf_scale.config import exit_code  # noqa: E402
+from tnf_scale.provenance import read_provenance  # noqa: E402
 from tnf_scale.throughput import write_report as write_throughput  # noqa: E402
 from tnf_scale.time_to_loss import write_report as write_time_to_loss  # noqa: E402
 
@@ -43,10 +45,14 @@ def main(argv: list[str] | None = None) -> int:
         baseline, tnf = launch_pair(out, args.ranks, args.master_port, flags)
         peer = launch_training(out / "hf_trainer", args.ranks, args.master_port, [*flags, "--max_steps", str(args.peer_steps)], PEER_SCRIPT)
     command = shlex.join(["python", "tools/bench_tnf.py", *(argv if argv is not None else sys.argv[1:])])
+    time_to_loss = write_time_to_loss(baseline, tnf, out)  # checks the runs are there before anything else is read
+    run, origin = json.loads((baseline / "run_config.json").read_text()), read_provenance(baseline)
     report = "\n".join([
-        f"# TNF vs baseline: preset {args.preset}, {args.ranks} rank(s)", "",
-        f"`{command}` on {datetime.date.today()}, {commit()}; {machine()}.", "",
-        "## Time to loss", "", write_time_to_loss(baseline, tnf, out),
+        f"# TNF vs baseline: preset {run['preset']}, {run['max_steps']} steps of {run['global_batch_size']} x {run['max_seq_len']} tokens", "",
+        f"Trained at commit {origin.get('commit', 'unknown')} on {origin.get('machine', 'an unrecorded machine')} "
+        f"({origin.get('world_size', '?')} rank(s), started {origin.get('started', '?')}); "
+        f"reports by `{command}` on {datetime.date.today()}.", "",
+        "## Time to loss", "", time_to_loss,
         "## Throughput", "", write_throughput([baseline, tnf], peer, out, args.warmup),
     ])
     (out / "report.md").write_text(report)
