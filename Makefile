@@ -47,7 +47,7 @@ bench: install
 
 # The whole suite but the BERT-large-sized test, within 15 minutes here set-up included.
 test: cluster-deps install
-	$(PY) -m pytest -q tests -m "not slow"
+	$(PY) -m pytest -q tests -m "not slow" --durations=15
 
 test-slow: install
 	$(PY) -m pytest -q tests -m slow

@@ -66,7 +66,7 @@ def test_no_word_in_the_rare_band_says_what_was_counted_and_suggests_bounds(smal
 
 
 def test_unknown_preset_and_config_key_are_named(tmp_path):
-    with pytest.raises(ConfigError, match="unknown preset 'bert-huge'.*tiny, bert-base, bert-large"):
+    with pytest.raises(ConfigError, match="unknown preset 'bert-huge'.*tiny, bench, bert-base, bert-large"):
         resolve("bert-huge", {})
     with pytest.raises(ConfigError, match="unknown config key 'learning_rate'"):
         resolve("tiny", {"learning_rate": 1e-3})

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 
@@ -19,7 +20,7 @@ def step_records(run) -> dict[int, dict]:
     return {r["step"]: r for r in read_metrics(run) if "loss" in r}
 
 
-def test_bench_writes_both_reports_and_the_peer_trains_like_the_baseline(small_config, tmp_path):
+def test_bench_writes_both_reports_and_the_peer_trains_like_the_baseline(small_config, tmp_path, capsys):
     out = tmp_path / "bench"
     # One micro-batch a step, so both trainers average the loss over the same masked tokens.
     args = train_args(small_config, out, max_steps=6, eval_interval=2, dropout=0.0, export="false", micro_batch_size=16,
@@ -38,6 +39,18 @@ def test_bench_writes_both_reports_and_the_peer_trains_like_the_baseline(small_c
     assert [r["tnf"] for r in throughput["runs"]] == ["off", "on"] and not throughput["peer"]["timed_phases"]
     ratio = throughput["runs"][0]["tokens_per_s"]["median"] / throughput["peer"]["tokens_per_s"]["median"]
     assert f"| tokens/s ÷ HF Trainer | {ratio:.2f}x |" in report
+    tnf = throughput["runs"][1]
+    assert tnf["steps"] == 5 and tnf["timed_phases"] and tnf["phase_seconds"]["forward"] > 0 and tnf["phase_seconds"]["note_write"] > 0
+    assert 0 < tnf["mfu"] < 1 and ("measured now" in throughput["peak"] or throughput["gpus"])
+
+    # The throughput tool on its own, over finished runs, writes where --out says.
+    sys.path.insert(0, str(REPO / "tools"))
+    import throughput_report
+
+    assert throughput_report.main(["--run", str(out / "tnf"), "--peer", str(out / "hf_trainer"), "--out", str(tmp_path / "tp"), "--warmup", "1"]) == 0
+    alone = json.loads((tmp_path / "tp" / "throughput.json").read_text())
+    assert [r["run"] for r in alone["runs"]] == [str(out / "tnf")] and alone["peer"]["run"] == str(out / "hf_trainer")
+    assert "| tokens/s ÷ HF Trainer |" in capsys.readouterr().out
 
     # Same initial weights, samples, masks and optimizer: the same losses, step after step.
     baseline, peer = step_records(out / "baseline"), step_records(out / "hf_trainer")
