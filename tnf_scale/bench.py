@@ -8,8 +8,7 @@ from pathlib import Path
 
 from tnf_scale.config import ConfigError
 from tnf_scale.metrics import METRICS_FILE, read_metrics
-
-REPO = Path(__file__).resolve().parent.parent
+from tnf_scale.provenance import REPO
 TRAIN_SCRIPT = "tnf_scale/train.py"
 PEER_SCRIPT = "tnf_scale/hf_peer.py"
 
