@@ -7,7 +7,7 @@ import torch
 from transformers import BertForMaskedLM
 
 from tnf_scale.data.sampler import Collator
-from tnf_scale.model.tnf_bert import MaskedLMObjective, TnfHooks, build_bert
+from tnf_scale.model.tnf_bert import LossSums, MaskedLMObjective, TnfHooks, build_bert
 from tnf_scale.notes.note_math import pool_windows
 
 
@@ -35,10 +35,12 @@ def test_idle_hooks_give_the_plain_bert_forward(small_config, prepared):
 
 
 @torch.no_grad()
-def test_objective_is_the_summed_hugging_face_mlm_loss(small_config, prepared):
+def test_objective_gives_the_hugging_face_mlm_loss_per_predicted_token(small_config, prepared):
     tnf, hooks, plain = models(small_config, prepared)
     batch = a_batch(prepared)
-    summed = MaskedLMObjective(tnf)(batch.input_ids, batch.attention_mask, batch.labels)
+    per_token = MaskedLMObjective(tnf)(batch.input_ids, batch.attention_mask, batch.labels)
+    assert per_token.shape == ((batch.labels != -100).sum(),)
+    summed = per_token.sum()
     mean = plain(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
     torch.testing.assert_close(summed, mean * (batch.labels != -100).sum(), rtol=1e-5, atol=1e-4)
 
@@ -61,3 +63,68 @@ def test_reads_change_the_forward_and_captures_pool_the_last_layer(small_config,
     without = [i for i in range(len(batch.lengths)) if i not in set(batch.occ_sample.tolist())]
     for i in without:
         torch.testing.assert_close(mixed[i], plain_out[i])
+
+
+def embedded(model, hooks, batch, rows=None):
+    """The embedding output (after LayerNorm) of `batch`, notes mixed in at the reading occurrences when `rows` is given."""
+    if rows is not None:
+        hooks.set_reads(*batch.read_spans[1:], rows, batch.input_ids.shape[1])
+    try:
+        return model.bert.embeddings(input_ids=batch.input_ids)
+    finally:
+        hooks.clear()
+
+
+@torch.no_grad()
+def test_a_masked_occurrence_reads_no_note_and_an_unmasked_one_does(small_config, prepared):
+    tnf, hooks, _ = models(small_config, prepared)
+    n = 8
+    batch = Collator(prepared.tokenizer, 64, 0.3, seed=1)(prepared.train, list(range(n)), list(range(n)), [0] * n)
+    predicted = batch.labels != -100
+    holds_predicted = [bool(predicted[b, s : t + 1].any()) for b, s, t in zip(batch.occ_sample.tolist(), batch.occ_start.tolist(), batch.occ_end.tolist())]
+    assert batch.occ_reads.tolist() == [not h for h in holds_predicted]
+    assert 0 < sum(holds_predicted) < len(holds_predicted)  # the batch has both kinds
+    rows = torch.randn(int(batch.occ_reads.sum()), tnf.config.hidden_size)
+    mixed, plain = embedded(tnf, hooks, batch, rows), embedded(tnf, hooks, batch)
+    for i, (b, s, t) in enumerate(zip(batch.occ_sample.tolist(), batch.occ_start.tolist(), batch.occ_end.tolist())):
+        if holds_predicted[i]:
+            assert torch.equal(mixed[b, s : t + 1], plain[b, s : t + 1]), i  # bit for bit: no note given away
+        else:
+            assert not torch.allclose(mixed[b, s : t + 1], plain[b, s : t + 1]), i
+    assert torch.equal(batch.in_rare_span, span_mask_by_hand(batch))
+
+
+def span_mask_by_hand(batch):
+    mask = torch.zeros_like(batch.labels, dtype=torch.bool)
+    for b, s, t in zip(batch.occ_sample.tolist(), batch.occ_start.tolist(), batch.occ_end.tolist()):
+        mask[b, s : t + 1] = True
+    return mask
+
+
+@torch.no_grad()
+def test_the_leaky_ablation_mixes_notes_at_masked_spans_again(small_config, prepared):
+    tnf, hooks, _ = models(small_config, prepared)
+    n = 8
+    leaky = Collator(prepared.tokenizer, 64, 0.3, seed=1, notes_at_masked=True)(prepared.train, list(range(n)), list(range(n)), [0] * n)
+    safe = Collator(prepared.tokenizer, 64, 0.3, seed=1)(prepared.train, list(range(n)), list(range(n)), [0] * n)
+    assert torch.equal(leaky.labels, safe.labels) and bool(leaky.occ_reads.all()) and not bool(safe.occ_reads.all())
+    rows = torch.randn(len(leaky.occ_rare), tnf.config.hidden_size)
+    mixed, plain = embedded(tnf, hooks, leaky, rows), embedded(tnf, hooks, leaky)
+    masked_occ = torch.nonzero(~safe.occ_reads).flatten().tolist()
+    for i in masked_occ:
+        b, s, t = int(leaky.occ_sample[i]), int(leaky.occ_start[i]), int(leaky.occ_end[i])
+        assert not torch.allclose(mixed[b, s : t + 1], plain[b, s : t + 1]), i
+
+
+def test_split_losses_recombine_into_the_overall_loss():
+    torch.manual_seed(3)
+    sums = LossSums()
+    for _ in range(3):
+        token_ce = torch.rand(50) * 8
+        sums.add(token_ce, torch.rand(50) < 0.1)
+    losses = sums.losses("loss")
+    assert sums.tokens_rare > 0 and sums.tokens_other > 0
+    recombined = (sums.tokens_rare * losses["loss_rare"] + sums.tokens_other * losses["loss_other"]) / (sums.tokens_rare + sums.tokens_other)
+    assert abs(recombined - losses["loss"]) < 1e-6
+    assert losses["loss_rare"] != losses["loss_other"]
+    assert LossSums().losses("loss") == {} and set(LossSums(1.0, 2.0, 0, 4).losses("x")) == {"x", "x_other"}

@@ -6,6 +6,7 @@ import torch
 
 from tnf_scale.notes.note_math import (
     application_order, ema_closed_form, ema_sequential, expand_spans, initial_notes, mix64, mix_notes, owner_of, pool_windows,
+    span_positions, spans_holding,
 )
 from tnf_scale.notes.store import NoteStore
 
@@ -105,3 +106,13 @@ def test_mix64_is_the_splitmix64_finalizer_and_spreads_owners():
     owners = owner_of(torch.arange(10_000), 4)
     counts = np.bincount(owners.numpy(), minlength=4)
     assert counts.min() > 2300 and counts.max() < 2700
+
+
+def test_spans_holding_flags_and_span_positions():
+    flags = torch.zeros(2, 10, dtype=torch.bool)
+    flags[0, 4] = flags[1, 9] = True
+    sample, start, end = torch.tensor([0, 0, 0, 1, 1]), torch.tensor([1, 4, 5, 0, 8]), torch.tensor([3, 4, 7, 7, 9])
+    assert spans_holding(flags, sample, start, end).tolist() == [False, True, False, False, True]
+    positions = span_positions(sample, start, end, (2, 10))
+    assert positions[0].tolist() == [False] + [True] * 7 + [False] * 2
+    assert positions[1].tolist() == [True] * 10

@@ -69,6 +69,7 @@ class RunConfig:
     note_lambda: float = 0.5
     note_gamma: float = 0.1
     note_window: int = 16
+    notes_at_masked: bool = False  # leaky ablation: notes mixed into spans that hold a predicted token (TNF_SPEC 3 forbids it)
     # run control
     deepspeed_config: str | None = None
     output_dir: str = "runs/demo"
@@ -141,6 +142,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+FLAG_HELP = {
+    "notes_at_masked": "LEAKY ABLATION, default false: also mix notes into rare spans that hold a token the model must "
+                       "predict; the note then gives the masked word away and the exported model learns less",
+}
 
 
 def _flag_type(name: str):
@@ -165,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif name == "tnf":
             parser.add_argument("--tnf", choices=("on", "off"), default=None, help="off runs the same pipeline without notes (the baseline)")
         else:
-            parser.add_argument(f"--{name}", type=_flag_type(name), default=None)
+            parser.add_argument(f"--{name}", type=_flag_type(name), default=None, help=FLAG_HELP.get(name))
     return parser
 
 

@@ -16,7 +16,7 @@ from deepspeed.accelerator import get_accelerator
 from tnf_scale.config import RunConfig
 from tnf_scale.data.sampler import EVAL_EPOCH, Batch, Collator, GlobalBatchSampler, local_share
 from tnf_scale.distributed import World, all_reduce_sum
-from tnf_scale.model.tnf_bert import TnfHooks
+from tnf_scale.model.tnf_bert import LossSums, TnfHooks
 from tnf_scale.notes.note_math import expand_spans
 from tnf_scale.notes.store import NoteStore
 
@@ -74,15 +74,17 @@ class TnfTrainer:
                 for i in range(0, len(indices), mb)]
 
     def _read_notes(self, batches: list[Batch]) -> list[torch.Tensor]:
-        """One read for all occurrences this rank feeds into the model in the step, split per micro-batch.
+        """One read for the reading occurrences (`Batch.read_spans`) this rank feeds into the model in the step,
+        split per micro-batch.
 
         Every rank takes part; a rank that feeds no inputs asks for nothing and gets empty rows.
         """
-        ids = torch.cat([b.occ_rare for b in batches]) if self.reads_notes else torch.zeros(0, dtype=torch.int64)
+        counts = [int(b.occ_reads.sum()) for b in batches]
+        ids = torch.cat([b.read_spans[0] for b in batches]) if self.reads_notes else torch.zeros(0, dtype=torch.int64)
         rows = self.store.read(ids)
         if not self.reads_notes:
-            return [rows.new_zeros(len(b.occ_rare), rows.shape[1]) for b in batches]
-        return list(torch.split(rows, [len(b.occ_rare) for b in batches]))
+            return [rows.new_zeros(n, rows.shape[1]) for n in counts]
+        return list(torch.split(rows, counts))
 
     def _write_notes(self, batches: list[Batch], pooled: list[torch.Tensor]) -> None:
         """One write of every note this rank took in the step (none when it does not take notes)."""
@@ -94,17 +96,21 @@ class TnfTrainer:
             notes = torch.zeros(0, self.cfg.hidden_size, device=self.world.device)
         self.store.write(*parts, notes)
 
-    def _summed_ce(self, batch: Batch) -> torch.Tensor:
+    def _token_ce(self, batch: Batch) -> torch.Tensor:
+        """Cross-entropy of every predicted token of the micro-batch (row-major order)."""
         return self.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+
+    def _set_reads(self, batch: Batch, rows: torch.Tensor) -> None:
+        self.hooks.set_reads(*batch.read_spans[1:], rows, batch.input_ids.shape[1])
 
     def _train_micro_batches(self, batches: list[Batch], rows: list, scale: float, timer: PhaseTimer) -> tuple[float, list]:
         """Forward, backward and step over the micro-batches; returns (summed CE, pooled notes per micro-batch)."""
         ce_total, pooled = 0.0, []
         for batch, batch_rows in zip(batches, rows):
             if self.hooks is not None:
-                self.hooks.set_reads(batch.occ_sample, batch.occ_start, batch.occ_end, batch_rows, batch.input_ids.shape[1])
+                self._set_reads(batch, batch_rows)
                 self.hooks.set_capture(batch.occ_sample, batch.occ_start, batch.occ_end, batch.lengths)
-            ce = self._summed_ce(batch)
+            ce = self._token_ce(batch).sum()
             timer.lap("forward")
             self.engine.backward(ce * scale)
             timer.lap("backward")
@@ -116,17 +122,16 @@ class TnfTrainer:
                 self.hooks.clear()
         return ce_total, pooled
 
-    def _eval_micro_batches(self, batches: list[Batch], rows: list) -> tuple[float, int]:
-        """(summed CE, masked tokens) of a forward over the micro-batches, notes mixed in when rows are given."""
-        ce_total, masked = 0.0, 0
+    def _eval_micro_batches(self, batches: list[Batch], rows: list) -> LossSums:
+        """Losses of a forward over the micro-batches, notes mixed in (leak-free) when rows are given."""
+        sums = LossSums()
         for batch, batch_rows in zip(batches, rows):
             if batch_rows is not None:
-                self.hooks.set_reads(batch.occ_sample, batch.occ_start, batch.occ_end, batch_rows, batch.input_ids.shape[1])
-            ce_total += float(self._summed_ce(batch))
-            masked += int((batch.labels != -100).sum())
+                self._set_reads(batch, batch_rows)
+            sums.add(self._token_ce(batch), batch.in_rare_span[batch.labels != -100])
             if self.hooks is not None:
                 self.hooks.clear()
-        return ce_total, masked
+        return sums
 
     def train_step(self, step: int) -> StepResult:
         """Train global batch `step`; notes read at the start and written once at the end."""
@@ -147,8 +152,9 @@ class TnfTrainer:
         if self.store is not None:
             self._write_notes(batches, pooled)
             occurrences = sum(len(b.occ_rare) for b in counted)
-            notes = {"occurrences_read": occurrences, "notes_written": occurrences, "distinct_noted": self.store.distinct_noted(),
-                     **{f"note_{k}": v for k, v in self.store.take_traffic().items()}}
+            read = sum(int(b.occ_reads.sum()) for b in counted)
+            notes = {"occurrences_read": read, "occurrences_skipped_masked": occurrences - read, "notes_written": occurrences,
+                     "distinct_noted": self.store.distinct_noted(), **{f"note_{k}": v for k, v in self.store.take_traffic().items()}}
         timer.lap("note_write")
         ce_sum, tokens, *note_sums = all_reduce_sum([ce_total, local_tokens, *notes.values()], self.world.device)
         notes = dict(zip(notes, note_sums))
@@ -157,20 +163,19 @@ class TnfTrainer:
         return StepResult(ce_sum / max(global_masked, 1.0), int(tokens), time.perf_counter() - t0, notes, timer.seconds)
 
     @torch.no_grad()
-    def evaluate(self, with_notes: bool) -> float:
-        """Held-out MLM loss over a fixed, masked eval set (eval_batches micro-batches per data-parallel rank);
-        with notes it reads (never writes) them."""
+    def evaluate(self, with_notes: bool) -> LossSums:
+        """Held-out MLM losses over a fixed, masked eval set (eval_batches micro-batches per data-parallel rank),
+        summed over ranks; with notes it reads (never writes) them, under the same leak-free rule as training."""
         size = min(len(self.eval_set), self.cfg.eval_batches * self.cfg.micro_batch_size * self.data_size)
         mine = local_share(list(range(size)), self.data_rank, self.data_size)
         batches = self._micro_batches(self.eval_set, mine, mine, [EVAL_EPOCH] * len(mine))
         rows = self._read_notes(batches) if with_notes else [None] * len(batches)
         self.engine.eval()
-        ce_total, masked = self._eval_micro_batches(batches, rows)
+        sums = self._eval_micro_batches(batches, rows)
         self.engine.train()
         if with_notes:
             self.store.take_traffic()  # eval reads are not a training step's traffic
-        ce_sum, masked_sum = all_reduce_sum([ce_total, masked], self.world.device)
-        return ce_sum / max(masked_sum, 1.0)
+        return LossSums(*all_reduce_sum(sums.as_list(), self.world.device))
 
 
 class PipelineTnfTrainer(TnfTrainer):
@@ -191,19 +196,19 @@ class PipelineTnfTrainer(TnfTrainer):
                 batch_rows = torch.zeros(0, self.cfg.hidden_size, device=self.world.device)
                 token_index = token_occ = torch.zeros(0, dtype=torch.int64, device=self.world.device)
             else:
-                token_index, token_occ = expand_spans(batch.occ_sample, batch.occ_start, batch.occ_end, batch.input_ids.shape[1])
+                token_index, token_occ = expand_spans(*batch.read_spans[1:], batch.input_ids.shape[1])
             yield ((batch.input_ids, batch.attention_mask, token_index, token_occ, batch_rows),
-                   (batch.labels, batch.occ_sample, batch.occ_start, batch.occ_end, batch.lengths))
+                   (batch.labels, batch.occ_sample, batch.occ_start, batch.occ_end, batch.lengths, batch.in_rare_span))
 
     def _train_micro_batches(self, batches: list[Batch], rows: list, scale: float, timer: PhaseTimer) -> tuple[float, list]:
         self.objective.reset()
         self.objective.scale, self.objective.take_notes = scale, self.store is not None
         self.engine.train_batch(iter(self._pipeline_items(batches, rows)))
         timer.lap("forward")  # the schedule interleaves forward, backward and the step: all counted here
-        return self.objective.ce_sum, self.objective.pooled
+        return self.objective.sums.ce, self.objective.pooled
 
-    def _eval_micro_batches(self, batches: list[Batch], rows: list) -> tuple[float, int]:
+    def _eval_micro_batches(self, batches: list[Batch], rows: list) -> LossSums:
         self.objective.reset()
         self.objective.scale, self.objective.take_notes = 1.0, False
         self.engine.eval_batch(iter(self._pipeline_items(batches, rows)), num_micro_batches=len(batches))
-        return self.objective.ce_sum, self.objective.masked
+        return self.objective.sums

@@ -1,12 +1,15 @@
-"""Time-to-loss comparison of a baseline run and a TNF run, on the loss of the model as exported.
+"""Time-to-loss comparison of a baseline run and a TNF run, on every loss yardstick the paper's claim rests on.
 
-The target is a held-out loss (default: the baseline's final `eval_loss_no_notes`, smoothed);
-each run's first step and wall time at which its smoothed `eval_loss_no_notes` reaches the
-target give the saving in steps and in time. The paper's headline is a 60% saving.
+Each yardstick names the held-out loss of TNF compared with one of the baseline:
+  (a) the model as trained: TNF with its notes read (leak-free), against the baseline (which has no notes);
+  (b) the model as exported: no notes, for both;
+  (c) the exported model on the predicted tokens outside rare spans, and on those inside rare spans.
+The target of a yardstick is the baseline's final value (smoothed); each run's first step and wall
+time at which its smoothed loss reaches it give the saving in steps and in time. The paper's
+headline is a 60% saving. The downstream yardstick (fine-tuning scores) is not measured here.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +18,27 @@ from tnf_scale.bench import finished_run
 from tnf_scale.config import ConfigError
 from tnf_scale.metrics import read_metrics
 
-EVAL_KEY = "eval_loss_no_notes"
-NOTES_KEY = "eval_loss_notes"  # TNF's held-out loss with its notes read: the model as trained, not as exported
+EVAL_KEY = "eval_loss_no_notes"  # held-out loss of the model as exported
+NOTES_KEY = "eval_loss_notes"  # TNF's held-out loss with its notes read (leak-free): the model as trained
+TOKEN_KINDS = (("", "all"), ("_rare", "inside a rare span"), ("_other", "all other"))
+
+
+@dataclass(frozen=True)
+class Yardstick:
+    """What is compared: TNF's `tnf_key` against the baseline's `baseline_key`."""
+
+    id: str
+    name: str
+    tnf_key: str
+    baseline_key: str
+
+
+AS_TRAINED = Yardstick("as_trained", "(a) model as trained: notes read (leak-free)", NOTES_KEY, EVAL_KEY)
+EXPORTED = Yardstick("exported", "(b) model as exported: no notes", EVAL_KEY, EVAL_KEY)
+EXPORTED_OTHER = Yardstick("exported_other", "(c) exported, non-rare tokens", f"{EVAL_KEY}_other", f"{EVAL_KEY}_other")
+EXPORTED_RARE = Yardstick("exported_rare", "(c) exported, rare-span tokens", f"{EVAL_KEY}_rare", f"{EVAL_KEY}_rare")
+YARDSTICKS = (AS_TRAINED, EXPORTED, EXPORTED_OTHER, EXPORTED_RARE)
+DOWNSTREAM_NOTE = "(d) downstream (fine-tuning score): not measured by this report; fine-tune both exports to see it."
 
 
 @dataclass(frozen=True)
@@ -51,12 +73,12 @@ def first_crossing(curve: Curve, target: float, window: int) -> tuple[int, float
 
 @dataclass(frozen=True)
 class Comparison:
+    yardstick: Yardstick
     target: float
     baseline: tuple[int, float] | None
     tnf: tuple[int, float] | None
     loss_gap_at_equal_steps: float | None  # TNF minus baseline at the last step both evaluated
     gap_step: int | None
-    tnf_with_notes: float | None = None  # TNF's NOTES_KEY loss at gap_step, when it logged one
 
     @property
     def step_saving(self) -> float | None:
@@ -72,104 +94,147 @@ class Comparison:
         return 1 - self.tnf[1] / self.baseline[1]
 
     def verdict(self) -> str:
-        """One plain sentence: did TNF reach the target, and did it save time."""
+        """One plain sentence: on this yardstick, did TNF reach the target, and did it save time."""
+        what = f"{self.yardstick.name}:"
         if self.baseline is None:
-            return f"The baseline never reached the target loss {self.target:.4f}; choose a target it reaches."
+            return f"{what} the baseline never reached the target loss {self.target:.4f}; choose a target it reaches."
         if self.tnf is None:
-            return f"TNF did not reach the target loss {self.target:.4f} within its run: no saving shown."
+            return f"{what} TNF did not reach the baseline's {self.target:.4f} within its run: no saving."
+        if self.step_saving is None:
+            return f"{what} the baseline was at its target {self.target:.4f} from step 0: no saving can be measured."
         if self.time_saving is not None and self.time_saving <= 0:
-            return (f"TNF reached the target loss {self.target:.4f} at step {self.tnf[0]} (baseline {self.baseline[0]}) "
+            return (f"{what} TNF reached {self.target:.4f} at step {self.tnf[0]} (baseline {self.baseline[0]}) "
                     f"but did not save wall time ({100 * self.time_saving:+.1f}%).")
-        return (f"TNF reached the target loss {self.target:.4f} {100 * self.step_saving:.1f}% sooner in steps and "
+        return (f"{what} TNF reached {self.target:.4f} {100 * self.step_saving:.1f}% sooner in steps and "
                 f"{100 * self.time_saving:.1f}% sooner in wall time than the baseline (the paper reports 60%).")
 
+    def as_json(self) -> dict:
+        return {"yardstick": self.yardstick.id, "name": self.yardstick.name, "tnf_key": self.yardstick.tnf_key,
+                "baseline_key": self.yardstick.baseline_key, "target": self.target, "baseline": self.baseline, "tnf": self.tnf,
+                "step_saving": self.step_saving, "time_saving": self.time_saving,
+                "loss_gap_at_equal_steps": self.loss_gap_at_equal_steps, "gap_step": self.gap_step, "verdict": self.verdict()}
 
-def compare(baseline: list[dict], tnf: list[dict], target: float | None = None, window: int = 3) -> Comparison:
-    """Compare two runs' metrics records on the exported model's held-out loss."""
-    base_curve, tnf_curve = eval_curve(baseline), eval_curve(tnf)
+
+def compare(baseline: list[dict], tnf: list[dict], yardstick: Yardstick = EXPORTED, target: float | None = None,
+            window: int = 3) -> Comparison:
+    """Compare two runs' metrics records on one yardstick (target: the baseline's final smoothed value unless given)."""
+    base_curve, tnf_curve = eval_curve(baseline, yardstick.baseline_key), eval_curve(tnf, yardstick.tnf_key)
     if not base_curve.steps or not tnf_curve.steps:
-        raise ConfigError(f"both runs need {EVAL_KEY} records and one has none; train them with --eval_interval below --max_steps.")
+        raise ConfigError(f"both runs need {yardstick.baseline_key} / {yardstick.tnf_key} records and one has none; "
+                          "train them with --eval_interval below --max_steps (and TNF with --tnf on).")
     if target is None:
         target = smooth(base_curve.losses, window)[-1]
     common = sorted(set(base_curve.steps) & set(tnf_curve.steps))
-    gap = gap_step = with_notes = None
+    gap = gap_step = None
     if common:
         gap_step = common[-1]
         gap = tnf_curve.losses[tnf_curve.steps.index(gap_step)] - base_curve.losses[base_curve.steps.index(gap_step)]
-        notes_curve = eval_curve(tnf, NOTES_KEY)
-        with_notes = notes_curve.losses[notes_curve.steps.index(gap_step)] if gap_step in notes_curve.steps else None
-    return Comparison(target, first_crossing(base_curve, target, window), first_crossing(tnf_curve, target, window), gap, gap_step,
-                      with_notes)
+    return Comparison(yardstick, target, first_crossing(base_curve, target, window), first_crossing(tnf_curve, target, window),
+                      gap, gap_step)
 
 
-def markdown(result: Comparison, baseline_dir: str, tnf_dir: str) -> str:
-    """The report table and verdict as markdown."""
+def logs(records: list[dict], key: str) -> bool:
+    return any(key in r for r in records)
+
+
+def compare_all(baseline: list[dict], tnf: list[dict], target: float | None = None, window: int = 3) -> list[Comparison]:
+    """Every yardstick both runs logged (the exported model's always; `target` is its target when given)."""
+    return [compare(baseline, tnf, y, target if y is EXPORTED else None, window) for y in YARDSTICKS
+            if y is EXPORTED or (logs(baseline, y.baseline_key) and logs(tnf, y.tnf_key))]
+
+
+def split_by_token_kind(baseline: list[dict], tnf: list[dict], step: int) -> list[dict]:
+    """Held-out losses at `step` over all predicted tokens, those inside rare spans and the rest: baseline, TNF
+    without notes, TNF with notes read."""
+    def at(records: list[dict], key: str) -> float | None:
+        return next((r[key] for r in records if r["step"] == step and key in r), None)
+
+    rare, other = at(tnf, "eval_tokens_rare"), at(tnf, "eval_tokens_other")
+    tokens = {"": None if rare is None or other is None else rare + other, "_rare": rare, "_other": other}
+    return [{"kind": kind, "tokens": tokens[suffix], "baseline": at(baseline, EVAL_KEY + suffix),
+             "tnf_no_notes": at(tnf, EVAL_KEY + suffix), "tnf_notes": at(tnf, NOTES_KEY + suffix)}
+            for suffix, kind in TOKEN_KINDS if at(tnf, EVAL_KEY + suffix) is not None]
+
+
+def markdown(results: list[Comparison], split: list[dict], split_step: int | None, baseline_dir: str, tnf_dir: str) -> str:
+    """The yardstick table, one verdict per yardstick, and the split by token kind, as markdown."""
     def cell(point: tuple[int, float] | None) -> str:
         return "never" if point is None else f"step {point[0]}, {point[1]:.1f} s"
 
     def pct(value: float | None) -> str:
         return "n/a" if value is None else f"{100 * value:.1f}%"
 
-    gap = "n/a" if result.loss_gap_at_equal_steps is None else f"{result.loss_gap_at_equal_steps:+.4f} at step {result.gap_step}"
-    return "\n".join([
-        f"Target held-out loss (`{EVAL_KEY}`, the model as exported): {result.target:.4f}",
-        "",
-        "| | baseline | TNF |",
-        "| --- | --- | --- |",
-        f"| run | `{baseline_dir}` | `{tnf_dir}` |",
-        f"| reaches the target | {cell(result.baseline)} | {cell(result.tnf)} |",
-        "",
-        f"Saving in steps: {pct(result.step_saving)}; in wall time: {pct(result.time_saving)}; "
-        f"loss gap (TNF - baseline) at equal steps: {gap}.",
-        *([f"TNF with its notes read (`{NOTES_KEY}`, the model as trained, not as exported): {result.tnf_with_notes:.4f} at step {result.gap_step}."]
-          if result.tnf_with_notes is not None else []),
-        "",
-        result.verdict(),
-        "",
-    ])
+    def num(value: float | None, sign: str = "") -> str:
+        return "n/a" if value is None else f"{value:{sign}.4f}"
+
+    lines = [f"Baseline `{baseline_dir}`, TNF `{tnf_dir}`. Target of each yardstick: the baseline's final held-out loss on it "
+             "(trailing mean of the last evaluations); the paper reports 60% less pre-training time.", "",
+             "| yardstick | TNF's loss vs the baseline's | target | baseline reaches | TNF reaches | saving in steps | saving in time | TNF - baseline at equal steps |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        y = r.yardstick
+        gap = "n/a" if r.loss_gap_at_equal_steps is None else f"{r.loss_gap_at_equal_steps:+.4f} at step {r.gap_step}"
+        lines.append(f"| {y.name} | `{y.tnf_key}` vs `{y.baseline_key}` | {r.target:.4f} | {cell(r.baseline)} | {cell(r.tnf)} | "
+                     f"{pct(r.step_saving)} | {pct(r.time_saving)} | {gap} |")
+    lines += ["", *(f"- {r.verdict()}" for r in results), f"- {DOWNSTREAM_NOTE}", ""]
+    if split:
+        lines += [f"Held-out loss at step {split_step}, split by the kind of predicted token:", "",
+                  "| predicted tokens | tokens | baseline | TNF, exported (no notes) | TNF - baseline | TNF, notes read (leak-free) |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for row in split:
+            diff = None if row["baseline"] is None or row["tnf_no_notes"] is None else row["tnf_no_notes"] - row["baseline"]
+            tokens = "" if row["tokens"] is None else f"{row['tokens']:,}"
+            lines.append(f"| {row['kind']} | {tokens} | {num(row['baseline'])} | {num(row['tnf_no_notes'])} | {num(diff, '+')} | "
+                         f"{num(row['tnf_notes'])} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
-def plot(baseline: list[dict], tnf: list[dict], result: Comparison, path: Path) -> Path:
-    """PNG: held-out loss vs steps and vs wall time (target marked), and the training loss curves."""
+def plot(baseline: list[dict], tnf: list[dict], results: list[Comparison], path: Path) -> Path:
+    """PNG: each yardstick's held-out loss vs steps (target marked), the exported model's vs wall time, training loss."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for records, name in ((baseline, "baseline"), (tnf, "TNF")):
-        curve = eval_curve(records)
-        axes[0].plot(curve.steps, curve.losses, marker="o", label=name)
-        axes[1].plot(curve.times, curve.losses, marker="o", label=name)
-        notes = eval_curve(records, NOTES_KEY)
-        if notes.steps:
-            axes[0].plot(notes.steps, notes.losses, linestyle=":", label=f"{name}, notes read ({NOTES_KEY})")
-            axes[1].plot(notes.times, notes.losses, linestyle=":", label=f"{name}, notes read ({NOTES_KEY})")
-        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-        axes[2].plot([s for s, _ in train], [v for _, v in train], label=name, linewidth=0.8)
-    for ax, xlabel in zip(axes[:2], ("step", "wall time (s)")):
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    panels = [(ax, r, "step") for ax, r in zip(axes.flat, results)]
+    panels.append((axes.flat[len(results)], next(r for r in results if r.yardstick is EXPORTED), "wall time (s)"))
+    for ax, result, xlabel in panels:
+        y = result.yardstick
+        for records, key, name in ((baseline, y.baseline_key, "baseline"), (tnf, y.tnf_key, "TNF")):
+            curve = eval_curve(records, key)
+            ax.plot(curve.steps if xlabel == "step" else curve.times, curve.losses, marker="o", markersize=3, label=f"{name} ({key})")
         ax.axhline(result.target, color="grey", linestyle="--", label=f"target {result.target:.3f}")
+        ax.set_title(y.name, fontsize=10)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(EVAL_KEY)
-    axes[2].set_xlabel("step")
-    axes[2].set_ylabel("training loss")
-    for ax in axes:
-        ax.legend()
-    fig.suptitle(result.verdict(), fontsize=9)
+        ax.set_ylabel("held-out loss")
+        ax.legend(fontsize=7)
+    train_ax = axes.flat[len(results) + 1]
+    for records, name in ((baseline, "baseline"), (tnf, "TNF")):
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        train_ax.plot([s for s, _ in train], [v for _, v in train], label=name, linewidth=0.8)
+    train_ax.set_title("training loss (TNF's with notes read)", fontsize=10)
+    train_ax.set_xlabel("step")
+    train_ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(results) + 2 :]:
+        ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
 
 def write_report(baseline_dir: Path, tnf_dir: Path, out: Path, target: float | None = None, window: int = 3) -> str:
-    """Compare two finished runs; write time_to_loss.md, .json and .png into `out`; return the markdown."""
+    """Compare two finished runs on every yardstick; write time_to_loss.md, .json and .png into `out`; return the markdown."""
     baseline, tnf = read_metrics(finished_run(baseline_dir, "--baseline")), read_metrics(finished_run(tnf_dir, "--tnf"))
-    result = compare(baseline, tnf, target, window)
+    results = compare_all(baseline, tnf, target, window)
+    split_step = next(r.gap_step for r in results if r.yardstick is EXPORTED)
+    split = split_by_token_kind(baseline, tnf, split_step) if split_step is not None else []
     out.mkdir(parents=True, exist_ok=True)
-    report = markdown(result, str(baseline_dir), str(tnf_dir)) + "\n![time to loss](time_to_loss.png)\n"
+    report = markdown(results, split, split_step, str(baseline_dir), str(tnf_dir)) + "\n![time to loss](time_to_loss.png)\n"
     (out / "time_to_loss.md").write_text(report)
-    (out / "time_to_loss.json").write_text(json.dumps({**dataclasses.asdict(result), "step_saving": result.step_saving,
-                                                       "time_saving": result.time_saving, "verdict": result.verdict()}, indent=2) + "\n")
-    plot(baseline, tnf, result, out / "time_to_loss.png")
+    (out / "time_to_loss.json").write_text(json.dumps({"yardsticks": [r.as_json() for r in results], "split_step": split_step,
+                                                       "split": split, "downstream": None}, indent=2) + "\n")
+    plot(baseline, tnf, results, out / "time_to_loss.png")
     return report

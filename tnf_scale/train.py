@@ -99,7 +99,7 @@ def digest(path: Path) -> str:
 def build_engine(cfg: RunConfig, model, ds_config: dict, dims: ParallelDims, world: World, data: PreparedData,
                  store: NoteStore | None) -> tuple[TnfTrainer, object]:
     """The DeepSpeed engine over `model` (data parallel, or pipeline stages) and the trainer that drives it."""
-    collator = Collator(data.tokenizer, cfg.max_seq_len, cfg.mlm_probability, cfg.seed)
+    collator = Collator(data.tokenizer, cfg.max_seq_len, cfg.mlm_probability, cfg.seed, cfg.notes_at_masked)
     universal_info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
     if dims.pipeline > 1:
         objective = PipelineObjective(cfg.note_window)
@@ -189,7 +189,7 @@ def run(cfg: RunConfig) -> int:
         if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_steps:
             record = {"step": step + 1, "loss": result.loss, "lr": engine.get_lr()[0], "tokens": state["tokens"],
                       "wall_time": state["wall_time"], "step_seconds": result.seconds, "tokens_per_s": result.tokens / result.seconds,
-                      "occurrences_read": 0, "notes_written": 0, "distinct_noted": 0, **result.notes,
+                      "occurrences_read": 0, "occurrences_skipped_masked": 0, "notes_written": 0, "distinct_noted": 0, **result.notes,
                       **{f"time_{phase}": seconds for phase, seconds in result.phases.items()}}
         if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_steps:
             started = time.perf_counter()
@@ -205,7 +205,7 @@ def run(cfg: RunConfig) -> int:
     bar.close()
     metrics.close()
     if record:
-        log("final: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("loss", "eval_"))))
+        log("final: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("loss", "eval_loss"))))
 
     if last_saved != state["step"] or latest_complete(out) is None:
         ckpt = checkpoint(state["step"])
@@ -223,10 +223,12 @@ def run(cfg: RunConfig) -> int:
 
 
 def evaluate(trainer: TnfTrainer, cfg: RunConfig) -> dict[str, float]:
-    """Held-out loss of the model as it will be exported, and with notes for TNF runs."""
-    result = {"eval_loss_no_notes": trainer.evaluate(with_notes=False)}
+    """Held-out loss of the model as it will be exported, and with notes (leak-free) for TNF runs; each also over
+    the predicted tokens inside rare spans (`_rare`) and the others (`_other`), with the two token counts."""
+    plain = trainer.evaluate(with_notes=False)
+    result = {**plain.losses("eval_loss_no_notes"), "eval_tokens_rare": int(plain.tokens_rare), "eval_tokens_other": int(plain.tokens_other)}
     if cfg.tnf_enabled:
-        result["eval_loss_notes"] = trainer.evaluate(with_notes=True)
+        result.update(trainer.evaluate(with_notes=True).losses("eval_loss_notes"))
     return result
 
 

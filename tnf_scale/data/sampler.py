@@ -4,6 +4,9 @@ Step n trains on order positions [n*B, (n+1)*B) of an endless stream that visits
 training set in a fresh seeded permutation every epoch. A sample's order key is its order
 position; its MLM mask is drawn from a generator seeded by (seed, epoch, order key), so it is
 the same whichever rank, micro-batch or position in a micro-batch holds it.
+
+A rare occurrence whose span holds a token selected for prediction reads no note
+(TNF_SPEC section 3: the note would give the masked word away); it still writes one.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from tnf_scale.notes.note_math import mix64
+from tnf_scale.notes.note_math import mix64, span_positions, spans_holding
 
 EVAL_EPOCH = 2**32 - 1  # masks of held-out sequences come from a stream no training epoch uses
 
@@ -70,20 +73,33 @@ class Batch:
     occ_rare: torch.Tensor  # (n,) rare id
     occ_start: torch.Tensor  # (n,) inclusive token span
     occ_end: torch.Tensor
+    occ_reads: torch.Tensor  # (n,) bool: the occurrence reads its note (no token of its span is predicted)
+    in_rare_span: torch.Tensor  # (b, L) bool: the position lies in a rare occurrence's span
 
     @property
     def occ_order_key(self) -> torch.Tensor:
         return self.order_key[self.occ_sample]
+
+    @property
+    def read_spans(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rare id, sample, start, end) of the occurrences that read a note."""
+        reads = self.occ_reads
+        return self.occ_rare[reads], self.occ_sample[reads], self.occ_start[reads], self.occ_end[reads]
 
     def to(self, device) -> Batch:
         return Batch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
 
 class Collator:
-    """Turns dataset rows into a masked, padded Batch."""
+    """Turns dataset rows into a masked, padded Batch.
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, max_seq_len: int, mlm_probability: float, seed: int):
-        self.seq_len, self.prob, self.seed = max_seq_len, mlm_probability, seed
+    `notes_at_masked` is the leaky ablation: occurrences read their note even where a token of
+    their span is to be predicted.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, max_seq_len: int, mlm_probability: float, seed: int,
+                 notes_at_masked: bool = False):
+        self.seq_len, self.prob, self.seed, self.notes_at_masked = max_seq_len, mlm_probability, seed, notes_at_masked
         self.pad_id, self.mask_id = tokenizer.pad_token_id, tokenizer.mask_token_id
         self.vocab_size = len(tokenizer)
         self.special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.int64)
@@ -116,5 +132,7 @@ class Collator:
             occ["end"].append(torch.as_tensor(rows["span_end"][i], dtype=torch.int64))
         attention_mask = (torch.arange(self.seq_len)[None, :] < lengths[:, None]).long()
         cat = {k: torch.cat(v) if v else torch.zeros(0, dtype=torch.int64) for k, v in occ.items()}
+        spans = (cat["sample"], cat["start"], cat["end"])
+        reads = torch.ones_like(cat["rare"], dtype=torch.bool) if self.notes_at_masked else ~spans_holding(labels != -100, *spans)
         return Batch(input_ids, attention_mask, labels, lengths, torch.as_tensor(order_keys, dtype=torch.int64),
-                     cat["sample"], cat["rare"], cat["start"], cat["end"])
+                     cat["sample"], cat["rare"], cat["start"], cat["end"], reads, span_positions(*spans, (b, self.seq_len)))

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import BertForMaskedLM
 from transformers.masking_utils import create_bidirectional_mask
 
-from tnf_scale.model.tnf_bert import NoteMixer
+from tnf_scale.model.tnf_bert import LossSums, NoteMixer
 from tnf_scale.notes.note_math import pool_windows
 
 TIED_KEY = "word_embeddings"
@@ -85,8 +85,8 @@ class DecoderBias(nn.Module):
 class PipelineObjective:
     """The last stage's loss function: summed masked-token cross-entropy x `scale`; also pools notes.
 
-    Labels travel as (labels, occ_sample, occ_start, occ_end, lengths). The trainer sets `scale`
-    and `take_notes` before a batch and reads `ce_sum`, `masked` and `pooled` after it.
+    Labels travel as (labels, occ_sample, occ_start, occ_end, lengths, in_rare_span). The trainer sets
+    `scale` and `take_notes` before a batch and reads `sums` (LossSums) and `pooled` after it.
     """
 
     def __init__(self, window: int):
@@ -95,18 +95,17 @@ class PipelineObjective:
         self.reset()
 
     def reset(self) -> None:
-        self.ce_sum, self.masked, self.pooled = 0.0, 0, []
+        self.sums, self.pooled = LossSums(), []
 
     def __call__(self, outputs, labels):
         logits, hidden = outputs
-        labels, occ_sample, occ_start, occ_end, lengths = labels
+        labels, occ_sample, occ_start, occ_end, lengths, in_rare_span = labels
         predicted = labels != -100
-        ce = F.cross_entropy(logits[predicted].float(), labels[predicted], reduction="sum")
-        self.ce_sum += float(ce.detach())
-        self.masked += int(predicted.sum())
+        token_ce = F.cross_entropy(logits[predicted].float(), labels[predicted], reduction="none")
+        self.sums.add(token_ce, in_rare_span[predicted])
         if self.take_notes:
             self.pooled.append(pool_windows(hidden, occ_sample, occ_start, occ_end, lengths, self.window))
-        return ce * self.scale
+        return token_ce.sum() * self.scale
 
 
 def build_pipeline(model: BertForMaskedLM, num_stages: int, lam: float, objective: PipelineObjective,

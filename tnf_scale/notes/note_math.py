@@ -49,6 +49,21 @@ def expand_spans(sample: torch.Tensor, start: torch.Tensor, end: torch.Tensor, s
     return sample[occ] * seq_len + start[occ] + offset, occ
 
 
+def spans_holding(flags: torch.Tensor, sample: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """For each span [start, end] of row `sample`, whether any position in it has `flags` set (by prefix sums).
+
+    `flags` is (batch, seq_len) bool, e.g. the tokens the objective asks the model to predict.
+    """
+    prefix = torch.nn.functional.pad(torch.cumsum(flags.long(), dim=1), (1, 0))  # prefix[:, j] = flags set before j
+    return prefix[sample, end + 1] - prefix[sample, start] > 0
+
+
+def span_positions(sample: torch.Tensor, start: torch.Tensor, end: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """(batch, seq_len) bool: True at every position inside one of the spans."""
+    token_index, _ = expand_spans(sample, start, end, shape[1])
+    return torch.zeros(shape[0] * shape[1], dtype=torch.bool, device=start.device).index_fill_(0, token_index, True).view(shape)
+
+
 def mix_notes(h: torch.Tensor, token_index: torch.Tensor, token_occ: torch.Tensor, rows: torch.Tensor, lam: float) -> torch.Tensor:
     """h_p <- (1 - lam) * h_p + lam * N[r] at every span position; all other positions stay as they are.
 
