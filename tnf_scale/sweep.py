@@ -1,0 +1,120 @@
+"""Where notes pay: TNF over a grid of settings against the baseline, one table of the time-to-loss yardsticks.
+
+A grid is a product of axes, each `field=v1,v2` over RunConfig fields, or `a:b=x1:y1,x2:y2` for fields
+that go together (a rare band). Axes that change only what notes do (TNF_ONLY) share one baseline;
+every other axis (data, rare band, model, steps) changes the baseline or its rare-span yardstick, so
+the baseline runs once per value of those. A finished run whose configuration equals the one a
+setting needs is reused instead of trained again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tnf_scale.config import ConfigError, RunConfig, parse_args
+from tnf_scale.metrics import METRICS_FILE, read_metrics
+from tnf_scale.time_to_loss import YARDSTICKS, Comparison, compare_all
+
+TNF_ONLY = ("note_lambda", "note_gamma", "note_window", "notes_at_masked")
+RUN_ONLY = ("output_dir", "overwrite", "resume")  # where and how a run is started, not what it trains
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the grid: flag values as given on the command line."""
+
+    values: tuple[tuple[str, str], ...]
+
+    @property
+    def name(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.values) or "defaults"
+
+    @property
+    def tag(self) -> str:
+        """A directory-safe name."""
+        return "_".join(f"{k}-{v}" for k, v in self.values).replace("/", "-") or "defaults"
+
+    def flags(self) -> list[str]:
+        return [x for k, v in self.values for x in (f"--{k}", v)]
+
+    def shared(self) -> Setting:
+        """The part of the setting the baseline depends on."""
+        return Setting(tuple((k, v) for k, v in self.values if k not in TNF_ONLY))
+
+
+def parse_axis(text: str) -> list[tuple[tuple[str, str], ...]]:
+    """`note_lambda=0.25,0.5` or `rare_min_count:rare_max_count=5:25,10:50` -> the (field, value) pairs of each value."""
+    keys, sep, values = text.partition("=")
+    names = keys.split(":")
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    if not sep or not values or not all(names):
+        raise ConfigError(f"--grid {text!r} is not FIELD=V1,V2 (or FIELD_A:FIELD_B=A1:B1,A2:B2); write it that way.")
+    unknown = [n for n in names if n not in fields]
+    if unknown:
+        raise ConfigError(f"--grid {text!r} names {unknown[0]!r}, which is not a training flag; see train.py --help.")
+    points = []
+    for value in values.split(","):
+        parts = value.split(":")
+        if len(parts) != len(names):
+            raise ConfigError(f"--grid {text!r}: value {value!r} has {len(parts)} parts for {len(names)} fields; give one per field.")
+        points.append(tuple(zip(names, parts)))
+    return points
+
+
+def grid(axes: list[str], preset: str, flags: list[str]) -> list[Setting]:
+    """Every setting of the product of `axes`, each checked as train.py would check it."""
+    settings = [Setting(tuple(pair for point in combo for pair in point)) for combo in itertools.product(*map(parse_axis, axes))]
+    for setting in settings:
+        run_config(preset, flags, setting, "on")  # a bad value is refused before anything trains
+    return settings
+
+
+def run_config(preset: str, flags: list[str], setting: Setting, tnf: str) -> RunConfig:
+    return parse_args(["--preset", preset, *flags, *setting.flags(), "--tnf", tnf])
+
+
+def same_training(a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in set(a) | set(b) if k not in RUN_ONLY)
+
+
+def finished_run_of(cfg: RunConfig, candidates: list[Path]) -> Path | None:
+    """The first candidate directory holding a finished run (its last step evaluated) trained exactly as `cfg` says."""
+    wanted = dataclasses.asdict(cfg)
+    for run in candidates:
+        if not (run / "run_config.json").is_file() or not (run / METRICS_FILE).is_file():
+            continue
+        done = any(r["step"] == cfg.max_steps and "eval_loss_no_notes" in r for r in read_metrics(run))
+        if done and same_training(json.loads((run / "run_config.json").read_text()), wanted):
+            return run
+    return None
+
+
+def cell(result: Comparison | None) -> str:
+    """A yardstick's outcome in one cell: the loss gap at equal steps, and the step saving or 'never'."""
+    if result is None:
+        return "not logged"
+    gap = "n/a" if result.loss_gap_at_equal_steps is None else f"{result.loss_gap_at_equal_steps:+.4f}"
+    if result.tnf is None:
+        return f"{gap}, never"
+    return f"{gap}, saves {100 * result.step_saving:.0f}%" if result.step_saving is not None else f"{gap}, n/a"
+
+
+def table(rows: list[tuple[Setting, Path, Path, list[Comparison]]]) -> str:
+    """One row per setting: for each yardstick, TNF - baseline at the last common evaluation and the step saving."""
+    lines = ["| setting | baseline | " + " | ".join(y.name for y in YARDSTICKS) + " |", "| --- | --- |" + " --- |" * len(YARDSTICKS)]
+    for setting, baseline, _, results in rows:
+        by_id = {r.yardstick.id: r for r in results}
+        lines.append(f"| {setting.name} | `{baseline}` | " + " | ".join(cell(by_id.get(y.id)) for y in YARDSTICKS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_json(rows: list[tuple[Setting, Path, Path, list[Comparison]]]) -> list[dict]:
+    return [{"setting": dict(setting.values), "baseline": str(baseline), "tnf": str(tnf), "yardsticks": [r.as_json() for r in results]}
+            for setting, baseline, tnf, results in rows]
+
+
+def compare_runs(baseline: Path, tnf: Path) -> list[Comparison]:
+    return compare_all(read_metrics(baseline), read_metrics(tnf))
