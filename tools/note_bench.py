@@ -5,8 +5,8 @@
 Trains the tiny preset twice under the real `deepspeed` launcher (same seed, data and batch),
 reads both runs' metrics.jsonl, and writes note_bench.json and note_bench.md into --out.
 The BERT-large prediction uses the same byte formulas as the measurement:
-  note read bytes / step  = occurrences x (W-1)/W x (8 + 4 d)      (id out, fp32 row back)
-  note write bytes / step = occurrences x (W-1)/W x (24 + 4 d)     (id, order key, start, fp32 note)
+  note read bytes / step  = reading occurrences x (W-1)/W x (8 + 4 d)   (id out, fp32 row back; masked spans read none)
+  note write bytes / step = occurrences x (W-1)/W x (24 + 4 d)           (id, order key, start, fp32 note)
   gradient bytes / step   = 2 (W-1) x parameters x bytes per grad  (ring all-reduce or ZeRO reduce-scatter
                                                                      + all-gather, summed over ranks)
 """
@@ -29,10 +29,10 @@ from tnf_scale.config import PRESETS, RunConfig  # noqa: E402
 
 
 
-def note_bytes(occurrences: float, world: int, dim: int) -> tuple[float, float]:
+def note_bytes(reads: float, writes: float, world: int, dim: int) -> tuple[float, float]:
     """Predicted (read, write) payload bytes per step crossing between ranks, summed over ranks."""
     off_rank = (world - 1) / world
-    return occurrences * off_rank * (8 + 4 * dim), occurrences * off_rank * (24 + 4 * dim)
+    return reads * off_rank * (8 + 4 * dim), writes * off_rank * (24 + 4 * dim)
 
 
 def gradient_bytes(params: int, world: int, bytes_per_grad: int) -> float:
@@ -66,13 +66,15 @@ def main(argv: list[str] | None = None) -> int:
         "step_seconds_tnf_off": step_s["off"], "step_seconds_tnf_on": step_s["on"],
         "tnf_overhead": step_s["on"] / step_s["off"] - 1,
         "phases_tnf_off": phases["off"], "phases_tnf_on": phases["on"],
-        "occurrences_per_step": statistics.mean(r["occurrences_read"] for r in on),
+        "occurrences_per_step": statistics.mean(r["notes_written"] for r in on),
+        "reads_per_step": statistics.mean(r["occurrences_read"] for r in on),
         "note_read_bytes_per_step": statistics.mean(r["note_read_bytes_sent"] for r in on),
         "note_write_bytes_per_step": statistics.mean(r["note_write_bytes_sent"] for r in on),
         "gradient_bytes_per_step": gradient_bytes(params, args.ranks, 4),
         "parameters": params,
     }
-    measured["predicted_note_bytes_per_step"] = sum(note_bytes(measured["occurrences_per_step"], args.ranks, tiny.hidden_size))
+    measured["predicted_note_bytes_per_step"] = sum(note_bytes(measured["reads_per_step"], measured["occurrences_per_step"], args.ranks,
+                                                               tiny.hidden_size))
     large = PRESETS["bert-large"]
     large_params = parameter_count(BertConfig(vocab_size=large["vocab_size"], hidden_size=large["hidden_size"],
                                               num_hidden_layers=large["num_layers"], num_attention_heads=large["num_heads"],
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     for world in (8, 64, 512):
         for batch in sorted({large["global_batch_size"], 32 * world}):
             occ = batch * args.rare_per_sequence * large["max_seq_len"] / 128
-            read, write = note_bytes(occ, world, large["hidden_size"])
+            read, write = note_bytes(occ, occ, world, large["hidden_size"])  # every occurrence reading: an upper bound
             grads = gradient_bytes(large_params, world, 2)
             predictions.append({"gpus": world, "global_batch": batch, "note_read_MB": read / 1e6, "note_write_MB": write / 1e6,
                                 "gradient_GB": grads / 1e9, "note_share_of_gradient": (read + write) / grads,
@@ -112,7 +114,7 @@ def render(report: dict) -> str:
         *(f"| median {phase.removeprefix('time_')} | {1000 * m['phases_tnf_off'][phase]:.1f} ms | {1000 * m['phases_tnf_on'][phase]:.1f} ms |"
           for phase in m["phases_tnf_on"]),
         "",
-        f"Per step with TNF: {m['occurrences_per_step']:.0f} rare occurrences; note bytes between ranks "
+        f"Per step with TNF: {m['occurrences_per_step']:.0f} rare occurrences ({m['reads_per_step']:.0f} reading); note bytes between ranks "
         f"{m['note_read_bytes_per_step'] / 1e3:.1f} kB read + {m['note_write_bytes_per_step'] / 1e3:.1f} kB write "
         f"(formula: {m['predicted_note_bytes_per_step'] / 1e3:.1f} kB) vs {m['gradient_bytes_per_step'] / 1e6:.1f} MB of fp32 gradients "
         f"({m['parameters']:,} parameters).",
