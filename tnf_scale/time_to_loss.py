@@ -202,10 +202,14 @@ def plot(baseline: list[dict], tnf: list[dict], results: list[Comparison], path:
     panels.append((axes.flat[len(results)], next(r for r in results if r.yardstick is EXPORTED), "wall time (s)"))
     for ax, result, xlabel in panels:
         y = result.yardstick
-        for records, key, name in ((baseline, y.baseline_key, "baseline"), (tnf, y.tnf_key, "TNF")):
-            curve = eval_curve(records, key)
+        curves = [(eval_curve(baseline, y.baseline_key), y.baseline_key, "baseline"), (eval_curve(tnf, y.tnf_key), y.tnf_key, "TNF")]
+        for curve, key, name in curves:
             ax.plot(curve.steps if xlabel == "step" else curve.times, curve.losses, marker="o", markersize=3, label=f"{name} ({key})")
         ax.axhline(result.target, color="grey", linestyle="--", label=f"target {result.target:.3f}")
+        # The early fall would flatten the end, where the runs differ: show the second half of training in full.
+        tail = [v for curve, _, _ in curves for s, v in zip(curve.steps, curve.losses) if s >= curve.steps[-1] / 2]
+        low, high = min(tail + [result.target]), max(tail + [result.target])
+        ax.set_ylim(low - 0.1 * (high - low) - 1e-3, high + 0.5 * (high - low) + 1e-3)
         ax.set_title(y.name, fontsize=10)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("held-out loss")
