@@ -34,7 +34,10 @@ def test_bench_writes_both_reports_and_the_peer_trains_like_the_baseline(small_c
     assert origin["world_size"] == 1 and origin["commit"] and f"Trained at commit {origin['commit']} on {origin['machine']}" in report
     assert "## Time to loss" in report and "## Throughput" in report and (out / "time_to_loss.png").is_file()
     time_to_loss = json.loads((out / "time_to_loss.json").read_text())
-    assert time_to_loss["baseline"] is not None and time_to_loss["gap_step"] == 6
+    yardsticks = {y["yardstick"]: y for y in time_to_loss["yardsticks"]}
+    assert list(yardsticks) == ["as_trained", "exported", "exported_other", "exported_rare"]  # both runs log every split
+    assert yardsticks["exported"]["baseline"] is not None and all(y["gap_step"] == 6 for y in yardsticks.values())
+    assert [row["kind"] for row in time_to_loss["split"]] == ["all", "inside a rare span", "all other"] and time_to_loss["split_step"] == 6
     throughput = json.loads((out / "throughput.json").read_text())
     assert [r["tnf"] for r in throughput["runs"]] == ["off", "on"] and not throughput["peer"]["timed_phases"]
     ratio = throughput["runs"][0]["tokens_per_s"]["median"] / throughput["peer"]["tokens_per_s"]["median"]
