@@ -4,10 +4,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tnf_scale.notes.note_math import (
-    application_order, ema_closed_form, ema_sequential, expand_spans, initial_notes, mix64, mix_notes, owner_of, pool_windows,
-    span_positions, spans_holding,
-)
+from tnf_scale.notes.note_math import application_order, ema_closed_form, ema_sequential, initial_notes, mix_notes, owner_of, pool_windows
+from tnf_scale.seeding import mix64
+from tnf_scale.spans import expand_spans, span_positions, spans_holding
 from tnf_scale.notes.store import NoteStore
 
 

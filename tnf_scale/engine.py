@@ -17,8 +17,8 @@ from tnf_scale.config import RunConfig
 from tnf_scale.data.sampler import EVAL_EPOCH, Batch, Collator, GlobalBatchSampler, local_share
 from tnf_scale.distributed import World, all_reduce_sum
 from tnf_scale.model.tnf_bert import LossSums, TnfHooks
-from tnf_scale.notes.note_math import expand_spans
 from tnf_scale.notes.store import NoteStore
+from tnf_scale.spans import expand_spans
 
 
 @dataclass

@@ -13,21 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import datasets
-import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from tnf_scale.notes.note_math import mix64, span_positions, spans_holding
+from tnf_scale.seeding import seeded_generator
+from tnf_scale.spans import span_positions, spans_holding
 
 EVAL_EPOCH = 2**32 - 1  # masks of held-out sequences come from a stream no training epoch uses
-
-
-def seeded_generator(*parts: int) -> torch.Generator:
-    """A generator whose stream is a function of the integers `parts` only (folded with mix64)."""
-    key = np.uint64(0)
-    for part in parts:
-        key = mix64(key ^ np.uint64(part))
-    return torch.Generator().manual_seed(int(key) & (2**63 - 1))
 
 
 class GlobalBatchSampler:

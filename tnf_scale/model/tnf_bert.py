@@ -15,7 +15,8 @@ from torch import nn
 from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
 
 from tnf_scale.config import RunConfig
-from tnf_scale.notes.note_math import expand_spans, mix_notes, pool_windows
+from tnf_scale.notes.note_math import mix_notes, pool_windows
+from tnf_scale.spans import expand_spans
 
 
 def bert_config(cfg: RunConfig, tokenizer: PreTrainedTokenizerFast) -> BertConfig:

@@ -7,16 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def mix64(x: np.ndarray | int) -> np.ndarray:
-    """SplitMix64's finalizer: a fixed 64-bit integer mixer (the same on every machine)."""
-    z = np.asarray(x, dtype=np.uint64) + _GOLDEN
-    with np.errstate(over="ignore"):
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
+from tnf_scale.seeding import GOLDEN, mix64
 
 
 def owner_of(ids: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -33,35 +24,11 @@ def initial_notes(ids: torch.Tensor, dim: int, seed: int, std: float, chunk: int
     for first in range(0, len(all_ids), chunk):  # bounded memory for BERT-large-sized dictionaries
         row_key = mix64(mix64(np.uint64(seed)) ^ all_ids[first : first + chunk])
         with np.errstate(over="ignore"):
-            bits = mix64(row_key[:, None] + counters[None, :] * _GOLDEN)
+            bits = mix64(row_key[:, None] + counters[None, :] * GOLDEN)
         uniform = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53  # in (0, 1)
         u1, u2 = uniform[:, :dim], uniform[:, dim:]
         out[first : first + chunk] = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2) * std  # Box-Muller
     return torch.from_numpy(out)
-
-
-def expand_spans(sample: torch.Tensor, start: torch.Tensor, end: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat token indices (sample * seq_len + position) of every span, and the occurrence each belongs to."""
-    lengths = end - start + 1
-    occ = torch.repeat_interleave(torch.arange(len(start), device=start.device), lengths)
-    first_of_occ = torch.cumsum(lengths, 0) - lengths
-    offset = torch.arange(len(occ), device=start.device) - first_of_occ[occ]
-    return sample[occ] * seq_len + start[occ] + offset, occ
-
-
-def spans_holding(flags: torch.Tensor, sample: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
-    """For each span [start, end] of row `sample`, whether any position in it has `flags` set (by prefix sums).
-
-    `flags` is (batch, seq_len) bool, e.g. the tokens the objective asks the model to predict.
-    """
-    prefix = torch.nn.functional.pad(torch.cumsum(flags.long(), dim=1), (1, 0))  # prefix[:, j] = flags set before j
-    return prefix[sample, end + 1] - prefix[sample, start] > 0
-
-
-def span_positions(sample: torch.Tensor, start: torch.Tensor, end: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """(batch, seq_len) bool: True at every position inside one of the spans."""
-    token_index, _ = expand_spans(sample, start, end, shape[1])
-    return torch.zeros(shape[0] * shape[1], dtype=torch.bool, device=start.device).index_fill_(0, token_index, True).view(shape)
 
 
 def mix_notes(h: torch.Tensor, token_index: torch.Tensor, token_occ: torch.Tensor, rows: torch.Tensor, lam: float) -> torch.Tensor:
