@@ -64,7 +64,7 @@ def test_bench_writes_both_reports_and_the_peer_trains_like_the_baseline(small_c
 
 
 def test_peer_refuses_a_pipeline_config_before_any_process_group(monkeypatch):
-    from tnf_scale import hf_peer
+    from tnf_scale.reports import hf_peer
 
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
         monkeypatch.setenv(key, value)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tnf_scale.config import ConfigError, exit_code
-from tnf_scale.sweep import Setting, finished_run_of, grid, parse_axis, run_config
+from tnf_scale.reports.sweep import Setting, finished_run_of, grid, parse_axis, run_config
 
 from conftest import REPO
 

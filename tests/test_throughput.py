@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tnf_scale.throughput import flops_per_token, gpu_peak, gpu_state, summarize
+from tnf_scale.reports.throughput import flops_per_token, gpu_peak, gpu_state, summarize
 
 
 def test_flops_for_bert_base_match_the_hand_computed_value():
@@ -30,7 +30,7 @@ def test_gpu_peaks_and_the_no_gpu_note():
 
 def test_throughput_report_refuses_a_folder_without_a_run(tmp_path):
     from tnf_scale.config import ConfigError
-    from tnf_scale.throughput import write_report
+    from tnf_scale.reports.throughput import write_report
 
     with pytest.raises(ConfigError, match=r"--peer .*nothing holds no run \(metrics.jsonl is missing\)"):
         write_report([], tmp_path / "nothing", tmp_path / "out", warmup=5)

@@ -7,7 +7,7 @@ import sys
 import matplotlib.image
 import pytest
 
-from tnf_scale.time_to_loss import (
+from tnf_scale.reports.time_to_loss import (
     AS_TRAINED, EXPORTED, EXPORTED_OTHER, EXPORTED_RARE, Curve, compare, compare_all, first_crossing, markdown, smooth, split_by_token_kind,
 )
 

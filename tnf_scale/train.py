@@ -31,7 +31,7 @@ from tnf_scale.data.prepare import RARE_VOCAB_FILE, PreparedData, prepare_data
 from tnf_scale.data.sampler import Collator
 from tnf_scale.distributed import World, any_rank, check_master_port, discover, init_distributed
 from tnf_scale.ds_config import ParallelDims, build_ds_config
-from tnf_scale.engine import PipelineTnfTrainer, TnfTrainer
+from tnf_scale.trainer import PipelineTrainer, Trainer
 from tnf_scale.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsLogger
 from tnf_scale.model.export import MODEL_CONFIG, copy_tokenizer, export_hf, save_notes
 from tnf_scale.model.pipeline import PipelineObjective, build_pipeline
@@ -96,8 +96,8 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def build_engine(cfg: RunConfig, model, ds_config: dict, dims: ParallelDims, world: World, data: PreparedData,
-                 store: NoteStore | None) -> tuple[TnfTrainer, object]:
+def build_trainer(cfg: RunConfig, model, ds_config: dict, dims: ParallelDims, world: World, data: PreparedData,
+                 store: NoteStore | None) -> tuple[Trainer, object]:
     """The DeepSpeed engine over `model` (data parallel, or pipeline stages) and the trainer that drives it."""
     collator = Collator(data.tokenizer, cfg.max_seq_len, cfg.mlm_probability, cfg.seed, cfg.notes_at_masked)
     universal_info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
@@ -107,14 +107,14 @@ def build_engine(cfg: RunConfig, model, ds_config: dict, dims: ParallelDims, wor
         setattr(module, UNIVERSAL_CHECKPOINT_INFO, universal_info)
         engine, optimizer, _, _ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
                                                        config=ds_config)
-        return PipelineTnfTrainer(cfg, engine, world, data.train, data.eval, collator, store, objective), optimizer
+        return PipelineTrainer(cfg, engine, world, data.train, data.eval, collator, store, objective), optimizer
     hooks = TnfHooks(model, cfg.note_lambda, cfg.note_window) if cfg.tnf_enabled else None
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable()
     objective = MaskedLMObjective(model)
     setattr(objective, UNIVERSAL_CHECKPOINT_INFO, universal_info)
     engine, optimizer, _, _ = deepspeed.initialize(model=objective, model_parameters=objective.parameters(), config=ds_config)
-    return TnfTrainer(cfg, engine, world, data.train, data.eval, collator, hooks, store), optimizer
+    return Trainer(cfg, engine, world, data.train, data.eval, collator, hooks, store), optimizer
 
 
 def run(cfg: RunConfig) -> int:
@@ -147,7 +147,7 @@ def run(cfg: RunConfig) -> int:
         if ds_config["zero_optimization"].get("stage", 0) > 0:
             source = universal_checkpoint(point, world.rank)  # ZeRO state saved on another number of ranks
             ds_config["checkpoint"] = {"load_universal": True}
-    trainer, optimizer = build_engine(cfg, model, ds_config, dims, world, data, store)
+    trainer, optimizer = build_trainer(cfg, model, ds_config, dims, world, data, store)
     engine = trainer.engine
     inner = getattr(optimizer, "optimizer", optimizer)
     log(f"world {world.size} on {accelerator.device_name()} ({dims.pipeline} pipeline stages x {dims.data} data-parallel); "
@@ -222,7 +222,7 @@ def run(cfg: RunConfig) -> int:
     return 0
 
 
-def evaluate(trainer: TnfTrainer, cfg: RunConfig) -> dict[str, float]:
+def evaluate(trainer: Trainer, cfg: RunConfig) -> dict[str, float]:
     """Held-out loss of the model as it will be exported, and with notes (leak-free) for TNF runs; each also over
     the predicted tokens inside rare spans (`_rare`) and the others (`_other`), with the two token counts."""
     plain = trainer.evaluate(with_notes=False)

@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tnf_scale.bench import PEER_SCRIPT, launch_pair, launch_training  # noqa: E402
+from tnf_scale.reports.bench import PEER_SCRIPT, launch_pair, launch_training  # noqa: E402
 from tnf_scale.config import exit_code  # noqa: E402
 from tnf_scale.provenance import read_provenance  # noqa: E402
-from tnf_scale.throughput import write_report as write_throughput  # noqa: E402
-from tnf_scale.time_to_loss import write_report as write_time_to_loss  # noqa: E402
+from tnf_scale.reports.throughput import write_report as write_throughput  # noqa: E402
+from tnf_scale.reports.time_to_loss import write_report as write_time_to_loss  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from transformers import BertConfig, BertForMaskedLM  # noqa: E402
 
-from tnf_scale.bench import launch_pair, median_of, steady_steps  # noqa: E402
+from tnf_scale.reports.bench import launch_pair, median_of, steady_steps  # noqa: E402
 from tnf_scale.config import PRESETS, RunConfig  # noqa: E402
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tnf_scale.bench import launch_training, median_of, steady_steps  # noqa: E402
+from tnf_scale.reports.bench import launch_training, median_of, steady_steps  # noqa: E402
 
 
 def bubble_fraction(stages: int, micro_batches: int) -> float:

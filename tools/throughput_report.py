@@ -5,7 +5,7 @@
     python tools/throughput_report.py --preset tiny --steps 30 --with_peer --out runs/tp   # train first (extra flags go to train.py)
 
 Prints a table and writes throughput.md and throughput.json into --out (default: the first run).
---peer names a run of tnf_scale/hf_peer.py (the same model, data, batch and optimizer through the
+--peer names a run of tnf_scale/reports/hf_peer.py (the same model, data, batch and optimizer through the
 Hugging Face Trainer); the table then gives each run's tokens/s as a multiple of the peer's. MFU is
 against the GPU's dense bf16 peak (looked up by its NVML name) or, on a CPU, against a matmul peak
 of this machine measured in the same invocation and named as such.
@@ -18,15 +18,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tnf_scale.bench import PEER_SCRIPT, launch_training  # noqa: E402
+from tnf_scale.reports.bench import PEER_SCRIPT, launch_training  # noqa: E402
 from tnf_scale.config import exit_code  # noqa: E402
-from tnf_scale.throughput import write_report  # noqa: E402
+from tnf_scale.reports.throughput import write_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", nargs="+", help="finished runs' output_dirs")
-    parser.add_argument("--peer", help="a finished tnf_scale/hf_peer.py run to compare with")
+    parser.add_argument("--peer", help="a finished tnf_scale/reports/hf_peer.py run to compare with")
     parser.add_argument("--preset", help="train this preset first (with --steps, --out)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--with_peer", action="store_true", help="with --preset: also run the Hugging Face Trainer peer")

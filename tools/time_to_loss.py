@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tnf_scale.bench import launch_pair  # noqa: E402
+from tnf_scale.reports.bench import launch_pair  # noqa: E402
 from tnf_scale.config import exit_code  # noqa: E402
-from tnf_scale.time_to_loss import write_report  # noqa: E402
+from tnf_scale.reports.time_to_loss import write_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,11 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tnf_scale.bench import launch_training  # noqa: E402
+from tnf_scale.reports.bench import launch_training  # noqa: E402
 from tnf_scale.config import RunConfig, exit_code  # noqa: E402
 from tnf_scale.provenance import read_provenance  # noqa: E402
-from tnf_scale.sweep import Setting, compare_runs, finished_run_of, grid, run_config, summary_json, table  # noqa: E402
-from tnf_scale.time_to_loss import write_report  # noqa: E402
+from tnf_scale.reports.sweep import Setting, compare_runs, finished_run_of, grid, run_config, summary_json, table  # noqa: E402
+from tnf_scale.reports.time_to_loss import write_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from tnf_scale.bench import finished_run, steady_steps
+from tnf_scale.reports.bench import finished_run, steady_steps
 from tnf_scale.provenance import machine, read_provenance
 
 PHASES = ("data", "note_read", "forward", "backward", "optimizer", "note_write")

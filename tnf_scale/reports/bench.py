@@ -10,7 +10,7 @@ from tnf_scale.config import ConfigError
 from tnf_scale.metrics import METRICS_FILE, read_metrics
 from tnf_scale.provenance import REPO
 TRAIN_SCRIPT = "tnf_scale/train.py"
-PEER_SCRIPT = "tnf_scale/hf_peer.py"
+PEER_SCRIPT = "tnf_scale/reports/hf_peer.py"
 
 
 def launch_training(run_dir: Path, ranks: int, port: int, flags: list[str], script: str = TRAIN_SCRIPT) -> Path:

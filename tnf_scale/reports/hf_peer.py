@@ -1,6 +1,6 @@
 """The throughput peer: the same BERT, data, global batch and optimizer, trained by the Hugging Face Trainer.
 
-    deepspeed --num_gpus 1 tnf_scale/hf_peer.py --preset bench --max_steps 200 --output_dir runs/bench/hf_trainer
+    deepspeed --num_gpus 1 tnf_scale/reports/hf_peer.py --preset bench --max_steps 200 --output_dir runs/bench/hf_trainer
 
 The Trainer runs through its DeepSpeed integration with the DeepSpeed config train.py builds for
 the same flags (AdamW, WarmupDecayLR, clipping, ZeRO stage, bf16 by accelerator). Samples arrive
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by the deepspeed launcher
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 from deepspeed.accelerator import get_accelerator

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tnf_scale.config import ConfigError, RunConfig, parse_args
 from tnf_scale.metrics import METRICS_FILE, read_metrics
-from tnf_scale.time_to_loss import YARDSTICKS, Comparison, compare_all
+from tnf_scale.reports.time_to_loss import YARDSTICKS, Comparison, compare_all
 
 TNF_ONLY = ("note_lambda", "note_gamma", "note_window", "notes_at_masked")
 RUN_ONLY = ("output_dir", "overwrite", "resume")  # where and how a run is started, not what it trains

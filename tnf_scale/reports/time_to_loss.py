@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tnf_scale.bench import finished_run
+from tnf_scale.reports.bench import finished_run
 from tnf_scale.config import ConfigError
 from tnf_scale.metrics import read_metrics
 

@@ -46,7 +46,7 @@ class PhaseTimer:
         self._last = now
 
 
-class TnfTrainer:
+class Trainer:
     """Runs steps and evaluations of one DeepSpeed engine (data parallel), with or without notes.
 
     Roles: every rank here holds data, reads notes for it and writes its notes. The pipeline
@@ -178,7 +178,7 @@ class TnfTrainer:
         return LossSums(*all_reduce_sum(sums.as_list(), self.world.device))
 
 
-class PipelineTnfTrainer(TnfTrainer):
+class PipelineTrainer(Trainer):
     """TNF over DeepSpeed's pipeline schedule: reads travel into the first stage with each micro-batch,
     the last stage's loss function pools the notes, one exchange before and one after the schedule."""
 
