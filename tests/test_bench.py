@@ -9,7 +9,7 @@ import pytest
 
 from tnf_scale.config import ConfigError, parse_args
 from tnf_scale.metrics import read_metrics
-from tnf_scale.provenance import read_provenance
+from tnf_scale.run_dir import RunDir
 
 from conftest import REPO, check_ok, free_port, run_cmd, train_args
 
@@ -30,7 +30,7 @@ def test_bench_writes_both_reports_and_the_peer_trains_like_the_baseline(small_c
                       "--warmup", "1", "--master_port", str(free_port()), *flags]))
 
     report = (out / "report.md").read_text()
-    origin = read_provenance(out / "baseline")
+    origin = RunDir(out / "baseline").read_provenance()
     assert origin["world_size"] == 1 and origin["commit"] and f"Trained at commit {origin['commit']} on {origin['machine']}" in report
     assert "## Time to loss" in report and "## Throughput" in report and (out / "time_to_loss.png").is_file()
     time_to_loss = json.loads((out / "time_to_loss.json").read_text())

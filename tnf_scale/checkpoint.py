@@ -20,6 +20,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tnf_scale.config import ConfigError
+from tnf_scale.distributed import Topology
+from tnf_scale.run_dir import RunDir
 
 COMPLETE = "COMPLETE"
 
@@ -29,7 +31,7 @@ class CheckpointError(ConfigError):
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
+    return RunDir(output_dir).checkpoints
 
 
 def tag_for(step: int) -> str:
@@ -148,3 +150,66 @@ def load_engine(engine, point: ResumePoint, source: Path, rank: int) -> None:
     load_path, _ = engine.load_checkpoint(str(source.parent), tag=source.name)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {source}; its model or optimizer files are missing.")
+
+
+class Checkpointer:
+    """A run's checkpoints from start to end, used once at start, once per save, and at the end.
+
+    plan (with --resume: the newest complete checkpoint, checked before the model exists), adapt (the DeepSpeed
+    config that loads it: DeepSpeed's universal form when the ZeRO state was saved on another number of ranks),
+    load (model, optimizer, RNG, and this rank's note rows, re-partitioned), save, final, note_rows (for export).
+    """
+
+    def __init__(self, run: RunDir, topo: Topology, rare_vocab_digest: str, num_rare: int | None):
+        """`num_rare` is None for a run without notes."""
+        self.run, self.topo, self.rare_vocab_digest, self.num_rare = run, topo, rare_vocab_digest, num_rare
+        self.point: ResumePoint | None = None
+        self.source: Path | None = None  # what DeepSpeed loads: the checkpoint, or its universal form
+        self.last_saved: int | None = None
+
+    def plan(self, resume: bool) -> None:
+        """With `resume`, choose and validate the newest complete checkpoint; nothing is loaded yet."""
+        self.point = plan_resume(self.run.path, self.rare_vocab_digest, self.num_rare) if resume else None
+        self.source = self.point.ckpt if self.point else None
+
+    def adapt(self, ds_config: dict[str, Any]) -> None:
+        """Make `ds_config` able to load the planned checkpoint when it was saved on another topology."""
+        point = self.point
+        saved = (point.marker.get("pipeline_stages", 1), point.world_size) if point else None
+        if point is None or saved == (self.topo.dims.pipeline, self.topo.size):
+            return
+        if self.topo.dims.pipeline > 1 or saved[0] > 1:
+            raise ConfigError(f"checkpoint {point.ckpt} was saved with {saved[0]} pipeline stages on {saved[1]} ranks; "
+                              "resume a pipeline run with the same stages and ranks.")
+        if ds_config["zero_optimization"].get("stage", 0) > 0:
+            self.source = universal_checkpoint(point, self.topo.rank)
+            ds_config["checkpoint"] = {"load_universal": True}
+
+    def load(self, engine, store, state: dict[str, Any]) -> dict[str, Any]:
+        """Load the planned checkpoint into `engine` and `store` (None: no notes); returns `state` advanced to it."""
+        if self.point is None:
+            return state
+        load_engine(engine, self.point, self.source, self.topo.rank)
+        if store is not None:
+            store.load_rows(self.point.rank_files)
+        self.last_saved = self.point.step
+        return {**state, **{key: self.point.marker[key] for key in ("step", "tokens", "wall_time")}}
+
+    def save(self, engine, store, state: dict[str, Any]) -> Path:
+        """A complete checkpoint of step `state["step"]` on every rank. Collective."""
+        ckpt = save_checkpoint(engine, self.run.path, state["step"], self.topo.rank, self.topo.size,
+                               store.state() if store is not None else None, state)
+        self.last_saved = state["step"]
+        return ckpt
+
+    def final(self, engine, store, state: dict[str, Any]) -> Path:
+        """The checkpoint of the run's last step: saved now unless it already is. Collective."""
+        latest = latest_complete(self.run.path)
+        if self.last_saved != state["step"] or latest is None:
+            return self.save(engine, store, state)
+        return latest
+
+    def note_rows(self, ckpt: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, vectors) of the whole note dictionary in `ckpt`, gathered from every rank's file."""
+        rows = read_rank_files(ckpt, self.topo.size)
+        return torch.cat([r["ids"] for r in rows]), torch.cat([r["vectors"] for r in rows])

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BUNDLED_CORPUS = str(Path(__file__).resolve().parent.parent / "data" / "bundled_corpus.jsonl.xz")
+REPO = Path(__file__).resolve().parent.parent  # the checkout: where launches run from, whose commit runs record
+BUNDLED_CORPUS = str(REPO / "data" / "bundled_corpus.jsonl.xz")
 
 
 class ConfigError(ValueError):

@@ -1,4 +1,4 @@
-"""Rank discovery, process-group start-up and the few collectives the trainer itself needs.
+"""Rank discovery, the process topology, process-group start-up and the few collectives the trainer itself needs.
 
 Discovery, in one place, for every way users launch:
   env    RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT (deepspeed launcher, torchrun)
@@ -25,15 +25,54 @@ MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 
 
 @dataclass(frozen=True)
-class World:
+class ParallelDims:
+    """Pipeline stages x data-parallel replicas = world size (validated before any process group: ds_config.py)."""
+
+    pipeline: int
+    data: int
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where this rank sits in each process group, named as in Megatron's parallel_state.
+
+    - world: every rank (`rank`, `size`); the small collectives of distributed.py run on it.
+    - pipeline group: the stages one micro-batch passes through (`pipeline_parallel_rank` of `dims.pipeline`).
+    - data-parallel group: the replicas that split a global batch (`data_parallel_rank` of `dims.data`).
+    - note group: the ranks that share one note dictionary: the whole world (`note_group_rank` of
+      `note_group_size`); every rank holds a share of the rows, also ranks on inner pipeline stages.
+    DeepSpeed orders ranks pipeline-major (its PipeDataParallelTopology): rank = stage x dims.data + replica.
+    """
+
     rank: int
     local_rank: int
     size: int
     device: torch.device
+    dims: ParallelDims
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def pipeline_parallel_rank(self) -> int:
+        return self.rank // self.dims.data
+
+    @property
+    def data_parallel_rank(self) -> int:
+        return self.rank % self.dims.data
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.dims.data
+
+    @property
+    def note_group_rank(self) -> int:
+        return self.rank
+
+    @property
+    def note_group_size(self) -> int:
+        return self.size
 
 
 @dataclass(frozen=True)
@@ -118,8 +157,8 @@ def release_shm_buffer(info: RankInfo) -> None:
     shm_buffer(info).unlink(missing_ok=True)
 
 
-def init_distributed(info: RankInfo) -> World:
-    """Start the process group DeepSpeed uses, from the discovered ranks."""
+def init_distributed(info: RankInfo, dims: ParallelDims | None = None) -> Topology:
+    """Start the process group DeepSpeed uses, from the discovered ranks; `dims` default: data parallelism only."""
     os.environ.update(RANK=str(info.rank), LOCAL_RANK=str(info.local_rank), WORLD_SIZE=str(info.world_size),
                       MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
     accelerator = get_accelerator()
@@ -130,16 +169,17 @@ def init_distributed(info: RankInfo) -> World:
         device = torch.device(accelerator.device_name(info.local_rank))
     else:
         device = torch.device("cpu")
-    return World(deepspeed.comm.get_rank(), info.local_rank, deepspeed.comm.get_world_size(), device)
+    size = deepspeed.comm.get_world_size()
+    return Topology(deepspeed.comm.get_rank(), info.local_rank, size, device, dims or ParallelDims(1, size))
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when `flag` is true on at least one (one collective)."""
+    """True on every rank when `flag` is true on at least one (one collective on the world)."""
     return all_reduce_sum([float(flag)], device)[0] > 0
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise sum of `values` over all ranks (float64, one collective)."""
+    """Element-wise sum of `values` over all ranks (float64, one collective on the world)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
     deepspeed.comm.all_reduce(t)
     return t.tolist()

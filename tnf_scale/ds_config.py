@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tnf_scale.config import ConfigError, RunConfig
+from tnf_scale.distributed import ParallelDims
 
 DEFAULT_DS_CONFIG: dict[str, Any] = {"zero_optimization": {"stage": 1}}
 
@@ -35,14 +35,6 @@ def _agree(ds: dict, key: str, value: Any, flag: str, source: str) -> None:
         ds[key] = value
     elif current != value:
         raise ConfigError(f"{source} sets {key}={current} but {flag} gives {value}; make them agree or set {key} to \"auto\".")
-
-
-@dataclass(frozen=True)
-class ParallelDims:
-    """Pipeline stages x data-parallel ranks = world size."""
-
-    pipeline: int
-    data: int
 
 
 def parallel_dims(ds: dict[str, Any], cfg: RunConfig, world_size: int, source: str, world_source: str = "") -> ParallelDims:

@@ -7,8 +7,7 @@ from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
+from tnf_scale.run_dir import RunDir
 
 
 class MetricsLogger:
@@ -17,8 +16,8 @@ class MetricsLogger:
     def __init__(self, output_dir: str | Path, enabled: bool, resumed_step: int | None = None):
         """With `resumed_step`, records after that step (from the interrupted run) are dropped first."""
         self.enabled = enabled
-        self.path = Path(output_dir) / METRICS_FILE
-        self.tb_dir = Path(output_dir) / TENSORBOARD_DIR
+        self.path = RunDir(output_dir).metrics
+        self.tb_dir = RunDir(output_dir).tensorboard
         self._writer = None
         if not enabled:
             return
@@ -49,5 +48,5 @@ class MetricsLogger:
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """All records of a run's metrics.jsonl, in order."""
-    path = Path(run_dir) / METRICS_FILE
+    path = RunDir(run_dir).metrics
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

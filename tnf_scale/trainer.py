@@ -15,7 +15,7 @@ from deepspeed.accelerator import get_accelerator
 
 from tnf_scale.config import RunConfig
 from tnf_scale.data.sampler import EVAL_EPOCH, Batch, Collator, GlobalBatchSampler, local_share
-from tnf_scale.distributed import World, all_reduce_sum
+from tnf_scale.distributed import Topology, all_reduce_sum
 from tnf_scale.model.tnf_bert import LossSums, TnfHooks
 from tnf_scale.notes.store import NoteStore
 from tnf_scale.spans import expand_spans
@@ -53,19 +53,19 @@ class Trainer:
     subclass narrows them (first stage reads, last stage writes) and runs DeepSpeed's schedule.
     """
 
-    def __init__(self, cfg: RunConfig, engine, world: World, train_set, eval_set, collator: Collator,
+    def __init__(self, cfg: RunConfig, engine, world: Topology, train_set, eval_set, collator: Collator,
                  hooks: TnfHooks | None, store: NoteStore | None):
         self.cfg, self.engine, self.world = cfg, engine, world
         self.train_set, self.eval_set, self.collator = train_set, eval_set, collator
         self.hooks, self.store = hooks, store
         self.sampler = GlobalBatchSampler(len(train_set), cfg.global_batch_size, cfg.seed)
         self.grad_accum = engine.gradient_accumulation_steps()
-        self.data_rank, self.data_size = world.rank, world.size
+        self.data_rank, self.data_size = world.data_parallel_rank, world.data_parallel_size  # samples split over the data-parallel group
         self.reads_notes = self.writes_notes = self.counts_data = True
         self.rows_per_rank: list[int] = []
-        if store is not None:
-            one_hot = [0.0] * world.size
-            one_hot[world.rank] = len(store.ids)
+        if store is not None:  # rows held by each rank of the note group
+            one_hot = [0.0] * world.note_group_size
+            one_hot[world.note_group_rank] = len(store.ids)
             self.rows_per_rank = [int(n) for n in all_reduce_sum(one_hot, world.device)]
 
     def _micro_batches(self, dataset, indices: list[int], keys: list[int], epochs: list[int]) -> list[Batch]:
@@ -182,11 +182,15 @@ class PipelineTrainer(Trainer):
     """TNF over DeepSpeed's pipeline schedule: reads travel into the first stage with each micro-batch,
     the last stage's loss function pools the notes, one exchange before and one after the schedule."""
 
-    def __init__(self, cfg: RunConfig, engine, world: World, train_set, eval_set, collator: Collator,
+    def __init__(self, cfg: RunConfig, engine, world: Topology, train_set, eval_set, collator: Collator,
                  store: NoteStore | None, objective):
         super().__init__(cfg, engine, world, train_set, eval_set, collator, None, store)
         self.objective = objective
-        self.data_rank, self.data_size = engine.grid.data_parallel_id, engine.grid.data_parallel_size
+        grid = engine.grid
+        if (grid.data_parallel_id, grid.data_parallel_size, grid.get_stage_id()) != (
+                world.data_parallel_rank, world.data_parallel_size, world.pipeline_parallel_rank):
+            raise RuntimeError(f"DeepSpeed placed rank {world.rank} at stage {grid.get_stage_id()}, replica {grid.data_parallel_id}; "
+                               "Topology assumes pipeline-major order")
         self.reads_notes, self.writes_notes = engine.is_first_stage(), engine.is_last_stage()
         self.counts_data = engine.is_first_stage()
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tnf_scale.reports.bench import PEER_SCRIPT, launch_pair, launch_training  # noqa: E402
 from tnf_scale.config import exit_code  # noqa: E402
-from tnf_scale.provenance import read_provenance  # noqa: E402
+from tnf_scale.run_dir import RunDir  # noqa: E402
 from tnf_scale.reports.throughput import write_report as write_throughput  # noqa: E402
 from tnf_scale.reports.time_to_loss import write_report as write_time_to_loss  # noqa: E402
 
@@ -46,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         peer = launch_training(out / "hf_trainer", args.ranks, args.master_port, [*flags, "--max_steps", str(args.peer_steps)], PEER_SCRIPT)
     command = shlex.join(["python", "tools/bench_tnf.py", *(argv if argv is not None else sys.argv[1:])])
     time_to_loss = write_time_to_loss(baseline, tnf, out)  # checks the runs are there before anything else is read
-    run, origin = json.loads((baseline / "run_config.json").read_text()), read_provenance(baseline)
+    run, origin = RunDir(baseline).read_run_config(), RunDir(baseline).read_provenance()
     report = "\n".join([
         f"# TNF vs baseline: preset {run['preset']}, {run['max_steps']} steps of {run['global_batch_size']} x {run['max_seq_len']} tokens", "",
         f"Trained at commit {origin.get('commit', 'unknown')} on {origin.get('machine', 'an unrecorded machine')} "

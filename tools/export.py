@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tnf_scale.checkpoint import latest_complete  # noqa: E402
 from tnf_scale.config import ConfigError, exit_code  # noqa: E402
 from tnf_scale.model.export import export_hf  # noqa: E402
+from tnf_scale.run_dir import RunDir  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = latest_complete(run)
         if ckpt is None:
             raise ConfigError(f"{run} holds no complete checkpoint; train with --output_dir {run} first.")
-        print(f"exported {ckpt} -> {export_hf(run, ckpt, Path(args.out) if args.out else run / 'export')}")
+        print(f"exported {ckpt} -> {export_hf(run, ckpt, Path(args.out) if args.out else RunDir(run).export)}")
         return 0
 
     return exit_code(export)

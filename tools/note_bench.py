@@ -26,6 +26,7 @@ from transformers import BertConfig, BertForMaskedLM  # noqa: E402
 
 from tnf_scale.reports.bench import launch_pair, median_of, steady_steps  # noqa: E402
 from tnf_scale.config import PRESETS, RunConfig  # noqa: E402
+from tnf_scale.run_dir import RunDir  # noqa: E402
 
 
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     on = steady_steps(runs["on"], args.warmup)
     phases = {tnf: {k: median_of(steady_steps(d, args.warmup), k) for k in on[0] if k.startswith("time_")} for tnf, d in runs.items()}
     tiny = RunConfig()
-    params = parameter_count(BertConfig.from_json_file(str(runs["on"] / "model_config.json")))
+    params = parameter_count(BertConfig.from_json_file(str(RunDir(runs["on"]).model_config)))
     measured = {
         "ranks": args.ranks, "steps": args.steps, "warmup_excluded": args.warmup,
         "step_seconds_tnf_off": step_s["off"], "step_seconds_tnf_on": step_s["on"],

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tnf_scale.reports.bench import launch_training  # noqa: E402
 from tnf_scale.config import RunConfig, exit_code  # noqa: E402
-from tnf_scale.provenance import read_provenance  # noqa: E402
+from tnf_scale.run_dir import RunDir  # noqa: E402
 from tnf_scale.reports.sweep import Setting, compare_runs, finished_run_of, grid, run_config, summary_json, table  # noqa: E402
 from tnf_scale.reports.time_to_loss import write_report  # noqa: E402
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         tnf = obtain(setting, "on", out / f"tnf-{setting.tag}")
         write_report(baseline, tnf, out / f"report-{setting.tag}")
         rows.append((setting, baseline, tnf, compare_runs(baseline, tnf)))
-        origin = read_provenance(baseline)
+        origin = RunDir(baseline).read_provenance()
         text = "\n".join([
             f"# TNF sweep: preset {args.preset}, {len(rows)} of {len(settings)} settings", "",
             f"`{command}` on {datetime.date.today()}; baselines trained at commit {origin.get('commit', 'unknown')} on "

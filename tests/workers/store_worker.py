@@ -34,7 +34,7 @@ def global_occurrences(step: int) -> dict[str, torch.Tensor]:
 
 def main(out: Path) -> None:
     world = init_distributed(discover())
-    sharded = NoteStore(NUM_RARE, DIM, seed=9, init_std=0.02, gamma=0.1, exchange=ExchangeGroup(world.rank, world.size))
+    sharded = NoteStore(NUM_RARE, DIM, seed=9, init_std=0.02, gamma=0.1, exchange=ExchangeGroup(world.note_group_rank, world.note_group_size))
     whole = NoteStore(NUM_RARE, DIM, seed=9, init_std=0.02, gamma=0.1)
     per_rank = SAMPLES_PER_STEP // world.size
     for step in range(STEPS):

@@ -1,4 +1,4 @@
-"""Variable-length all-to-all over the data-parallel ranks: counts first, then the payload.
+"""Variable-length all-to-all over the note group (the ranks sharing one dictionary): counts first, then the payload.
 
 Every rank calls every exchange, with or without rows to send, so no rank blocks.
 """
@@ -12,7 +12,7 @@ import torch
 
 @dataclass
 class ExchangeGroup:
-    """The ranks that share one note dictionary (the data-parallel group; `group=None` is the world)."""
+    """The ranks that share one note dictionary: the note group (`group=None`: the world, as Topology says)."""
 
     rank: int
     size: int

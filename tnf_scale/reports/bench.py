@@ -6,9 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tnf_scale.config import ConfigError
-from tnf_scale.metrics import METRICS_FILE, read_metrics
-from tnf_scale.provenance import REPO
+from tnf_scale.config import REPO, ConfigError
+from tnf_scale.metrics import read_metrics
+from tnf_scale.run_dir import RunDir
 TRAIN_SCRIPT = "tnf_scale/train.py"
 PEER_SCRIPT = "tnf_scale/reports/hf_peer.py"
 
@@ -34,8 +34,8 @@ def launch_pair(out: Path, ranks: int, port: int, flags: list[str]) -> tuple[Pat
 def finished_run(run_dir: str | Path, flag: str) -> Path:
     """`run_dir` if it holds a run's metrics; otherwise one sentence naming the flag and the fix."""
     path = Path(run_dir)
-    if not (path / METRICS_FILE).is_file():
-        raise ConfigError(f"{flag} {path} holds no run ({METRICS_FILE} is missing); point it at the --output_dir of a training run.")
+    if not RunDir(path).metrics.is_file():
+        raise ConfigError(f"{flag} {path} holds no run ({RunDir(path).metrics.name} is missing); point it at the --output_dir of a training run.")
     return path
 
 

@@ -25,13 +25,11 @@ from deepspeed.accelerator import get_accelerator
 from torch.utils.data import Dataset, SequentialSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from tnf_scale.config import ConfigError, RunConfig, exit_code, parse_args
+from tnf_scale.config import RunConfig, exit_code, parse_args
 from tnf_scale.data.sampler import Collator, GlobalBatchSampler
-from tnf_scale.distributed import discover, init_distributed
-from tnf_scale.ds_config import build_ds_config
 from tnf_scale.metrics import MetricsLogger
 from tnf_scale.model.tnf_bert import build_bert
-from tnf_scale.train import check_output_dir, prepare_on_local_rank0, write_run_files
+from tnf_scale.startup import start
 
 
 class OrderPositions(Dataset):
@@ -101,40 +99,34 @@ class StepMetrics(TrainerCallback):
 
 def run(cfg: RunConfig) -> int:
     cfg = dataclasses.replace(cfg, tnf="off")
-    accelerator = get_accelerator()
-    info = discover()
-    ds_config, dims = build_ds_config(cfg, info.world_size, accelerator.device_name() != "cpu" and accelerator.is_bf16_supported())
-    if dims.pipeline > 1:
-        raise ConfigError("the Hugging Face Trainer has no pipeline parallelism; give the peer a DeepSpeed config without pipeline.stages.")
-    world = init_distributed(info)
-    log = print if world.is_main else (lambda *_: None)
-    out = check_output_dir(cfg, world)
-    data = prepare_on_local_rank0(cfg, world, log)
+    started = start(cfg, pipeline_refusal="the Hugging Face Trainer has no pipeline parallelism; "
+                                          "give the peer a DeepSpeed config without pipeline.stages.")
+    world, ds_config, run_dir, data, log = started.topo, started.ds_config, started.run, started.data, started.log
     model = build_bert(cfg, data.tokenizer)
     if world.is_main:
-        write_run_files(out, cfg, model, data, world)
+        run_dir.write_run_files(cfg, model.config, data.tokenizer_dir, world.size)
 
     sampler = GlobalBatchSampler(len(data.train), cfg.global_batch_size, cfg.seed)
     optimizer = ds_config["optimizer"]["params"]
     args = TrainingArguments(
-        output_dir=str(out / "hf_trainer"), max_steps=cfg.max_steps, seed=cfg.seed,
+        output_dir=str(run_dir.path / "hf_trainer"), max_steps=cfg.max_steps, seed=cfg.seed,
         per_device_train_batch_size=cfg.micro_batch_size, gradient_accumulation_steps=ds_config["gradient_accumulation_steps"],
         learning_rate=cfg.lr, weight_decay=cfg.weight_decay, adam_beta1=optimizer["betas"][0], adam_beta2=optimizer["betas"][1],
         adam_epsilon=optimizer["eps"], max_grad_norm=cfg.grad_clip, lr_scheduler_type="linear", warmup_steps=cfg.warmup_steps,
         bf16=ds_config["bf16"]["enabled"], deepspeed=ds_config, logging_steps=cfg.log_interval, save_strategy="no",
         report_to="none", remove_unused_columns=False, dataloader_drop_last=True, disable_tqdm=not world.is_main,
     )
-    metrics = MetricsLogger(out, world.is_main)
+    metrics = MetricsLogger(run_dir.path, world.is_main)
     lengths = [len(ids) for ids in data.train["input_ids"]]
     trainer = InOrderTrainer(
         model=model, args=args, train_dataset=OrderPositions(cfg.max_steps * cfg.global_batch_size),
         data_collator=StreamCollator(data.train, sampler, Collator(data.tokenizer, cfg.max_seq_len, cfg.mlm_probability, cfg.seed)),
         callbacks=[StepMetrics(metrics, sampler, lengths)],
     )
-    log(f"Hugging Face Trainer peer: world {world.size} on {accelerator.device_name()}, DeepSpeed {trainer.is_deepspeed_enabled}")
+    log(f"Hugging Face Trainer peer: world {world.size} on {get_accelerator().device_name()}, DeepSpeed {trainer.is_deepspeed_enabled}")
     trainer.train()
     metrics.close()
-    log(f"run: {out}")
+    log(f"run: {run_dir.path}")
     return 0
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from tnf_scale.config import ConfigError, RunConfig, parse_args
-from tnf_scale.metrics import METRICS_FILE, read_metrics
+from tnf_scale.metrics import read_metrics
 from tnf_scale.reports.time_to_loss import YARDSTICKS, Comparison, compare_all
+from tnf_scale.run_dir import RunDir
 
 TNF_ONLY = ("note_lambda", "note_gamma", "note_window", "notes_at_masked")
 RUN_ONLY = ("output_dir", "overwrite", "resume")  # where and how a run is started, not what it trains
@@ -84,10 +84,10 @@ def finished_run_of(cfg: RunConfig, candidates: list[Path]) -> Path | None:
     """The first candidate directory holding a finished run (its last step evaluated) trained exactly as `cfg` says."""
     wanted = dataclasses.asdict(cfg)
     for run in candidates:
-        if not (run / "run_config.json").is_file() or not (run / METRICS_FILE).is_file():
+        if not RunDir(run).run_config.is_file() or not RunDir(run).metrics.is_file():
             continue
         done = any(r["step"] == cfg.max_steps and "eval_loss_no_notes" in r for r in read_metrics(run))
-        if done and same_training(json.loads((run / "run_config.json").read_text()), wanted):
+        if done and same_training(RunDir(run).read_run_config(), wanted):
             return run
     return None
 

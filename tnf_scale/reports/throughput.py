@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from tnf_scale.reports.bench import finished_run, steady_steps
-from tnf_scale.provenance import machine, read_provenance
+from tnf_scale.run_dir import RunDir, machine
 
 PHASES = ("data", "note_read", "forward", "backward", "optimizer", "note_write")
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) by the NVML device name's model; MFU is left out for others.
@@ -90,14 +90,13 @@ def run_figures(run: Path, warmup: int, peak_flops_per_s: float) -> dict:
 
     FLOPs count the MLM head on masked tokens for every trainer: the work the objective needs.
     """
-    config = json.loads((run / "run_config.json").read_text())
-    model = json.loads((run / "model_config.json").read_text())
+    config, model = RunDir(run).read_run_config(), RunDir(run).read_model_config()
     steps = steady_steps(run, warmup) or steady_steps(run, 0)
     summary = summarize(steps, config["global_batch_size"])
     flops = flops_per_token(model["num_hidden_layers"], model["hidden_size"], model["intermediate_size"],
                             config["max_seq_len"], model["vocab_size"], config["mlm_probability"])
     achieved = flops * summary["tokens_per_s"]["median"]
-    origin = read_provenance(run)
+    origin = RunDir(run).read_provenance()
     return {"run": str(run), "preset": config["preset"], "tnf": config["tnf"], "timed_phases": any("time_forward" in r for r in steps),
             "commit": origin.get("commit", "unknown"), "world_size": origin.get("world_size"), "machine": origin.get("machine"),
             **summary, "flops_per_token": flops, "achieved_flops_per_s": achieved, "mfu": achieved / peak_flops_per_s}

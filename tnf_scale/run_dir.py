@@ -1,0 +1,152 @@
+"""A run directory: the name of every artifact in it, the check before a run starts there, and the files that
+say what the run was (run and model configuration, tokenizer with rare vocabulary, provenance).
+
+Layout of `--output_dir`:
+  metrics.jsonl, tensorboard/     per-step records (metrics.py)
+  checkpoints/stepNNNNNNNN/       DeepSpeed state, note rows per rank, COMPLETE (checkpoint.py)
+  export/                         the plain Hugging Face model (model/export.py)
+  notes.safetensors               the note dictionary on its own
+  tokenizer/ (rare_vocab.tsv)     the run's tokenizer and rare vocabulary; also the layout of a prepared-data entry
+  model_config.json, run_config.json, provenance.json
+  PREEMPTED                       written when a signal stopped the run after a checkpoint
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+
+from tnf_scale.config import REPO, ConfigError, RunConfig
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+CHECKPOINTS_DIR = "checkpoints"
+EXPORT_DIR = "export"
+NOTES_FILE = "notes.safetensors"
+TOKENIZER_DIR = "tokenizer"
+RARE_VOCAB_FILE = "rare_vocab.tsv"
+MODEL_CONFIG = "model_config.json"
+RUN_CONFIG = "run_config.json"
+PROVENANCE_FILE = "provenance.json"
+PREEMPTED_MARKER = "PREEMPTED"
+TRAINED = (METRICS_FILE, TENSORBOARD_DIR, CHECKPOINTS_DIR, EXPORT_DIR, NOTES_FILE)  # any of them: the directory holds a run
+
+
+class RunDir:
+    """The artifacts of one run, by name."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD_DIR
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS_DIR
+
+    @property
+    def export(self) -> Path:
+        return self.path / EXPORT_DIR
+
+    @property
+    def notes(self) -> Path:
+        return self.path / NOTES_FILE
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.path / TOKENIZER_DIR
+
+    @property
+    def model_config(self) -> Path:
+        return self.path / MODEL_CONFIG
+
+    @property
+    def run_config(self) -> Path:
+        return self.path / RUN_CONFIG
+
+    @property
+    def provenance(self) -> Path:
+        return self.path / PROVENANCE_FILE
+
+    @property
+    def preempted(self) -> Path:
+        return self.path / PREEMPTED_MARKER
+
+    @property
+    def rare_vocab(self) -> Path:
+        return self.tokenizer / RARE_VOCAB_FILE
+
+    def prepare(self, cfg: RunConfig, is_main: bool) -> None:
+        """Refuse to mix a new run into an old one unless --resume or --overwrite says what to do; create the directory.
+
+        Collective: every rank looks before rank 0 deletes anything.
+        """
+        existing = [name for name in TRAINED if (self.path / name).exists()]
+        if existing and not cfg.resume and not cfg.overwrite:
+            raise ConfigError(f"--output_dir {self.path} already holds a run ({existing[0]}); pass --resume to continue it, "
+                              "--overwrite to replace it, or choose another directory.")
+        deepspeed.comm.barrier()
+        if is_main:
+            if cfg.overwrite and not cfg.resume:
+                for name in existing:
+                    target = self.path / name
+                    shutil.rmtree(target) if target.is_dir() else target.unlink()
+            self.path.mkdir(parents=True, exist_ok=True)
+        deepspeed.comm.barrier()
+
+    def write_run_files(self, cfg: RunConfig, model_config, tokenizer_dir: Path, world_size: int) -> None:
+        """Tokenizer (with rare vocabulary), model config, run config and provenance: what the run was, beside its metrics,
+        so that export and the reports need only the run directory."""
+        shutil.copytree(tokenizer_dir, self.tokenizer, dirs_exist_ok=True)
+        model_config.to_json_file(str(self.model_config))
+        self.run_config.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        record = {"commit": commit(), "machine": machine(), "world_size": world_size,
+                  "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        self.provenance.write_text(json.dumps(record, indent=2) + "\n")
+
+    def read_run_config(self) -> dict:
+        return json.loads(self.run_config.read_text())
+
+    def read_model_config(self) -> dict:
+        return json.loads(self.model_config.read_text())
+
+    def read_provenance(self) -> dict:
+        """provenance.json, or an empty dict for a run written before it existed."""
+        return json.loads(self.provenance.read_text()) if self.provenance.is_file() else {}
+
+
+def machine() -> str:
+    """One line naming this machine: CPU model and cores, torch build, accelerator."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")), cpu)
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, DeepSpeed accelerator {get_accelerator().device_name()}"
+
+
+def commit() -> str:
+    """The checkout's commit, marked when the working tree differs from it: which code produced a run."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head + (" with uncommitted changes" if dirty else "")

@@ -1,0 +1,55 @@
+"""What every training entry point does before its model exists: ranks, DeepSpeed config, process group,
+run directory, data. Used by train.py and by the Hugging Face Trainer peer (reports/hf_peer.py)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import deepspeed
+from deepspeed.accelerator import get_accelerator
+
+from tnf_scale.config import ConfigError, RunConfig
+from tnf_scale.data.prepare import PreparedData, prepare_data
+from tnf_scale.distributed import Topology, check_master_port, discover, init_distributed
+from tnf_scale.ds_config import build_ds_config
+from tnf_scale.run_dir import RunDir
+
+WORLD_SOURCES = {"slurm": " in the SLURM allocation (SLURM_NTASKS)", "mpi": " started by MPI"}
+
+
+@dataclass
+class Started:
+    topo: Topology
+    ds_config: dict[str, Any]
+    run: RunDir
+    data: PreparedData
+    log: Callable[..., None]  # prints on global rank 0 only
+
+
+def prepare_on_local_rank0(cfg: RunConfig, topo: Topology, log) -> PreparedData:
+    """Local rank 0 of each node prepares (or finds) the data; the other ranks then load it."""
+    if topo.local_rank == 0:
+        data = prepare_data(cfg, log=log, show_progress=topo.is_main)
+    deepspeed.comm.barrier()
+    if topo.local_rank != 0:
+        data = prepare_data(cfg, log=lambda *_: None, show_progress=False)
+    return data
+
+
+def start(cfg: RunConfig, pipeline_refusal: str | None = None) -> Started:
+    """Everything up to the model: the DeepSpeed config and the parallel degrees are checked (and, with
+    `pipeline_refusal`, a pipeline refused) before any process group starts."""
+    accelerator = get_accelerator()
+    info = discover()
+    ds_config, dims = build_ds_config(cfg, info.world_size, accelerator.device_name() != "cpu" and accelerator.is_bf16_supported(),
+                                      WORLD_SOURCES.get(info.source, ""))
+    if pipeline_refusal and dims.pipeline > 1:
+        raise ConfigError(pipeline_refusal)
+    check_master_port(info)
+    topo = init_distributed(info, dims)
+    print(info.describe(), flush=True)  # one line per rank
+    log = print if topo.is_main else (lambda *_: None)
+    run = RunDir(cfg.output_dir)
+    run.prepare(cfg, topo.is_main)
+    return Started(topo, ds_config, run, prepare_on_local_rank0(cfg, topo, log), log)
