@@ -7,14 +7,15 @@ import torch
 from transformers import BertForMaskedLM
 
 from tnf_scale.data.sampler import Collator
-from tnf_scale.model.tnf_bert import LossSums, MaskedLMObjective, TnfHooks, build_bert
+from tnf_scale.model.objective import LossSums, MaskedLMObjective
+from tnf_scale.model.tnf_bert import TnfHooks, build_bert
 from tnf_scale.notes.note_math import pool_windows
 
 
 def models(small_config, prepared):
     cfg = dataclasses.replace(small_config, dropout=0.0)
     tnf = build_bert(cfg, prepared.tokenizer)
-    hooks = TnfHooks(tnf, lam=0.5, window=3)
+    hooks = TnfHooks(MaskedLMObjective(tnf).note_network(), lam=0.5, window=3)
     plain = BertForMaskedLM(tnf.config)
     plain.load_state_dict(tnf.state_dict())
     return tnf.eval(), hooks, plain.eval()

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, BertForMaskedLM
 from tnf_scale.checkpoint import read_rank_files
 from tnf_scale.data.sampler import EVAL_EPOCH, Collator
 from tnf_scale.metrics import read_metrics
-from tnf_scale.model.tnf_bert import MaskedLMObjective
+from tnf_scale.model.objective import MaskedLMObjective
 
 from conftest import COMPARED_RUN, launch, run_cmd, train_args
 

@@ -17,22 +17,18 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher
 
 import deepspeed
 from deepspeed.accelerator import get_accelerator
-from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE
 from tqdm.auto import tqdm
 
 from tnf_scale.checkpoint import Checkpointer
 from tnf_scale.config import RunConfig, exit_code, parse_args
-from tnf_scale.data.prepare import PreparedData
-from tnf_scale.data.sampler import Collator
-from tnf_scale.distributed import Topology, any_rank
+from tnf_scale.distributed import any_rank
 from tnf_scale.metrics import MetricsLogger
 from tnf_scale.model.export import export_hf, save_notes
-from tnf_scale.model.pipeline import PipelineObjective, build_pipeline
-from tnf_scale.model.tnf_bert import MaskedLMObjective, TnfHooks, build_bert
+from tnf_scale.model.tnf_bert import build_bert
 from tnf_scale.notes.exchange import ExchangeGroup
 from tnf_scale.notes.store import NoteStore
 from tnf_scale.startup import start
-from tnf_scale.trainer import PipelineTrainer, Trainer
+from tnf_scale.trainer import build_trainer
 
 PREEMPTED_EXIT = 85  # checkpointed on SIGUSR1: the batch script requeues the job
 
@@ -50,27 +46,6 @@ class PreemptionSignal:
 
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
-def build_trainer(cfg: RunConfig, model, ds_config: dict, world: Topology, data: PreparedData,
-                  store: NoteStore | None) -> tuple[Trainer, object]:
-    """The DeepSpeed engine over `model` (data parallel, or pipeline stages) and the trainer that drives it."""
-    collator = Collator(data.tokenizer, cfg.max_seq_len, cfg.mlm_probability, cfg.seed, cfg.notes_at_masked)
-    universal_info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
-    if world.dims.pipeline > 1:
-        objective = PipelineObjective(cfg.note_window)
-        module = build_pipeline(model, world.dims.pipeline, cfg.note_lambda, objective, cfg.activation_checkpointing)
-        setattr(module, UNIVERSAL_CHECKPOINT_INFO, universal_info)
-        engine, optimizer, _, _ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
-                                                       config=ds_config)
-        return PipelineTrainer(cfg, engine, world, data.train, data.eval, collator, store, objective), optimizer
-    hooks = TnfHooks(model, cfg.note_lambda, cfg.note_window) if cfg.tnf_enabled else None
-    if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable()
-    objective = MaskedLMObjective(model)
-    setattr(objective, UNIVERSAL_CHECKPOINT_INFO, universal_info)
-    engine, optimizer, _, _ = deepspeed.initialize(model=objective, model_parameters=objective.parameters(), config=ds_config)
-    return Trainer(cfg, engine, world, data.train, data.eval, collator, hooks, store), optimizer
 
 
 def run(cfg: RunConfig) -> int:
@@ -100,7 +75,7 @@ def run(cfg: RunConfig) -> int:
 
     metrics = MetricsLogger(run_dir.path, world.is_main, resumed_step=state["step"] if cfg.resume else None)
     if state["step"] == 0:
-        metrics.log({"step": 0, **evaluate(trainer, cfg)})
+        metrics.log({"step": 0, **trainer.eval_metrics()})
     bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="TNF" if cfg.tnf_enabled else "baseline", unit="step", disable=not world.is_main)
     clock = time.perf_counter() - state["wall_time"]
     record: dict = {}
@@ -125,7 +100,7 @@ def run(cfg: RunConfig) -> int:
                       **{f"time_{phase}": seconds for phase, seconds in result.phases.items()}}
         if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_steps:
             started_eval = time.perf_counter()
-            record = {"step": step + 1, **record, **evaluate(trainer, cfg)}
+            record = {"step": step + 1, **record, **trainer.eval_metrics()}
             clock += time.perf_counter() - started_eval  # wall_time is training time: TNF's extra eval pass must not count
         if record:
             metrics.log(record)
@@ -147,16 +122,6 @@ def run(cfg: RunConfig) -> int:
         log(f"run: {run_dir.path}\nmetrics: {run_dir.metrics}\nTensorBoard: tensorboard --logdir {run_dir.tensorboard}")
     deepspeed.comm.barrier()
     return 0
-
-
-def evaluate(trainer: Trainer, cfg: RunConfig) -> dict[str, float]:
-    """Held-out loss of the model as it will be exported, and with notes (leak-free) for TNF runs; each also over
-    the predicted tokens inside rare spans (`_rare`) and the others (`_other`), with the two token counts."""
-    plain = trainer.evaluate(with_notes=False)
-    result = {**plain.losses("eval_loss_no_notes"), "eval_tokens_rare": int(plain.tokens_rare), "eval_tokens_other": int(plain.tokens_other)}
-    if cfg.tnf_enabled:
-        result.update(trainer.evaluate(with_notes=True).losses("eval_loss_notes"))
-    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,13 +10,18 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
+from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE
 
 from tnf_scale.config import RunConfig
+from tnf_scale.data.prepare import PreparedData
 from tnf_scale.data.sampler import EVAL_EPOCH, Batch, Collator, GlobalBatchSampler, local_share
 from tnf_scale.distributed import Topology, all_reduce_sum
-from tnf_scale.model.tnf_bert import LossSums, TnfHooks
+from tnf_scale.model.objective import LossSums, MaskedLMObjective, Objective
+from tnf_scale.model.pipeline import PipelineObjective, build_pipeline
+from tnf_scale.model.tnf_bert import TnfHooks
 from tnf_scale.notes.store import NoteStore
 from tnf_scale.spans import expand_spans
 
@@ -53,9 +58,9 @@ class Trainer:
     subclass narrows them (first stage reads, last stage writes) and runs DeepSpeed's schedule.
     """
 
-    def __init__(self, cfg: RunConfig, engine, world: Topology, train_set, eval_set, collator: Collator,
+    def __init__(self, cfg: RunConfig, engine, world: Topology, train_set, eval_set, collator: Collator, objective: Objective,
                  hooks: TnfHooks | None, store: NoteStore | None):
-        self.cfg, self.engine, self.world = cfg, engine, world
+        self.cfg, self.engine, self.world, self.objective = cfg, engine, world, objective
         self.train_set, self.eval_set, self.collator = train_set, eval_set, collator
         self.hooks, self.store = hooks, store
         self.sampler = GlobalBatchSampler(len(train_set), cfg.global_batch_size, cfg.seed)
@@ -128,7 +133,7 @@ class Trainer:
         for batch, batch_rows in zip(batches, rows):
             if batch_rows is not None:
                 self._set_reads(batch, batch_rows)
-            sums.add(self._token_ce(batch), batch.in_rare_span[batch.labels != -100])
+            sums.add(self._token_ce(batch), batch.in_rare_span[self.objective.predicted(batch)])
             if self.hooks is not None:
                 self.hooks.clear()
         return sums
@@ -140,7 +145,7 @@ class Trainer:
         indices, keys, epochs = self.sampler.step(step)
         batches = self._micro_batches(self.train_set, *(local_share(x, self.data_rank, self.data_size) for x in (indices, keys, epochs)))
         counted = batches if self.counts_data else []
-        local_masked = sum(int((b.labels != -100).sum()) for b in counted)
+        local_masked = sum(int(self.objective.predicted(b).sum()) for b in counted)
         local_tokens = sum(int(b.lengths.sum()) for b in counted)
         (global_masked,) = all_reduce_sum([local_masked], self.world.device)
         scale = self.data_size * self.grad_accum / max(global_masked, 1.0)
@@ -177,15 +182,19 @@ class Trainer:
             self.store.take_traffic()  # eval reads are not a training step's traffic
         return LossSums(*all_reduce_sum(sums.as_list(), self.world.device))
 
+    def eval_metrics(self) -> dict[str, float]:
+        """The objective's held-out metrics: the model as it will be exported, and with notes (leak-free) for TNF runs."""
+        return self.objective.eval_metrics(self.evaluate(with_notes=False), self.evaluate(with_notes=True) if self.store is not None else None)
+
 
 class PipelineTrainer(Trainer):
     """TNF over DeepSpeed's pipeline schedule: reads travel into the first stage with each micro-batch,
     the last stage's loss function pools the notes, one exchange before and one after the schedule."""
 
-    def __init__(self, cfg: RunConfig, engine, world: Topology, train_set, eval_set, collator: Collator,
-                 store: NoteStore | None, objective):
-        super().__init__(cfg, engine, world, train_set, eval_set, collator, None, store)
-        self.objective = objective
+    def __init__(self, cfg: RunConfig, engine, world: Topology, train_set, eval_set, collator: Collator, objective: Objective,
+                 store: NoteStore | None, stage_loss: PipelineObjective):
+        super().__init__(cfg, engine, world, train_set, eval_set, collator, objective, None, store)
+        self.stage_loss = stage_loss
         grid = engine.grid
         if (grid.data_parallel_id, grid.data_parallel_size, grid.get_stage_id()) != (
                 world.data_parallel_rank, world.data_parallel_size, world.pipeline_parallel_rank):
@@ -205,14 +214,36 @@ class PipelineTrainer(Trainer):
                    (batch.labels, batch.occ_sample, batch.occ_start, batch.occ_end, batch.lengths, batch.in_rare_span))
 
     def _train_micro_batches(self, batches: list[Batch], rows: list, scale: float, timer: PhaseTimer) -> tuple[float, list]:
-        self.objective.reset()
-        self.objective.scale, self.objective.take_notes = scale, self.store is not None
+        self.stage_loss.reset()
+        self.stage_loss.scale, self.stage_loss.take_notes = scale, self.store is not None
         self.engine.train_batch(iter(self._pipeline_items(batches, rows)))
         timer.lap("forward")  # the schedule interleaves forward, backward and the step: all counted here
-        return self.objective.sums.ce, self.objective.pooled
+        return self.stage_loss.sums.ce, self.stage_loss.pooled
 
     def _eval_micro_batches(self, batches: list[Batch], rows: list) -> LossSums:
-        self.objective.reset()
-        self.objective.scale, self.objective.take_notes = 1.0, False
+        self.stage_loss.reset()
+        self.stage_loss.scale, self.stage_loss.take_notes = 1.0, False
         self.engine.eval_batch(iter(self._pipeline_items(batches, rows)), num_micro_batches=len(batches))
-        return self.objective.sums
+        return self.stage_loss.sums
+
+
+def build_trainer(cfg: RunConfig, model, ds_config: dict, world: Topology, data: PreparedData,
+                  store: NoteStore | None) -> tuple[Trainer, object]:
+    """The DeepSpeed engine over the objective (data parallel) or over `model` as pipeline stages, and the trainer
+    that drives it; also returns the optimizer DeepSpeed built."""
+    collator = Collator(data.tokenizer, cfg.max_seq_len, cfg.mlm_probability, cfg.seed, cfg.notes_at_masked)
+    universal_info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+    objective = MaskedLMObjective(model)
+    if world.dims.pipeline > 1:
+        stage_loss = PipelineObjective(cfg.note_window)
+        module = build_pipeline(model, world.dims.pipeline, cfg.note_lambda, stage_loss, cfg.activation_checkpointing)
+        setattr(module, UNIVERSAL_CHECKPOINT_INFO, universal_info)
+        engine, optimizer, _, _ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
+                                                       config=ds_config)
+        return PipelineTrainer(cfg, engine, world, data.train, data.eval, collator, objective, store, stage_loss), optimizer
+    hooks = TnfHooks(objective.note_network(), cfg.note_lambda, cfg.note_window) if cfg.tnf_enabled else None
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    setattr(objective, UNIVERSAL_CHECKPOINT_INFO, universal_info)
+    engine, optimizer, _, _ = deepspeed.initialize(model=objective, model_parameters=objective.parameters(), config=ds_config)
+    return Trainer(cfg, engine, world, data.train, data.eval, collator, objective, hooks, store), optimizer

@@ -22,6 +22,9 @@ from tnf_scale.spans import span_positions, spans_holding
 EVAL_EPOCH = 2**32 - 1  # masks of held-out sequences come from a stream no training epoch uses
 
 
+IGNORE_INDEX = -100  # label of a token not selected for prediction (PyTorch's and Hugging Face's ignore index)
+
+
 class GlobalBatchSampler:
     """Which samples, in which order, step n trains on: a function of (seed, n, B) and the data size."""
 
@@ -58,7 +61,7 @@ class Batch:
 
     input_ids: torch.Tensor  # (b, L) int64, masked
     attention_mask: torch.Tensor  # (b, L)
-    labels: torch.Tensor  # (b, L), -100 where not predicted
+    labels: torch.Tensor  # (b, L), IGNORE_INDEX where not selected for prediction
     lengths: torch.Tensor  # (b,) real (non-padding) length
     order_key: torch.Tensor  # (b,)
     occ_sample: torch.Tensor  # (n,) which row of the micro-batch
@@ -104,13 +107,13 @@ class Collator:
         random_tokens = torch.randint(self.vocab_size, (len(ids),), generator=g)
         inputs = torch.where(chosen & (action < 0.8), self.mask_id, ids)
         inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_tokens, inputs)
-        return inputs, torch.where(chosen, ids, -100)
+        return inputs, torch.where(chosen, ids, IGNORE_INDEX)
 
     def __call__(self, dataset: datasets.Dataset, indices: list[int], order_keys: list[int], epochs: list[int]) -> Batch:
         rows = dataset[indices]
         b = len(indices)
         input_ids = torch.full((b, self.seq_len), self.pad_id, dtype=torch.int64)
-        labels = torch.full((b, self.seq_len), -100, dtype=torch.int64)
+        labels = torch.full((b, self.seq_len), IGNORE_INDEX, dtype=torch.int64)
         lengths = torch.zeros(b, dtype=torch.int64)
         occ = {"sample": [], "rare": [], "start": [], "end": []}
         for i in range(b):
@@ -125,6 +128,6 @@ class Collator:
         attention_mask = (torch.arange(self.seq_len)[None, :] < lengths[:, None]).long()
         cat = {k: torch.cat(v) if v else torch.zeros(0, dtype=torch.int64) for k, v in occ.items()}
         spans = (cat["sample"], cat["start"], cat["end"])
-        reads = torch.ones_like(cat["rare"], dtype=torch.bool) if self.notes_at_masked else ~spans_holding(labels != -100, *spans)
+        reads = torch.ones_like(cat["rare"], dtype=torch.bool) if self.notes_at_masked else ~spans_holding(labels != IGNORE_INDEX, *spans)
         return Batch(input_ids, attention_mask, labels, lengths, torch.as_tensor(order_keys, dtype=torch.int64),
                      cat["sample"], cat["rare"], cat["start"], cat["end"], reads, span_positions(*spans, (b, self.seq_len)))

@@ -22,7 +22,9 @@ from torch import nn
 from transformers import BertForMaskedLM
 from transformers.masking_utils import create_bidirectional_mask
 
-from tnf_scale.model.tnf_bert import LossSums, NoteMixer
+from tnf_scale.data.sampler import IGNORE_INDEX
+from tnf_scale.model.objective import LossSums, token_cross_entropy
+from tnf_scale.model.tnf_bert import NoteMixer
 from tnf_scale.notes.note_math import pool_windows
 
 TIED_KEY = "word_embeddings"
@@ -83,7 +85,8 @@ class DecoderBias(nn.Module):
 
 
 class PipelineObjective:
-    """The last stage's loss function: summed masked-token cross-entropy x `scale`; also pools notes.
+    """The masked-LM objective on the last stage (the loss function): summed predicted-token cross-entropy x `scale`;
+    also pools notes.
 
     Labels travel as (labels, occ_sample, occ_start, occ_end, lengths, in_rare_span). The trainer sets
     `scale` and `take_notes` before a batch and reads `sums` (LossSums) and `pooled` after it.
@@ -100,8 +103,8 @@ class PipelineObjective:
     def __call__(self, outputs, labels):
         logits, hidden = outputs
         labels, occ_sample, occ_start, occ_end, lengths, in_rare_span = labels
-        predicted = labels != -100
-        token_ce = F.cross_entropy(logits[predicted].float(), labels[predicted], reduction="none")
+        predicted = labels != IGNORE_INDEX
+        token_ce = token_cross_entropy(logits[predicted], labels[predicted])
         self.sums.add(token_ce, in_rare_span[predicted])
         if self.take_notes:
             self.pooled.append(pool_windows(hidden, occ_sample, occ_start, occ_end, lengths, self.window))

@@ -7,10 +7,7 @@ With no reads or captures set, both hooks do nothing and the model is plain BERT
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
 
@@ -33,55 +30,6 @@ def build_bert(cfg: RunConfig, tokenizer: PreTrainedTokenizerFast) -> BertForMas
     """A freshly initialised BertForMaskedLM; the same seed gives the same weights."""
     torch.manual_seed(cfg.seed)
     return BertForMaskedLM(bert_config(cfg, tokenizer))
-
-
-class MaskedLMObjective(nn.Module):
-    """BertForMaskedLM's MLM loss of every predicted token (row-major order), with the head run on those tokens only.
-
-    The wrapped model is used as it is; its weights sit under the `mlm.` prefix.
-    """
-
-    def __init__(self, mlm: BertForMaskedLM):
-        super().__init__()
-        self.mlm = mlm
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        hidden = self.mlm.bert(input_ids=input_ids, attention_mask=attention_mask)[0]
-        predicted = labels != -100
-        logits = self.mlm.cls(hidden[predicted])
-        return F.cross_entropy(logits.float(), labels[predicted], reduction="none")
-
-
-@dataclass
-class LossSums:
-    """Summed cross-entropy over predicted tokens and their count, split into tokens inside a rare span and the rest."""
-
-    ce_rare: float = 0.0
-    ce_other: float = 0.0
-    tokens_rare: int = 0
-    tokens_other: int = 0
-
-    def add(self, token_ce: torch.Tensor, in_rare: torch.Tensor) -> None:
-        """Add the losses of predicted tokens; `in_rare` (bool, same length) marks those inside a rare span."""
-        token_ce = token_ce.detach().float()
-        self.ce_rare += float(token_ce[in_rare].sum())
-        self.ce_other += float(token_ce[~in_rare].sum())
-        self.tokens_rare += int(in_rare.sum())
-        self.tokens_other += int((~in_rare).sum())
-
-    @property
-    def ce(self) -> float:
-        return self.ce_rare + self.ce_other
-
-    def as_list(self) -> list[float]:
-        return [self.ce_rare, self.ce_other, self.tokens_rare, self.tokens_other]
-
-    def losses(self, name: str) -> dict[str, float]:
-        """Mean loss over all predicted tokens as `name`, over rare-span and other tokens as `name`_rare / _other
-        (a part without tokens is left out)."""
-        parts = {name: (self.ce, self.tokens_rare + self.tokens_other),
-                 f"{name}_rare": (self.ce_rare, self.tokens_rare), f"{name}_other": (self.ce_other, self.tokens_other)}
-        return {key: ce / tokens for key, (ce, tokens) in parts.items() if tokens}
 
 
 class NoteMixer:
@@ -108,14 +56,18 @@ class NoteMixer:
 
 
 class TnfHooks:
-    """TNF on a whole BertForMaskedLM (the data-parallel path): set reads and captures before a forward."""
+    """TNF on a whole encoder network (the data-parallel path): set reads and captures before a forward.
 
-    def __init__(self, model: BertForMaskedLM, lam: float, window: int):
+    `network` is the Hugging Face base model an objective names (`Objective.note_network`): notes are mixed
+    at its `embeddings.LayerNorm` input and taken from its `encoder` output.
+    """
+
+    def __init__(self, network: nn.Module, lam: float, window: int):
         self.window = window
-        self.mixer = NoteMixer(model.bert.embeddings.LayerNorm, lam)
+        self.mixer = NoteMixer(network.embeddings.LayerNorm, lam)
         self._capture: tuple[torch.Tensor, ...] | None = None
         self.pooled: torch.Tensor | None = None
-        model.bert.encoder.register_forward_hook(self._take_notes)
+        network.encoder.register_forward_hook(self._take_notes)
 
     def set_reads(self, sample: torch.Tensor, start: torch.Tensor, end: torch.Tensor, rows: torch.Tensor, seq_len: int) -> None:
         """Mix `rows` (one note per occurrence) into the spans of the next forward."""
