@@ -6,6 +6,7 @@ finished, `COMPLETE` (JSON). A checkpoint without `COMPLETE` is never resumed fr
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -160,9 +161,10 @@ class Checkpointer:
     load (model, optimizer, RNG, and this rank's note rows, re-partitioned), save, final, note_rows (for export).
     """
 
-    def __init__(self, run: RunDir, topo: Topology, rare_vocab_digest: str, num_rare: int | None):
-        """`num_rare` is None for a run without notes."""
-        self.run, self.topo, self.rare_vocab_digest, self.num_rare = run, topo, rare_vocab_digest, num_rare
+    def __init__(self, run: RunDir, topo: Topology, rare_vocab: Path, num_rare: int | None):
+        """`rare_vocab` is the data's rare vocabulary file (checkpoints must match it); `num_rare` is None without notes."""
+        self.run, self.topo, self.num_rare = run, topo, num_rare
+        self.rare_vocab_digest = hashlib.sha256(rare_vocab.read_bytes()).hexdigest()[:16]
         self.point: ResumePoint | None = None
         self.source: Path | None = None  # what DeepSpeed loads: the checkpoint, or its universal form
         self.last_saved: int | None = None

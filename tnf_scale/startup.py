@@ -2,6 +2,7 @@
 run directory, data. Used by train.py and by the Hugging Face Trainer peer (reports/hf_peer.py)."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import deepspeed
 from deepspeed.accelerator import get_accelerator
 
-from tnf_scale.config import ConfigError, RunConfig
+from tnf_scale.config import ConfigError, RunConfig, exit_code, parse_args
 from tnf_scale.data.prepare import PreparedData, prepare_data
 from tnf_scale.distributed import Topology, check_master_port, discover, init_distributed
 from tnf_scale.ds_config import build_ds_config
@@ -25,6 +26,13 @@ class Started:
     run: RunDir
     data: PreparedData
     log: Callable[..., None]  # prints on global rank 0 only
+
+
+def command(run: Callable[[RunConfig], int], argv: list[str] | None) -> int:
+    """A training command's main: flags parsed into a RunConfig, DeepSpeed's own log held to warnings, and a bad
+    input ended in one line on stderr with exit code 2."""
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return exit_code(lambda: run(parse_args(argv)))
 
 
 def prepare_on_local_rank0(cfg: RunConfig, topo: Topology, log) -> PreparedData:

@@ -5,8 +5,6 @@ with TNF hooks, DeepSpeed engine, (resume,) the step loop with metrics and check
 """
 from __future__ import annotations
 
-import hashlib
-import logging
 import signal
 import sys
 import time
@@ -20,14 +18,14 @@ from deepspeed.accelerator import get_accelerator
 from tqdm.auto import tqdm
 
 from tnf_scale.checkpoint import Checkpointer
-from tnf_scale.config import RunConfig, exit_code, parse_args
+from tnf_scale.config import RunConfig
 from tnf_scale.distributed import any_rank
 from tnf_scale.metrics import MetricsLogger
 from tnf_scale.model.export import export_hf, save_notes
 from tnf_scale.model.tnf_bert import build_bert
 from tnf_scale.notes.exchange import ExchangeGroup
 from tnf_scale.notes.store import NoteStore
-from tnf_scale.startup import start
+from tnf_scale.startup import command, start
 from tnf_scale.trainer import build_trainer
 
 PREEMPTED_EXIT = 85  # checkpointed on SIGUSR1: the batch script requeues the job
@@ -44,15 +42,11 @@ class PreemptionSignal:
         self.raised = True
 
 
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
 def run(cfg: RunConfig) -> int:
     started = start(cfg)
     world, ds_config, run_dir, data, log = started.topo, started.ds_config, started.run, started.data, started.log
     preemption = PreemptionSignal()
-    checkpointer = Checkpointer(run_dir, world, digest(data.rare_vocab_path), len(data.rare_vocab) if cfg.tnf_enabled else None)
+    checkpointer = Checkpointer(run_dir, world, data.rare_vocab_path, len(data.rare_vocab) if cfg.tnf_enabled else None)
     checkpointer.plan(cfg.resume)
 
     model = build_bert(cfg, data.tokenizer)
@@ -125,9 +119,7 @@ def run(cfg: RunConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: a bad input ends in one line on stderr and exit code 2."""
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    return exit_code(lambda: run(parse_args(argv)))
+    return command(run, argv)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ is the baseline's counterpart. It writes run_config.json, model_config.json and 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import sys
 import time
 from pathlib import Path
@@ -25,11 +24,11 @@ from deepspeed.accelerator import get_accelerator
 from torch.utils.data import Dataset, SequentialSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from tnf_scale.config import RunConfig, exit_code, parse_args
+from tnf_scale.config import RunConfig
 from tnf_scale.data.sampler import Collator, GlobalBatchSampler
 from tnf_scale.metrics import MetricsLogger
 from tnf_scale.model.tnf_bert import build_bert
-from tnf_scale.startup import start
+from tnf_scale.startup import command, start
 
 
 class OrderPositions(Dataset):
@@ -131,8 +130,7 @@ def run(cfg: RunConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    return exit_code(lambda: run(parse_args(argv)))
+    return command(run, argv)
 
 
 if __name__ == "__main__":
