@@ -133,3 +133,39 @@ def test_pipeline_degree_must_fit_the_world_and_the_model(tmp_path):
     ds_file.write_text(json.dumps({"pipeline": {"stages": 4}}))
     with pytest.raises(ConfigError, match="asks for 4 pipeline stages but the model has only 2 encoder layers"):
         build_ds_config(cfg, world_size=4, bf16_supported=False)
+
+
+def test_boolean_flags_take_the_usual_spellings_and_a_bare_flag_means_true(capsys):
+    assert parse_args(["--resume"]).resume is True and parse_args([]).resume is False
+    for word, value in (("true", True), ("YES", True), ("on", True), ("1", True), ("false", False), ("No", False), ("off", False), ("0", False)):
+        assert parse_args(["--overwrite", word]).overwrite is value
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--resume", "maybe"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "'maybe' is not a yes/no value; write true or false" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--log_interval", "0", "--log_interval must be at least 1"),
+    ("--eval_interval", "0", "--eval_interval must be at least 1"),
+    ("--save_interval", "-5", "--save_interval must be 0 or more"),
+    ("--lr", "nan", "--lr must be a finite number"),
+    ("--lr", "0", "--lr must be above 0"),
+    ("--mlm_probability", "0", "--mlm_probability must lie strictly between 0 and 1"),
+])
+def test_values_that_would_train_nothing_or_nonsense_are_refused(flag, value, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args([flag, value])
+
+
+def test_a_config_file_value_of_the_wrong_type_is_named(tmp_path):
+    cfg_file = tmp_path / "run.json"
+    for values, message in (({"max_steps": "ten"}, "gives max_steps = 'ten', but max_steps takes int"),
+                            ({"resume": "yes"}, "gives resume = 'yes', but resume takes bool"),
+                            ({"corpus": "a.txt"}, "gives corpus = 'a.txt', but corpus takes list\\[str\\]"),
+                            ({"rare_min_count": 1.5}, "takes int \\| None")):
+        cfg_file.write_text(json.dumps(values))
+        with pytest.raises(ConfigError, match=message):
+            parse_args(["--config", str(cfg_file)])
+    cfg_file.write_text(json.dumps({"lr": 1, "rare_min_count": None, "corpus": ["a.txt"], "tokenizer": None}))
+    assert parse_args(["--config", str(cfg_file)]).lr == 1

@@ -11,7 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tnf_scale.checkpoint import COMPLETE, CheckpointError, notes_file, plan_resume, read_rank_files
+from tnf_scale.checkpoint import COMPLETE, Checkpointer, CheckpointError, notes_file, plan_resume, read_rank_files
+from tnf_scale.config import RunConfig
+from tnf_scale.distributed import ParallelDims, Topology
+from tnf_scale.run_dir import RunDir
 from tnf_scale.metrics import read_metrics
 from tnf_scale.notes.note_math import owner_of
 from tnf_scale.notes.store import NoteStore
@@ -152,3 +155,22 @@ def test_a_checkpoint_of_other_data_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="each needed exactly once"):
         plan_resume(tmp_path / "dup", "d", num_rare=4)
     assert plan_resume(tmp_path / "other", "abc", num_rare=4).step == 5
+
+
+def test_a_resume_with_another_model_shape_or_fewer_steps_is_refused_before_any_run_file_changes(tmp_path):
+    run = tmp_path / "run"
+    fake_checkpoint(run, [torch.tensor([0, 1, 2, 3])])
+    (run / "run_config.json").write_text(json.dumps({"hidden_size": 128, "max_seq_len": 64, "max_steps": 5, "tnf": "on"}))
+    vocab = tmp_path / "rare_vocab.tsv"
+    vocab.write_text("word\tid\tcount\n")
+    before = (run / "run_config.json").read_bytes()
+    checkpointer = Checkpointer(RunDir(run), Topology(0, 0, 1, torch.device("cpu"), ParallelDims(1, 1)), vocab, num_rare=4)
+    checkpointer.rare_vocab_digest = "d"  # the fake checkpoint's
+    for cfg, message in ((RunConfig(resume=True, hidden_size=256, max_seq_len=64, max_steps=5), "trained with --hidden_size 128, not 256"),
+                         (RunConfig(resume=True, hidden_size=128, max_seq_len=32, max_steps=5), "--max_seq_len 64, not 32"),
+                         (RunConfig(resume=True, hidden_size=128, max_seq_len=64, max_steps=3), "at step 5, beyond --max_steps 3")):
+        with pytest.raises(CheckpointError, match=message):
+            checkpointer.plan(cfg)
+    assert (run / "run_config.json").read_bytes() == before
+    checkpointer.plan(RunConfig(resume=True, hidden_size=128, max_seq_len=64, max_steps=9))
+    assert checkpointer.point.step == 5

@@ -115,6 +115,15 @@ def test_a_second_run_into_the_same_directory_is_refused(baseline_run, small_con
     assert (out / "metrics.jsonl").read_bytes() == before
 
 
+def test_overwrite_with_a_mistyped_corpus_keeps_the_old_run(baseline_run, small_config, tmp_path):
+    out, _ = baseline_run
+    before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")}
+    args = train_args(small_config, out, max_steps=5, tnf="off", overwrite="true", corpus=str(tmp_path / "typo.jsonl"))
+    proc = run_cmd([sys.executable, "-m", "tnf_scale.train", *args])
+    assert proc.returncode == 2 and "typo.jsonl does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing deleted or rewritten
+
+
 def test_resume_without_a_checkpoint_says_so(small_config, tmp_path):
     proc = run_cmd([sys.executable, "-m", "tnf_scale.train", *train_args(small_config, tmp_path / "fresh", max_steps=5, resume="true")])
     assert proc.returncode == 2 and "found no complete checkpoint" in proc.stderr and "Traceback" not in proc.stderr

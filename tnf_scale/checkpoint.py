@@ -20,11 +20,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tnf_scale.config import ConfigError
+from tnf_scale.config import ConfigError, RunConfig
 from tnf_scale.distributed import Topology
 from tnf_scale.run_dir import RunDir
 
 COMPLETE = "COMPLETE"
+# What a checkpoint's tensors and data order depend on: a resume must keep them (the rest, e.g. --max_steps, may change).
+RESUME_MUST_MATCH = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_seq_len", "tnf",
+                     "global_batch_size", "seed")
 
 
 class CheckpointError(ConfigError):
@@ -169,10 +172,21 @@ class Checkpointer:
         self.source: Path | None = None  # what DeepSpeed loads: the checkpoint, or its universal form
         self.last_saved: int | None = None
 
-    def plan(self, resume: bool) -> None:
-        """With `resume`, choose and validate the newest complete checkpoint; nothing is loaded yet."""
-        self.point = plan_resume(self.run.path, self.rare_vocab_digest, self.num_rare) if resume else None
+    def plan(self, cfg: RunConfig) -> None:
+        """With --resume, choose and validate the newest complete checkpoint against `cfg`; nothing is loaded and no run
+        file is rewritten yet."""
+        self.point = plan_resume(self.run.path, self.rare_vocab_digest, self.num_rare) if cfg.resume else None
         self.source = self.point.ckpt if self.point else None
+        if self.point is None:
+            return
+        if cfg.max_steps < self.point.step:
+            raise CheckpointError(f"checkpoint {self.point.ckpt} is at step {self.point.step}, beyond --max_steps {cfg.max_steps}; "
+                                  f"pass --max_steps {self.point.step} or more to continue it.")
+        saved = self.run.read_run_config() if self.run.run_config.is_file() else {}
+        for name in RESUME_MUST_MATCH:
+            if name in saved and saved[name] != getattr(cfg, name):
+                raise CheckpointError(f"the run in {self.run.path} was trained with --{name} {saved[name]}, not {getattr(cfg, name)}; "
+                                      f"resume it with --{name} {saved[name]}, or start a new run elsewhere.")
 
     def adapt(self, ds_config: dict[str, Any]) -> None:
         """Make `ds_config` able to load the planned checkpoint when it was saved on another topology."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -97,15 +98,26 @@ class RunConfig:
                 raise ConfigError(f"--{name} must lie strictly between 0 and 1, got {value}.")
         if self.note_window < 0:
             raise ConfigError(f"--note_window (k) must be 0 or more, got {self.note_window}.")
+        for name in ("lr", "weight_decay", "grad_clip", "mlm_probability", "rare_coverage", "eval_fraction", "dropout"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"--{name} must be a finite number, got {getattr(self, name)}.")
+        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError(f"--lr must be above 0 and --weight_decay, --grad_clip at least 0, got {self.lr}, {self.weight_decay}, {self.grad_clip}.")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ConfigError(f"--mlm_probability must lie strictly between 0 and 1 (BERT: 0.15), got {self.mlm_probability}.")
         if not 0.0 < self.rare_coverage < 1.0:
             raise ConfigError(f"--rare_coverage must lie strictly between 0 and 1, got {self.rare_coverage}.")
         if (self.rare_min_count is None) != (self.rare_max_count is None):
             raise ConfigError("--rare_min_count and --rare_max_count go together: give both, or neither to choose the band by --rare_coverage.")
         if self.rare_min_count is not None and not 1 <= self.rare_min_count <= self.rare_max_count:
             raise ConfigError(f"the rare band needs 1 <= --rare_min_count <= --rare_max_count, got {self.rare_min_count}..{self.rare_max_count}.")
-        for name in ("max_steps", "global_batch_size", "micro_batch_size", "hidden_size", "num_layers", "num_heads", "max_seq_len", "vocab_size"):
+        for name in ("max_steps", "global_batch_size", "micro_batch_size", "hidden_size", "num_layers", "num_heads", "max_seq_len", "vocab_size",
+                     "intermediate_size", "log_interval", "eval_interval", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        for name in ("warmup_steps", "save_interval"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be 0 or more, got {getattr(self, name)}.")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"--hidden_size {self.hidden_size} must be divisible by --num_heads {self.num_heads}.")
         if self.max_seq_len < 8:
@@ -149,10 +161,21 @@ FLAG_HELP = {
 }
 
 
+BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def parse_bool(text: str) -> bool:
+    """true/false, yes/no, on/off, 1/0 (any case)."""
+    try:
+        return BOOLEAN_WORDS[text.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a yes/no value; write true or false (or yes/no, on/off, 1/0)") from None
+
+
 def _flag_type(name: str):
     kind = str(_FIELDS[name].type)
     if kind == "bool":
-        return lambda s: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[s.lower()]
+        return parse_bool
     if kind in ("int", "int | None"):
         return int
     if kind in ("float",):
@@ -170,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument("--corpus", nargs="+", default=None, help="text/jsonl/parquet files, folders, or a datasets hub name")
         elif name == "tnf":
             parser.add_argument("--tnf", choices=("on", "off"), default=None, help="off runs the same pipeline without notes (the baseline)")
+        elif str(f.type) == "bool":  # a bare --resume means --resume true
+            parser.add_argument(f"--{name}", type=parse_bool, nargs="?", const=True, default=None, help=FLAG_HELP.get(name))
         else:
             parser.add_argument(f"--{name}", type=_flag_type(name), default=None, help=FLAG_HELP.get(name))
     return parser
@@ -184,6 +209,22 @@ def resolve(preset: str, overrides: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"unknown config key {unknown[0]!r}; valid keys are the RunConfig fields listed by --help.")
     values = {**PRESETS[preset], **overrides, "preset": preset}
     return RunConfig(**values)
+
+
+def _json_value_fits(kind: str, value: Any) -> bool:
+    """Whether a JSON value has the type a RunConfig field declares (`kind` as written in the dataclass)."""
+    if value is None:
+        return kind.endswith("| None")
+    base = kind.removesuffix(" | None")
+    if base == "list[str]":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if base == "bool":
+        return isinstance(value, bool)
+    if base == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if base == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, str)
 
 
 def parse_args(argv: list[str] | None = None) -> RunConfig:
@@ -201,6 +242,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
             raise ConfigError(f"--config {path} is not valid JSON ({err.msg} at line {err.lineno}); fix the file.") from None
         if not isinstance(file_values, dict):
             raise ConfigError(f"--config {path} must hold a JSON object of RunConfig fields.")
+        for key, value in file_values.items():
+            if key in _FIELDS and not _json_value_fits(str(_FIELDS[key].type), value):
+                raise ConfigError(f"--config {path} gives {key} = {value!r}, but {key} takes {_FIELDS[key].type}; fix the value in the file.")
     args.pop("local_rank")
     flags = {k: v for k, v in args.items() if v is not None}
     preset = flags.pop("preset", file_values.pop("preset", "tiny"))

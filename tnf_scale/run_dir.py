@@ -94,19 +94,25 @@ class RunDir:
     def rare_vocab(self) -> Path:
         return self.tokenizer / RARE_VOCAB_FILE
 
-    def prepare(self, cfg: RunConfig, is_main: bool) -> None:
-        """Refuse to mix a new run into an old one unless --resume or --overwrite says what to do; create the directory.
+    def _trained(self) -> list[str]:
+        return [name for name in TRAINED if (self.path / name).exists()]
 
-        Collective: every rank looks before rank 0 deletes anything.
-        """
-        existing = [name for name in TRAINED if (self.path / name).exists()]
+    def check(self, cfg: RunConfig) -> None:
+        """Refuse to mix a new run into an old one unless --resume or --overwrite says what to do. Touches nothing."""
+        existing = self._trained()
         if existing and not cfg.resume and not cfg.overwrite:
             raise ConfigError(f"--output_dir {self.path} already holds a run ({existing[0]}); pass --resume to continue it, "
                               "--overwrite to replace it, or choose another directory.")
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"--output_dir {self.path} is a file; name a directory.")
+
+    def claim(self, cfg: RunConfig, is_main: bool) -> None:
+        """Create the directory; with --overwrite (and not --resume), delete the old run first. Call it only once every
+        input has been checked. Collective: every rank has looked before rank 0 deletes anything."""
         deepspeed.comm.barrier()
         if is_main:
             if cfg.overwrite and not cfg.resume:
-                for name in existing:
+                for name in self._trained():
                     target = self.path / name
                     shutil.rmtree(target) if target.is_dir() else target.unlink()
             self.path.mkdir(parents=True, exist_ok=True)

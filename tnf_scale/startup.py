@@ -47,7 +47,8 @@ def prepare_on_local_rank0(cfg: RunConfig, topo: Topology, log) -> PreparedData:
 
 def start(cfg: RunConfig, pipeline_refusal: str | None = None) -> Started:
     """Everything up to the model: the DeepSpeed config and the parallel degrees are checked (and, with
-    `pipeline_refusal`, a pipeline refused) before any process group starts."""
+    `pipeline_refusal`, a pipeline refused) before any process group starts; the data is prepared before
+    `--overwrite` deletes an old run."""
     accelerator = get_accelerator()
     info = discover()
     ds_config, dims = build_ds_config(cfg, info.world_size, accelerator.device_name() != "cpu" and accelerator.is_bf16_supported(),
@@ -59,5 +60,7 @@ def start(cfg: RunConfig, pipeline_refusal: str | None = None) -> Started:
     print(info.describe(), flush=True)  # one line per rank
     log = print if topo.is_main else (lambda *_: None)
     run = RunDir(cfg.output_dir)
-    run.prepare(cfg, topo.is_main)
-    return Started(topo, ds_config, run, prepare_on_local_rank0(cfg, topo, log), log)
+    run.check(cfg)
+    data = prepare_on_local_rank0(cfg, topo, log)  # a bad corpus stops here, before an old run is deleted
+    run.claim(cfg, topo.is_main)
+    return Started(topo, ds_config, run, data, log)

@@ -47,7 +47,7 @@ def run(cfg: RunConfig) -> int:
     world, ds_config, run_dir, data, log = started.topo, started.ds_config, started.run, started.data, started.log
     preemption = PreemptionSignal()
     checkpointer = Checkpointer(run_dir, world, data.rare_vocab_path, len(data.rare_vocab) if cfg.tnf_enabled else None)
-    checkpointer.plan(cfg.resume)
+    checkpointer.plan(cfg)
 
     model = build_bert(cfg, data.tokenizer)
     if world.is_main:
