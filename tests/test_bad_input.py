@@ -169,3 +169,34 @@ def test_a_config_file_value_of_the_wrong_type_is_named(tmp_path):
             parse_args(["--config", str(cfg_file)])
     cfg_file.write_text(json.dumps({"lr": 1, "rare_min_count": None, "corpus": ["a.txt"], "tokenizer": None}))
     assert parse_args(["--config", str(cfg_file)]).lr == 1
+
+
+def test_empty_corpus_files_are_skipped_and_an_all_empty_corpus_is_one_sentence(tmp_path):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    (tmp_path / "blank.jsonl").write_text("\n  \n")
+    said = []
+    with pytest.raises(ConfigError, match="holds no text"):
+        load_corpus([str(tmp_path / "empty.txt"), str(tmp_path / "empty.jsonl"), str(tmp_path / "blank.jsonl")], log=said.append)
+    assert len(said) == 3 and all("is empty; skipped" in line for line in said)
+    (tmp_path / "docs.jsonl").write_text('{"text": "some words here"}\n')
+    assert load_corpus([str(tmp_path / "empty.txt"), str(tmp_path / "docs.jsonl")], log=quiet)["text"] == ["some words here"]
+
+
+def test_preflight_names_a_missing_deepspeed_config(tmp_path, capsys):
+    from tnf_scale.preflight import main as preflight_main
+
+    (tmp_path / "hosts").write_text("127.0.0.1 slots=1\n")
+    assert preflight_main(["--hostfile", str(tmp_path / "hosts"), "--deepspeed_config", str(tmp_path / "nope.json")]) == 2
+    err = capsys.readouterr().err
+    assert "nope.json does not exist; pass a JSON file" in err and "Traceback" not in err
+
+
+def test_an_output_dir_that_is_a_file_is_named_before_anything_is_written(tmp_path):
+    from tnf_scale.run_dir import RunDir
+
+    target = tmp_path / "out"
+    target.write_text("not a directory")
+    with pytest.raises(ConfigError, match="--output_dir .*out is a file; name a directory"):
+        RunDir(target).check(RunConfig(output_dir=str(target)))
+    assert target.read_text() == "not a directory"

@@ -24,6 +24,12 @@ class ConfigError(ValueError):
     """A configuration problem, phrased as one sentence that names the problem and the fix."""
 
 
+def check_deepspeed_config_path(path: str) -> None:
+    """One sentence when the DeepSpeed config file named by --deepspeed_config is not there."""
+    if not Path(path).is_file():
+        raise ConfigError(f"--deepspeed_config {path} does not exist; pass a JSON file such as ds_configs/zero1.json.")
+
+
 def exit_code(action: Callable[[], int]) -> int:
     """Run a command's body: a ConfigError becomes one line on stderr and exit code 2, not a traceback."""
     try:
@@ -128,8 +134,8 @@ class RunConfig:
             raise ConfigError(f"--eval_fraction must lie in (0, 0.5), got {self.eval_fraction}.")
         if not self.corpus:
             raise ConfigError("--corpus is empty: name at least one .txt/.jsonl/.parquet file, folder, or datasets hub name.")
-        if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
-            raise ConfigError(f"--deepspeed_config {self.deepspeed_config} does not exist; pass a JSON file such as ds_configs/zero1.json.")
+        if self.deepspeed_config is not None:
+            check_deepspeed_config_path(self.deepspeed_config)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

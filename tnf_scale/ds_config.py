@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tnf_scale.config import ConfigError, RunConfig
+from tnf_scale.config import ConfigError, RunConfig, check_deepspeed_config_path
 from tnf_scale.distributed import ParallelDims
 
 DEFAULT_DS_CONFIG: dict[str, Any] = {"zero_optimization": {"stage": 1}}
@@ -19,6 +19,7 @@ DEFAULT_DS_CONFIG: dict[str, Any] = {"zero_optimization": {"stage": 1}}
 def load_ds_file(path: str | None) -> dict[str, Any]:
     if path is None:
         return copy.deepcopy(DEFAULT_DS_CONFIG)
+    check_deepspeed_config_path(path)
     try:
         loaded = json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:

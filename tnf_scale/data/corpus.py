@@ -58,10 +58,20 @@ def count_undecodable_lines(path: Path) -> int:
     return bad
 
 
-def _load_files(files: list[Path], text_column: str, log) -> datasets.Dataset:
+def is_blank(path: Path) -> bool:
+    """Whether a (possibly compressed) file holds nothing but white space; reads only up to its first non-blank line."""
+    opener = COMPRESSIONS.get(path.suffix, open)
+    with opener(path, "rb") as f:
+        return not any(line.strip() for line in f)
+
+
+def _load_files(files: list[Path], text_column: str, log) -> list[datasets.Dataset]:
     parts = []
     for path in files:
         builder = _builder_for(path)
+        if builder in ("text", "json") and is_blank(path):
+            log(f"corpus file {path} is empty; skipped")
+            continue
         kwargs = {}
         if builder in ("text", "json"):
             bad = count_undecodable_lines(path)
@@ -78,7 +88,7 @@ def _load_files(files: list[Path], text_column: str, log) -> datasets.Dataset:
         column = "text" if builder == "text" else text_column
         ds = ds.select_columns([column])
         parts.append(ds.rename_column(column, "text") if column != "text" else ds)
-    return datasets.concatenate_datasets(parts)
+    return parts
 
 
 def _load_hub(name: str, text_column: str) -> datasets.Dataset:
@@ -97,10 +107,11 @@ def load_corpus(entries: Iterable[str], text_column: str = "text", log=print) ->
     parts = []
     for entry in entries:
         files = _expand(entry)
-        parts.append(_load_files(files, text_column, log) if files is not None else _load_hub(entry, text_column))
-    ds = datasets.concatenate_datasets(parts)
-    ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
-    if len(ds) == 0:
+        parts.extend(_load_files(files, text_column, log) if files is not None else [_load_hub(entry, text_column)])
+    ds = datasets.concatenate_datasets(parts) if parts else None
+    if ds is not None:
+        ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
+    if ds is None or len(ds) == 0:
         raise ConfigError(f"corpus {', '.join(entries)} holds no text; point --corpus at non-empty files.")
     return ds
 

@@ -30,6 +30,8 @@ def consolidated_state_dict(ckpt: Path, config: BertConfig) -> dict[str, torch.T
 def export_hf(run_dir: Path, ckpt: Path, out_dir: Path) -> Path:
     """Write `out_dir` as a BertForMaskedLM + tokenizer that stock transformers loads."""
     run = RunDir(run_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"the export directory {out_dir} is a file; name a directory (or move the file away).")
     if not run.model_config.is_file():
         raise ConfigError(f"{run_dir} has no {run.model_config.name}; point --run at a tnf_scale output directory.")
     config = BertConfig.from_json_file(str(run.model_config))
