@@ -132,3 +132,15 @@ def test_masking_spares_special_and_padding_tokens(prepared):
     assert not (special & (batch.labels != -100)).any()
     rate = float((batch.labels != -100).sum() / (~special).sum())
     assert 0.4 < rate < 0.6
+
+
+def test_the_automatic_band_never_exceeds_the_coverage_and_says_when_nothing_fits():
+    # count 2 alone covers 600 / 1630 = 36.8%: the band moves up to count 3 (30 / 1630 = 1.8%) instead
+    counts = Counter({**{f"a{i}": 2 for i in range(300)}, **{f"b{i}": 3 for i in range(10)}, **{f"c{i}": 1 for i in range(1000)}})
+    lo, hi = choose_band(counts, 0.02)
+    assert (lo, hi) == (3, 3) and band_coverage(counts, lo, hi) <= 0.02
+    everything_frequent = Counter({**{f"a{i}": 2 for i in range(300)}, **{f"c{i}": 1 for i in range(100)}})  # count 2: 85.7%
+    with pytest.raises(ConfigError, match=r"no count of recurring words stays within --rare_coverage 0.02 .*smallest share one count covers is 85.7%"):
+        choose_band(everything_frequent, 0.02)
+    with pytest.raises(ConfigError, match=r"try --rare_min_count 3 --rare_max_count 3, which covers 1.84% of words"):
+        RareVocab.from_counts(counts, 50, 60)

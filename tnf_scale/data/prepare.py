@@ -23,7 +23,7 @@ from tnf_scale.data.rare_vocab import RareVocab, band_coverage, choose_band, cou
 from tnf_scale.data.tokenizer import load_tokenizer, train_wordpiece
 from tnf_scale.run_dir import RARE_VOCAB_FILE, TOKENIZER_DIR
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the automatic rare band never exceeds --rare_coverage
 
 
 @dataclass

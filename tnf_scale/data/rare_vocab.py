@@ -50,18 +50,25 @@ def band_coverage(counts: Counter, lo: int, hi: int) -> float:
 
 
 def choose_band(counts: Counter, coverage: float) -> tuple[int, int]:
-    """The rarest words that recur, up to `coverage` of word occurrences: [2, hi], hi <= 5 * 2.
+    """The rarest recurring words that cover at most `coverage` of word occurrences: [lo, hi], hi <= 5 * lo.
 
-    Starts at 2 because a word seen once never reads a note it wrote; widens hi one count
-    at a time (up to the paper's max/min ratio of 5) while the band covers at most `coverage`.
+    lo is the smallest count of at least 2 (a word seen once never reads a note it wrote) whose words alone stay
+    within `coverage`; hi widens one count at a time (up to the paper's max/min ratio of 5) while the band does.
+    Refused in one sentence when no count stays within `coverage` (a corpus too small for a rare tail).
     """
     total = sum(counts.values())
     if total == 0:
         raise ConfigError("the corpus holds no words; point --corpus at text.")
-    lo = min((c for c in counts.values() if c >= 2), default=None)
-    if lo is None:
-        raise ConfigError(f"no word of the {len(counts)} distinct words counted occurs twice; give a larger corpus.")
     by_count = Counter(counts.values())  # count value -> number of word types with it
+    recurring = sorted(v for v in by_count if v >= 2)
+    if not recurring:
+        raise ConfigError(f"no word of the {len(counts)} distinct words counted occurs twice; give a larger corpus.")
+    lo = next((v for v in recurring if v * by_count[v] / total <= coverage), None)
+    if lo is None:
+        smallest = min(v * by_count[v] for v in recurring) / total
+        raise ConfigError(f"no count of recurring words stays within --rare_coverage {coverage:g} of the {total} word occurrences "
+                          f"(the smallest share one count covers is {100 * smallest:.1f}%); give a larger corpus, a larger "
+                          "--rare_coverage, or --rare_min_count/--rare_max_count.")
     hi, covered = lo, lo * by_count[lo]
     for value in sorted(v for v in by_count if lo < v <= BAND_RATIO * lo):
         if (covered + value * by_count[value]) / total > coverage:
@@ -86,7 +93,8 @@ class RareVocab:
             lo, hi = choose_band(counts, 0.02)
             raise ConfigError(
                 f"no word of the {len(counts)} distinct words ({sum(counts.values())} occurrences) counted has a count in "
-                f"[{min_count}, {max_count}]; try --rare_min_count {lo} --rare_max_count {hi}, which covers about 2% of words."
+                f"[{min_count}, {max_count}]; try --rare_min_count {lo} --rare_max_count {hi}, which covers "
+                f"{100 * band_coverage(counts, lo, hi):.2f}% of words."
             )
         return cls(tuple(w for _, w in rare), tuple(-c for c, _ in rare), min_count, max_count)
 
