@@ -124,3 +124,20 @@ def test_report_refuses_a_folder_without_a_run_in_one_sentence(tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--baseline" in err and "missing" in err and "metrics.jsonl" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_one_run_given_twice_or_runs_the_wrong_way_round_are_refused(tmp_path, capsys):
+    from tnf_scale.config import exit_code
+    from tnf_scale.reports.time_to_loss import write_report
+
+    for name, tnf in (("base", "off"), ("tnf", "on")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in run([9.0, 8.0], 1.0)))
+        (tmp_path / name / "run_config.json").write_text(json.dumps({"tnf": tnf}))
+    out = tmp_path / "out"
+    assert exit_code(lambda: write_report(tmp_path / "base", tmp_path / "base", out) and 0) == 2
+    assert "--baseline and --tnf both name" in capsys.readouterr().err
+    assert exit_code(lambda: write_report(tmp_path / "tnf", tmp_path / "base", out) and 0) == 2
+    assert "--baseline " in (err := capsys.readouterr().err) and "was trained with --tnf on" in err
+    assert not out.exists()  # refused before anything was written
+    assert "(b) model as exported: no notes" in write_report(tmp_path / "base", tmp_path / "tnf", out)  # the right pair is reported

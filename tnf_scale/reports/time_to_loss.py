@@ -17,6 +17,7 @@ from pathlib import Path
 from tnf_scale.reports.bench import finished_run
 from tnf_scale.config import ConfigError
 from tnf_scale.metrics import read_metrics
+from tnf_scale.run_dir import RunDir
 
 EVAL_KEY = "eval_loss_no_notes"  # held-out loss of the model as exported
 NOTES_KEY = "eval_loss_notes"  # TNF's held-out loss with its notes read (leak-free): the model as trained
@@ -229,9 +230,20 @@ def plot(baseline: list[dict], tnf: list[dict], results: list[Comparison], path:
     return path
 
 
+def check_pair(baseline_dir: Path, tnf_dir: Path) -> None:
+    """Refuse a comparison that cannot mean anything: one run given twice, or runs whose TNF setting is the wrong way round."""
+    if baseline_dir.resolve() == tnf_dir.resolve():
+        raise ConfigError(f"--baseline and --tnf both name {baseline_dir}; point --tnf at the TNF run and --baseline at the --tnf off run.")
+    for run, flag, wanted in ((baseline_dir, "--baseline", "off"), (tnf_dir, "--tnf", "on")):
+        trained = RunDir(run).read_run_config().get("tnf") if RunDir(run).run_config.is_file() else wanted
+        if trained != wanted:
+            raise ConfigError(f"{flag} {run} was trained with --tnf {trained}; {flag} takes a run trained with --tnf {wanted}.")
+
+
 def write_report(baseline_dir: Path, tnf_dir: Path, out: Path, target: float | None = None, window: int = 3) -> str:
     """Compare two finished runs on every yardstick; write time_to_loss.md, .json and .png into `out`; return the markdown."""
     baseline, tnf = read_metrics(finished_run(baseline_dir, "--baseline")), read_metrics(finished_run(tnf_dir, "--tnf"))
+    check_pair(Path(baseline_dir), Path(tnf_dir))
     results = compare_all(baseline, tnf, target, window)
     split_step = next(r.gap_step for r in results if r.yardstick is EXPORTED)
     split = split_by_token_kind(baseline, tnf, split_step) if split_step is not None else []
