@@ -38,8 +38,9 @@ def test_bad_axes_are_refused_in_one_sentence_before_anything_trains(axis, messa
         grid([axis], "tiny", [])
 
 
-def fake_run(path, cfg, steps: list[int], losses: list[float], **curves):
+def fake_run(path, cfg, steps: list[int], losses: list[float], commit: str = "abc1234", **curves):
     path.mkdir(parents=True)
+    (path / "provenance.json").write_text(json.dumps({"commit": commit, "machine": "a test machine"}))
     (path / "run_config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "output_dir": str(path), "overwrite": True}))
     records = [{"step": s, "wall_time": float(s), "eval_loss_no_notes": v, **{k: c[i] for k, c in curves.items()}}
                for i, (s, v) in enumerate(zip(steps, losses))]
@@ -63,12 +64,13 @@ def test_sweep_tool_shares_the_baseline_and_tables_every_yardstick(tmp_path, cap
     runs = [base]
     for lam, losses in (("0.25", [9.0, 7.5, 6.9]), ("0.5", [9.0, 8.1, 7.2])):
         cfg = run_config("tiny", flags, Setting((("note_lambda", lam),)), "on")
-        runs.append(fake_run(tmp_path / f"tnf{lam}", cfg, [0, 10, 20], losses, eval_loss_notes=[9.0, 7.0, 6.5],
+        runs.append(fake_run(tmp_path / f"tnf{lam}", cfg, [0, 10, 20], losses, commit="def5678", eval_loss_notes=[9.0, 7.0, 6.5],
                              eval_loss_no_notes_rare=[10.0, 9.6, 9.5], eval_loss_no_notes_other=[8.9, 7.4, 6.8]))
     out = tmp_path / "sweep"
     argv = ["--out", str(out), "--preset", "tiny", "--grid", "note_lambda=0.25,0.5", "--reuse", *map(str, runs), *flags]
     assert tnf_sweep.main(argv) == 0  # everything reused: nothing launched
     text = (out / "sweep.md").read_text()
+    assert "runs trained at commit abc1234, def5678 on a test machine." in text  # every run's commit, not one
     # Trailing means of 3: the baseline's target is 8.0 (exported), 7.9 (other), 9.63 (rare); TNF with notes reaches 8.0
     # at step 10 (mean 8.0), exported and other only at step 20, rare never.
     assert f"| note_lambda=0.25 | `{base}` | -0.5000, saves 50% | -0.1000, saves 0% | -0.1000, saves 0% | +0.1000, never |" in text

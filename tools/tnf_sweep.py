@@ -55,11 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         tnf = obtain(setting, "on", out / f"tnf-{setting.tag}")
         write_report(baseline, tnf, out / f"report-{setting.tag}")
         rows.append((setting, baseline, tnf, compare_runs(baseline, tnf)))
-        origin = RunDir(baseline).read_provenance()
+        origins = [RunDir(run).read_provenance() for _, *runs, _ in rows for run in runs]
+        commits, machines = (sorted({o.get(key, "unknown") for o in origins}) for key in ("commit", "machine"))
         text = "\n".join([
             f"# TNF sweep: preset {args.preset}, {len(rows)} of {len(settings)} settings", "",
-            f"`{command}` on {datetime.date.today()}; baselines trained at commit {origin.get('commit', 'unknown')} on "
-            f"{origin.get('machine', 'an unrecorded machine')}.", "",
+            f"`{command}` on {datetime.date.today()}; runs trained at commit {', '.join(commits)} on {'; '.join(machines)}.", "",
             "Each cell: TNF - baseline held-out loss at the last common evaluation (negative: TNF lower), then the share of "
             "the baseline's steps TNF saved to reach the baseline's final value, or 'never'. Full reports in report-TAG/.", "",
             table(rows)])
