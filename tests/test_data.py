@@ -10,7 +10,7 @@ import torch
 
 from tnf_scale.config import ConfigError
 from tnf_scale.data.packing import cut_points, make_packer
-from tnf_scale.data.prepare import RARE_VOCAB_FILE, cache_key, prepare_data
+from tnf_scale.data.prepare import cache_key, prepare_data
 from tnf_scale.data.rare_vocab import RareVocab, band_coverage, choose_band, word_splitter
 from tnf_scale.data.sampler import Collator, GlobalBatchSampler, local_share
 
@@ -18,8 +18,8 @@ from tnf_scale.data.sampler import Collator, GlobalBatchSampler, local_share
 def test_rare_vocabulary_is_byte_identical_for_the_same_corpus_and_bounds(small_config, prepared, tmp_path):
     again = prepare_data(dataclasses.replace(small_config, data_cache=str(tmp_path)), log=lambda *_: None, show_progress=False)
     assert again.path != prepared.path
-    first = (prepared.tokenizer_dir / RARE_VOCAB_FILE).read_bytes()
-    assert first == (again.tokenizer_dir / RARE_VOCAB_FILE).read_bytes()
+    first = prepared.rare_vocab_path.read_bytes()
+    assert first == again.rare_vocab_path.read_bytes()
     assert len(prepared.rare_vocab) > 100
 
 

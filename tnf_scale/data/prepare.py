@@ -21,7 +21,7 @@ from tnf_scale.data.corpus import corpus_fingerprint, load_corpus
 from tnf_scale.data.packing import make_packer
 from tnf_scale.data.rare_vocab import RareVocab, band_coverage, choose_band, count_words
 from tnf_scale.data.tokenizer import load_tokenizer, train_wordpiece
-from tnf_scale.run_dir import RARE_VOCAB_FILE, TOKENIZER_DIR
+from tnf_scale.run_dir import RunDir
 
 FORMAT_VERSION = 2  # 2: the automatic rare band never exceeds --rare_coverage
 
@@ -37,11 +37,11 @@ class PreparedData:
 
     @property
     def tokenizer_dir(self) -> Path:
-        return self.path / TOKENIZER_DIR
+        return RunDir(self.path).tokenizer  # an entry lays out its tokenizer as a run directory does
 
     @property
     def rare_vocab_path(self) -> Path:
-        return self.tokenizer_dir / RARE_VOCAB_FILE
+        return RunDir(self.path).rare_vocab
 
 
 def cache_key(cfg: RunConfig) -> str:
@@ -72,8 +72,8 @@ def _build(cfg: RunConfig, out: Path, log, show_progress: bool) -> None:
     else:
         lo, hi = cfg.rare_min_count, cfg.rare_max_count
     rare = RareVocab.from_counts(counts, lo, hi)
-    tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
-    rare.save(out / TOKENIZER_DIR / RARE_VOCAB_FILE)
+    tokenizer.save_pretrained(str(RunDir(out).tokenizer))
+    rare.save(RunDir(out).rare_vocab)
 
     packer = make_packer(tokenizer, rare.id_of(), cfg.max_seq_len)
     num_proc = os.cpu_count() if len(corpus) >= 20_000 else None
@@ -133,8 +133,8 @@ def load_prepared(root: Path, log=print) -> PreparedData:
         f"{100 * stats['sequences_with_rare_share']:.1f}% of {stats['sequences']} sequences hold one"
     )
     return PreparedData(
-        tokenizer=load_tokenizer(root / TOKENIZER_DIR),
-        rare_vocab=RareVocab.load(root / TOKENIZER_DIR / RARE_VOCAB_FILE),
+        tokenizer=load_tokenizer(RunDir(root).tokenizer),
+        rare_vocab=RareVocab.load(RunDir(root).rare_vocab),
         train=datasets.load_from_disk(str(root / "train")),
         eval=datasets.load_from_disk(str(root / "eval")),
         stats=stats,
