@@ -129,3 +129,26 @@ def test_split_losses_recombine_into_the_overall_loss():
     assert abs(recombined - losses["loss"]) < 1e-6
     assert losses["loss_rare"] != losses["loss_other"]
     assert LossSums().losses("loss") == {} and set(LossSums(1.0, 2.0, 0, 4).losses("x")) == {"x", "x_other"}
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("a tampered checkpoint ran code",))
+
+
+def test_export_reads_a_zero_disabled_checkpoint_without_unpickling_code(small_config, prepared, tmp_path):
+    import pytest
+
+    from tnf_scale.config import ConfigError
+    from tnf_scale.model.export import consolidated_state_dict
+
+    model = build_bert(small_config, prepared.tokenizer)
+    ckpt = tmp_path / "step00000001"
+    ckpt.mkdir()
+    module = {f"mlm.{k}": v for k, v in model.state_dict().items()}  # as MaskedLMObjective holds it
+    torch.save({"module": module, "ds_version": "0.19.8", "lr_scheduler": {"last_batch_iteration": 0}}, ckpt / "mp_rank_00_model_states.pt")
+    state = consolidated_state_dict(ckpt, model.config)
+    assert state.keys() == model.state_dict().keys() and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    torch.save({"module": module, "extra": _RunsCode()}, ckpt / "mp_rank_00_model_states.pt")
+    with pytest.raises(ConfigError, match="holds objects other than tensors and plain data; it was not loaded"):
+        consolidated_state_dict(ckpt, model.config)

@@ -1,6 +1,7 @@
 """Export a run as a plain Hugging Face BertForMaskedLM (no notes), and the notes on their own."""
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -22,8 +23,13 @@ def consolidated_state_dict(ckpt: Path, config: BertConfig) -> dict[str, torch.T
         return hf_state_dict(ckpt, config.num_hidden_layers)
     if any(ckpt.glob("*optim_states.pt")):
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    else:  # ZeRO disabled: rank 0's model file holds the whole module
-        state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    else:  # ZeRO disabled: rank 0's model file holds the whole module; read without running pickled code
+        path = ckpt / "mp_rank_00_model_states.pt"
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)["module"]
+        except pickle.UnpicklingError:
+            raise ConfigError(f"checkpoint file {path} holds objects other than tensors and plain data; it was not loaded "
+                              "(a tampered or foreign file): export from a checkpoint this project wrote.") from None
     return {k.removeprefix(OBJECTIVE_PREFIX): v.float() for k, v in state.items()}
 
 
