@@ -69,11 +69,14 @@ def run_cmd(args: list[str], timeout: int = 600):
     return subprocess.run(args, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
 
 
+EVAL_SEQUENCES = 30  # split unevenly over 2 data-parallel ranks and into micro-batches of 4 and 8: padding is exercised
+
+
 def train_args(cfg: RunConfig, output_dir: Path, **flags) -> list[str]:
     """Flags of tnf_scale/train.py for the small test config, plus `flags`."""
     values = {"corpus": cfg.corpus[0], "data_cache": cfg.data_cache, "vocab_size": cfg.vocab_size, "max_seq_len": cfg.max_seq_len,
               "rare_coverage": cfg.rare_coverage, "eval_fraction": cfg.eval_fraction, "output_dir": str(output_dir),
-              "global_batch_size": 16, "micro_batch_size": 8, "eval_interval": 20, "eval_batches": 4, **flags}
+              "global_batch_size": 16, "micro_batch_size": 8, "eval_interval": 20, "eval_sequences": EVAL_SEQUENCES, **flags}
     return [arg for key, value in values.items() for arg in (f"--{key}", str(value))]
 
 
@@ -93,6 +96,22 @@ def launch(ranks: int, script_args: list[str], timeout: int = 900):
     left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert not left, f"the run left DeepSpeed's shared-memory buffers behind: {[p.name for p in left]}"
     return proc
+
+
+def evaluations(run: Path) -> dict[int, dict[str, float]]:
+    """Every evaluation of a run: step -> its eval_* values."""
+    from tnf_scale.metrics import read_metrics
+
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("eval_")} for r in read_metrics(run) if "eval_loss_no_notes" in r}
+
+
+def assert_same_evaluations(run: Path, reference: Path, steps: list[int]) -> None:
+    """The held-out metrics of `run` equal the reference's at `steps` (rel 1e-5): the same sequences were scored."""
+    got, expected = evaluations(run), evaluations(reference)
+    for step in steps:
+        assert got[step].keys() == expected[step].keys(), step
+        for key, value in expected[step].items():
+            assert got[step][key] == pytest.approx(value, rel=1e-5), (step, key)
 
 
 # Runs compared across parallel layouts: dropout 0, global batch 16, micro-batch 4, warmup longer than the run.

@@ -104,9 +104,21 @@ def test_global_batch_depends_only_on_seed_step_and_size():
     assert GlobalBatchSampler(100, 16, seed=4).step(0) != a.step(0)
 
 
-def test_rank_shares_partition_the_global_batch():
+def test_rank_shares_partition_the_global_batch_and_an_uneven_held_out_set():
     items = list(range(32))
     assert sum((local_share(items, r, 4) for r in range(4)), []) == items
+    uneven = list(range(30))
+    assert [len(local_share(uneven, r, 4)) for r in range(4)] == [8, 8, 7, 7]
+    assert sum((local_share(uneven, r, 4) for r in range(4)), []) == uneven
+
+
+def test_a_padded_micro_batch_adds_rows_that_predict_nothing_and_read_nothing(prepared):
+    batch = Collator(prepared.tokenizer, 64, 0.15, seed=7)(prepared.eval, [0, 1, 2], [0, 1, 2], [0, 0, 0])
+    padded = batch.padded(5)
+    assert padded.input_ids.shape[0] == 5 and torch.equal(padded.input_ids[3], batch.input_ids[0])
+    assert not (padded.labels[3:] != -100).any() and not padded.in_rare_span[3:].any()
+    assert torch.equal(padded.labels[:3], batch.labels) and torch.equal(padded.read_spans[0], batch.read_spans[0])
+    assert batch.padded(3) is batch
 
 
 def test_masks_do_not_depend_on_position_in_the_micro_batch(prepared):

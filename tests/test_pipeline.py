@@ -15,7 +15,7 @@ from tnf_scale.data.sampler import EVAL_EPOCH, Collator
 from tnf_scale.metrics import read_metrics
 from tnf_scale.model.objective import MaskedLMObjective
 
-from conftest import COMPARED_RUN, launch, run_cmd, train_args
+from conftest import COMPARED_RUN, EVAL_SEQUENCES, assert_same_evaluations, launch, run_cmd, train_args
 
 pytestmark = pytest.mark.launcher
 STEPS = 10  # shorter than the warm-up, so the learning rate matches the 20-step reference step for step; it checkpointed here
@@ -50,6 +50,7 @@ def test_pipeline_matches_the_data_parallel_path(ranks, pipeline_runs, dp_refere
     last = [r for r in read_metrics(pipeline_runs[ranks]) if "loss" in r][-1]
     assert last["distinct_noted"] == ref_ckpt[0]["distinct_noted"] and last["occurrences_read"] == ref_ckpt[0]["occurrences_read"]
     assert notes["ids"].tolist() == list(range(len(notes["ids"])))
+    assert_same_evaluations(pipeline_runs[ranks], dp_reference_run, [0])  # same sequences whatever the stages and replicas
 
 
 def test_pipeline_notes_equal_the_data_parallel_notes(pipeline_runs, dp_reference_run):
@@ -67,7 +68,7 @@ def test_pipeline_export_is_the_model_in_training(pipeline_runs, prepared, small
     model = BertForMaskedLM.from_pretrained(str(run / "export")).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(run / "export"))
     assert tokenizer.get_vocab() == prepared.tokenizer.get_vocab()
-    size = 4 * PIPELINE_RUN["micro_batch_size"]  # eval_batches x micro-batch x 1 data-parallel rank
+    size = EVAL_SEQUENCES
     batch = Collator(prepared.tokenizer, small_config.max_seq_len, 0.15, seed=1234)(prepared.eval, list(range(size)), list(range(size)), [EVAL_EPOCH] * size)
     ce = MaskedLMObjective(model)(batch.input_ids, batch.attention_mask, batch.labels).sum()
     expected = [r for r in read_metrics(run) if "eval_loss_no_notes" in r][-1]["eval_loss_no_notes"]
@@ -85,7 +86,7 @@ def test_a_pipeline_degree_that_does_not_divide_the_world_stops_before_training(
 @pytest.mark.slow
 def test_bert_large_on_two_pipeline_stages_takes_two_steps(small_config, tmp_path):
     out = tmp_path / "large"
-    launch(2, ["tnf_scale/train.py", *train_args(small_config, out, max_steps=2, global_batch_size=2, micro_batch_size=1, eval_batches=1, log_interval=1),
+    launch(2, ["tnf_scale/train.py", *train_args(small_config, out, max_steps=2, global_batch_size=2, micro_batch_size=1, eval_sequences=2, log_interval=1),
                "--preset", "bert-large", "--max_seq_len", "64", "--rare_min_count", "5", "--rare_max_count", "20",
                "--deepspeed_config", "ds_configs/bert_large_pp2_zero1.json", "--export", "false"], timeout=1200)
     records = read_metrics(out)

@@ -19,7 +19,7 @@ from tnf_scale.metrics import read_metrics
 from tnf_scale.notes.note_math import owner_of
 from tnf_scale.notes.store import NoteStore
 
-from conftest import COMPARED_RUN, REPO, launch, train_args
+from conftest import COMPARED_RUN, REPO, assert_same_evaluations, launch, train_args
 
 sys.path.insert(0, str(REPO / "tests" / "workers"))
 import store_worker  # noqa: E402
@@ -84,6 +84,7 @@ def test_training_agrees_for_1_2_and_4_ranks_across_zero_stages(runs_by_world):
         assert losses.keys() == reference.keys()
         for step, loss in reference.items():
             assert losses[step] == pytest.approx(loss, rel=1e-5), (ranks, step)
+        assert_same_evaluations(runs_by_world[ranks], runs_by_world[1], [0, 20])  # the same held-out sequences on any world size
         notes = load_file(str(runs_by_world[ranks] / "notes.safetensors"))
         assert torch.equal(notes["ids"], ref_notes["ids"])
         torch.testing.assert_close(notes["vectors"], ref_notes["vectors"], rtol=1e-5, atol=1e-6)
@@ -118,6 +119,7 @@ def test_resume_from_2_ranks_onto_another_number_of_ranks(ranks, runs_by_world, 
     assert got.keys() == expected.keys()
     for step in range(11, 21):
         assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+    assert_same_evaluations(resumed, source, [20])
     files = read_rank_files(resumed / "checkpoints" / "step00000020", ranks)
     ids, vectors = merged_rows(files)
     assert torch.equal(ids, torch.arange(len(prepared.rare_vocab)))  # every rare id exactly once

@@ -83,7 +83,7 @@ class RunConfig:
     output_dir: str = "runs/demo"
     log_interval: int = 1
     eval_interval: int = 100
-    eval_batches: int = 8
+    eval_sequences: int = 128  # held-out sequences each evaluation scores, split over the data-parallel ranks
     save_interval: int = 0  # 0: save only at the end
     resume: bool = False
     overwrite: bool = False  # start afresh in an output_dir that holds a run, deleting it
@@ -118,7 +118,7 @@ class RunConfig:
         if self.rare_min_count is not None and not 1 <= self.rare_min_count <= self.rare_max_count:
             raise ConfigError(f"the rare band needs 1 <= --rare_min_count <= --rare_max_count, got {self.rare_min_count}..{self.rare_max_count}.")
         for name in ("max_steps", "global_batch_size", "micro_batch_size", "hidden_size", "num_layers", "num_heads", "max_seq_len", "vocab_size",
-                     "intermediate_size", "log_interval", "eval_interval", "eval_batches"):
+                     "intermediate_size", "log_interval", "eval_interval", "eval_sequences"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         for name in ("warmup_steps", "save_interval"):
@@ -143,20 +143,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
     # The tiny model for `make bench`: about 3 epochs of the bundled corpus, one run in under 20 minutes
     # here; a band of words seen 10..50 times (the paper's ratio 5), so rare words recur within a run.
-    "bench": dict(max_steps=2400, warmup_steps=240, eval_interval=200, eval_batches=34,
+    "bench": dict(max_steps=2400, warmup_steps=240, eval_interval=200, eval_sequences=544,
                   rare_min_count=10, rare_max_count=50, log_interval=1),
     # BERT-base / BERT-large (Devlin et al.), phase-1 sequence length, the paper's rare band.
     "bert-base": dict(
         vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
         max_seq_len=128, max_steps=1_000_000, global_batch_size=256, micro_batch_size=32,
         lr=1e-4, warmup_steps=10_000, rare_min_count=100, rare_max_count=500,
-        log_interval=100, eval_interval=10_000, eval_batches=50, save_interval=10_000,
+        log_interval=100, eval_interval=10_000, eval_sequences=2048, save_interval=10_000,
     ),
     "bert-large": dict(
         vocab_size=30522, hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096,
         max_seq_len=128, max_steps=1_000_000, global_batch_size=256, micro_batch_size=16,
         lr=1e-4, warmup_steps=10_000, rare_min_count=100, rare_max_count=500,
-        log_interval=100, eval_interval=10_000, eval_batches=50, save_interval=10_000,
+        log_interval=100, eval_interval=10_000, eval_sequences=2048, save_interval=10_000,
     ),
 }
 

@@ -15,7 +15,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE
 
-from tnf_scale.config import RunConfig
+from tnf_scale.config import ConfigError, RunConfig
 from tnf_scale.data.prepare import PreparedData
 from tnf_scale.data.sampler import EVAL_EPOCH, Batch, Collator, GlobalBatchSampler, local_share
 from tnf_scale.distributed import Topology, all_reduce_sum
@@ -167,13 +167,20 @@ class Trainer:
             notes.update(note_rows_max_rank=max(self.rows_per_rank), note_rows_min_rank=min(self.rows_per_rank))
         return StepResult(ce_sum / max(global_masked, 1.0), int(tokens), time.perf_counter() - t0, notes, timer.seconds)
 
+    def _eval_batches(self) -> list[Batch]:
+        """This rank's share of the held-out set: its first --eval_sequences sequences, whatever the ranks and stages."""
+        size = min(len(self.eval_set), self.cfg.eval_sequences)
+        if size < self.data_size:
+            raise ConfigError(f"--eval_sequences {size} (the held-out set's size, if smaller) is fewer than the {self.data_size} "
+                              "data-parallel replicas; pass at least one sequence per replica.")
+        mine = local_share(list(range(size)), self.data_rank, self.data_size)
+        return self._micro_batches(self.eval_set, mine, mine, [EVAL_EPOCH] * len(mine))
+
     @torch.no_grad()
     def evaluate(self, with_notes: bool) -> LossSums:
-        """Held-out MLM losses over a fixed, masked eval set (eval_batches micro-batches per data-parallel rank),
-        summed over ranks; with notes it reads (never writes) them, under the same leak-free rule as training."""
-        size = min(len(self.eval_set), self.cfg.eval_batches * self.cfg.micro_batch_size * self.data_size)
-        mine = local_share(list(range(size)), self.data_rank, self.data_size)
-        batches = self._micro_batches(self.eval_set, mine, mine, [EVAL_EPOCH] * len(mine))
+        """Held-out MLM losses over a fixed, masked eval set (`_eval_batches`), summed over ranks; with notes it reads
+        (never writes) them, under the same leak-free rule as training."""
+        batches = self._eval_batches()
         rows = self._read_notes(batches) if with_notes else [None] * len(batches)
         self.engine.eval()
         sums = self._eval_micro_batches(batches, rows)
@@ -202,6 +209,10 @@ class PipelineTrainer(Trainer):
                                "Topology assumes pipeline-major order")
         self.reads_notes, self.writes_notes = engine.is_first_stage(), engine.is_last_stage()
         self.counts_data = engine.is_first_stage()
+
+    def _eval_batches(self) -> list[Batch]:
+        """As for data parallelism, with a short last micro-batch padded: the schedule needs equal micro-batches."""
+        return [batch.padded(self.cfg.micro_batch_size) for batch in super()._eval_batches()]
 
     def _pipeline_items(self, batches: list[Batch], rows: list):
         for batch, batch_rows in zip(batches, rows):

@@ -10,6 +10,7 @@ A rare occurrence whose span holds a token selected for prediction reads no note
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import datasets
@@ -50,9 +51,11 @@ class GlobalBatchSampler:
 
 
 def local_share(items: list, rank: int, world_size: int) -> list:
-    """This data-parallel rank's contiguous share of a global batch."""
-    per_rank = len(items) // world_size
-    return items[rank * per_rank : (rank + 1) * per_rank]
+    """This data-parallel rank's contiguous share of `items`: all of them over the ranks, shares differing by at most one
+    (a global batch divides evenly; a held-out set need not)."""
+    per_rank, extra = divmod(len(items), world_size)
+    start = rank * per_rank + min(rank, extra)
+    return items[start : start + per_rank + (rank < extra)]
 
 
 @dataclass
@@ -80,6 +83,21 @@ class Batch:
         """(rare id, sample, start, end) of the occurrences that read a note."""
         reads = self.occ_reads
         return self.occ_rare[reads], self.occ_sample[reads], self.occ_start[reads], self.occ_end[reads]
+
+    def padded(self, rows: int) -> Batch:
+        """The micro-batch grown to `rows` rows by copies of its first row that predict nothing and hold no occurrence,
+        for schedules that need equal micro-batches (DeepSpeed's pipeline)."""
+        extra = rows - len(self.input_ids)
+        if extra <= 0:
+            return self
+
+        def grow(t: torch.Tensor, fill=None) -> torch.Tensor:
+            copies = t[:1].expand(extra, *t.shape[1:]).clone()
+            return torch.cat([t, copies if fill is None else copies.fill_(fill)])
+
+        return dataclasses.replace(self, input_ids=grow(self.input_ids), attention_mask=grow(self.attention_mask),
+                                   labels=grow(self.labels, IGNORE_INDEX), lengths=grow(self.lengths), order_key=grow(self.order_key),
+                                   in_rare_span=grow(self.in_rare_span, False))
 
     def to(self, device) -> Batch:
         return Batch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
