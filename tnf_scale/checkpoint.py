@@ -1,11 +1,14 @@
 """Checkpoints: the DeepSpeed engine, every rank's note rows with their ids, the data position and RNG.
 
 Layout: `<output_dir>/checkpoints/step00000300/` holds DeepSpeed's files, one
-`notes_rank00000.safetensors` per rank and, written last by rank 0 once every rank has
-finished, `COMPLETE` (JSON). A checkpoint without `COMPLETE` is never resumed from.
+`notes_rank00000.safetensors` per rank, `MANIFEST.json` (the sha256 and size of every other file, read
+back from disk once every rank has finished) and, written last by rank 0, `COMPLETE` (JSON). A
+checkpoint without `COMPLETE` is never resumed from, and one whose files differ from its manifest is
+refused by name before anything is loaded.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import shutil
@@ -25,6 +28,8 @@ from tnf_scale.distributed import Topology
 from tnf_scale.run_dir import RunDir
 
 COMPLETE = "COMPLETE"
+MANIFEST = "MANIFEST.json"
+LOW_SPACE_BYTES = 64 << 20  # below this, a failed write is taken for a full disk
 # What a checkpoint's tensors and data order depend on: a resume must keep them (the rest, e.g. --max_steps, may change).
 RESUME_MUST_MATCH = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_seq_len", "tnf",
                      "global_batch_size", "seed")
@@ -46,25 +51,95 @@ def notes_file(ckpt_dir: Path, rank: int) -> Path:
     return ckpt_dir / f"notes_rank{rank:05d}.safetensors"
 
 
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The checkpoint directories that hold a COMPLETE marker, oldest first."""
+    root = checkpoint_root(output_dir)
+    return sorted(p for p in root.glob("step*") if p.is_dir() and (p / COMPLETE).is_file()) if root.is_dir() else []
+
+
 def latest_complete(output_dir: str | Path) -> Path | None:
     """The newest checkpoint directory that holds a COMPLETE marker, or None."""
-    root = checkpoint_root(output_dir)
-    done = sorted(p for p in root.glob("step*") if (p / COMPLETE).is_file()) if root.is_dir() else []
+    done = complete_checkpoints(output_dir)
     return done[-1] if done else None
+
+
+def sha256_of(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def checkpoint_files(ckpt: Path) -> list[Path]:
+    """The files a manifest covers: everything in the checkpoint but the manifest and the COMPLETE marker."""
+    return sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name not in (MANIFEST, COMPLETE, f"{COMPLETE}.tmp", f"{MANIFEST}.tmp"))
+
+
+def gather_from_ranks(mine: object) -> list:
+    """Every rank's `mine`, on every rank (one collective on the world)."""
+    if not torch.distributed.is_initialized():
+        return [mine]
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, mine)
+    return gathered
+
+
+def write_manifest(ckpt: Path, rank: int, world_size: int) -> None:
+    """sha256 and size of every checkpoint file, hashed in parallel (file i by rank i mod world) from what is on disk;
+    rank 0 writes the manifest. Collective."""
+    files = checkpoint_files(ckpt)
+    mine = {str(p.relative_to(ckpt)): {"sha256": sha256_of(p), "bytes": p.stat().st_size}
+            for i, p in enumerate(files) if i % world_size == rank}
+    entries = {name: entry for part in gather_from_ranks(mine) for name, entry in part.items()}
+    if rank == 0:
+        (ckpt / f"{MANIFEST}.tmp").write_text(json.dumps(dict(sorted(entries.items())), indent=1) + "\n")
+        (ckpt / f"{MANIFEST}.tmp").rename(ckpt / MANIFEST)
+
+
+def manifest_problems(ckpt: Path, rank: int, world_size: int) -> list[str]:
+    """What differs between a checkpoint's files and its manifest (checked in parallel: entry i by rank i mod world),
+    on every rank; empty for a checkpoint written before manifests existed. Collective."""
+    path = ckpt / MANIFEST
+    entries = sorted(json.loads(path.read_text()).items()) if path.is_file() else []
+    mine = []
+    for i, (name, entry) in enumerate(entries):
+        if i % world_size != rank:
+            continue
+        file = ckpt / name
+        if not file.is_file():
+            mine.append(f"{name} is missing")
+        elif file.stat().st_size != entry["bytes"]:
+            mine.append(f"{name} has {file.stat().st_size} bytes, not {entry['bytes']} (truncated or overwritten)")
+        elif sha256_of(file) != entry["sha256"]:
+            mine.append(f"{name} differs from its checksum (changed or corrupt)")
+    return sorted(problem for part in gather_from_ranks(mine) for problem in part)
+
+
+def write_failure(err: Exception, ckpt: Path, last_complete: Path | None) -> CheckpointError:
+    """One sentence for a checkpoint that could not be written, a full disk named as such."""
+    free = shutil.disk_usage(ckpt.parent).free if ckpt.parent.exists() else 0
+    full = getattr(err, "errno", None) == errno.ENOSPC or free < LOW_SPACE_BYTES
+    cause = f"no space left on device ({free >> 20} MB free)" if full else f"{type(err).__name__}: {err}"
+    kept = f"the last complete checkpoint, {last_complete.name}, is intact" if last_complete else "no complete checkpoint exists yet"
+    fix = "free space or move --output_dir to a larger file system" if full else "fix the cause"
+    return CheckpointError(f"writing checkpoint {ckpt} failed: {cause}; {kept} — {fix}, then rerun with --resume true.")
 
 
 def save_checkpoint(engine, output_dir: str | Path, step: int, rank: int, world_size: int,
                     note_state: dict[str, torch.Tensor] | None, trainer_state: dict[str, Any]) -> Path:
-    """Write a checkpoint of this step on every rank; COMPLETE appears only after all files are written."""
+    """Write a checkpoint of this step on every rank; the manifest, then COMPLETE, appear only after all files are written.
+    A rank that cannot write raises CheckpointError (the others then fail in the next collective)."""
     root = checkpoint_root(output_dir)
     tag = tag_for(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state={"trainer": trainer_state})
     ckpt = root / tag
-    tensors = {"torch_rng_state": torch.get_rng_state()}
-    if note_state is not None:
-        tensors.update(note_state)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(notes_file(ckpt, rank)))
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state={"trainer": trainer_state})
+        tensors = {"torch_rng_state": torch.get_rng_state()}
+        if note_state is not None:
+            tensors.update(note_state)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(notes_file(ckpt, rank)))
+    except (OSError, RuntimeError) as err:  # torch's writer reports a full disk as "unexpected pos ..."
+        raise write_failure(err, ckpt, latest_complete(output_dir)) from None
     deepspeed.comm.barrier()
+    write_manifest(ckpt, rank, world_size)
     if rank == 0:
         marker = {"step": step, "world_size": world_size, "notes": note_state is not None, **trainer_state}
         (ckpt / f"{COMPLETE}.tmp").write_text(json.dumps(marker, indent=2) + "\n")
@@ -115,11 +190,25 @@ class ResumePoint:
         return self.marker["world_size"]
 
 
-def plan_resume(output_dir: str | Path, rare_vocab_digest: str, num_rare: int | None) -> ResumePoint:
-    """The newest complete checkpoint, with its note files read and validated (num_rare None: a baseline run)."""
+def check_manifest(ckpt: Path, rank: int, world_size: int) -> None:
+    """Refuse, naming the files at fault and offering the previous complete checkpoint, a checkpoint whose files differ
+    from its manifest. Collective."""
+    problems = manifest_problems(ckpt, rank, world_size)
+    if not problems:
+        return
+    earlier = [p for p in complete_checkpoints(ckpt.parent.parent) if p.name < ckpt.name]
+    offer = (f"the previous complete checkpoint is {earlier[-1].name}: move the damaged one aside (mv {ckpt} {ckpt}.damaged) and "
+             "rerun with --resume true to continue from it" if earlier else "no earlier complete checkpoint exists: start again with --overwrite true")
+    raise CheckpointError(f"checkpoint {ckpt} does not match its manifest ({'; '.join(problems[:3])}); {offer}.")
+
+
+def plan_resume(output_dir: str | Path, rare_vocab_digest: str, num_rare: int | None, rank: int = 0, world_size: int = 1) -> ResumePoint:
+    """The newest complete checkpoint, its files checked against the manifest, then its note files read and validated
+    (num_rare None: a baseline run). Collective when a process group exists."""
     ckpt = latest_complete(output_dir)
     if ckpt is None:
         raise CheckpointError(f"--resume found no complete checkpoint under {checkpoint_root(output_dir)}; drop --resume to start a fresh run there.")
+    check_manifest(ckpt, rank, world_size)
     marker = json.loads((ckpt / COMPLETE).read_text())
     if marker.get("rare_vocab_digest") != rare_vocab_digest:
         raise CheckpointError(
@@ -175,7 +264,7 @@ class Checkpointer:
     def plan(self, cfg: RunConfig) -> None:
         """With --resume, choose and validate the newest complete checkpoint against `cfg`; nothing is loaded and no run
         file is rewritten yet."""
-        self.point = plan_resume(self.run.path, self.rare_vocab_digest, self.num_rare) if cfg.resume else None
+        self.point = plan_resume(self.run.path, self.rare_vocab_digest, self.num_rare, self.topo.rank, self.topo.size) if cfg.resume else None
         self.source = self.point.ckpt if self.point else None
         if self.point is None:
             return
@@ -187,6 +276,12 @@ class Checkpointer:
             if name in saved and saved[name] != getattr(cfg, name):
                 raise CheckpointError(f"the run in {self.run.path} was trained with --{name} {saved[name]}, not {getattr(cfg, name)}; "
                                       f"resume it with --{name} {saved[name]}, or start a new run elsewhere.")
+
+    @property
+    def last_complete_step(self) -> int | None:
+        """The step of the newest complete checkpoint on disk: where a resume continues (None: there is none)."""
+        latest = latest_complete(self.run.path)
+        return int(json.loads((latest / COMPLETE).read_text())["step"]) if latest else None
 
     def adapt(self, ds_config: dict[str, Any]) -> None:
         """Make `ds_config` able to load the planned checkpoint when it was saved on another topology."""

@@ -23,6 +23,16 @@ BUNDLED_CORPUS = str(REPO / "data" / "bundled_corpus.jsonl.xz")
 class ConfigError(ValueError):
     """A configuration problem, phrased as one sentence that names the problem and the fix."""
 
+    exit_status = 2
+
+
+class PeerStopped(ConfigError):
+    """Another rank stopped the run and said why; this rank exits with the same status, silently."""
+
+    def __init__(self, exit_status: int = 2):
+        super().__init__("")
+        self.exit_status = exit_status
+
 
 def check_deepspeed_config_path(path: str) -> None:
     """One sentence when the DeepSpeed config file named by --deepspeed_config is not there."""
@@ -31,12 +41,13 @@ def check_deepspeed_config_path(path: str) -> None:
 
 
 def exit_code(action: Callable[[], int]) -> int:
-    """Run a command's body: a ConfigError becomes one line on stderr and exit code 2, not a traceback."""
+    """Run a command's body: a ConfigError becomes one line on stderr and its exit status (2: bad input), not a traceback."""
     try:
         return action()
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        if str(err):
+            print(f"error: {err}", file=sys.stderr)
+        return err.exit_status
 
 
 @dataclass
@@ -85,6 +96,7 @@ class RunConfig:
     eval_interval: int = 100
     eval_sequences: int = 128  # held-out sequences each evaluation scores, split over the data-parallel ranks
     save_interval: int = 0  # 0: save only at the end
+    max_nonfinite_steps: int = 5  # consecutive steps with a non-finite loss or gradient norm before the run stops
     resume: bool = False
     overwrite: bool = False  # start afresh in an output_dir that holds a run, deleting it
     export: bool = True
@@ -118,12 +130,13 @@ class RunConfig:
         if self.rare_min_count is not None and not 1 <= self.rare_min_count <= self.rare_max_count:
             raise ConfigError(f"the rare band needs 1 <= --rare_min_count <= --rare_max_count, got {self.rare_min_count}..{self.rare_max_count}.")
         for name in ("max_steps", "global_batch_size", "micro_batch_size", "hidden_size", "num_layers", "num_heads", "max_seq_len", "vocab_size",
-                     "intermediate_size", "log_interval", "eval_interval", "eval_sequences"):
+                     "intermediate_size", "log_interval", "eval_interval", "eval_sequences", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}.")
-        for name in ("warmup_steps", "save_interval"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name} must be 0 or more, got {getattr(self, name)}.")
+        if self.save_interval < 0:
+            raise ConfigError(f"--save_interval must be 0 or more, got {self.save_interval}.")
+        if self.warmup_steps < 1:
+            raise ConfigError(f"--warmup_steps must be at least 1 (DeepSpeed's WarmupDecayLR needs a warmup step), got {self.warmup_steps}.")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"--hidden_size {self.hidden_size} must be divisible by --num_heads {self.num_heads}.")
         if self.max_seq_len < 8:

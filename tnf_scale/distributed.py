@@ -131,7 +131,7 @@ def discover() -> RankInfo:
 
 def check_master_port(info: RankInfo) -> None:
     """Rank 0 will listen on the master port: refuse, in one sentence, a port another process holds."""
-    if info.rank != 0 or info.world_size == 1 or "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's agent holds it on purpose
+    if info.rank != 0 or info.source == "single" or "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's agent holds it on purpose
         return
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -9,6 +9,8 @@ Layout of `--output_dir`:
   tokenizer/ (rare_vocab.tsv)     the run's tokenizer and rare vocabulary; also the layout of a prepared-data entry
   model_config.json, run_config.json, provenance.json
   PREEMPTED                       written when a signal stopped the run after a checkpoint
+  LOCK                            held by global rank 0 while a run writes here (run_lock.py)
+  failures/                       what each rank saw when a rank failed, for the survivors' last words (failures.py)
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ MODEL_CONFIG = "model_config.json"
 RUN_CONFIG = "run_config.json"
 PROVENANCE_FILE = "provenance.json"
 PREEMPTED_MARKER = "PREEMPTED"
+LOCK_FILE = "LOCK"
+FAILURES_DIR = "failures"
 TRAINED = (METRICS_FILE, TENSORBOARD_DIR, CHECKPOINTS_DIR, EXPORT_DIR, NOTES_FILE)  # any of them: the directory holds a run
 
 
@@ -91,6 +95,14 @@ class RunDir:
         return self.path / PREEMPTED_MARKER
 
     @property
+    def lock_file(self) -> Path:
+        return self.path / LOCK_FILE
+
+    @property
+    def failures(self) -> Path:
+        return self.path / FAILURES_DIR
+
+    @property
     def rare_vocab(self) -> Path:
         return self.tokenizer / RARE_VOCAB_FILE
 
@@ -116,6 +128,7 @@ class RunDir:
                     target = self.path / name
                     shutil.rmtree(target) if target.is_dir() else target.unlink()
             self.path.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.failures, ignore_errors=True)  # an earlier attempt's records would confuse this one's
         deepspeed.comm.barrier()
 
     def write_run_files(self, cfg: RunConfig, model_config, tokenizer_dir: Path, world_size: int) -> None:

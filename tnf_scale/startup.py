@@ -10,11 +10,12 @@ from typing import Any
 import deepspeed
 from deepspeed.accelerator import get_accelerator
 
-from tnf_scale.config import ConfigError, RunConfig, exit_code, parse_args
+from tnf_scale.config import ConfigError, PeerStopped, RunConfig, exit_code, parse_args
 from tnf_scale.data.prepare import PreparedData, prepare_data
-from tnf_scale.distributed import Topology, check_master_port, discover, init_distributed
+from tnf_scale.distributed import Topology, any_rank, check_master_port, discover, init_distributed
 from tnf_scale.ds_config import build_ds_config
 from tnf_scale.run_dir import RunDir
+from tnf_scale.run_lock import RunLock
 
 WORLD_SOURCES = {"slurm": " in the SLURM allocation (SLURM_NTASKS)", "mpi": " started by MPI"}
 
@@ -24,6 +25,7 @@ class Started:
     topo: Topology
     ds_config: dict[str, Any]
     run: RunDir
+    lock: RunLock  # held by global rank 0
     data: PreparedData
     log: Callable[..., None]  # prints on global rank 0 only
 
@@ -61,6 +63,21 @@ def start(cfg: RunConfig, pipeline_refusal: str | None = None) -> Started:
     log = print if topo.is_main else (lambda *_: None)
     run = RunDir(cfg.output_dir)
     run.check(cfg)
+    lock = lock_run_dir(run, topo)
     data = prepare_on_local_rank0(cfg, topo, log)  # a bad corpus stops here, before an old run is deleted
     run.claim(cfg, topo.is_main)
-    return Started(topo, ds_config, run, data, log)
+    return Started(topo, ds_config, run, lock, data, log)
+
+
+def lock_run_dir(run: RunDir, topo: Topology) -> RunLock:
+    """Global rank 0 locks the run directory; every rank stops (rank 0 saying why) when it cannot."""
+    lock = RunLock(run.lock_file)
+    refusal = None
+    if topo.is_main:
+        try:
+            lock.acquire()
+        except ConfigError as err:
+            refusal = err
+    if any_rank(refusal is not None, topo.device):
+        raise refusal or PeerStopped()
+    return lock

@@ -5,7 +5,6 @@ with TNF hooks, DeepSpeed engine, (resume,) the step loop with metrics and check
 """
 from __future__ import annotations
 
-import signal
 import sys
 import time
 from pathlib import Path
@@ -18,34 +17,22 @@ from deepspeed.accelerator import get_accelerator
 from tqdm.auto import tqdm
 
 from tnf_scale.checkpoint import Checkpointer
-from tnf_scale.config import RunConfig
-from tnf_scale.distributed import any_rank
+from tnf_scale.config import PeerStopped, RunConfig
+from tnf_scale.failures import settle_failure
 from tnf_scale.metrics import MetricsLogger
 from tnf_scale.model.export import export_hf, save_notes
 from tnf_scale.model.tnf_bert import build_bert
 from tnf_scale.notes.exchange import ExchangeGroup
+from tnf_scale.nonfinite import Diverged, NonfiniteGuard
 from tnf_scale.notes.store import NoteStore
-from tnf_scale.startup import command, start
+from tnf_scale.startup import Started, command, start
+from tnf_scale.stopping import StopRequest
 from tnf_scale.trainer import build_trainer
 
-PREEMPTED_EXIT = 85  # checkpointed on SIGUSR1: the batch script requeues the job
-
-
-class PreemptionSignal:
-    """Remembers a SIGUSR1 (SLURM's --signal=USR1@secs before a time limit or pre-emption)."""
-
-    def __init__(self):
-        self.raised = False
-        signal.signal(signal.SIGUSR1, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.raised = True
-
-
 def run(cfg: RunConfig) -> int:
+    stop = StopRequest()  # from the first moment: a signal during start-up stops at the first step boundary
     started = start(cfg)
     world, ds_config, run_dir, data, log = started.topo, started.ds_config, started.run, started.data, started.log
-    preemption = PreemptionSignal()
     checkpointer = Checkpointer(run_dir, world, data.rare_vocab_path, len(data.rare_vocab) if cfg.tnf_enabled else None)
     checkpointer.plan(cfg)
 
@@ -66,7 +53,27 @@ def run(cfg: RunConfig) -> int:
     state = checkpointer.load(engine, store, state)
     if checkpointer.point:
         log(f"resumed from {checkpointer.point.ckpt} (saved on {checkpointer.point.world_size} ranks) at step {state['step']}")
+    try:
+        return train(cfg, started, trainer, store, checkpointer, state, stop)
+    except Diverged:  # every rank decided alike: rank 0 says it once
+        if world.is_main:
+            raise
+        raise PeerStopped(Diverged.exit_status) from None
+    except Exception as err:  # noqa: BLE001 - every failure is recorded, so the survivors can name the first
+        failed_first, words = settle_failure(run_dir, world.rank, world.size, err, lambda: checkpointer.last_complete_step)
+        if words:
+            print(f"rank {world.rank}: stopping after a failure: {words}", file=sys.stderr, flush=True)
+        if failed_first:
+            raise
+        return 1
 
+
+def train(cfg: RunConfig, started: Started, trainer, store: NoteStore | None, checkpointer: Checkpointer, state: dict, stop: StopRequest) -> int:
+    """The step loop from `state` to --max_steps, with metrics, checkpoints, stops and the non-finite guard; then the
+    final checkpoint and the export. Returns the exit code."""
+    world, run_dir, log = started.topo, started.run, started.log
+    engine = trainer.engine
+    guard = NonfiniteGuard(cfg.max_nonfinite_steps)
     metrics = MetricsLogger(run_dir.path, world.is_main, resumed_step=state["step"] if cfg.resume else None)
     if state["step"] == 0:
         metrics.log({"step": 0, **trainer.eval_metrics()})
@@ -75,35 +82,34 @@ def run(cfg: RunConfig) -> int:
     record: dict = {}
 
     for step in range(state["step"], cfg.max_steps):
-        if any_rank(preemption.raised, world.device):  # every rank stops at the same step
-            bar.close()
-            metrics.close()
-            checkpointer.save(engine, store, state)
-            if world.is_main:  # the batch script requeues on this marker even if srun reports another rank's exit first
-                run_dir.preempted.write_text(f"{step}\n")
-            log(f"SIGUSR1: checkpointed step {step} in {run_dir.path}; exiting with {PREEMPTED_EXIT} so the job is requeued and resumes")
-            deepspeed.comm.barrier()
-            return PREEMPTED_EXIT
+        if stop.agreed(world.device):  # every rank stops at the same step
+            return stop_cleanly(stop, started, checkpointer, engine, store, state, guard, metrics, bar)
         result = trainer.train_step(step)
         state.update(step=step + 1, tokens=state["tokens"] + result.tokens, wall_time=time.perf_counter() - clock)
+        guard.observe(result.loss, engine.get_global_grad_norm())
         record = {}
-        if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_steps:
+        if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_steps or not guard.healthy:
             record = {"step": step + 1, "loss": result.loss, "lr": engine.get_lr()[0], "tokens": state["tokens"],
                       "wall_time": state["wall_time"], "step_seconds": result.seconds, "tokens_per_s": result.tokens / result.seconds,
+                      "nonfinite_steps": guard.total,
                       "occurrences_read": 0, "occurrences_skipped_masked": 0, "notes_written": 0, "distinct_noted": 0, **result.notes,
                       **{f"time_{phase}": seconds for phase, seconds in result.phases.items()}}
-        if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_steps:
+        if guard.healthy and ((step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_steps):
             started_eval = time.perf_counter()
             record = {"step": step + 1, **record, **trainer.eval_metrics()}
             clock += time.perf_counter() - started_eval  # wall_time is training time: TNF's extra eval pass must not count
         if record:
             metrics.log(record)
+        guard.stop_if_diverged(step + 1, checkpointer.last_saved)
         bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{result.tokens / result.seconds:,.0f}")
         bar.update(1)
-        if cfg.save_interval and (step + 1) % cfg.save_interval == 0 and step + 1 < cfg.max_steps:
+        if guard.healthy and cfg.save_interval and (step + 1) % cfg.save_interval == 0 and step + 1 < cfg.max_steps:
             checkpointer.save(engine, store, state)
     bar.close()
     metrics.close()
+    if not guard.healthy:  # the last steps were not finite, fewer than the limit: still nothing to save or export
+        raise Diverged(f"the run ended on {guard.streak} non-finite steps, so its final state was neither saved nor exported; "
+                       f"the last good checkpoint is step {checkpointer.last_saved} — lower --lr and resume it, or start again.")
     if record:
         log("final: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("loss", "eval_loss"))))
 
@@ -116,6 +122,23 @@ def run(cfg: RunConfig) -> int:
         log(f"run: {run_dir.path}\nmetrics: {run_dir.metrics}\nTensorBoard: tensorboard --logdir {run_dir.tensorboard}")
     deepspeed.comm.barrier()
     return 0
+
+
+def stop_cleanly(stop: StopRequest, started: Started, checkpointer: Checkpointer, engine, store, state: dict,
+                 guard: NonfiniteGuard, metrics: MetricsLogger, bar) -> int:
+    """Every rank agreed to stop at this step: checkpoint it (unless its state is not finite) and say how to continue."""
+    run_dir, world, log = started.run, started.topo, started.log
+    bar.close()
+    metrics.close()
+    if guard.healthy:
+        checkpointer.save(engine, store, state)
+    if world.is_main and stop.preempted:  # the batch script requeues on this marker even if srun reports another rank's exit first
+        run_dir.preempted.write_text(f"{state['step']}\n")
+    reason = stop.reason or "another rank received a stop signal or lost its launcher"
+    log(f"{reason}: checkpointed step {checkpointer.last_saved} in {run_dir.path}; exiting with {stop.exit_code}; "
+        f"{'the job is requeued and resumes' if stop.preempted else 'rerun the launch command with --resume true to continue'}")
+    deepspeed.comm.barrier()
+    return stop.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,10 @@ def export_hf(run_dir: Path, ckpt: Path, out_dir: Path) -> Path:
     config = BertConfig.from_json_file(str(run.model_config))
     model = BertForMaskedLM(config)
     state = consolidated_state_dict(ckpt, config)
+    broken = [name for name, tensor in state.items() if not bool(torch.isfinite(tensor).all())]
+    if broken:
+        raise ConfigError(f"checkpoint {ckpt} holds non-finite weights ({broken[0]} and {len(broken) - 1} more): the run had diverged "
+                          "by then, so it is not exported; export an earlier checkpoint (tools/export.py --checkpoint).")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if m not in TIED_KEYS]
     if missing or unexpected:

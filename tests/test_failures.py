@@ -1,0 +1,181 @@
+"""Faults a cluster user meets: the run-directory lock, checkpoint manifests, a full or read-only disk, a busy master
+port, a diverging run, and (under the real launcher) killed ranks, stop signals and a dead launcher."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tnf_scale.checkpoint import COMPLETE, CheckpointError, notes_file, plan_resume, write_manifest
+from tnf_scale.config import ConfigError
+from tnf_scale.metrics import read_metrics
+from tnf_scale.nonfinite import Diverged, NonfiniteGuard
+from tnf_scale.run_lock import RunLock
+
+from conftest import REPO, clean_env, free_port, run_cmd, train_args
+
+
+def lock_from_another_process(path: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    code = ("import sys; from pathlib import Path; from tnf_scale.config import exit_code; from tnf_scale.run_lock import RunLock; "
+            f"sys.exit(exit_code(lambda: RunLock(Path({str(path)!r})).acquire() or 0))")
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**clean_env(), **(env or {})}, capture_output=True, text=True)
+
+
+def test_a_live_holder_keeps_the_lock_and_a_dead_one_loses_it(tmp_path):
+    path = tmp_path / "run" / "LOCK"
+    lock = RunLock(path)
+    lock.acquire()
+    holder = json.loads(path.read_text())
+    assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+    refused = lock_from_another_process(path)
+    assert refused.returncode == 2 and f"is in use by another run (PID {os.getpid()} on {socket.gethostname()}" in refused.stderr
+    assert json.loads(path.read_text())["pid"] == os.getpid()  # the refusal left the holder's lock alone
+    lock.release()
+    assert not path.exists() and not path.parent.exists()  # the directory it created, left empty, is gone too
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its PID is free now
+    path.parent.mkdir()
+    path.write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid}))
+    assert lock_from_another_process(path).returncode == 0  # stale: taken over (and released on exit)
+    assert not path.exists()
+
+
+def test_a_lock_from_another_host_is_refused_unless_it_is_this_slurm_jobs_earlier_run(tmp_path):
+    path = tmp_path / "LOCK"
+    path.write_text(json.dumps({"host": "node-17", "pid": 4242, "slurm_job": "77", "started": "yesterday", "command": "train.py"}))
+    refused = lock_from_another_process(path)
+    assert refused.returncode == 2 and "PID 4242 on node-17, SLURM job 77" in refused.stderr and f"delete {path}" in refused.stderr
+    assert lock_from_another_process(path, {"SLURM_JOB_ID": "77"}).returncode == 0  # the requeued job takes its own lock back
+
+
+def test_a_locked_output_dir_refuses_a_second_run_before_anything_is_written(small_config, tmp_path):
+    out = tmp_path / "run"
+    lock = RunLock(out / "LOCK")
+    lock.acquire()
+    proc = run_cmd([sys.executable, "-m", "tnf_scale.train", *train_args(small_config, out, max_steps=2)])
+    lock.release()
+    assert proc.returncode == 2 and "is in use by another run" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A mount point for a small tmpfs (this machine's tests run as root; elsewhere they are skipped)."""
+    mounted = []
+
+    def mount(size: str, options: str = "") -> Path:
+        point = tmp_path / f"fs{len(mounted)}"
+        point.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}{options}", "tmpfs", str(point)], capture_output=True).returncode:
+            pytest.skip("mounting a tmpfs needs root")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)])
+
+
+def test_a_read_only_output_dir_is_one_sentence(tmpfs):
+    read_only = tmpfs("1m", ",ro")
+    for target, message in ((read_only, "cannot write into --output_dir"), (read_only / "run", "cannot create --output_dir")):
+        with pytest.raises(ConfigError, match=message):
+            RunLock(target / "LOCK").acquire()
+
+
+def test_a_full_disk_during_a_checkpoint_is_named_and_nothing_is_marked_complete(small_config, tmpfs):
+    out = tmpfs("3m") / "run"
+    proc = run_cmd([sys.executable, "-m", "tnf_scale.train", *train_args(small_config, out, max_steps=2, export="false")])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "no space left on device" in proc.stderr and "no complete checkpoint exists yet" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list(out.glob(f"checkpoints/*/{COMPLETE}")) and not (out / "LOCK").exists()
+
+
+def test_a_busy_master_port_with_one_rank_is_named(small_config, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {**clean_env(), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        proc = subprocess.run([sys.executable, "-m", "tnf_scale.train", *train_args(small_config, tmp_path / "run", max_steps=2)],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and f"master port {port} is already in use" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def fake_checkpoint(run: Path, step: int) -> Path:
+    ckpt = run / "checkpoints" / f"step{step:08d}"
+    ckpt.mkdir(parents=True)
+    save_file({"ids": torch.arange(4), "vectors": torch.randn(4, 8), "torch_rng_state": torch.get_rng_state()}, str(notes_file(ckpt, 0)))
+    (ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(os.urandom(4096))
+    write_manifest(ckpt, rank=0, world_size=1)
+    (ckpt / COMPLETE).write_text(json.dumps({"step": step, "world_size": 1, "notes": True, "rare_vocab_digest": "d", "tokens": 0, "wall_time": 0.0}))
+    return ckpt
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: f.write_bytes(f.read_bytes()[:1000]), "has 1000 bytes, not 4096 \\(truncated or overwritten\\)"),
+    (lambda f: f.write_bytes(bytes(4096)), "differs from its checksum"),
+    (lambda f: f.unlink(), "is missing"),
+])
+def test_a_damaged_checkpoint_is_refused_by_file_and_the_previous_one_offered(tmp_path, damage, message):
+    fake_checkpoint(tmp_path, 3)
+    newest = fake_checkpoint(tmp_path, 6)
+    assert plan_resume(tmp_path, "d", num_rare=4).step == 6
+    damage(newest / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(CheckpointError, match=f"zero_pp_rank_0_mp_rank_00_optim_states.pt {message}.*previous complete checkpoint is step00000003"):
+        plan_resume(tmp_path, "d", num_rare=4)
+
+
+def test_the_guard_stops_after_consecutive_non_finite_steps_only():
+    guard = NonfiniteGuard(limit=2)
+    guard.observe(float("nan"), 1.0)
+    guard.stop_if_diverged(1, last_good_checkpoint=None)
+    assert not guard.healthy
+    guard.observe(3.0, 1.0)  # finite again: the streak ends
+    assert guard.healthy and guard.total == 1
+    guard.observe(3.0, float("inf"))
+    guard.stop_if_diverged(3, last_good_checkpoint=2)
+    guard.observe(float("nan"), None)
+    with pytest.raises(Diverged, match="step 4: .*not finite for 2 consecutive steps.*last good checkpoint is step 2"):
+        guard.stop_if_diverged(4, last_good_checkpoint=2)
+
+
+def test_a_diverging_run_stops_in_one_sentence_and_exports_nothing(small_config, tmp_path):
+    out = tmp_path / "run"
+    args = train_args(small_config, out, max_steps=12, lr=1e30, warmup_steps=1, save_interval=1, max_nonfinite_steps=2)
+    proc = run_cmd([sys.executable, "-m", "tnf_scale.train", *args])
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "not finite for 2 consecutive steps" in proc.stderr and "Traceback" not in proc.stderr
+    steps = [r for r in read_metrics(out) if "loss" in r]
+    assert steps[-1]["nonfinite_steps"] == 2 and steps[-1]["step"] < 12
+    saved = sorted(int(p.parent.name[4:]) for p in out.glob(f"checkpoints/*/{COMPLETE}"))
+    assert saved and saved[-1] < steps[-1]["step"] - 1  # nothing saved once the loss stopped being finite
+    assert not (out / "export").exists() and not (out / "notes.safetensors").exists()
+
+
+@pytest.mark.launcher
+def test_fault_campaign_a_killed_rank_and_a_killed_launcher_resume_identically(small_config, tmp_path):
+    """Two trials of tools/fault_campaign.py: SIGKILL to a rank (the survivor names it and the resume step) and SIGKILL
+    to the deepspeed runner (the ranks checkpoint and exit 86 instead of training on as orphans)."""
+    out = tmp_path / "faults"
+    flags = ["--corpus", small_config.corpus[0], "--data_cache", small_config.data_cache, "--vocab_size", str(small_config.vocab_size),
+             "--max_seq_len", str(small_config.max_seq_len), "--rare_coverage", str(small_config.rare_coverage),
+             "--eval_fraction", str(small_config.eval_fraction), "--global_batch_size", "16", "--micro_batch_size", "8",
+             "--eval_sequences", "16"]
+    proc = run_cmd([sys.executable, "tools/fault_campaign.py", "--trials", "2", "--in_order", "--faults", "KILL@rank,KILL@launcher",
+                    "--max_steps", "8", "--save_interval", "2", "--master_port", str(free_port()), "--out", str(out), *flags], timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2/2 identical within 1e-05, 0 notes lost, 0 orphaned ranks" in proc.stdout
+    killed_rank, killed_launcher = json.loads((out / "fault_campaign.json").read_text())
+    victim = killed_rank["target"].split()[-1]
+    assert f"rank {victim} died first without a word" in killed_rank["last_words"] and "it continues from step" in killed_rank["last_words"]
+    assert killed_launcher["orphans"] == 0 and "launcher" in killed_launcher["last_words"] and "exiting with 86" in killed_launcher["last_words"]
