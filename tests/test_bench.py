@@ -23,8 +23,9 @@ def step_records(run) -> dict[int, dict]:
 def test_bench_writes_both_reports_and_the_peer_trains_like_the_baseline(small_config, tmp_path, capsys):
     out = tmp_path / "bench"
     # One micro-batch a step, so both trainers average the loss over the same masked tokens.
+    # --log_interval 50, beyond the run (as bert-base's 100 is beyond a timing run): the tool's runs still log every step.
     args = train_args(small_config, out, max_steps=6, eval_interval=2, dropout=0.0, export="false", micro_batch_size=16,
-                      warmup_steps=2)
+                      warmup_steps=2, log_interval=50)
     flags = [x for key, value in zip(args[::2], args[1::2]) if key != "--output_dir" for x in (key, value)]
     check_ok(run_cmd([os.sys.executable, "tools/bench_tnf.py", "--out", str(out), "--preset", "tiny", "--peer_steps", "6",
                       "--warmup", "1", "--master_port", str(free_port()), *flags]))
@@ -61,6 +62,23 @@ def test_bench_writes_both_reports_and_the_peer_trains_like_the_baseline(small_c
     assert [peer[s]["tokens"] for s in peer] == [baseline[s]["tokens"] for s in peer]
     assert max(abs(peer[s]["loss"] - baseline[s]["loss"]) for s in peer) < 1e-5
     assert baseline[6]["loss"] < baseline[1]["loss"] - 0.01  # it trained: the match is not two frozen models
+
+
+def test_the_peer_logs_its_last_step_even_off_the_logging_schedule():
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    from tnf_scale.reports.hf_peer import StepMetrics
+
+    logged = []
+    callback = StepMetrics(SimpleNamespace(log=logged.append), SimpleNamespace(step=lambda n: ([0, 1], None, None)), [5, 7])
+    callback.on_train_begin(None, None, None)
+    for step, should_log in ((3, False), (4, True)):  # a 4-step run logging every 100 steps
+        control = callback.on_step_end(None, SimpleNamespace(global_step=step, max_steps=4), TrainerControl())
+        assert control.should_log is should_log
+    callback.on_log(None, None, control, logs={"loss": 2.5, "learning_rate": 1e-3})
+    assert [(r["step"], r["loss"], r["tokens"]) for r in logged] == [(4, 2.5, 24)]
 
 
 def test_peer_refuses_a_pipeline_config_before_any_process_group(monkeypatch):

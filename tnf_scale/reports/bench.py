@@ -15,9 +15,10 @@ PEER_SCRIPT = "tnf_scale/reports/hf_peer.py"
 
 def launch_training(run_dir: Path, ranks: int, port: int, flags: list[str], script: str = TRAIN_SCRIPT) -> Path:
     """Run `script` (train.py, or the Hugging Face Trainer peer) under the real deepspeed launcher into `run_dir`,
-    replacing a previous run there."""
+    replacing a previous run there. A timing run logs every step, whatever the preset or `flags` say (bert-base logs
+    every 100 steps: a short timing run would leave nothing to report)."""
     args = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
-            script, "--output_dir", str(run_dir), "--overwrite", "true", *flags]
+            script, "--output_dir", str(run_dir), "--overwrite", "true", *flags, "--log_interval", "1"]
     subprocess.run(args, cwd=REPO, check=True)
     return run_dir
 

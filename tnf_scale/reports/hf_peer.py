@@ -82,6 +82,9 @@ class StepMetrics(TrainerCallback):
         self.start = self.last = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+        """Time the step; the last step is always logged, as train.py logs it, even off the logging schedule."""
+        if state.global_step >= state.max_steps:
+            control.should_log = True
         now = time.perf_counter()
         indices, _, _ = self.sampler.step(state.global_step - 1)
         tokens = sum(self.lengths[i] for i in indices)
@@ -89,6 +92,7 @@ class StepMetrics(TrainerCallback):
         self.pending = {"step": state.global_step, "tokens": self.tokens, "wall_time": now - self.start,
                         "step_seconds": now - self.last, "tokens_per_s": tokens / (now - self.last)}
         self.last = now
+        return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.pending is not None and logs and "loss" in logs:
