@@ -33,6 +33,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev,mpi]"
 	$(PY) -m tnf_scale.ops
+	$(PY) -m tnf_scale.finetune.shipped
 	touch $@
 
 demo: install

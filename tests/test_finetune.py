@@ -1,0 +1,124 @@
+"""Fine-tuning exports: metrics against hand-computed values, the shipped task, GLUE-shaped local files, bad input."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import BertConfig, BertForMaskedLM
+
+from tnf_scale.config import ConfigError
+from tnf_scale.finetune import shipped
+from tnf_scale.finetune.run import FinetuneArgs, check_model_dir, finetune
+from tnf_scale.finetune.scores import score
+from tnf_scale.finetune.tasks import GLUE, file_task
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "tools"))
+import finetune as finetune_tool  # noqa: E402
+
+DATA_CACHE = REPO / ".cache" / "tnf_data"
+
+
+@pytest.fixture(scope="session")
+def shipped_task() -> Path:
+    """The set-up's Rotten Tomatoes splits (`make install` builds them; built here when missing)."""
+    return shipped.build(DATA_CACHE)
+
+
+def test_metrics_match_hand_computed_values():
+    predictions, labels = np.array([1, 0, 1, 1, 0, 1]), np.array([1, 0, 0, 1, 1, 1])
+    # tp 3, fp 1, fn 1, tn 1
+    assert score("accuracy", predictions, labels) == pytest.approx(4 / 6)
+    assert score("f1", predictions, labels) == pytest.approx(2 * 3 / (4 + 4))
+    assert score("matthews", predictions, labels) == pytest.approx((3 * 1 - 1 * 1) / np.sqrt(4 * 4 * 2 * 2))
+    x, y = np.array([1.0, 2.0, 3.0, 4.0]), np.array([2.0, 4.0, 5.0, 4.0])
+    # Pearson: cov 2.5/3... by hand: dx = -1.5,-.5,.5,1.5; dy = -1.75,.25,1.25,.25; sum dxdy = 3.5; sum dx2 = 5; sum dy2 = 4.75
+    assert score("pearson", x, y) == pytest.approx(3.5 / np.sqrt(5 * 4.75))
+    # Spearman: ranks of y with the tie at 4 -> 1, 2.5, 4, 2.5
+    assert score("spearman", x, y) == pytest.approx(score("pearson", np.array([1, 2, 3, 4.0]), np.array([1, 2.5, 4, 2.5])))
+    assert score("matthews", np.ones(4, dtype=int), np.array([1, 0, 1, 0])) == 0.0  # a constant prediction
+
+
+def test_the_shipped_task_is_split_deterministically_by_text(shipped_task):
+    rows = {split: [json.loads(line) for line in (shipped_task / f"{split}.jsonl").open()] for split in shipped.SPLITS}
+    assert len(rows["train"]) > 9000 and len(rows["validation"]) > 1000 and len(rows["test"]) > 1000
+    for split, examples in rows.items():
+        assert all(shipped.split_of(r["text"]) == split and r["label"] in ("fresh", "rotten") for r in examples)
+    texts = [r["text"] for examples in rows.values() for r in examples]
+    assert len(texts) == len(set(texts))  # no snippet in two splits
+
+
+@pytest.mark.launcher
+def test_a_tiny_export_fine_tuned_on_the_shipped_task_beats_the_majority_class(dp_reference_run, shipped_task, tmp_path):
+    out = tmp_path / "ft"
+    assert finetune_tool.main(["--model", str(dp_reference_run / "export"), "--task", "rotten_tomatoes", "--data_cache", str(DATA_CACHE),
+                               "--seeds", "1", "--epochs", "3", "--lr", "1e-3", "--max_seq_len", "64", "--max_train_examples", "1200",
+                               "--out", str(out)]) == 0
+    result = json.loads((out / "finetune.json").read_text())
+    assert result["task"] == "rotten_tomatoes" and len(result["epochs"]["1"]) == 3  # evaluated every epoch
+    assert result["final"]["1"]["accuracy"] > result["majority_class"] + 0.03
+    assert result["summary"]["accuracy"]["mean"] == result["final"]["1"]["accuracy"]
+    assert "| mean ± std |" in (out / "finetune.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def random_bert(prepared, tmp_path_factory) -> Path:
+    """A stock BERT directory with the test tokenizer: any model directory fine-tunes, not only our exports."""
+    folder = tmp_path_factory.mktemp("bert")
+    config = BertConfig(vocab_size=len(prepared.tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    BertForMaskedLM(config).save_pretrained(str(folder))
+    prepared.tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def write_tsv(path: Path, header: list[str], rows: list[list]) -> str:
+    path.write_text("\n".join("\t".join(map(str, r)) for r in [header, *rows]) + "\n")
+    return str(path)
+
+
+def test_glue_shaped_pair_and_regression_files_fine_tune(random_bert, tmp_path):
+    pairs = [["the cat sat", "a cat was sitting", 1], ["it rained", "the sun shone", 0]] * 8
+    mrpc = file_task(write_tsv(tmp_path / "mrpc_train.tsv", ["sentence1", "sentence2", "label"], pairs),
+                     write_tsv(tmp_path / "mrpc_dev.tsv", ["sentence1", "sentence2", "label"], pairs[:4]), "sentence1", "sentence2", "label", "f1")
+    assert mrpc.spec.text_pair_column == GLUE["mrpc"].text_pair_column == "sentence2" and mrpc.label_names == ["0", "1"]
+    result = finetune(mrpc, FinetuneArgs(str(random_bert), str(tmp_path / "mrpc"), seeds=[1, 2], epochs=1, batch_size=8))
+    assert set(result["final"]) == {1, 2} and set(result["summary"]) == {"f1", "accuracy"}
+
+    scored = [["a man plays", "a man is playing", 4.8], ["a dog runs", "the market fell", 0.2]] * 8
+    stsb = file_task(write_tsv(tmp_path / "stsb_train.tsv", ["sentence1", "sentence2", "score"], scored),
+                     write_tsv(tmp_path / "stsb_dev.tsv", ["sentence1", "sentence2", "score"], scored[:4]), "sentence1", "sentence2", "score", "pearson")
+    assert stsb.spec.regression and stsb.num_labels == 1 and stsb.train["labels"][:2] == [4.8, 0.2]
+    result = finetune(stsb, FinetuneArgs(str(random_bert), str(tmp_path / "stsb"), seeds=[1], epochs=1, batch_size=8))
+    assert set(result["summary"]) == {"pearson", "spearman"} and result["majority_class"] is None
+
+
+def test_string_labels_are_mapped_from_the_train_split(tmp_path):
+    rows = [{"review": "good", "verdict": "fresh"}, {"review": "bad", "verdict": "rotten"}]
+    train, dev = tmp_path / "t.jsonl", tmp_path / "d.jsonl"
+    for path in (train, dev):
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    task = file_task(str(train), str(dev), "review", None, "verdict", "accuracy")
+    assert task.label_names == ["fresh", "rotten"] and task.validation["labels"] == [0, 1]
+
+
+def test_bad_fine_tuning_input_is_one_sentence(random_bert, tmp_path, capsys):
+    good = write_tsv(tmp_path / "good.tsv", ["text", "label"], [["fine", 1], ["poor", 0]])
+    cases = [
+        (dict(train=good, validation=write_tsv(tmp_path / "other.tsv", ["text", "label"], [["odd", 7]])), "labels the train split lacks \\(7\\)"),
+        (dict(train=good, validation=write_tsv(tmp_path / "empty.tsv", ["text", "label"], [])), "empty.tsv holds no examples"),
+        (dict(train=good, validation=good, label_column="gold"), "--label_column gold is not a column of the train split; its columns are text, label"),
+        (dict(train=str(tmp_path / "nope.csv"), validation=good), "nope.csv does not exist"),
+        (dict(train=good, validation=good, metric="bleu"), "--metric bleu is not one tnf_scale computes"),
+    ]
+    for kwargs, message in cases:
+        args = {"text_column": "text", "text_pair_column": None, "label_column": "label", "metric": "accuracy", **kwargs}
+        with pytest.raises(ConfigError, match=message):
+            file_task(**args)
+    with pytest.raises(ConfigError, match="holds no config.json"):
+        check_model_dir(str(tmp_path))
+    assert finetune_tool.main(["--model", str(tmp_path), "--train", good, "--validation", good, "--out", str(tmp_path / "o")]) == 2
+    assert "holds no config.json" in capsys.readouterr().err

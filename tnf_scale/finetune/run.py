@@ -1,0 +1,136 @@
+"""Fine-tune an exported model on a task over several seeds with the Hugging Face Trainer, evaluating every epoch;
+report each seed's score, the mean and the standard deviation."""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                          TrainingArguments, set_seed)
+
+from tnf_scale.config import ConfigError
+from tnf_scale.finetune.scores import score
+from tnf_scale.finetune.tasks import TaskData
+
+
+@dataclass
+class FinetuneArgs:
+    """The usual fine-tuning knobs (BERT's paper: lr in 2e-5..5e-5, 2-4 epochs, batch 16 or 32)."""
+
+    model: str
+    out: str
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    lr: float = 2e-5
+    epochs: float = 3.0
+    batch_size: int = 32
+    max_seq_len: int = 128
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_train_examples: int | None = None
+
+
+def check_model_dir(path: str) -> None:
+    """One sentence when `path` is not a saved transformers model with its tokenizer."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"--model {folder} holds no config.json; point it at a model directory (a run's export/, or any saved BERT).")
+    try:
+        AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--model {folder} is not a transformers model directory ({err}); point it at a run's export/.") from None
+
+
+def tokenize(task: TaskData, tokenizer, max_seq_len: int):
+    spec = task.spec
+
+    def encode(batch):
+        pair = batch[spec.text_pair_column] if spec.text_pair_column else None
+        return tokenizer(batch[spec.text_column], pair, truncation=True, max_length=max_seq_len)
+
+    keep = ("input_ids", "token_type_ids", "attention_mask", "labels")
+    encoded = [split.map(encode, batched=True) for split in (task.train, task.validation)]
+    return [split.remove_columns([c for c in split.column_names if c not in keep]) for split in encoded]
+
+
+def metric_scores(task: TaskData, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    predictions = logits.squeeze(-1) if task.spec.regression else logits.argmax(-1)
+    return {metric: score(metric, predictions, labels) for metric in task.spec.metrics}
+
+
+def finetune_seed(task: TaskData, args: FinetuneArgs, seed: int, train, validation, tokenizer) -> list[dict[str, float]]:
+    """One seed: a fresh classifier head on the model, trained and evaluated each epoch; the per-epoch scores."""
+    set_seed(seed)  # the new head's initialisation depends on the seed
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=task.num_labels,
+                                                               problem_type="regression" if task.spec.regression else None)
+    training = TrainingArguments(
+        output_dir=str(Path(args.out) / f"seed{seed}"), seed=seed, learning_rate=args.lr, num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size, warmup_steps=args.warmup_ratio,  # a float below 1: a share of the steps
+        weight_decay=args.weight_decay, eval_strategy="epoch", save_strategy="no", logging_strategy="epoch", report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+    )
+    epochs: list[dict[str, float]] = []
+
+    def compute_metrics(prediction) -> dict[str, float]:
+        scores = metric_scores(task, prediction.predictions, prediction.label_ids)
+        epochs.append(scores)
+        return scores
+
+    trainer = Trainer(model=model, args=training, train_dataset=train, eval_dataset=validation,
+                      data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics)
+    trainer.train()
+    return epochs
+
+
+def summarize(task: TaskData, per_seed: dict[int, list[dict[str, float]]]) -> dict:
+    """Each seed's final-epoch scores (no selection on the validation set), and their mean and standard deviation."""
+    final = {seed: epochs[-1] for seed, epochs in per_seed.items()}
+    summary = {}
+    for metric in task.spec.metrics:
+        values = [scores[metric] for scores in final.values()]
+        summary[metric] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    return {"task": task.spec.name, "metrics": list(task.spec.metrics), "final": final, "epochs": per_seed, "summary": summary,
+            "majority_class": majority_share(task)}
+
+
+def majority_share(task: TaskData) -> float | None:
+    """The validation accuracy of always predicting the train split's most common class (None for regression)."""
+    if task.spec.regression:
+        return None
+    counts = np.bincount(np.asarray(task.train["labels"]), minlength=task.num_labels)
+    return float(np.mean(np.asarray(task.validation["labels"]) == counts.argmax()))
+
+
+def markdown(result: dict, args: FinetuneArgs) -> str:
+    metrics = result["metrics"]
+    rows = [f"# Fine-tuning {args.model} on {result['task']}", "",
+            f"lr {args.lr}, {args.epochs:g} epochs, batch {args.batch_size}, max {args.max_seq_len} tokens; the final epoch's "
+            "validation scores (no selection on the validation set).", "",
+            "| seed | " + " | ".join(metrics) + " |", "| --- | " + " | ".join("---" for _ in metrics) + " |"]
+    rows += [f"| {seed} | " + " | ".join(f"{scores[m]:.4f}" for m in metrics) + " |" for seed, scores in result["final"].items()]
+    rows.append("| mean ± std | " + " | ".join(f"{result['summary'][m]['mean']:.4f} ± {result['summary'][m]['std']:.4f}" for m in metrics) + " |")
+    if result["majority_class"] is not None:
+        rows += ["", f"Majority class on the validation split: accuracy {result['majority_class']:.4f}."]
+    return "\n".join(rows) + "\n"
+
+
+def finetune(task: TaskData, args: FinetuneArgs) -> dict:
+    """Fine-tune `args.model` on `task` once per seed; writes finetune.json and finetune.md into `args.out`."""
+    check_model_dir(args.model)
+    if not args.seeds or args.lr <= 0 or not math.isfinite(args.lr) or args.epochs <= 0 or args.batch_size < 1:
+        raise ConfigError("fine-tuning needs at least one --seeds value, --lr above 0, --epochs above 0 and --batch_size of 1 or more.")
+    if args.max_train_examples is not None:
+        task.train = task.train.select(range(min(args.max_train_examples, len(task.train))))
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    train, validation = tokenize(task, tokenizer, args.max_seq_len)
+    per_seed = {seed: finetune_seed(task, args, seed, train, validation, tokenizer) for seed in args.seeds}
+    result = summarize(task, per_seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "finetune.json").write_text(json.dumps({**result, "args": vars(args)}, indent=1) + "\n")
+    (out / "finetune.md").write_text(markdown(result, args))
+    return result

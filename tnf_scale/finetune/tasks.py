@@ -1,0 +1,130 @@
+"""Downstream tasks: which columns hold the text and the label, which metric scores it, and where its splits come from
+(GLUE on the Hugging Face hub, the task shipped with the set-up, or files the user names)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from tnf_scale.config import ConfigError
+from tnf_scale.finetune.scores import METRICS, REGRESSION_METRICS
+
+GLUE_HUB = "nyu-mll/glue"
+FILE_FORMATS = {".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".jsonl": ("json", {}), ".json": ("json", {}),
+                ".parquet": ("parquet", {})}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a task's examples look like and how it is scored (the first metric is the headline)."""
+
+    name: str
+    text_column: str
+    text_pair_column: str | None
+    label_column: str
+    metrics: tuple[str, ...]
+    validation_split: str = "validation"
+
+    @property
+    def regression(self) -> bool:
+        return self.metrics[0] in REGRESSION_METRICS
+
+
+GLUE = {
+    "cola": TaskSpec("cola", "sentence", None, "label", ("matthews", "accuracy")),
+    "sst2": TaskSpec("sst2", "sentence", None, "label", ("accuracy",)),
+    "mrpc": TaskSpec("mrpc", "sentence1", "sentence2", "label", ("f1", "accuracy")),
+    "qqp": TaskSpec("qqp", "question1", "question2", "label", ("f1", "accuracy")),
+    "stsb": TaskSpec("stsb", "sentence1", "sentence2", "label", ("pearson", "spearman")),
+    "mnli": TaskSpec("mnli", "premise", "hypothesis", "label", ("accuracy",), "validation_matched"),
+    "qnli": TaskSpec("qnli", "question", "sentence", "label", ("accuracy",)),
+    "rte": TaskSpec("rte", "sentence1", "sentence2", "label", ("accuracy",)),
+}
+
+
+@dataclass
+class TaskData:
+    """A task's train and validation splits with labels as model targets (class ids, or floats for regression)."""
+
+    spec: TaskSpec
+    train: datasets.Dataset
+    validation: datasets.Dataset
+    label_names: list[str] | None  # class names by id; None for regression
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.label_names is None else len(self.label_names)
+
+
+def read_file(path: str) -> datasets.Dataset:
+    """One local csv/tsv/jsonl/json/parquet file as a Dataset; a missing or unreadable file is one sentence."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{file} does not exist; name a .csv, .tsv, .jsonl or .parquet file.")
+    if file.suffix.lower() not in FILE_FORMATS:
+        raise ConfigError(f"{file} has a suffix tnf_scale does not read; use one of {', '.join(FILE_FORMATS)}.")
+    builder, options = FILE_FORMATS[file.suffix.lower()]
+    if builder != "parquet" and len([line for line in file.read_text(errors="replace").splitlines() if line.strip()]) <= (builder == "csv"):
+        raise ConfigError(f"{file} holds no examples; give it at least one row.")
+    try:
+        return datasets.load_dataset(builder, data_files=str(file), split="train", **options)
+    except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as err:
+        raise ConfigError(f"{file} could not be read as {builder} ({type(err).__name__}); check its format.") from None
+
+
+def check_columns(split: datasets.Dataset, spec: TaskSpec, where: str) -> None:
+    if len(split) == 0:
+        raise ConfigError(f"the {where} split is empty; give it examples.")
+    for flag, column in (("--text_column", spec.text_column), ("--text_pair_column", spec.text_pair_column), ("--label_column", spec.label_column)):
+        if column is not None and column not in split.column_names:
+            raise ConfigError(f"{flag} {column} is not a column of the {where} split; its columns are {', '.join(split.column_names)}.")
+
+
+def encode_labels(train: datasets.Dataset, validation: datasets.Dataset, spec: TaskSpec) -> tuple[datasets.Dataset, datasets.Dataset, list[str] | None]:
+    """Labels as the model wants them: floats for regression; else class ids, from the train split's sorted label set
+    (strings or numbers), which the validation split must not exceed."""
+    column = spec.label_column
+    if spec.regression:
+        def as_float(batch):
+            return {"labels": [float(v) for v in batch[column]]}
+        return train.map(as_float, batched=True), validation.map(as_float, batched=True), None
+    found = {str(v) for v in train[column]}
+    numeric = all(v.lstrip("-").isdigit() for v in found)
+    names = sorted(found, key=int) if numeric else sorted(found)
+    unseen = sorted({str(v) for v in validation[column]} - set(names))
+    if unseen:
+        raise ConfigError(f"the validation split has labels the train split lacks ({', '.join(unseen[:5])}); "
+                          "give both splits the same label set.")
+    if len(names) < 2:
+        raise ConfigError(f"the train split has a single label ({names[0]}); a classifier needs at least two.")
+    ids = {name: i for i, name in enumerate(names)}
+
+    def as_id(batch):
+        return {"labels": [ids[str(v)] for v in batch[column]]}
+    return train.map(as_id, batched=True), validation.map(as_id, batched=True), names
+
+
+def load_task(spec: TaskSpec, train: datasets.Dataset, validation: datasets.Dataset) -> TaskData:
+    """Check both splits against the spec and encode their labels."""
+    check_columns(train, spec, "train")
+    check_columns(validation, spec, "validation")
+    train, validation, names = encode_labels(train, validation, spec)
+    return TaskData(spec, train, validation, names)
+
+
+def glue_task(name: str) -> TaskData:
+    """A GLUE task from the hub (needs the network, or a datasets cache that holds it)."""
+    spec = GLUE[name]
+    glue = datasets.load_dataset(GLUE_HUB, name)
+    return load_task(spec, glue["train"], glue[spec.validation_split])
+
+
+def file_task(train: str, validation: str, text_column: str, text_pair_column: str | None, label_column: str, metric: str,
+              name: str | None = None) -> TaskData:
+    """A task from local files (the shipped task is one); named after the train file unless `name` is given."""
+    if metric not in METRICS:
+        raise ConfigError(f"--metric {metric} is not one tnf_scale computes; choose one of {', '.join(METRICS)}.")
+    others = tuple(m for m in (("spearman",) if metric == "pearson" else ("pearson",) if metric == "spearman" else ("accuracy",)) if m != metric)
+    spec = TaskSpec(name or Path(train).stem, text_column, text_pair_column, label_column, (metric, *others))
+    return load_task(spec, read_file(train), read_file(validation))
