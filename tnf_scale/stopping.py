@@ -10,6 +10,7 @@ checkpoint.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 
 import psutil
@@ -58,6 +59,8 @@ class StopRequest:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping at once, without a checkpoint")
         self.preempted = self.preempted or signum == signal.SIGUSR1
         self.reason = self.reason or signal.Signals(signum).name
+        again = "" if signum == signal.SIGUSR1 else "; send it again to stop at once, without a checkpoint"
+        print(f"{signal.Signals(signum).name}: stopping after a checkpoint at the next step boundary{again}", file=sys.stderr, flush=True)
 
     def _watch_launcher(self) -> None:
         stop = threading.Event()
