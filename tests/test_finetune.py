@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from transformers import BertConfig, BertForMaskedLM
+import torch
+from transformers import AutoModelForSequenceClassification, BertConfig, BertForMaskedLM
 
 from tnf_scale.config import ConfigError
 from tnf_scale.finetune import shipped
+from tnf_scale.finetune.notes import OCCURRENCE_COLUMNS, NotedClassifier, NotedCollator, NoteSource, occurrence_finder
 from tnf_scale.finetune.run import FinetuneArgs, check_model_dir, finetune
 from tnf_scale.finetune.scores import score
 from tnf_scale.finetune.tasks import GLUE, file_task
@@ -122,3 +124,79 @@ def test_bad_fine_tuning_input_is_one_sentence(random_bert, tmp_path, capsys):
         check_model_dir(str(tmp_path))
     assert finetune_tool.main(["--model", str(tmp_path), "--train", good, "--validation", good, "--out", str(tmp_path / "o")]) == 2
     assert "holds no config.json" in capsys.readouterr().err
+
+
+def note_source(tmp_path: Path, words: list[str], dim: int = 32) -> NoteSource:
+    vocab = tmp_path / "rare_vocab.tsv"
+    vocab.write_text("# rare band 2..5\nword\tid\tcount\n" + "".join(f"{w}\t{i}\t3\n" for i, w in enumerate(words)))
+    return NoteSource(torch.randn(len(words), dim), vocab, lam=0.5, gamma=0.1, window=4)
+
+
+def test_rare_spans_are_found_in_both_sentences_and_only_whole_words_count(prepared):
+    tokenizer = prepared.tokenizer
+    find = occurrence_finder(tokenizer, {"jerusalem": 0, "anarchism": 1})
+    texts, pairs = ["In Jerusalem today"], ["anarchism and Jerusalem"]
+    encodings = tokenizer(texts, pairs, truncation=True, max_length=64)
+    found = find(encodings, texts, pairs)
+    tokens = encodings.tokens(0)
+    spans = [(r, "".join(t.removeprefix("##") for t in tokens[a : b + 1])) for r, a, b in zip(found["rare_ids"][0], found["span_start"][0], found["span_end"][0])]
+    assert sorted(spans) == [(0, "jerusalem"), (0, "jerusalem"), (1, "anarchism")]
+    # "jerusalem" is 5 word pieces here; cut two of them off the end of the pair: that occurrence no longer counts
+    cut = tokenizer(texts, pairs, truncation="only_second", max_length=len(tokens) - 2)
+    assert cut.tokens(0)[-4:] == ["je", "##ru", "##s", "[SEP]"]
+    assert sorted(find(cut, texts, pairs)["rare_ids"][0]) == [0, 1]
+
+
+def noted_batch(tokenizer, source: NoteSource, texts: list[str]) -> dict[str, torch.Tensor]:
+    encodings = tokenizer(texts, truncation=True, max_length=32)
+    found = occurrence_finder(tokenizer, source.rare_id_of)(encodings, texts, None)
+    features = [{"input_ids": encodings["input_ids"][i], "attention_mask": encodings["attention_mask"][i], "labels": i % 2,
+                 **{c: found[c][i] for c in OCCURRENCE_COLUMNS}} for i in range(len(texts))]
+    return NotedCollator(tokenizer)(features)
+
+
+def test_the_ema_variant_updates_read_notes_only_while_training(random_bert, prepared, tmp_path):
+    source = note_source(tmp_path, ["jerusalem", "anarchism", "albedo"])
+    model = NotedClassifier(AutoModelForSequenceClassification.from_pretrained(str(random_bert), num_labels=2), source, "ema")
+    batch = noted_batch(prepared.tokenizer, source, ["Jerusalem was old", "anarchism is a theory and Jerusalem a city"])
+    before = model.note_rows().clone()
+    model.eval()
+    model(**batch)
+    assert torch.equal(model.note_rows(), before)  # evaluation reads, never writes
+    model.train()
+    out = model(**batch)
+    assert out.loss is not None
+    changed = (model.note_rows() != before).any(dim=1)
+    assert changed.tolist() == [True, True, False]  # the words read, not albedo
+    plain = AutoModelForSequenceClassification.from_pretrained(str(random_bert), num_labels=2).eval()
+    mixed = NotedClassifier(AutoModelForSequenceClassification.from_pretrained(str(random_bert), num_labels=2), source, "ema").eval()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    assert not torch.allclose(mixed(**batch).logits, plain(**inputs).logits)  # the notes reach the classifier
+
+
+def test_the_learned_variant_trains_its_notes_and_reloads_with_them(random_bert, prepared, tmp_path):
+    source = note_source(tmp_path, ["jerusalem", "anarchism", "albedo"])
+    model = NotedClassifier(AutoModelForSequenceClassification.from_pretrained(str(random_bert), num_labels=2), source, "learned")
+    batch = noted_batch(prepared.tokenizer, source, ["Jerusalem was old", "anarchism is a theory"])
+    model.train()
+    model(**batch).loss.backward()
+    grad = model.notes.grad
+    assert grad is not None and grad[0].abs().sum() > 0 and grad[1].abs().sum() > 0 and grad[2].abs().sum() == 0
+    with torch.no_grad():
+        model.notes[0] += 1.0  # a learned change that must survive save and load
+    model.save(tmp_path / "saved")
+    again = NotedClassifier.load(tmp_path / "saved").eval()
+    assert again.variant == "learned" and torch.equal(again.note_rows(), model.note_rows())
+    model.eval()
+    assert torch.allclose(again(**batch).logits, model(**batch).logits)
+
+
+def test_the_none_variant_saves_a_stock_classifier(random_bert, tmp_path):
+    rows = [["good fun", "fresh"], ["dull mess", "rotten"]] * 8
+    task = file_task(write_tsv(tmp_path / "t.tsv", ["text", "label"], rows), write_tsv(tmp_path / "v.tsv", ["text", "label"], rows[:4]),
+                     "text", None, "label", "accuracy")
+    finetune(task, FinetuneArgs(str(random_bert), str(tmp_path / "ft"), seeds=[1], epochs=1, batch_size=8, save_models=True))
+    saved = tmp_path / "ft" / "seed1" / "model"
+    assert not (saved / "tnf_notes.safetensors").exists()
+    model = AutoModelForSequenceClassification.from_pretrained(str(saved))
+    assert type(model).__name__ == "BertForSequenceClassification" and not model.bert.embeddings.LayerNorm._forward_pre_hooks

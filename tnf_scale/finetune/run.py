@@ -14,6 +14,7 @@ from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTo
                           TrainingArguments, set_seed)
 
 from tnf_scale.config import ConfigError
+from tnf_scale.finetune.notes import OCCURRENCE_COLUMNS, VARIANTS, NotedClassifier, NotedCollator, NoteSource, occurrence_finder
 from tnf_scale.finetune.scores import score
 from tnf_scale.finetune.tasks import TaskData
 
@@ -32,6 +33,9 @@ class FinetuneArgs:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     max_train_examples: int | None = None
+    notes: str = "none"  # none | ema | learned (finetune/notes.py)
+    run: str | None = None  # the pre-training run whose notes ema/learned read (default: the model directory's parent)
+    save_models: bool = False  # each seed's fine-tuned model (with its notes) into out/seed<N>/model
 
 
 def check_model_dir(path: str) -> None:
@@ -45,14 +49,17 @@ def check_model_dir(path: str) -> None:
         raise ConfigError(f"--model {folder} is not a transformers model directory ({err}); point it at a run's export/.") from None
 
 
-def tokenize(task: TaskData, tokenizer, max_seq_len: int):
+def tokenize(task: TaskData, tokenizer, max_seq_len: int, source: NoteSource | None):
+    """Both splits as model inputs; with a note source, also each example's rare occurrences."""
     spec = task.spec
+    find = occurrence_finder(tokenizer, source.rare_id_of) if source else None
 
     def encode(batch):
         pair = batch[spec.text_pair_column] if spec.text_pair_column else None
-        return tokenizer(batch[spec.text_column], pair, truncation=True, max_length=max_seq_len)
+        encodings = tokenizer(batch[spec.text_column], pair, truncation=True, max_length=max_seq_len)
+        return {**encodings, **(find(encodings, batch[spec.text_column], pair) if find else {})}
 
-    keep = ("input_ids", "token_type_ids", "attention_mask", "labels")
+    keep = ("input_ids", "token_type_ids", "attention_mask", "labels", *OCCURRENCE_COLUMNS)
     encoded = [split.map(encode, batched=True) for split in (task.train, task.validation)]
     return [split.remove_columns([c for c in split.column_names if c not in keep]) for split in encoded]
 
@@ -62,16 +69,20 @@ def metric_scores(task: TaskData, logits: np.ndarray, labels: np.ndarray) -> dic
     return {metric: score(metric, predictions, labels) for metric in task.spec.metrics}
 
 
-def finetune_seed(task: TaskData, args: FinetuneArgs, seed: int, train, validation, tokenizer) -> list[dict[str, float]]:
-    """One seed: a fresh classifier head on the model, trained and evaluated each epoch; the per-epoch scores."""
+def finetune_seed(task: TaskData, args: FinetuneArgs, seed: int, train, validation, tokenizer,
+                  source: NoteSource | None) -> list[dict[str, float]]:
+    """One seed: a fresh classifier head on the model (reading notes with a source), trained and evaluated each epoch;
+    the per-epoch scores."""
     set_seed(seed)  # the new head's initialisation depends on the seed
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=task.num_labels,
                                                                problem_type="regression" if task.spec.regression else None)
+    if source is not None:
+        model = NotedClassifier(model, source, args.notes)
     training = TrainingArguments(
         output_dir=str(Path(args.out) / f"seed{seed}"), seed=seed, learning_rate=args.lr, num_train_epochs=args.epochs,
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size, warmup_steps=args.warmup_ratio,  # a float below 1: a share of the steps
         weight_decay=args.weight_decay, eval_strategy="epoch", save_strategy="no", logging_strategy="epoch", report_to="none",
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,  # tokenize kept only what the model takes
     )
     epochs: list[dict[str, float]] = []
 
@@ -80,9 +91,14 @@ def finetune_seed(task: TaskData, args: FinetuneArgs, seed: int, train, validati
         epochs.append(scores)
         return scores
 
-    trainer = Trainer(model=model, args=training, train_dataset=train, eval_dataset=validation,
-                      data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics)
+    collator = NotedCollator(tokenizer) if source is not None else DataCollatorWithPadding(tokenizer)
+    trainer = Trainer(model=model, args=training, train_dataset=train, eval_dataset=validation, data_collator=collator,
+                      compute_metrics=compute_metrics)
     trainer.train()
+    if args.save_models:
+        folder = Path(args.out) / f"seed{seed}" / "model"
+        model.save(folder) if source is not None else model.save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
     return epochs
 
 
@@ -108,7 +124,7 @@ def majority_share(task: TaskData) -> float | None:
 def markdown(result: dict, args: FinetuneArgs) -> str:
     metrics = result["metrics"]
     rows = [f"# Fine-tuning {args.model} on {result['task']}", "",
-            f"lr {args.lr}, {args.epochs:g} epochs, batch {args.batch_size}, max {args.max_seq_len} tokens; the final epoch's "
+            f"notes {args.notes}; lr {args.lr}, {args.epochs:g} epochs, batch {args.batch_size}, max {args.max_seq_len} tokens; the final epoch's "
             "validation scores (no selection on the validation set).", "",
             "| seed | " + " | ".join(metrics) + " |", "| --- | " + " | ".join("---" for _ in metrics) + " |"]
     rows += [f"| {seed} | " + " | ".join(f"{scores[m]:.4f}" for m in metrics) + " |" for seed, scores in result["final"].items()]
@@ -125,9 +141,12 @@ def finetune(task: TaskData, args: FinetuneArgs) -> dict:
         raise ConfigError("fine-tuning needs at least one --seeds value, --lr above 0, --epochs above 0 and --batch_size of 1 or more.")
     if args.max_train_examples is not None:
         task.train = task.train.select(range(min(args.max_train_examples, len(task.train))))
+    if args.notes not in VARIANTS:
+        raise ConfigError(f"--notes {args.notes} is not a variant; choose one of {', '.join(VARIANTS)}.")
+    source = NoteSource.from_run(args.run or Path(args.model).parent) if args.notes != "none" else None
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    train, validation = tokenize(task, tokenizer, args.max_seq_len)
-    per_seed = {seed: finetune_seed(task, args, seed, train, validation, tokenizer) for seed in args.seeds}
+    train, validation = tokenize(task, tokenizer, args.max_seq_len, source)
+    per_seed = {seed: finetune_seed(task, args, seed, train, validation, tokenizer, source) for seed in args.seeds}
     result = summarize(task, per_seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -35,8 +35,8 @@ def build_bert(cfg: RunConfig, tokenizer: PreTrainedTokenizerFast) -> BertForMas
 class NoteMixer:
     """Forward pre-hook on an embedding LayerNorm: mixes the notes set for the next forward into its input."""
 
-    def __init__(self, layer_norm: nn.Module, lam: float):
-        self.lam = lam
+    def __init__(self, layer_norm: nn.Module, lam: float, rows_trainable: bool = False):
+        self.lam, self.rows_trainable = lam, rows_trainable
         self._reads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         layer_norm.register_forward_pre_hook(self._mix)
 
@@ -52,19 +52,19 @@ class NoteMixer:
             return None
         device = args[0].device
         token_index, token_occ, rows = (t.to(device) for t in self._reads)
-        return (mix_notes(args[0], token_index, token_occ, rows, self.lam),)
+        return (mix_notes(args[0], token_index, token_occ, rows, self.lam, self.rows_trainable),)
 
 
 class TnfHooks:
     """TNF on a whole encoder network (the data-parallel path): set reads and captures before a forward.
 
-    `network` is the Hugging Face base model an objective names (`Objective.note_network`): notes are mixed
-    at its `embeddings.LayerNorm` input and taken from its `encoder` output.
+    `network` is the Hugging Face base model an objective names (`Objective.note_network`), or a fine-tuned
+    classifier's `base_model`: notes are mixed at its `embeddings.LayerNorm` input and taken from its `encoder` output.
     """
 
-    def __init__(self, network: nn.Module, lam: float, window: int):
+    def __init__(self, network: nn.Module, lam: float, window: int, rows_trainable: bool = False):
         self.window = window
-        self.mixer = NoteMixer(network.embeddings.LayerNorm, lam)
+        self.mixer = NoteMixer(network.embeddings.LayerNorm, lam, rows_trainable)
         self._capture: tuple[torch.Tensor, ...] | None = None
         self.pooled: torch.Tensor | None = None
         network.encoder.register_forward_hook(self._take_notes)

@@ -31,15 +31,17 @@ def initial_notes(ids: torch.Tensor, dim: int, seed: int, std: float, chunk: int
     return torch.from_numpy(out)
 
 
-def mix_notes(h: torch.Tensor, token_index: torch.Tensor, token_occ: torch.Tensor, rows: torch.Tensor, lam: float) -> torch.Tensor:
+def mix_notes(h: torch.Tensor, token_index: torch.Tensor, token_occ: torch.Tensor, rows: torch.Tensor, lam: float,
+              rows_trainable: bool = False) -> torch.Tensor:
     """h_p <- (1 - lam) * h_p + lam * N[r] at every span position; all other positions stay as they are.
 
-    `rows` holds one note per occurrence and is treated as a constant (no gradient).
+    `rows` holds one note per occurrence and is treated as a constant (no gradient), as in pre-training; with
+    `rows_trainable` gradients flow into them (the fine-tuning variant that learns the notes by back-propagation).
     """
     batch, seq_len, dim = h.shape
     flat = h.reshape(batch * seq_len, dim)
     weight = flat.new_zeros(batch * seq_len, 1).index_fill_(0, token_index, lam)
-    notes = flat.new_zeros(batch * seq_len, dim).index_copy_(0, token_index, rows.detach()[token_occ].to(h.dtype))
+    notes = flat.new_zeros(batch * seq_len, dim).index_copy(0, token_index, (rows if rows_trainable else rows.detach())[token_occ].to(h.dtype))
     return (flat * (1 - weight) + weight * notes).view(batch, seq_len, dim)
 
 
