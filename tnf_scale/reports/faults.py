@@ -2,7 +2,8 @@
 
 A fault is a signal sent to one process at one moment:
   KILL@rank, TERM@rank, INT@rank, USR1@rank   to a random training rank, at a random step
-  KILL@checkpoint                             SIGKILL to a random rank while a checkpoint is being written
+  KILL@checkpoint                             SIGKILL to a random rank while the first checkpoint after a random step
+                                              is being written
   KILL@launcher, TERM@launcher                to the `deepspeed` runner: the ranks must stop, not train on as orphans
 After the fault the launcher must end with no rank left running; the run is then resumed to the end (from its newest
 complete checkpoint; afresh when none was completed), and its per-step losses and final note dictionary must match
@@ -110,11 +111,10 @@ def inject(trial: Trial, run_dir: Path, ranks: int, port: int, flags: list[str],
         launcher = subprocess.Popen(launcher_command(run_dir, ranks, port, flags, resume=False), cwd=REPO, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)
     runner = psutil.Process(launcher.pid)
-    if where == "checkpoint":
+    goal = rng.randint(1, max_steps - 2)
+    wait_for(lambda: last_step(run_dir) >= goal or launcher.poll() is not None, 600, 0.05)
+    if where == "checkpoint":  # the next checkpoint being written after that step
         wait_for(lambda: checkpoint_in_progress(run_dir) or launcher.poll() is not None, 600, 0.002)
-    else:
-        goal = rng.randint(1, max_steps - 2)
-        wait_for(lambda: last_step(run_dir) >= goal or launcher.poll() is not None, 600, 0.05)
     trial.at_step = last_step(run_dir)
     processes = rank_processes(runner) if launcher.poll() is None else {}
     if where == "launcher":
