@@ -200,3 +200,16 @@ def test_the_none_variant_saves_a_stock_classifier(random_bert, tmp_path):
     assert not (saved / "tnf_notes.safetensors").exists()
     model = AutoModelForSequenceClassification.from_pretrained(str(saved))
     assert type(model).__name__ == "BertForSequenceClassification" and not model.bert.embeddings.LayerNorm._forward_pre_hooks
+
+
+def test_time_to_score_finds_tnf_s_first_checkpoint_at_the_baseline_s_final_score():
+    from tnf_scale.reports.downstream import time_to_score
+
+    def rows(scores):
+        return [{"step": step, "metrics": ["accuracy"], "summary": {"accuracy": {"mean": m, "std": 0.01}}} for step, m in scores]
+
+    result = time_to_score(rows([(250, 0.60), (500, 0.66), (1000, 0.70)]), rows([(250, 0.64), (500, 0.71), (1000, 0.73)]))
+    assert result["target"] == 0.70 and result["tnf_step"] == 500 and result["saving"] == pytest.approx(0.5)
+    assert "a saving of 50% in steps (short of the paper's 60%)" in result["verdict"]
+    never = time_to_score(rows([(500, 0.66), (1000, 0.70)]), rows([(500, 0.60), (1000, 0.69)]))
+    assert never["tnf_step"] is None and "no downstream saving" in never["verdict"]

@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_seq_len", type=int, default=128)
     parser.add_argument("--max_train_examples", type=int, help="use only the first N training examples (a quick look)")
+    parser.add_argument("--max_eval_examples", type=int, help="score only the first N validation examples (a quick look)")
     parser.add_argument("--notes", choices=("none", "ema", "learned"), default="none",
                         help="none: the exported plain model; ema (TNF-F): the run's notes mixed into rare spans and updated by "
                              "the EMA rule while fine-tuning; learned (TNF-U): the note rows trained by back-propagation")
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"the shipped task is not in {task_dir(args.data_cache)}; run `python -m tnf_scale.finetune.shipped` (make install does).")
             task = file_task(train, validation, args.text_column, args.text_pair_column, args.label_column, args.metric, args.task)
         settings = FinetuneArgs(args.model, args.out, args.seeds, args.lr, args.epochs, args.batch_size, args.max_seq_len,
-                                max_train_examples=args.max_train_examples, notes=args.notes, run=args.run, save_models=args.save_models)
+                                max_train_examples=args.max_train_examples, max_eval_examples=args.max_eval_examples, notes=args.notes, run=args.run, save_models=args.save_models)
         print(markdown(finetune(task, settings), settings))
         return 0
 

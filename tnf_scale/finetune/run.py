@@ -33,6 +33,7 @@ class FinetuneArgs:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     max_train_examples: int | None = None
+    max_eval_examples: int | None = None  # the first N validation examples only (a quick look; reports say so)
     notes: str = "none"  # none | ema | learned (finetune/notes.py)
     run: str | None = None  # the pre-training run whose notes ema/learned read (default: the model directory's parent)
     save_models: bool = False  # each seed's fine-tuned model (with its notes) into out/seed<N>/model
@@ -124,14 +125,19 @@ def majority_share(task: TaskData) -> float | None:
 def markdown(result: dict, args: FinetuneArgs) -> str:
     metrics = result["metrics"]
     rows = [f"# Fine-tuning {args.model} on {result['task']}", "",
-            f"notes {args.notes}; lr {args.lr}, {args.epochs:g} epochs, batch {args.batch_size}, max {args.max_seq_len} tokens; the final epoch's "
-            "validation scores (no selection on the validation set).", "",
+            f"notes {args.notes}; lr {args.lr}, {args.epochs:g} epochs, batch {args.batch_size}, max {args.max_seq_len} tokens; "
+            f"{len_note(args)}the final epoch's validation scores (no selection on the validation set).", "",
             "| seed | " + " | ".join(metrics) + " |", "| --- | " + " | ".join("---" for _ in metrics) + " |"]
     rows += [f"| {seed} | " + " | ".join(f"{scores[m]:.4f}" for m in metrics) + " |" for seed, scores in result["final"].items()]
     rows.append("| mean ± std | " + " | ".join(f"{result['summary'][m]['mean']:.4f} ± {result['summary'][m]['std']:.4f}" for m in metrics) + " |")
     if result["majority_class"] is not None:
         rows += ["", f"Majority class on the validation split: accuracy {result['majority_class']:.4f}."]
     return "\n".join(rows) + "\n"
+
+
+def len_note(args: FinetuneArgs) -> str:
+    parts = [f"first {n} {name} examples" for n, name in ((args.max_train_examples, "training"), (args.max_eval_examples, "validation")) if n]
+    return f"{' and '.join(parts)} only; " if parts else ""
 
 
 def finetune(task: TaskData, args: FinetuneArgs) -> dict:
@@ -141,6 +147,8 @@ def finetune(task: TaskData, args: FinetuneArgs) -> dict:
         raise ConfigError("fine-tuning needs at least one --seeds value, --lr above 0, --epochs above 0 and --batch_size of 1 or more.")
     if args.max_train_examples is not None:
         task.train = task.train.select(range(min(args.max_train_examples, len(task.train))))
+    if args.max_eval_examples is not None:
+        task.validation = task.validation.select(range(min(args.max_eval_examples, len(task.validation))))
     if args.notes not in VARIANTS:
         raise ConfigError(f"--notes {args.notes} is not a variant; choose one of {', '.join(VARIANTS)}.")
     source = NoteSource.from_run(args.run or Path(args.model).parent) if args.notes != "none" else None
