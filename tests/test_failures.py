@@ -19,7 +19,7 @@ from tnf_scale.metrics import read_metrics
 from tnf_scale.nonfinite import Diverged, NonfiniteGuard
 from tnf_scale.run_lock import RunLock
 
-from conftest import REPO, clean_env, free_port, run_cmd, train_args
+from conftest import COMPARED_RUN, REPO, clean_env, free_port, run_cmd, train_args
 
 
 def lock_from_another_process(path: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -163,16 +163,16 @@ def test_a_diverging_run_stops_in_one_sentence_and_exports_nothing(small_config,
 
 
 @pytest.mark.launcher
-def test_fault_campaign_a_killed_rank_and_a_killed_launcher_resume_identically(small_config, tmp_path):
-    """Two trials of tools/fault_campaign.py: SIGKILL to a rank (the survivor names it and the resume step) and SIGKILL
-    to the deepspeed runner (the ranks checkpoint and exit 86 instead of training on as orphans)."""
+def test_fault_campaign_a_killed_rank_and_a_killed_launcher_resume_identically(small_config, dp_reference_run, tmp_path):
+    """Two trials of tools/fault_campaign.py against the shared 1-rank reference (the same training on 2 ranks agrees
+    within 1e-5): SIGKILL to a rank (the survivor names it and the resume step) and SIGKILL to the deepspeed runner
+    (the ranks checkpoint and exit 86 instead of training on as orphans)."""
     out = tmp_path / "faults"
-    flags = ["--corpus", small_config.corpus[0], "--data_cache", small_config.data_cache, "--vocab_size", str(small_config.vocab_size),
-             "--max_seq_len", str(small_config.max_seq_len), "--rare_coverage", str(small_config.rare_coverage),
-             "--eval_fraction", str(small_config.eval_fraction), "--global_batch_size", "16", "--micro_batch_size", "8",
-             "--eval_sequences", "16"]
+    flags = [a for a in train_args(small_config, out, max_steps=20, deepspeed_config="ds_configs/zero1.json", **COMPARED_RUN)]
+    flags = [x for key, value in zip(flags[::2], flags[1::2]) if key not in ("--output_dir", "--max_steps") for x in (key, value)]
     proc = run_cmd([sys.executable, "tools/fault_campaign.py", "--trials", "2", "--in_order", "--faults", "KILL@rank,KILL@launcher",
-                    "--max_steps", "8", "--save_interval", "2", "--master_port", str(free_port()), "--out", str(out), *flags], timeout=900)
+                    "--max_steps", "20", "--save_interval", "3", "--reference", str(dp_reference_run), "--master_port", str(free_port()),
+                    "--out", str(out), *flags], timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2/2 identical within 1e-05, 0 notes lost, 0 orphaned ranks" in proc.stdout
     killed_rank, killed_launcher = json.loads((out / "fault_campaign.json").read_text())

@@ -58,7 +58,7 @@ def test_the_shipped_task_is_split_deterministically_by_text(shipped_task):
 def test_a_tiny_export_fine_tuned_on_the_shipped_task_beats_the_majority_class(dp_reference_run, shipped_task, tmp_path):
     out = tmp_path / "ft"
     assert finetune_tool.main(["--model", str(dp_reference_run / "export"), "--task", "rotten_tomatoes", "--data_cache", str(DATA_CACHE),
-                               "--seeds", "1", "--epochs", "3", "--lr", "1e-3", "--max_seq_len", "64", "--max_train_examples", "1200",
+                               "--seeds", "1", "--epochs", "3", "--lr", "1e-3", "--max_seq_len", "64", "--max_train_examples", "2400",
                                "--out", str(out)]) == 0
     result = json.loads((out / "finetune.json").read_text())
     assert result["task"] == "rotten_tomatoes" and len(result["epochs"]["1"]) == 3  # evaluated every epoch

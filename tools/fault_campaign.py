@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tnf_scale.config import ConfigError, exit_code  # noqa: E402
+from tnf_scale.reports.bench import finished_run  # noqa: E402
 from tnf_scale.reports.faults import FAULTS, run_to_end, run_trial, write_report  # noqa: E402
 
 
@@ -35,6 +36,8 @@ def campaign(argv: list[str] | None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the fault draws (not of training)")
     parser.add_argument("--master_port", type=int, default=29671)
     parser.add_argument("--out", default="runs/faults")
+    parser.add_argument("--reference", help="an uninterrupted finished run with the same training flags (any number of ranks, any "
+                                            "--save_interval) to compare with, instead of training one")
     args, extra = parser.parse_known_args(argv)
     faults = [f.strip() for f in args.faults.split(",") if f.strip()]
     unknown = [f for f in faults if f not in FAULTS]
@@ -46,8 +49,10 @@ def campaign(argv: list[str] | None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     flags = ["--preset", "tiny", "--max_steps", str(args.max_steps), "--save_interval", str(args.save_interval),
              "--eval_interval", str(args.max_steps), "--dropout", "0", *extra]
-    reference = out / "reference"
-    if run_to_end(reference, args.ranks, args.master_port, flags, resume=False, log=out / "reference.log") != 0:
+    reference = Path(args.reference) if args.reference else out / "reference"
+    if args.reference:
+        finished_run(reference, "--reference")
+    elif run_to_end(reference, args.ranks, args.master_port, flags, resume=False, log=out / "reference.log") != 0:
         raise ConfigError(f"the uninterrupted reference run failed; see {out / 'reference.log'}.")
     rng = random.Random(args.seed)
     trials = []

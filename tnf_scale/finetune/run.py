@@ -153,7 +153,8 @@ def finetune(task: TaskData, args: FinetuneArgs) -> dict:
         raise ConfigError(f"--notes {args.notes} is not a variant; choose one of {', '.join(VARIANTS)}.")
     source = NoteSource.from_run(args.run or Path(args.model).parent) if args.notes != "none" else None
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    train, validation = tokenize(task, tokenizer, args.max_seq_len, source)
+    positions = AutoConfig.from_pretrained(args.model).max_position_embeddings  # a model pre-trained on shorter sequences
+    train, validation = tokenize(task, tokenizer, min(args.max_seq_len, positions), source)
     per_seed = {seed: finetune_seed(task, args, seed, train, validation, tokenizer, source) for seed in args.seeds}
     result = summarize(task, per_seed)
     out = Path(args.out)
