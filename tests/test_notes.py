@@ -115,3 +115,13 @@ def test_spans_holding_flags_and_span_positions():
     positions = span_positions(sample, start, end, (2, 10))
     assert positions[0].tolist() == [False] + [True] * 7 + [False] * 2
     assert positions[1].tolist() == [True] * 10
+
+
+def test_owner_of_on_the_device_equals_the_numpy_reference_over_a_large_id_range():
+    from tnf_scale.seeding import mix64_tensor
+
+    ids = torch.cat([torch.arange(0, 2_000_000, dtype=torch.int64), torch.tensor([2**40 + 3, 2**62 + 11, 2**63 - 1])])
+    reference = mix64(ids.numpy().astype(np.uint64))
+    assert np.array_equal(mix64_tensor(ids).numpy().view(np.uint64), reference)  # the same 64 bits
+    for world in (1, 2, 3, 7, 64, 1000, 4096):
+        assert torch.equal(owner_of(ids, world), torch.from_numpy((reference % np.uint64(world)).astype(np.int64))), world

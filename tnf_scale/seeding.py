@@ -19,6 +19,32 @@ def mix64(x: np.ndarray | int) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
+def _as_int64(value: int) -> int:
+    """A 64-bit pattern as the signed integer torch's int64 holds it."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _logical_shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    return (z >> bits) & ((1 << (64 - bits)) - 1)  # int64's >> copies the sign bit; uint64's does not
+
+
+def mix64_tensor(ids: torch.Tensor) -> torch.Tensor:
+    """`mix64` on an int64 tensor, on its own device (no host round trip): the same 64 bits, held as int64.
+
+    Additions and products wrap modulo 2**64 in two's complement, exactly as numpy's uint64 arithmetic does.
+    """
+    z = ids.to(torch.int64) + _as_int64(int(GOLDEN))
+    z = (z ^ _logical_shift_right(z, 30)) * _as_int64(0xBF58476D1CE4E5B9)
+    z = (z ^ _logical_shift_right(z, 27)) * _as_int64(0x94D049BB133111EB)
+    return z ^ _logical_shift_right(z, 31)
+
+
+def unsigned_mod(z: torch.Tensor, modulus: int) -> torch.Tensor:
+    """(z read as an unsigned 64-bit integer) mod `modulus`, for int64 `z`."""
+    wrapped = (z.remainder(modulus) + (1 << 64) % modulus).remainder(modulus)  # z < 0 stands for z + 2**64
+    return torch.where(z < 0, wrapped, z.remainder(modulus))
+
+
 def seeded_generator(*parts: int) -> torch.Generator:
     """A generator whose stream is a function of the integers `parts` only (folded with mix64)."""
     key = np.uint64(0)

@@ -7,13 +7,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tnf_scale.seeding import GOLDEN, mix64
+from tnf_scale.seeding import GOLDEN, mix64, mix64_tensor, unsigned_mod
 
 
 def owner_of(ids: torch.Tensor, world_size: int) -> torch.Tensor:
-    """Rank that owns each rare id: mix64(id) mod world_size."""
-    mixed = mix64(ids.cpu().numpy().astype(np.uint64))
-    return torch.from_numpy((mixed % np.uint64(world_size)).astype(np.int64)).to(ids.device)
+    """Rank that owns each rare id: mix64(id) mod world_size, computed on the ids' device (no host synchronisation)."""
+    return unsigned_mod(mix64_tensor(ids), world_size)
 
 
 def initial_notes(ids: torch.Tensor, dim: int, seed: int, std: float, chunk: int = 4096) -> torch.Tensor:
