@@ -156,3 +156,64 @@ def test_the_automatic_band_never_exceeds_the_coverage_and_says_when_nothing_fit
         choose_band(everything_frequent, 0.02)
     with pytest.raises(ConfigError, match=r"try --rare_min_count 3 --rare_max_count 3, which covers 1.84% of words"):
         RareVocab.from_counts(counts, 50, 60)
+
+
+def test_prefetched_steps_hold_exactly_what_collating_on_the_spot_gives(prepared):
+    from tnf_scale.data.prefetch import StepPrefetcher
+
+    collate = Collator(prepared.tokenizer, 64, 0.15, seed=3)
+    sampler = GlobalBatchSampler(len(prepared.train), 8, seed=3)
+
+    def make(step: int) -> list:
+        indices, keys, epochs = sampler.step(step)
+        return [collate(prepared.train, indices[i : i + 4], keys[i : i + 4], epochs[i : i + 4]) for i in (0, 4)]
+
+    expected = {step: make(step) for step in (0, 1, 2, 5, 6)}
+    prefetcher = StepPrefetcher(make)
+    for step in (0, 1, 2, 5, 6):  # a jump (a resume) is collated on the spot, then prefetching goes on
+        for got, want in zip(prefetcher.get(step), expected[step], strict=True):
+            for field in dataclasses.fields(got):
+                assert torch.equal(getattr(got, field.name), getattr(want, field.name)), (step, field.name)
+    assert prefetcher.pending[0] == 7
+
+
+def prepare_command(small_config, cache) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "tnf_scale.prepare", "--corpus", small_config.corpus[0], "--data_cache", str(cache),
+            "--vocab_size", "1500", "--max_seq_len", "64", "--rare_coverage", "0.05", "--eval_fraction", "0.05"]
+
+
+def test_two_processes_preparing_one_entry_build_it_once(small_config, tmp_path):
+    import subprocess
+
+    from conftest import REPO, clean_env
+
+    command = prepare_command(small_config, tmp_path / "cache")
+    runs = [subprocess.Popen(command, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert sum("corpus:" in out for out in outputs) == 1  # one built; the other waited (or found it done) and loaded
+    entries = [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    assert len(entries) == 1 and ".tmp-" not in entries[0] and (tmp_path / "cache" / entries[0] / "stats.json").is_file()
+
+
+def test_a_preparation_killed_part_way_is_redone_not_loaded(small_config, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from conftest import REPO, clean_env
+
+    cache = tmp_path / "cache"
+    command = prepare_command(small_config, cache)
+    first = subprocess.Popen(command, cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(cache.glob("*.tmp-*")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert list(cache.glob("*.tmp-*")) and not list(cache.glob("*/stats.json"))  # killed while staging: nothing looks complete
+    again = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "corpus:" in again.stdout and "reusing" not in again.stdout
+    assert not list(cache.glob("*.tmp-*")) and len(list(cache.glob("*/stats.json"))) == 1

@@ -16,6 +16,7 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE
 
 from tnf_scale.config import ConfigError, RunConfig
+from tnf_scale.data.prefetch import StepPrefetcher
 from tnf_scale.data.prepare import PreparedData
 from tnf_scale.data.sampler import EVAL_EPOCH, Batch, Collator, GlobalBatchSampler, local_share
 from tnf_scale.distributed import Topology, all_reduce_sum
@@ -64,6 +65,7 @@ class Trainer:
         self.train_set, self.eval_set, self.collator = train_set, eval_set, collator
         self.hooks, self.store = hooks, store
         self.sampler = GlobalBatchSampler(len(train_set), cfg.global_batch_size, cfg.seed)
+        self.prefetcher = StepPrefetcher(self._train_batches)
         self.grad_accum = engine.gradient_accumulation_steps()
         self.data_rank, self.data_size = world.data_parallel_rank, world.data_parallel_size  # samples split over the data-parallel group
         self.reads_notes = self.writes_notes = self.counts_data = True
@@ -74,9 +76,17 @@ class Trainer:
             self.rows_per_rank = [int(n) for n in all_reduce_sum(one_hot, world.device)]
 
     def _micro_batches(self, dataset, indices: list[int], keys: list[int], epochs: list[int]) -> list[Batch]:
+        """Collated micro-batches, on the host (the step moves them to the device)."""
         mb = self.cfg.micro_batch_size
-        return [self.collator(dataset, indices[i : i + mb], keys[i : i + mb], epochs[i : i + mb]).to(self.world.device)
-                for i in range(0, len(indices), mb)]
+        return [self.collator(dataset, indices[i : i + mb], keys[i : i + mb], epochs[i : i + mb]) for i in range(0, len(indices), mb)]
+
+    def _train_batches(self, step: int) -> list[Batch]:
+        """This rank's micro-batches of global batch `step`."""
+        indices, keys, epochs = self.sampler.step(step)
+        return self._micro_batches(self.train_set, *(local_share(x, self.data_rank, self.data_size) for x in (indices, keys, epochs)))
+
+    def _to_device(self, batches: list[Batch]) -> list[Batch]:
+        return [batch.to(self.world.device) for batch in batches]
 
     def _read_notes(self, batches: list[Batch]) -> list[torch.Tensor]:
         """One read for the reading occurrences (`Batch.read_spans`) this rank feeds into the model in the step,
@@ -142,8 +152,7 @@ class Trainer:
         """Train global batch `step`; notes read at the start and written once at the end."""
         t0 = time.perf_counter()
         timer = PhaseTimer()
-        indices, keys, epochs = self.sampler.step(step)
-        batches = self._micro_batches(self.train_set, *(local_share(x, self.data_rank, self.data_size) for x in (indices, keys, epochs)))
+        batches = self._to_device(self.prefetcher.get(step))  # collated while the previous step ran; `data` times the wait
         counted = batches if self.counts_data else []
         local_masked = sum(int(self.objective.predicted(b).sum()) for b in counted)
         local_tokens = sum(int(b.lengths.sum()) for b in counted)
@@ -174,7 +183,7 @@ class Trainer:
             raise ConfigError(f"--eval_sequences {size} (the held-out set's size, if smaller) is fewer than the {self.data_size} "
                               "data-parallel replicas; pass at least one sequence per replica.")
         mine = local_share(list(range(size)), self.data_rank, self.data_size)
-        return self._micro_batches(self.eval_set, mine, mine, [EVAL_EPOCH] * len(mine))
+        return self._to_device(self._micro_batches(self.eval_set, mine, mine, [EVAL_EPOCH] * len(mine)))
 
     @torch.no_grad()
     def evaluate(self, with_notes: bool) -> LossSums:

@@ -5,10 +5,13 @@ the output; a second run with the same inputs loads it instead of redoing the wo
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,22 +107,48 @@ def _build(cfg: RunConfig, out: Path, log, show_progress: bool) -> None:
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
 
 
-def prepare_data(cfg: RunConfig, log=print, show_progress: bool = True) -> PreparedData:
-    """Prepared data for `cfg`, built on first use and loaded from the cache afterwards."""
-    root = Path(cfg.data_cache) / cache_key(cfg)
-    if not (root / "stats.json").is_file():
-        staging = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+@contextmanager
+def entry_lock(root: Path, log):
+    """An exclusive lock on one cache entry across processes, jobs and nodes sharing the cache's file system: one
+    prepares, the others wait, then load what it wrote."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.with_name(f"{root.name}.lock"), "a+") as lock:
         try:
-            _build(cfg, staging, log, show_progress)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        shutil.rmtree(root, ignore_errors=True)
-        staging.rename(root)  # stats.json inside marks the cache entry complete
-    else:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            log(f"prepared data: waiting for {lock.read().strip() or 'another process'}, which is preparing {root}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        yield
+
+
+def prepare_data(cfg: RunConfig, log=print, show_progress: bool = True) -> PreparedData:
+    """Prepared data for `cfg`, built on first use and loaded from the cache afterwards.
+
+    The entry is built in a staging directory and renamed into place complete (stats.json marks it), under a lock:
+    a preparation killed part way leaves only its staging directory, which the next preparation removes and redoes.
+    """
+    root = Path(cfg.data_cache) / cache_key(cfg)
+    if (root / "stats.json").is_file():
         log(f"prepared data: reusing {root}")
+        return load_prepared(root, log)
+    with entry_lock(root, log):
+        if not (root / "stats.json").is_file():  # nobody finished it while we waited
+            for stale in root.parent.glob(f"{root.name}.tmp-*"):  # under the lock, any staging left is a dead preparation's
+                shutil.rmtree(stale, ignore_errors=True)
+            staging = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+            staging.mkdir(parents=True)
+            try:
+                _build(cfg, staging, log, show_progress)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            shutil.rmtree(root, ignore_errors=True)  # an incomplete entry (no stats.json): never loaded
+            staging.rename(root)
     return load_prepared(root, log)
 
 
