@@ -8,7 +8,7 @@ import pytest
 
 from tnf_scale.config import ConfigError, RunConfig, parse_args, resolve
 from tnf_scale.data.corpus import load_corpus
-from tnf_scale.data.prepare import prepare_data
+from tnf_scale.data.prepare import cache_key, prepare_data
 from tnf_scale.ds_config import build_ds_config
 
 
@@ -62,7 +62,9 @@ def test_no_word_in_the_rare_band_says_what_was_counted_and_suggests_bounds(smal
     cfg = dataclasses.replace(small_config, data_cache=str(tmp_path), rare_min_count=10**7, rare_max_count=10**8)
     with pytest.raises(ConfigError, match=r"no word of the \d+ distinct words \(\d+ occurrences\).*try --rare_min_count \d+ --rare_max_count \d+"):
         prepare_data(cfg, log=quiet, show_progress=False)
-    assert not any(tmp_path.iterdir())  # no half-built cache entry is left behind
+    # no half-built cache entry or staging directory is left behind; only the entry's lock file, which must outlive
+    # every holder (unlinking it would let a waiter and a newcomer hold two different locks at once)
+    assert [p.name for p in tmp_path.iterdir()] == [f"{cache_key(cfg)}.lock"]
 
 
 def test_unknown_preset_and_config_key_are_named(tmp_path):
