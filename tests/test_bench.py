@@ -45,6 +45,7 @@ def test_bench_writes_both_reports_and_the_peer_trains_like_the_baseline(small_c
     assert [r["step"] for r in downstream["baseline"]] == [r["step"] for r in downstream["tnf"]] == [3, 6]
     assert all(sorted(r["final"]) == ["1", "2"] for r in downstream["baseline"] + downstream["tnf"])
     assert downstream["target"] == downstream["baseline"][-1]["summary"]["accuracy"]["mean"] and downstream["verdict"]
+    assert time_to_loss["downstream"] == downstream["verdict"] and f"(d) downstream (fine-tuning score): {downstream['verdict']}" in report
     assert "## Time to score (downstream)" in report and (out / "downstream.png").is_file()
     assert (out / "tnf" / "downstream" / "step00000003" / "export" / "model.safetensors").is_file()
     throughput = json.loads((out / "throughput.json").read_text())

@@ -211,5 +211,8 @@ def test_time_to_score_finds_tnf_s_first_checkpoint_at_the_baseline_s_final_scor
     result = time_to_score(rows([(250, 0.60), (500, 0.66), (1000, 0.70)]), rows([(250, 0.64), (500, 0.71), (1000, 0.73)]))
     assert result["target"] == 0.70 and result["tnf_step"] == 500 and result["saving"] == pytest.approx(0.5)
     assert "a saving of 50% in steps (short of the paper's 60%)" in result["verdict"]
-    never = time_to_score(rows([(500, 0.66), (1000, 0.70)]), rows([(500, 0.60), (1000, 0.69)]))
+    never = time_to_score(rows([(500, 0.66), (1000, 0.70)]), rows([(500, 0.60), (1000, 0.695)]))
     assert never["tnf_step"] is None and "no downstream saving" in never["verdict"]
+    assert never["gap_at_last_step"] == pytest.approx(-0.005) and never["seed_spread_at_last_step"] == 0.01
+    assert "within the spread, so not told from noise" in never["verdict"]  # -0.005 against a std of 0.01
+    assert "larger than the spread" in result["verdict"]  # +0.03 against 0.01

@@ -29,7 +29,7 @@ from tnf_scale.finetune.shipped import build as build_shipped_task  # noqa: E402
 from tnf_scale.reports.downstream import write_report as write_downstream  # noqa: E402
 from tnf_scale.run_dir import RunDir  # noqa: E402
 from tnf_scale.reports.throughput import write_report as write_throughput  # noqa: E402
-from tnf_scale.reports.time_to_loss import write_report as write_time_to_loss  # noqa: E402
+from tnf_scale.reports.time_to_loss import check_runs, write_report as write_time_to_loss  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,11 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         baseline, tnf = launch_pair(out, args.ranks, args.master_port, flags)
         peer = launch_training(out / "hf_trainer", args.ranks, args.master_port, [*flags, "--max_steps", str(args.peer_steps)], PEER_SCRIPT)
     command = shlex.join(["python", "tools/bench_tnf.py", *(argv if argv is not None else sys.argv[1:])])
-    time_to_loss = write_time_to_loss(baseline, tnf, out)  # checks the runs are there before anything else is read
+    check_runs(baseline, tnf)  # before anything is fine-tuned
     settings = FinetuneArgs("", "", args.downstream_seeds, args.downstream_lr, args.downstream_epochs, max_seq_len=128,
                             max_train_examples=args.downstream_examples, max_eval_examples=args.downstream_eval_examples)
     build_shipped_task(args.downstream_cache)
-    downstream = write_downstream(baseline, tnf, out, args.downstream_cache, settings)
+    downstream, downstream_verdict = write_downstream(baseline, tnf, out, args.downstream_cache, settings)
+    time_to_loss = write_time_to_loss(baseline, tnf, out, downstream=downstream_verdict)
     run, origin = RunDir(baseline).read_run_config(), RunDir(baseline).read_provenance()
     report = "\n".join([
         f"# TNF vs baseline: preset {run['preset']}, {run['max_steps']} steps of {run['global_batch_size']} x {run['max_seq_len']} tokens", "",

@@ -43,8 +43,13 @@ def mean_of(row: dict) -> float:
     return row["summary"][row["metrics"][0]]["mean"]
 
 
+def std_of(row: dict) -> float:
+    return row["summary"][row["metrics"][0]]["std"]
+
+
 def time_to_score(baseline: list[dict], tnf: list[dict]) -> dict:
-    """Target (the baseline's last mean score), each run's first step reaching it, and TNF's saving in steps."""
+    """Target (the baseline's last mean score), TNF's first step reaching it and its saving in steps, and the gap at
+    the last shared checkpoint against the seed spread: a gap no larger than either run's std is not told from noise."""
     target, final_step = mean_of(baseline[-1]), baseline[-1]["step"]
     reached = [row["step"] for row in tnf if mean_of(row) >= target]
     step = reached[0] if reached else None
@@ -54,7 +59,16 @@ def time_to_score(baseline: list[dict], tnf: list[dict]) -> dict:
     else:
         verdict = (f"TNF reaches the baseline's final score {target:.4f} at step {step} of {final_step}: a saving of {100 * saving:.0f}% "
                    f"in steps ({'at or beyond' if saving >= PAPER_SAVING else 'short of'} the paper's {100 * PAPER_SAVING:.0f}%).")
-    return {"target": target, "baseline_final_step": final_step, "tnf_step": step, "saving": saving, "verdict": verdict}
+    tnf_by_step = {row["step"]: row for row in tnf}
+    shared = [row for row in baseline if row["step"] in tnf_by_step]
+    gap = spread = None
+    if shared:
+        base, mine = shared[-1], tnf_by_step[shared[-1]["step"]]
+        gap, spread = mean_of(mine) - mean_of(base), max(std_of(base), std_of(mine))
+        verdict += (f" At step {base['step']} TNF − baseline is {gap:+.4f} against a seed spread (std) of up to {spread:.4f}: "
+                    + ("larger than the spread." if abs(gap) > spread else "within the spread, so not told from noise."))
+    return {"target": target, "baseline_final_step": final_step, "tnf_step": step, "saving": saving,
+            "gap_at_last_step": gap, "seed_spread_at_last_step": spread, "verdict": verdict}
 
 
 def markdown(baseline: list[dict], tnf: list[dict], verdict: dict, settings: FinetuneArgs) -> str:
@@ -102,8 +116,9 @@ def plot(baseline: list[dict], tnf: list[dict], path: Path) -> Path:
     return path
 
 
-def write_report(baseline_run: Path, tnf_run: Path, out: Path, data_cache: str | Path, settings: FinetuneArgs) -> str:
-    """Fine-tune every checkpoint of both runs (reusing results already there) and write downstream.{md,json,png}."""
+def write_report(baseline_run: Path, tnf_run: Path, out: Path, data_cache: str | Path, settings: FinetuneArgs) -> tuple[str, str]:
+    """Fine-tune every checkpoint of both runs (reusing results already there) and write downstream.{md,json,png};
+    return the markdown and the verdict sentence."""
     task = shipped_task(data_cache)
     baseline, tnf = score_run(baseline_run, task, settings), score_run(tnf_run, task, settings)
     verdict = time_to_score(baseline, tnf)
@@ -112,4 +127,4 @@ def write_report(baseline_run: Path, tnf_run: Path, out: Path, data_cache: str |
     (out / "downstream.md").write_text(text)
     (out / "downstream.json").write_text(json.dumps({"baseline": baseline, "tnf": tnf, **verdict}, indent=1) + "\n")
     plot(baseline, tnf, out / "downstream.png")
-    return text
+    return text, verdict["verdict"]

@@ -7,7 +7,8 @@ Each yardstick names the held-out loss of TNF compared with one of the baseline:
   (c) the exported model on the predicted tokens outside rare spans, and on those inside rare spans.
 The target of a yardstick is the baseline's final value (smoothed); each run's first step and wall
 time at which its smoothed loss reaches it give the saving in steps and in time. The paper's
-headline is a 60% saving. The downstream yardstick (fine-tuning scores) is not measured here.
+headline is a 60% saving. The downstream yardstick (d), fine-tuning scores, is measured by reports/downstream.py;
+its verdict is quoted here when given.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ EXPORTED = Yardstick("exported", "(b) model as exported: no notes", EVAL_KEY, EV
 EXPORTED_OTHER = Yardstick("exported_other", "(c) exported, non-rare tokens", f"{EVAL_KEY}_other", f"{EVAL_KEY}_other")
 EXPORTED_RARE = Yardstick("exported_rare", "(c) exported, rare-span tokens", f"{EVAL_KEY}_rare", f"{EVAL_KEY}_rare")
 YARDSTICKS = (AS_TRAINED, EXPORTED, EXPORTED_OTHER, EXPORTED_RARE)
-DOWNSTREAM_NOTE = "(d) downstream (fine-tuning score): not measured by this report; fine-tune both exports to see it."
+DOWNSTREAM_NOTE = "not measured by this report; fine-tune both exports to see it"
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,8 @@ def split_by_token_kind(baseline: list[dict], tnf: list[dict], step: int) -> lis
             for suffix, kind in TOKEN_KINDS if at(tnf, EVAL_KEY + suffix) is not None]
 
 
-def markdown(results: list[Comparison], split: list[dict], split_step: int | None, baseline_dir: str, tnf_dir: str) -> str:
+def markdown(results: list[Comparison], split: list[dict], split_step: int | None, baseline_dir: str, tnf_dir: str,
+             downstream: str | None = None) -> str:
     """The yardstick table, one verdict per yardstick, and the split by token kind, as markdown."""
     def cell(point: tuple[int, float] | None) -> str:
         return "never" if point is None else f"step {point[0]}, {point[1]:.1f} s"
@@ -178,7 +180,7 @@ def markdown(results: list[Comparison], split: list[dict], split_step: int | Non
         gap = "n/a" if r.loss_gap_at_equal_steps is None else f"{r.loss_gap_at_equal_steps:+.4f} at step {r.gap_step}"
         lines.append(f"| {y.name} | `{y.tnf_key}` vs `{y.baseline_key}` | {r.target:.4f} | {cell(r.baseline)} | {cell(r.tnf)} | "
                      f"{pct(r.step_saving)} | {pct(r.time_saving)} | {gap} |")
-    lines += ["", *(f"- {r.verdict()}" for r in results), f"- {DOWNSTREAM_NOTE}", ""]
+    lines += ["", *(f"- {r.verdict()}" for r in results), f"- (d) downstream (fine-tuning score): {downstream or DOWNSTREAM_NOTE}", ""]
     if split:
         lines += [f"Held-out loss at step {split_step}, split by the kind of predicted token:", "",
                   "| predicted tokens | tokens | baseline | TNF, exported (no notes) | TNF - baseline | TNF, notes read |",
@@ -241,17 +243,26 @@ def check_pair(baseline_dir: Path, tnf_dir: Path) -> None:
             raise ConfigError(f"{flag} {run} was trained with --tnf {trained}; {flag} takes a run trained with --tnf {wanted}.")
 
 
-def write_report(baseline_dir: Path, tnf_dir: Path, out: Path, target: float | None = None, window: int = 3) -> str:
-    """Compare two finished runs on every yardstick; write time_to_loss.md, .json and .png into `out`; return the markdown."""
-    baseline, tnf = read_metrics(finished_run(baseline_dir, "--baseline")), read_metrics(finished_run(tnf_dir, "--tnf"))
+def check_runs(baseline_dir: Path, tnf_dir: Path) -> None:
+    """Refuse, in one sentence, a pair that is not a finished baseline run and a finished TNF run."""
+    finished_run(baseline_dir, "--baseline")
+    finished_run(tnf_dir, "--tnf")
     check_pair(Path(baseline_dir), Path(tnf_dir))
+
+
+def write_report(baseline_dir: Path, tnf_dir: Path, out: Path, target: float | None = None, window: int = 3,
+                 downstream: str | None = None) -> str:
+    """Compare two finished runs on every yardstick; write time_to_loss.md, .json and .png into `out`; return the markdown.
+    `downstream` is the verdict of the downstream yardstick when it was measured (reports/downstream.py)."""
+    check_runs(baseline_dir, tnf_dir)
+    baseline, tnf = read_metrics(Path(baseline_dir)), read_metrics(Path(tnf_dir))
     results = compare_all(baseline, tnf, target, window)
     split_step = next(r.gap_step for r in results if r.yardstick is EXPORTED)
     split = split_by_token_kind(baseline, tnf, split_step) if split_step is not None else []
     out.mkdir(parents=True, exist_ok=True)
-    report = markdown(results, split, split_step, str(baseline_dir), str(tnf_dir)) + "\n![time to loss](time_to_loss.png)\n"
+    report = markdown(results, split, split_step, str(baseline_dir), str(tnf_dir), downstream) + "\n![time to loss](time_to_loss.png)\n"
     (out / "time_to_loss.md").write_text(report)
     (out / "time_to_loss.json").write_text(json.dumps({"yardsticks": [r.as_json() for r in results], "split_step": split_step,
-                                                       "split": split, "downstream": None}, indent=2) + "\n")
+                                                       "split": split, "downstream": downstream}, indent=2) + "\n")
     plot(baseline, tnf, results, out / "time_to_loss.png")
     return report
