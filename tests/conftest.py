@@ -118,6 +118,19 @@ def assert_same_evaluations(run: Path, reference: Path, steps: list[int]) -> Non
 COMPARED_RUN = dict(micro_batch_size=4, dropout=0.0, warmup_steps=30)
 
 
+# ELECTRA runs compared across launchers and world sizes: 12 steps, evaluated and checkpointed every 6.
+ELECTRA_RUN = dict(objective="electra", max_steps=12, eval_interval=6, save_interval=6, **COMPARED_RUN)
+
+
+@pytest.fixture(scope="session")
+def electra_run(small_config, tmp_path_factory) -> Path:
+    """ELECTRA with notes on 2 ranks under the deepspeed launcher, ZeRO-3 (the shared embedding tables partitioned):
+    the reference of the ELECTRA tests and of the other launchers."""
+    out = tmp_path_factory.mktemp("electra_w2")
+    launch(2, ["tnf_scale/train.py", *train_args(small_config, out, deepspeed_config="ds_configs/zero3.json", **ELECTRA_RUN)])
+    return out
+
+
 @pytest.fixture(scope="session")
 def dp_reference_run(small_config, tmp_path_factory) -> Path:
     """TNF on one rank, ZeRO-1, 20 steps with a checkpoint at 10: the reference other layouts must match."""

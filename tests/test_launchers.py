@@ -17,24 +17,20 @@ from tnf_scale.metrics import read_metrics
 from tnf_scale.preflight import main as preflight_main
 
 from cluster import job_state, local_slurm, loopback_sshd, require, wait_for_job
-from conftest import COMPARED_RUN, DEEPSPEED, REPO, check_ok, clean_env, free_port, launch, train_args
+from conftest import COMPARED_RUN, DEEPSPEED, ELECTRA_RUN, REPO, check_ok, clean_env, free_port, train_args
 
 pytestmark = pytest.mark.cluster
-STEPS = 3
 
 
 def notes_of(run: Path) -> torch.Tensor:
     return load_file(str(run / "notes.safetensors"))["vectors"]
 
 
-@pytest.fixture(scope="module")
-def one_host_run(small_config, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("one_host")
-    launch(2, ["tnf_scale/train.py", *train_args(small_config, out, max_steps=STEPS, **COMPARED_RUN)])
-    return out
+# The launchers train ELECTRA with notes (BERT's runs cover the other paths): each run must reproduce the notes of the
+# same training on one host under the deepspeed launcher (conftest.electra_run).
 
 
-def test_hostfile_launch_over_pdsh_on_two_loopback_nodes(small_config, one_host_run, tmp_path):
+def test_hostfile_launch_over_pdsh_on_two_loopback_nodes(small_config, electra_run, tmp_path):
     with loopback_sshd(tmp_path / "sshd") as (ssh_port, ssh_args):
         hostfile = tmp_path / "hosts"
         hostfile.write_text("127.0.0.2 slots=1\n127.0.0.3 slots=1\n")
@@ -44,17 +40,17 @@ def test_hostfile_launch_over_pdsh_on_two_loopback_nodes(small_config, one_host_
         out = tmp_path / "run"
         proc = subprocess.run([DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh_check", "--ssh_port", str(ssh_port),
                                "--master_addr", "127.0.0.2", "--master_port", str(free_port()), "tnf_scale/train.py",
-                               *train_args(small_config, out, max_steps=STEPS, **COMPARED_RUN)],
+                               *train_args(small_config, out, **ELECTRA_RUN)],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     check_ok(proc)
     # pdsh prefixes each node's lines with its host: rank 0 ran on the first node, rank 1 on the second
     assert "127.0.0.2: rank 0/2" in proc.stdout and "127.0.0.3: rank 1/2" in proc.stdout and "master 127.0.0.2" in proc.stdout
     assert "node_rank=0" in proc.stdout and "node_rank=1" in proc.stdout
-    assert [r["step"] for r in read_metrics(out) if "loss" in r] == list(range(1, STEPS + 1))
-    torch.testing.assert_close(notes_of(out), notes_of(one_host_run), rtol=1e-5, atol=1e-6)
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == list(range(1, ELECTRA_RUN["max_steps"] + 1))
+    torch.testing.assert_close(notes_of(out), notes_of(electra_run), rtol=1e-5, atol=1e-6)
 
 
-def test_mpirun_trains_tnf_through_mpi4py_discovery(small_config, one_host_run, tmp_path):
+def test_mpirun_trains_tnf_through_mpi4py_discovery(small_config, electra_run, tmp_path):
     require("mpirun")
     pytest.importorskip("mpi4py")
     out = tmp_path / "run"
@@ -62,11 +58,11 @@ def test_mpirun_trains_tnf_through_mpi4py_discovery(small_config, one_host_run, 
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     args = ["mpirun", "-np", "2", *(a for v in ("MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "PYTHONPATH")
                                     for a in ("-x", v)),
-            sys.executable, "tnf_scale/train.py", *train_args(small_config, out, max_steps=STEPS, **COMPARED_RUN)]
+            sys.executable, "tnf_scale/train.py", *train_args(small_config, out, **ELECTRA_RUN)]
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     check_ok(proc)
     assert "rank 0/2 local 0" in proc.stdout and "rank 1/2 local 1" in proc.stdout and "(from mpi)" in proc.stdout
-    torch.testing.assert_close(notes_of(out), notes_of(one_host_run), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(notes_of(out), notes_of(electra_run), rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +73,7 @@ def slurm(tmp_path_factory):
 
 def sbatch(slurm_env: dict, small_config, run_root: Path, steps: int) -> str:
     run_root.mkdir(parents=True, exist_ok=True)  # SLURM writes the job log there
-    flags = train_args(small_config, run_root / "unused", max_steps=steps, save_interval=5, **COMPARED_RUN)
+    flags = train_args(small_config, run_root / "unused", max_steps=steps, save_interval=5, objective="electra", **COMPARED_RUN)
     flags = [f for i, f in enumerate(flags) if f not in ("--corpus", "--output_dir") and flags[i - 1] not in ("--corpus", "--output_dir")]
     env = {**clean_env(), **{k: v for k, v in slurm_env.items() if k == "SLURM_CONF"}, "PYTHON": sys.executable,
            "CORPUS": small_config.corpus[0], "PRESET": "tiny", "RUN_ROOT": str(run_root), "TRAIN_ARGS": " ".join(flags)}
@@ -88,21 +84,17 @@ def sbatch(slurm_env: dict, small_config, run_root: Path, steps: int) -> str:
     return proc.stdout.strip().split(";")[0]
 
 
-def test_sbatch_runs_the_batch_script_to_completion(slurm, small_config, tmp_path):
-    job = sbatch(slurm, small_config, tmp_path, steps=10)
-    state = wait_for_job(job, slurm)
-    log = (tmp_path / f"tnf-bert-large-{job}.out").read_text()
-    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", log[-3000:]
-    run = tmp_path / f"slurm-{job}"
-    assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, 11))
-    assert (run / "checkpoints" / "step00000010" / "COMPLETE").is_file()
-    assert "rank 1/2" in log and "(from slurm)" in log
-
-
 def test_usr1_checkpoints_requeues_and_resumes_without_losing_a_note(slurm, small_config, tmp_path):
+    # First the batch script runs an ELECTRA job to completion: the reference.
     reference = tmp_path / "reference"
     reference_job = sbatch(slurm, small_config, reference, steps=12)
-    assert wait_for_job(reference_job, slurm)["JobState"] == "COMPLETED"
+    state = wait_for_job(reference_job, slurm)
+    log = (reference / f"tnf-bert-large-{reference_job}.out").read_text()
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", log[-3000:]
+    assert [r["step"] for r in read_metrics(reference / f"slurm-{reference_job}") if "loss" in r] == list(range(1, 13))
+    assert (reference / f"slurm-{reference_job}" / "checkpoints" / "step00000010" / "COMPLETE").is_file()
+    assert "rank 1/2" in log and "(from slurm)" in log
+    # The same job again, sent SIGUSR1 (SLURM's warning before preemption) once it passed step 4.
     preempted = tmp_path / "preempted"
     job = sbatch(slurm, small_config, preempted, steps=12)
     run = preempted / f"slurm-{job}"

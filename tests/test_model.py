@@ -15,7 +15,7 @@ from tnf_scale.notes.note_math import pool_windows
 def models(small_config, prepared):
     cfg = dataclasses.replace(small_config, dropout=0.0)
     tnf = build_bert(cfg, prepared.tokenizer)
-    hooks = TnfHooks(MaskedLMObjective(tnf).note_network(), lam=0.5, window=3)
+    hooks = TnfHooks([tnf.bert], tnf.bert, lam=0.5, window=3)
     plain = BertForMaskedLM(tnf.config)
     plain.load_state_dict(tnf.state_dict())
     return tnf.eval(), hooks, plain.eval()
@@ -39,7 +39,7 @@ def test_idle_hooks_give_the_plain_bert_forward(small_config, prepared):
 def test_objective_gives_the_hugging_face_mlm_loss_per_predicted_token(small_config, prepared):
     tnf, hooks, plain = models(small_config, prepared)
     batch = a_batch(prepared)
-    per_token = MaskedLMObjective(tnf)(batch.input_ids, batch.attention_mask, batch.labels)
+    (per_token,) = MaskedLMObjective(tnf)(batch.input_ids, batch.attention_mask, batch.labels)
     assert per_token.shape == ((batch.labels != -100).sum(),)
     summed = per_token.sum()
     mean = plain(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
@@ -148,7 +148,7 @@ def test_export_reads_a_zero_disabled_checkpoint_without_unpickling_code(small_c
     module = {f"mlm.{k}": v for k, v in model.state_dict().items()}  # as MaskedLMObjective holds it
     torch.save({"module": module, "ds_version": "0.19.8", "lr_scheduler": {"last_batch_iteration": 0}}, ckpt / "mp_rank_00_model_states.pt")
     state = consolidated_state_dict(ckpt, model.config)
-    assert state.keys() == model.state_dict().keys() and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert state.keys() == module.keys() and all(torch.equal(state[k], v) for k, v in module.items())
     torch.save({"module": module, "extra": _RunsCode()}, ckpt / "mp_rank_00_model_states.pt")
     with pytest.raises(ConfigError, match="holds objects other than tensors and plain data; it was not loaded"):
         consolidated_state_dict(ckpt, model.config)

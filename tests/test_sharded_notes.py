@@ -107,7 +107,7 @@ def test_zero_stages_train_tnf_and_log_note_traffic(runs_by_world):
             assert last["note_rows_max_rank"] < 0.8 * last["note_rows_min_rank"] * ranks
 
 
-@pytest.mark.parametrize("ranks", [4, 1])
+@pytest.mark.parametrize("ranks", [4])  # onto fewer ranks: test_electra.py resumes a 2-rank ZeRO-3 run on 1 rank
 def test_resume_from_2_ranks_onto_another_number_of_ranks(ranks, runs_by_world, small_config, tmp_path, prepared):
     source = runs_by_world[2]
     resumed = tmp_path / "resumed"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tnf_scale.reports.throughput import flops_per_token, gpu_peak, gpu_state, summarize
+from tnf_scale.reports.throughput import electra_flops_per_token, flops_per_token, gpu_peak, gpu_state, summarize
 
 
 def test_flops_for_bert_base_match_the_hand_computed_value():
@@ -11,6 +11,15 @@ def test_flops_for_bert_base_match_the_hand_computed_value():
     # head on every token: 2*768^2 + 2*768*30522 = 48,061,440; forward 222,649,344; x 3 for training
     assert flops_per_token(12, 768, 3072, 128, 30522, head_fraction=1.0) == 667_948_032
     assert flops_per_token(12, 768, 3072, 128, 30522, head_fraction=0.0) == 3 * 174_587_904
+
+
+def test_flops_for_electra_base_match_the_hand_computed_value():
+    # discriminator encoder 174,587,904 (as BERT-base); generator encoder 12 * (8*256^2 + 4*256*1024 + 4*128*256) = 20,447,232;
+    # the generator's 768 -> 256 embedding projection 393,216; its head at the 15% masked tokens
+    # 0.15 * (2*256*768 + 2*768*30522) = 7,091,251.2; the discriminator's head at every token 2*768^2 + 2*768 = 1,181,184
+    generator = {"hidden_size": 256, "embedding_size": 768, "intermediate_size": 1024, "num_hidden_layers": 12, "vocab_size": 30522}
+    discriminator = {"hidden_size": 768, "embedding_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "vocab_size": 30522}
+    assert electra_flops_per_token(generator, discriminator, 128, 0.15) == pytest.approx(3 * 203_700_787.2)
 
 
 def test_summary_takes_medians_and_spread():

@@ -65,6 +65,7 @@ class RunConfig:
     rare_coverage: float = 0.02
     eval_fraction: float = 0.02
     # model
+    objective: str = "mlm"  # mlm: BERT's masked LM; electra: ELECTRA's replaced-token detection (generator + discriminator)
     vocab_size: int = 8192
     hidden_size: int = 128
     num_layers: int = 2
@@ -72,6 +73,8 @@ class RunConfig:
     intermediate_size: int = 512
     max_seq_len: int = 128
     dropout: float = 0.1
+    generator_fraction: float = 0.25  # ELECTRA: the generator's hidden size, heads and FFN width as a share of the discriminator's
+    rtd_weight: float = 50.0  # ELECTRA: loss = generator MLM + rtd_weight x discriminator loss
     # optimisation
     max_steps: int = 300
     global_batch_size: int = 32
@@ -89,6 +92,7 @@ class RunConfig:
     note_gamma: float = 0.1
     note_window: int = 16
     notes_at_masked: bool = False  # leaky ablation: notes mixed into spans that hold a predicted token (TNF_SPEC 3 forbids it)
+    notes_in: str = "discriminator"  # ELECTRA: which network reads notes (the discriminator always writes them)
     # run control
     deepspeed_config: str | None = None
     output_dir: str = "runs/demo"
@@ -106,10 +110,20 @@ class RunConfig:
     def tnf_enabled(self) -> bool:
         return self.tnf == "on"
 
+    @property
+    def generator_shape(self) -> tuple[int, int, int]:
+        """ELECTRA's generator: (hidden size, attention heads, FFN width), the discriminator's scaled by --generator_fraction."""
+        fraction = self.generator_fraction
+        return round(self.hidden_size * fraction), max(1, round(self.num_heads * fraction)), max(1, round(self.intermediate_size * fraction))
+
     def validate(self) -> None:
         """Raise ConfigError with one clear sentence for the first bad value found."""
         if self.tnf not in ("on", "off"):
             raise ConfigError(f"--tnf must be 'on' or 'off', got {self.tnf!r}.")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}.")
+        if self.objective == "electra":
+            self._validate_electra()
         for name in ("note_lambda", "note_gamma"):
             value = getattr(self, name)
             if not 0.0 < value < 1.0:
@@ -150,6 +164,22 @@ class RunConfig:
         if self.deepspeed_config is not None:
             check_deepspeed_config_path(self.deepspeed_config)
 
+    def _validate_electra(self) -> None:
+        if self.notes_in not in NOTES_IN:
+            raise ConfigError(f"--notes_in must be one of {', '.join(NOTES_IN)}, got {self.notes_in!r}.")
+        if not math.isfinite(self.rtd_weight) or self.rtd_weight <= 0:
+            raise ConfigError(f"--rtd_weight must be a finite number above 0 (ELECTRA: 50), got {self.rtd_weight}.")
+        if not math.isfinite(self.generator_fraction) or not 0 < self.generator_fraction <= 1:
+            raise ConfigError(f"--generator_fraction {self.generator_fraction} would make the generator larger than the discriminator "
+                              "(or empty); ELECTRA's generator is 1/4 to 1/3 of it: pass a value in (0, 1].")
+        hidden, heads, _ = self.generator_shape
+        if hidden < 1 or hidden % heads:
+            raise ConfigError(f"--generator_fraction {self.generator_fraction} gives the generator {hidden} hidden units for {heads} attention "
+                              f"heads; choose a fraction whose share of --hidden_size {self.hidden_size} divides into its heads (e.g. 0.25).")
+
+
+OBJECTIVES = ("mlm", "electra")
+NOTES_IN = ("discriminator", "generator", "both")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Sized for a 2-core CPU: the demo, the tests and the benchmarks.
@@ -171,10 +201,28 @@ PRESETS: dict[str, dict[str, Any]] = {
         lr=1e-4, warmup_steps=10_000, rare_min_count=100, rare_max_count=500,
         log_interval=100, eval_interval=10_000, eval_sequences=2048, save_interval=10_000,
     ),
+    # ELECTRA (Clark et al.): the tiny CPU shape, ELECTRA-Small and ELECTRA-Base (the paper's TNF setting: discriminator
+    # 768 hidden x 12 layers, generator 256 hidden). The embedding width equals the discriminator's hidden size throughout,
+    # so a note (taken from the discriminator's last layer) has the width of the embedding it is mixed into.
+    "electra-tiny": dict(objective="electra"),
+    "electra-small": dict(
+        objective="electra", vocab_size=30522, hidden_size=256, num_layers=12, num_heads=4, intermediate_size=1024,
+        generator_fraction=0.25, max_seq_len=128, max_steps=1_000_000, global_batch_size=128, micro_batch_size=64,
+        lr=5e-4, warmup_steps=10_000, rare_min_count=100, rare_max_count=500,
+        log_interval=100, eval_interval=10_000, eval_sequences=2048, save_interval=10_000,
+    ),
+    "electra-base": dict(
+        objective="electra", vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
+        generator_fraction=1 / 3, max_seq_len=128, max_steps=766_000, global_batch_size=256, micro_batch_size=32,
+        lr=2e-4, warmup_steps=10_000, rare_min_count=100, rare_max_count=500,
+        log_interval=100, eval_interval=10_000, eval_sequences=2048, save_interval=10_000,
+    ),
 }
 
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 FLAG_HELP = {
+    "objective": "mlm (BERT's masked LM, default) or electra (replaced-token detection: generator + discriminator)",
+    "notes_in": "ELECTRA: discriminator (default), generator or both read notes; the discriminator always writes them",
     "notes_at_masked": "LEAKY ABLATION, default false: also mix notes into rare spans that hold a token the model must "
                        "predict; the note then gives the masked word away and the exported model learns less",
 }

@@ -4,10 +4,11 @@ say what the run was (run and model configuration, tokenizer with rare vocabular
 Layout of `--output_dir`:
   metrics.jsonl, tensorboard/     per-step records (metrics.py)
   checkpoints/stepNNNNNNNN/       DeepSpeed state, note rows per rank, COMPLETE (checkpoint.py)
-  export/                         the plain Hugging Face model (model/export.py)
+  export/                         the plain Hugging Face model (model/export.py); ELECTRA: the discriminator, generator/ in it
   notes.safetensors               the note dictionary on its own
   tokenizer/ (rare_vocab.tsv)     the run's tokenizer and rare vocabulary; also the layout of a prepared-data entry
-  model_config.json, run_config.json, provenance.json
+  model_config.json, run_config.json, provenance.json; ELECTRA: model_config.json is the discriminator's, beside
+  generator_config.json
   PREEMPTED                       written when a signal stopped the run after a checkpoint
   LOCK                            held by global rank 0 while a run writes here (run_lock.py)
   failures/                       what each rank saw when a rank failed, for the survivors' last words (failures.py)
@@ -37,6 +38,7 @@ NOTES_FILE = "notes.safetensors"
 TOKENIZER_DIR = "tokenizer"
 RARE_VOCAB_FILE = "rare_vocab.tsv"
 MODEL_CONFIG = "model_config.json"
+GENERATOR_CONFIG = "generator_config.json"
 RUN_CONFIG = "run_config.json"
 PROVENANCE_FILE = "provenance.json"
 PREEMPTED_MARKER = "PREEMPTED"
@@ -81,6 +83,10 @@ class RunDir:
     @property
     def model_config(self) -> Path:
         return self.path / MODEL_CONFIG
+
+    @property
+    def generator_config(self) -> Path:
+        return self.path / GENERATOR_CONFIG
 
     @property
     def run_config(self) -> Path:
@@ -131,11 +137,13 @@ class RunDir:
             shutil.rmtree(self.failures, ignore_errors=True)  # an earlier attempt's records would confuse this one's
         deepspeed.comm.barrier()
 
-    def write_run_files(self, cfg: RunConfig, model_config, tokenizer_dir: Path, world_size: int) -> None:
-        """Tokenizer (with rare vocabulary), model config, run config and provenance: what the run was, beside its metrics,
+    def write_run_files(self, cfg: RunConfig, model_config, tokenizer_dir: Path, world_size: int, generator_config=None) -> None:
+        """Tokenizer (with rare vocabulary), model config(s), run config and provenance: what the run was, beside its metrics,
         so that export and the reports need only the run directory."""
         shutil.copytree(tokenizer_dir, self.tokenizer, dirs_exist_ok=True)
         model_config.to_json_file(str(self.model_config))
+        if generator_config is not None:
+            generator_config.to_json_file(str(self.generator_config))
         self.run_config.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         record = {"commit": commit(), "machine": machine(), "world_size": world_size,
                   "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

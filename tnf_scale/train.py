@@ -21,7 +21,7 @@ from tnf_scale.config import PeerStopped, RunConfig
 from tnf_scale.failures import settle_failure
 from tnf_scale.metrics import MetricsLogger
 from tnf_scale.model.export import export_hf, save_notes
-from tnf_scale.model.tnf_bert import build_bert
+from tnf_scale.model.build import build_objective, pipeline_refusal
 from tnf_scale.notes.exchange import ExchangeGroup
 from tnf_scale.nonfinite import Diverged, NonfiniteGuard
 from tnf_scale.notes.store import NoteStore
@@ -31,25 +31,26 @@ from tnf_scale.trainer import build_trainer
 
 def run(cfg: RunConfig) -> int:
     stop = StopRequest()  # from the first moment: a signal during start-up stops at the first step boundary
-    started = start(cfg)
+    started = start(cfg, pipeline_refusal(cfg))
     world, ds_config, run_dir, data, log = started.topo, started.ds_config, started.run, started.data, started.log
     checkpointer = Checkpointer(run_dir, world, data.rare_vocab_path, len(data.rare_vocab) if cfg.tnf_enabled else None)
     checkpointer.plan(cfg)
+    checkpointer.adapt(ds_config)  # a checkpoint this config cannot load is refused before any run file is rewritten
 
-    model = build_bert(cfg, data.tokenizer)
+    objective = build_objective(cfg, data.tokenizer)
     if world.is_main:
-        run_dir.write_run_files(cfg, model.config, data.tokenizer_dir, world.size)
-    store = (NoteStore(len(data.rare_vocab), cfg.hidden_size, cfg.seed, model.config.initializer_range, cfg.note_gamma,
+        run_dir.write_run_files(cfg, objective.model_config, data.tokenizer_dir, world.size, objective.generator_config)
+    store = (NoteStore(len(data.rare_vocab), cfg.hidden_size, cfg.seed, objective.model_config.initializer_range, cfg.note_gamma,
                        ExchangeGroup(world.note_group_rank, world.note_group_size), world.device) if cfg.tnf_enabled else None)
-    checkpointer.adapt(ds_config)
-    trainer, optimizer = build_trainer(cfg, model, ds_config, world, data, store)
+    trainer, optimizer = build_trainer(cfg, objective, ds_config, world, data, store)
     engine = trainer.engine
     inner = getattr(optimizer, "optimizer", optimizer)
     log(f"world {world.size} on {get_accelerator().device_name()} ({world.dims.pipeline} pipeline stages x {world.dims.data} data-parallel); "
         f"ZeRO stage {engine.zero_optimization_stage()}; optimizer {type(inner).__module__}.{type(inner).__name__}; "
         f"bf16 {ds_config['bf16']['enabled']}; TNF {cfg.tnf}")
 
-    state = {"step": 0, "tokens": 0, "wall_time": 0.0, "rare_vocab_digest": checkpointer.rare_vocab_digest, "pipeline_stages": world.dims.pipeline}
+    state = {"step": 0, "tokens": 0, "wall_time": 0.0, "rare_vocab_digest": checkpointer.rare_vocab_digest, "pipeline_stages": world.dims.pipeline,
+             "zero_stage": engine.zero_optimization_stage()}
     state = checkpointer.load(engine, store, state)
     if checkpointer.point:
         log(f"resumed from {checkpointer.point.ckpt} (saved on {checkpointer.point.world_size} ranks) at step {state['step']}")
@@ -91,7 +92,7 @@ def train(cfg: RunConfig, started: Started, trainer, store: NoteStore | None, ch
         if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_steps or not guard.healthy:
             record = {"step": step + 1, "loss": result.loss, "lr": engine.get_lr()[0], "tokens": state["tokens"],
                       "wall_time": state["wall_time"], "step_seconds": result.seconds, "tokens_per_s": result.tokens / result.seconds,
-                      "nonfinite_steps": guard.total,
+                      "nonfinite_steps": guard.total, **result.terms,
                       "occurrences_read": 0, "occurrences_skipped_masked": 0, "notes_written": 0, "distinct_noted": 0, **result.notes,
                       **{f"time_{phase}": seconds for phase, seconds in result.phases.items()}}
         if guard.healthy and ((step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_steps):
@@ -116,7 +117,7 @@ def train(cfg: RunConfig, started: Started, trainer, store: NoteStore | None, ch
     ckpt = checkpointer.final(engine, store, state)
     if world.is_main:
         if cfg.export:
-            log(f"export (Hugging Face BertForMaskedLM, no notes): {export_hf(run_dir.path, ckpt, run_dir.export)}")
+            log(f"export (plain Hugging Face model, no notes): {export_hf(run_dir.path, ckpt, run_dir.export)}")
         if cfg.save_notes and store is not None:
             log(f"notes: {save_notes(run_dir.path, *checkpointer.note_rows(ckpt))}")
         log(f"run: {run_dir.path}\nmetrics: {run_dir.metrics}\nTensorBoard: tensorboard --logdir {run_dir.tensorboard}")

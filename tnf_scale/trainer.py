@@ -1,9 +1,9 @@
 """One TNF training step (read notes -> DeepSpeed forward/backward/step -> write notes), and evaluation.
 
-The loss of a step is the mean cross-entropy over every masked token of the global batch,
-whatever the split into ranks and micro-batches: each micro-batch's summed loss is scaled by
-(ranks x accumulation steps / masked tokens in the global batch), which DeepSpeed's own
-1/accumulation and 1/ranks averaging turn back into that mean.
+The loss of a step is, per loss term of the objective, the mean over every position of the global batch the term
+averages over (MLM: the masked tokens), weighted and summed, whatever the split into ranks and micro-batches: each
+micro-batch's summed term is scaled by (weight x ranks x accumulation steps / the term's positions in the global
+batch), which DeepSpeed's own 1/accumulation and 1/ranks averaging turn back into that mean.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from tnf_scale.data.prefetch import StepPrefetcher
 from tnf_scale.data.prepare import PreparedData
 from tnf_scale.data.sampler import EVAL_EPOCH, Batch, Collator, GlobalBatchSampler, local_share
 from tnf_scale.distributed import Topology, all_reduce_sum
-from tnf_scale.model.objective import LossSums, MaskedLMObjective, Objective
+from tnf_scale.model.objective import LossSums, Objective
 from tnf_scale.model.pipeline import PipelineObjective, build_pipeline
 from tnf_scale.model.tnf_bert import TnfHooks
 from tnf_scale.notes.store import NoteStore
@@ -32,6 +32,7 @@ class StepResult:
     """One step, summed over all data-parallel ranks."""
 
     loss: float
+    terms: dict[str, float]  # the objective's step metrics beyond the loss (ELECTRA: each network's loss, replaced share)
     tokens: int
     seconds: float
     notes: dict[str, float]  # occurrences, distinct words noted, note traffic; empty without TNF
@@ -111,39 +112,40 @@ class Trainer:
             notes = torch.zeros(0, self.cfg.hidden_size, device=self.world.device)
         self.store.write(*parts, notes)
 
-    def _token_ce(self, batch: Batch) -> torch.Tensor:
-        """Cross-entropy of every predicted token of the micro-batch (row-major order)."""
-        return self.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+    def _term_losses(self, batch: Batch) -> tuple[torch.Tensor, ...]:
+        """Per loss term, the loss of every position it averages over (row-major order)."""
+        return self.engine(**self.objective.inputs(batch))
 
     def _set_reads(self, batch: Batch, rows: torch.Tensor) -> None:
         self.hooks.set_reads(*batch.read_spans[1:], rows, batch.input_ids.shape[1])
 
-    def _train_micro_batches(self, batches: list[Batch], rows: list, scale: float, timer: PhaseTimer) -> tuple[float, list]:
-        """Forward, backward and step over the micro-batches; returns (summed CE, pooled notes per micro-batch)."""
-        ce_total, pooled = 0.0, []
+    def _train_micro_batches(self, batches: list[Batch], rows: list, scales: list[float], timer: PhaseTimer) -> tuple[list[float], list]:
+        """Forward, backward and step over the micro-batches; returns (each term's summed loss, pooled notes per micro-batch)."""
+        totals, pooled = [0.0] * len(scales), []
         for batch, batch_rows in zip(batches, rows):
             if self.hooks is not None:
                 self._set_reads(batch, batch_rows)
                 self.hooks.set_capture(batch.occ_sample, batch.occ_start, batch.occ_end, batch.lengths)
-            ce = self._token_ce(batch).sum()
+            sums = [term.sum() for term in self._term_losses(batch)]
             timer.lap("forward")
-            self.engine.backward(ce * scale)
+            self.engine.backward(sum(term * scale for term, scale in zip(sums, scales) if scale))
             timer.lap("backward")
             self.engine.step()
             timer.lap("optimizer")
-            ce_total += float(ce.detach())
+            totals = [total + float(term.detach()) for total, term in zip(totals, sums)]
             if self.hooks is not None:
                 pooled.append(self.hooks.pooled)
                 self.hooks.clear()
-        return ce_total, pooled
+        return totals, pooled
 
-    def _eval_micro_batches(self, batches: list[Batch], rows: list) -> LossSums:
-        """Losses of a forward over the micro-batches, notes mixed in (leak-free) when rows are given."""
-        sums = LossSums()
+    def _eval_micro_batches(self, batches: list[Batch], rows: list) -> list[LossSums]:
+        """Each term's losses of a forward over the micro-batches, notes mixed in (leak-free) when rows are given."""
+        sums = [LossSums() for _ in self.objective.term_weights]
         for batch, batch_rows in zip(batches, rows):
             if batch_rows is not None:
                 self._set_reads(batch, batch_rows)
-            sums.add(self._token_ce(batch), batch.in_rare_span[self.objective.predicted(batch)])
+            for term_sums, losses, positions in zip(sums, self._term_losses(batch), self.objective.term_positions(batch)):
+                term_sums.add(losses, batch.in_rare_span[positions])
             if self.hooks is not None:
                 self.hooks.clear()
         return sums
@@ -154,14 +156,17 @@ class Trainer:
         timer = PhaseTimer()
         batches = self._to_device(self.prefetcher.get(step))  # collated while the previous step ran; `data` times the wait
         counted = batches if self.counts_data else []
-        local_masked = sum(int(self.objective.predicted(b).sum()) for b in counted)
+        weights = self.objective.term_weights
+        local_counts = [0] * len(weights)
+        for batch in counted:
+            local_counts = [n + int(positions.sum()) for n, positions in zip(local_counts, self.objective.term_positions(batch))]
         local_tokens = sum(int(b.lengths.sum()) for b in counted)
-        (global_masked,) = all_reduce_sum([local_masked], self.world.device)
-        scale = self.data_size * self.grad_accum / max(global_masked, 1.0)
+        counts = [max(n, 1.0) for n in all_reduce_sum(local_counts, self.world.device)]
+        scales = [weight * self.data_size * self.grad_accum / n for weight, n in zip(weights, counts)]
         timer.lap("data")
         rows = self._read_notes(batches) if self.store is not None else [None] * len(batches)
         timer.lap("note_read")
-        ce_total, pooled = self._train_micro_batches(batches, rows, scale, timer)
+        term_totals, pooled = self._train_micro_batches(batches, rows, scales, timer)
         notes: dict[str, float] = {}
         if self.store is not None:
             self._write_notes(batches, pooled)
@@ -170,11 +175,13 @@ class Trainer:
             notes = {"occurrences_read": read, "occurrences_skipped_masked": occurrences - read, "notes_written": occurrences,
                      "distinct_noted": self.store.distinct_noted(), **{f"note_{k}": v for k, v in self.store.take_traffic().items()}}
         timer.lap("note_write")
-        ce_sum, tokens, *note_sums = all_reduce_sum([ce_total, local_tokens, *notes.values()], self.world.device)
-        notes = dict(zip(notes, note_sums))
+        tokens, *sums = all_reduce_sum([local_tokens, *term_totals, *notes.values()], self.world.device)
+        means = [total / n for total, n in zip(sums[: len(weights)], counts)]
+        notes = dict(zip(notes, sums[len(weights):]))
         if self.rows_per_rank:
             notes.update(note_rows_max_rank=max(self.rows_per_rank), note_rows_min_rank=min(self.rows_per_rank))
-        return StepResult(ce_sum / max(global_masked, 1.0), int(tokens), time.perf_counter() - t0, notes, timer.seconds)
+        loss = sum(weight * mean for weight, mean in zip(weights, means))
+        return StepResult(loss, self.objective.step_metrics(means), int(tokens), time.perf_counter() - t0, notes, timer.seconds)
 
     def _eval_batches(self) -> list[Batch]:
         """This rank's share of the held-out set: its first --eval_sequences sequences, whatever the ranks and stages."""
@@ -186,9 +193,9 @@ class Trainer:
         return self._to_device(self._micro_batches(self.eval_set, mine, mine, [EVAL_EPOCH] * len(mine)))
 
     @torch.no_grad()
-    def evaluate(self, with_notes: bool) -> LossSums:
-        """Held-out MLM losses over a fixed, masked eval set (`_eval_batches`), summed over ranks; with notes it reads
-        (never writes) them, under the same leak-free rule as training."""
+    def evaluate(self, with_notes: bool) -> list[LossSums]:
+        """Each term's held-out losses over a fixed, masked eval set (`_eval_batches`), summed over ranks; with notes it
+        reads (never writes) them, under the same leak-free rule as training."""
         batches = self._eval_batches()
         rows = self._read_notes(batches) if with_notes else [None] * len(batches)
         self.engine.eval()
@@ -196,7 +203,9 @@ class Trainer:
         self.engine.train()
         if with_notes:
             self.store.take_traffic()  # eval reads are not a training step's traffic
-        return LossSums(*all_reduce_sum(sums.as_list(), self.world.device))
+        flat = all_reduce_sum([x for term in sums for x in term.as_list()], self.world.device)
+        width = len(LossSums().as_list())
+        return [LossSums(*flat[i : i + width]) for i in range(0, len(flat), width)]
 
     def eval_metrics(self) -> dict[str, float]:
         """The objective's held-out metrics: the model as it will be exported, and with notes (leak-free) for TNF runs."""
@@ -233,37 +242,37 @@ class PipelineTrainer(Trainer):
             yield ((batch.input_ids, batch.attention_mask, token_index, token_occ, batch_rows),
                    (batch.labels, batch.occ_sample, batch.occ_start, batch.occ_end, batch.lengths, batch.in_rare_span))
 
-    def _train_micro_batches(self, batches: list[Batch], rows: list, scale: float, timer: PhaseTimer) -> tuple[float, list]:
+    def _train_micro_batches(self, batches: list[Batch], rows: list, scales: list[float], timer: PhaseTimer) -> tuple[list[float], list]:
         self.stage_loss.reset()
-        self.stage_loss.scale, self.stage_loss.take_notes = scale, self.store is not None
+        (self.stage_loss.scale,), self.stage_loss.take_notes = scales, self.store is not None  # MLM: one term
         self.engine.train_batch(iter(self._pipeline_items(batches, rows)))
         timer.lap("forward")  # the schedule interleaves forward, backward and the step: all counted here
-        return self.stage_loss.sums.ce, self.stage_loss.pooled
+        return [self.stage_loss.sums.ce], self.stage_loss.pooled
 
-    def _eval_micro_batches(self, batches: list[Batch], rows: list) -> LossSums:
+    def _eval_micro_batches(self, batches: list[Batch], rows: list) -> list[LossSums]:
         self.stage_loss.reset()
         self.stage_loss.scale, self.stage_loss.take_notes = 1.0, False
         self.engine.eval_batch(iter(self._pipeline_items(batches, rows)), num_micro_batches=len(batches))
-        return self.stage_loss.sums
+        return [self.stage_loss.sums]
 
 
-def build_trainer(cfg: RunConfig, model, ds_config: dict, world: Topology, data: PreparedData,
+def build_trainer(cfg: RunConfig, objective: Objective, ds_config: dict, world: Topology, data: PreparedData,
                   store: NoteStore | None) -> tuple[Trainer, object]:
-    """The DeepSpeed engine over the objective (data parallel) or over `model` as pipeline stages, and the trainer
-    that drives it; also returns the optimizer DeepSpeed built."""
+    """The DeepSpeed engine over the objective (data parallel) or over its model as pipeline stages (masked LM only:
+    `build.pipeline_refusal`), and the trainer that drives it; also returns the optimizer DeepSpeed built."""
     collator = Collator(data.tokenizer, cfg.max_seq_len, cfg.mlm_probability, cfg.seed, cfg.notes_at_masked)
     universal_info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
-    objective = MaskedLMObjective(model)
     if world.dims.pipeline > 1:
         stage_loss = PipelineObjective(cfg.note_window)
-        module = build_pipeline(model, world.dims.pipeline, cfg.note_lambda, stage_loss, cfg.activation_checkpointing)
+        module = build_pipeline(objective.mlm, world.dims.pipeline, cfg.note_lambda, stage_loss, cfg.activation_checkpointing)
         setattr(module, UNIVERSAL_CHECKPOINT_INFO, universal_info)
         engine, optimizer, _, _ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
                                                        config=ds_config)
         return PipelineTrainer(cfg, engine, world, data.train, data.eval, collator, objective, store, stage_loss), optimizer
-    hooks = TnfHooks(objective.note_network(), cfg.note_lambda, cfg.note_window) if cfg.tnf_enabled else None
+    hooks = TnfHooks(objective.note_readers(), objective.note_writer(), cfg.note_lambda, cfg.note_window) if cfg.tnf_enabled else None
     if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable()
+        for network in objective.children():  # the Hugging Face models it wraps
+            network.gradient_checkpointing_enable()
     setattr(objective, UNIVERSAL_CHECKPOINT_INFO, universal_info)
     engine, optimizer, _, _ = deepspeed.initialize(model=objective, model_parameters=objective.parameters(), config=ds_config)
     return Trainer(cfg, engine, world, data.train, data.eval, collator, objective, hooks, store), optimizer

@@ -2,11 +2,12 @@
 
     python tools/bench_tnf.py --out runs/bench                  # `make bench`: the bench preset, bundled corpus
     python tools/bench_tnf.py --out runs/mine --preset bert-base --ranks 8 --corpus /data/wiki --max_steps 20000
+    python tools/bench_tnf.py --out runs/bench_electra --objective electra  # ELECTRA on the bench shape
 
 Trains the baseline (--tnf off) and then TNF with the same preset, seed, data and global batch
 (OUT/baseline, OUT/tnf), each checkpointed at --downstream_points even fractions of the run, then
 --peer_steps steps of the same model, data, batch and optimizer through the Hugging Face Trainer
-(OUT/hf_trainer). Every checkpoint of both runs is then exported and fine-tuned on the shipped task
+(OUT/hf_trainer; BERT's masked LM only, so ELECTRA benches have no peer). Every checkpoint of both runs is then exported and fine-tuned on the shipped task
 with the same --downstream_seeds (time to score, tnf_scale/reports/downstream.py). Writes
 time_to_loss.{md,json,png}, downstream.{md,json,png}, throughput.{md,json} and report.md (all three,
 with the machine and the command) into OUT. Extra flags go to every run. --reports_only makes the
@@ -52,13 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if args.downstream_points < 1:
         raise ConfigError("--downstream_points must be at least 1 (the end of each run).")
-    max_steps = parse_args(["--preset", args.preset, *train_flags]).max_steps
-    flags = ["--preset", args.preset, *train_flags, "--save_interval", str(max(1, max_steps // args.downstream_points))]
+    run_cfg = parse_args(["--preset", args.preset, *train_flags])
+    flags = ["--preset", args.preset, *train_flags, "--save_interval", str(max(1, run_cfg.max_steps // args.downstream_points))]
+    with_peer = run_cfg.objective == "mlm"  # the Hugging Face Trainer peer trains BERT's masked LM
     if args.reports_only:
-        baseline, tnf, peer = out / "baseline", out / "tnf", out / "hf_trainer"
+        baseline, tnf, peer = out / "baseline", out / "tnf", out / "hf_trainer" if with_peer else None
     else:
         baseline, tnf = launch_pair(out, args.ranks, args.master_port, flags)
-        peer = launch_training(out / "hf_trainer", args.ranks, args.master_port, [*flags, "--max_steps", str(args.peer_steps)], PEER_SCRIPT)
+        peer = (launch_training(out / "hf_trainer", args.ranks, args.master_port, [*flags, "--max_steps", str(args.peer_steps)], PEER_SCRIPT)
+                if with_peer else None)
     command = shlex.join(["python", "tools/bench_tnf.py", *(argv if argv is not None else sys.argv[1:])])
     check_runs(baseline, tnf)  # before anything is fine-tuned
     settings = FinetuneArgs("", "", args.downstream_seeds, args.downstream_lr, args.downstream_epochs, max_seq_len=128,
@@ -68,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     time_to_loss = write_time_to_loss(baseline, tnf, out, downstream=downstream_verdict)
     run, origin = RunDir(baseline).read_run_config(), RunDir(baseline).read_provenance()
     report = "\n".join([
-        f"# TNF vs baseline: preset {run['preset']}, {run['max_steps']} steps of {run['global_batch_size']} x {run['max_seq_len']} tokens", "",
+        f"# TNF vs baseline: preset {run['preset']}, objective {run.get('objective', 'mlm')}, {run['max_steps']} steps of "
+        f"{run['global_batch_size']} x {run['max_seq_len']} tokens", "",
         f"Trained at commit {origin.get('commit', 'unknown')} on {origin.get('machine', 'an unrecorded machine')} "
         f"({origin.get('world_size', '?')} rank(s), started {origin.get('started', '?')}); "
         f"reports by `{command}` on {datetime.date.today()}.", "",

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def ours():
         model.zero_grad(set_to_none=True)
-        objective(ids, mask, labels).mean().backward()
+        objective(ids, mask, labels)[0].mean().backward()
 
     def encoder():
         model.zero_grad(set_to_none=True)

@@ -73,6 +73,7 @@ class Batch:
     occ_end: torch.Tensor
     occ_reads: torch.Tensor  # (n,) bool: the occurrence reads its note (no token of its span is predicted)
     in_rare_span: torch.Tensor  # (b, L) bool: the position lies in a rare occurrence's span
+    sample_uniform: torch.Tensor  # (b, L) float: ELECTRA's generator samples a replacement with it (inverse CDF)
 
     @property
     def occ_order_key(self) -> torch.Tensor:
@@ -97,7 +98,7 @@ class Batch:
 
         return dataclasses.replace(self, input_ids=grow(self.input_ids), attention_mask=grow(self.attention_mask),
                                    labels=grow(self.labels, IGNORE_INDEX), lengths=grow(self.lengths), order_key=grow(self.order_key),
-                                   in_rare_span=grow(self.in_rare_span, False))
+                                   in_rare_span=grow(self.in_rare_span, False), sample_uniform=grow(self.sample_uniform))
 
     def to(self, device) -> Batch:
         return Batch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
@@ -117,15 +118,16 @@ class Collator:
         self.vocab_size = len(tokenizer)
         self.special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.int64)
 
-    def mask(self, ids: torch.Tensor, epoch: int, order_key: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """BERT masking of one sample: 15% of non-special tokens; of those 80% [MASK], 10% random, 10% kept."""
+    def mask(self, ids: torch.Tensor, epoch: int, order_key: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """BERT masking of one sample: 15% of non-special tokens; of those 80% [MASK], 10% random, 10% kept. Also one
+        uniform per token, drawn after the mask from the same generator, for ELECTRA's replacement sampling."""
         g = seeded_generator(self.seed, epoch, order_key)  # the same wherever the sample sits
         chosen = (torch.rand(len(ids), generator=g) < self.prob) & ~torch.isin(ids, self.special)
         action = torch.rand(len(ids), generator=g)
         random_tokens = torch.randint(self.vocab_size, (len(ids),), generator=g)
         inputs = torch.where(chosen & (action < 0.8), self.mask_id, ids)
         inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_tokens, inputs)
-        return inputs, torch.where(chosen, ids, IGNORE_INDEX)
+        return inputs, torch.where(chosen, ids, IGNORE_INDEX), torch.rand(len(ids), generator=g)
 
     def __call__(self, dataset: datasets.Dataset, indices: list[int], order_keys: list[int], epochs: list[int]) -> Batch:
         rows = dataset[indices]
@@ -133,10 +135,11 @@ class Collator:
         input_ids = torch.full((b, self.seq_len), self.pad_id, dtype=torch.int64)
         labels = torch.full((b, self.seq_len), IGNORE_INDEX, dtype=torch.int64)
         lengths = torch.zeros(b, dtype=torch.int64)
+        uniform = torch.zeros(b, self.seq_len)
         occ = {"sample": [], "rare": [], "start": [], "end": []}
         for i in range(b):
             ids = torch.as_tensor(rows["input_ids"][i], dtype=torch.int64)
-            inputs, lab = self.mask(ids, epochs[i], order_keys[i])
+            inputs, lab, uniform[i, : len(ids)] = self.mask(ids, epochs[i], order_keys[i])
             input_ids[i, : len(ids)], labels[i, : len(ids)], lengths[i] = inputs, lab, len(ids)
             rare = torch.as_tensor(rows["rare_ids"][i], dtype=torch.int64)
             occ["sample"].append(torch.full_like(rare, i))
@@ -148,4 +151,4 @@ class Collator:
         spans = (cat["sample"], cat["start"], cat["end"])
         reads = torch.ones_like(cat["rare"], dtype=torch.bool) if self.notes_at_masked else ~spans_holding(labels != IGNORE_INDEX, *spans)
         return Batch(input_ids, attention_mask, labels, lengths, torch.as_tensor(order_keys, dtype=torch.int64),
-                     cat["sample"], cat["rare"], cat["start"], cat["end"], reads, span_positions(*spans, (b, self.seq_len)))
+                     cat["sample"], cat["rare"], cat["start"], cat["end"], reads, span_positions(*spans, (b, self.seq_len)), uniform)

@@ -105,7 +105,7 @@ class NotedClassifier(nn.Module):
         else:  # the pre-training store, on one rank: its read and its ordered EMA write
             self.store = NoteStore(len(source.rows), source.rows.shape[1], seed=0, init_std=0.0, gamma=source.gamma)
             self.store.load_rows([{"ids": torch.arange(len(source.rows)), "vectors": source.rows, "noted": torch.ones(len(source.rows), dtype=torch.bool)}])
-        self.hooks = TnfHooks(model.base_model, source.lam, source.window, rows_trainable=variant == "learned")
+        self.hooks = TnfHooks([model.base_model], model.base_model, source.lam, source.window, rows_trainable=variant == "learned")
 
     def note_rows(self) -> torch.Tensor:
         return self.notes.detach() if self.variant == "learned" else self.store.table

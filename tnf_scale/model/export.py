@@ -1,4 +1,8 @@
-"""Export a run as a plain Hugging Face BertForMaskedLM (no notes), and the notes on their own."""
+"""Export a run as plain Hugging Face models (no notes), and the notes on their own.
+
+BERT runs export a `BertForMaskedLM`; ELECTRA runs export the discriminator as `ElectraForPreTraining` and the
+generator beside it (`generator/`) as `ElectraForMaskedLM`, the embedding tables they shared written into both.
+"""
 from __future__ import annotations
 
 import pickle
@@ -7,20 +11,21 @@ from pathlib import Path
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from safetensors.torch import save_file
-from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining
 
 from tnf_scale.config import ConfigError
+from tnf_scale.model.electra import SHARED_EMBEDDINGS
 from tnf_scale.model.pipeline import hf_state_dict, is_pipeline_checkpoint
 from tnf_scale.run_dir import RARE_VOCAB_FILE, TOKENIZER_DIR, RunDir
 
-TIED_KEYS = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")  # tied to word embeddings and predictions.bias
-OBJECTIVE_PREFIX = "mlm."  # MaskedLMObjective holds the BertForMaskedLM as `mlm`
+GENERATOR_DIR = "generator"  # inside an ELECTRA export: the generator
 
 
 def consolidated_state_dict(ckpt: Path, config: BertConfig) -> dict[str, torch.Tensor]:
-    """fp32 BertForMaskedLM weights of a DeepSpeed checkpoint: pipeline or not, any ZeRO stage and rank count."""
+    """fp32 weights of a DeepSpeed checkpoint, named as the objective module holds them (`mlm.`, `generator.`,
+    `discriminator.`): pipeline or not, any ZeRO stage and rank count."""
     if is_pipeline_checkpoint(ckpt):
-        return hf_state_dict(ckpt, config.num_hidden_layers)
+        return {f"mlm.{k}": v for k, v in hf_state_dict(ckpt, config.num_hidden_layers).items()}
     if any(ckpt.glob("*optim_states.pt")):
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     else:  # ZeRO disabled: rank 0's model file holds the whole module; read without running pickled code
@@ -30,32 +35,58 @@ def consolidated_state_dict(ckpt: Path, config: BertConfig) -> dict[str, torch.T
         except pickle.UnpicklingError:
             raise ConfigError(f"checkpoint file {path} holds objects other than tensors and plain data; it was not loaded "
                               "(a tampered or foreign file): export from a checkpoint this project wrote.") from None
-    return {k.removeprefix(OBJECTIVE_PREFIX): v.float() for k, v in state.items()}
+    return {k: v.float() for k, v in state.items()}
+
+
+def networks_of(run: RunDir, out_dir: Path) -> list[tuple[str, torch.nn.Module, Path]]:
+    """(prefix in the objective module, empty Hugging Face model, export directory) of each network a run exports."""
+    if run.generator_config.is_file():
+        return [("discriminator.", ElectraForPreTraining(ElectraConfig.from_json_file(str(run.model_config))), out_dir),
+                ("generator.", ElectraForMaskedLM(ElectraConfig.from_json_file(str(run.generator_config))), out_dir / GENERATOR_DIR)]
+    return [("mlm.", BertForMaskedLM(BertConfig.from_json_file(str(run.model_config))), out_dir)]
+
+
+def network_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The weights under `prefix`; embedding tables the consolidation kept under the other ELECTRA network only
+    (one tensor shared by both) are taken from there."""
+    own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    for other in ("discriminator.", "generator."):
+        for table in SHARED_EMBEDDINGS:
+            key = f"electra.embeddings.{table}.weight"
+            if prefix != other and key not in own and f"{other}{key}" in state:
+                own[key] = state[f"{other}{key}"]
+    return own
 
 
 def export_hf(run_dir: Path, ckpt: Path, out_dir: Path) -> Path:
-    """Write `out_dir` as a BertForMaskedLM + tokenizer that stock transformers loads."""
+    """Write `out_dir` as Hugging Face model directories with the tokenizer, which stock transformers loads."""
     run = RunDir(run_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"the export directory {out_dir} is a file; name a directory (or move the file away).")
     if not run.model_config.is_file():
         raise ConfigError(f"{run_dir} has no {run.model_config.name}; point --run at a tnf_scale output directory.")
-    config = BertConfig.from_json_file(str(run.model_config))
-    model = BertForMaskedLM(config)
-    state = consolidated_state_dict(ckpt, config)
+    networks = networks_of(run, out_dir)
+    state = consolidated_state_dict(ckpt, networks[0][1].config)
     broken = [name for name, tensor in state.items() if not bool(torch.isfinite(tensor).all())]
     if broken:
         raise ConfigError(f"checkpoint {ckpt} holds non-finite weights ({broken[0]} and {len(broken) - 1} more): the run had diverged "
                           "by then, so it is not exported; export an earlier checkpoint (tools/export.py --checkpoint).")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if m not in TIED_KEYS]
-    if missing or unexpected:
-        raise ConfigError(f"checkpoint {ckpt} does not match {run.model_config} (missing {missing[:3]}, unexpected {unexpected[:3]}).")
-    model.tie_weights()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir))
-    AutoTokenizer.from_pretrained(str(run.tokenizer), local_files_only=True).save_pretrained(str(out_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(run.tokenizer), local_files_only=True)
+    for prefix, model, folder in networks:
+        missing, unexpected = model.load_state_dict(network_state(state, prefix), strict=False)
+        missing = [m for m in missing if m not in tied_keys(model)]
+        if missing or unexpected:
+            raise ConfigError(f"checkpoint {ckpt} does not match {run.model_config} (missing {missing[:3]}, unexpected {unexpected[:3]}).")
+        model.tie_weights()
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
     return out_dir
+
+
+def tied_keys(model: torch.nn.Module) -> set[str]:
+    """Weights `tie_weights` sets from others (output layers tied to the word embeddings, BERT's decoder bias)."""
+    return set(getattr(model, "_tied_weights_keys", None) or {})
 
 
 def save_notes(run_dir: Path, ids: torch.Tensor, vectors: torch.Tensor) -> Path:

@@ -1,10 +1,12 @@
 """The objective seam: what a pre-training objective tells the trainer, the pipeline path and evaluation.
 
-An objective is the module DeepSpeed wraps. From a micro-batch it computes the loss of every token it asks
-about (`predicted`), summed by the trainer; it names the network TNF enters (`note_network`: notes mixed at
-its embedding LayerNorm input, taken from its encoder output, the one seam of every path); and it turns
-held-out loss sums, without and with notes, into the metrics a run logs. The engine, the pipeline path and
-evaluation never ask which objective they run. BERT's masked LM is the objective today.
+An objective is the module DeepSpeed wraps. From a micro-batch it computes one or more loss terms, each the loss
+of every position the term averages over (`term_positions`); the training loss is the sum of the terms' means over
+the global batch, weighted by `term_weights` (a weight of 0: the term is only reported). It names the networks TNF
+enters (`note_readers` mix notes at their embedding LayerNorm input; `note_writer`'s encoder output is noted: the
+one seam of every path), and turns held-out loss sums, without and with notes, into the metrics a run logs. The
+engine, the pipeline path and evaluation never ask which objective they run: BERT's masked LM here, ELECTRA's
+replaced-token detection in `electra.py`.
 """
 from __future__ import annotations
 
@@ -59,17 +61,42 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 class Objective(nn.Module, metaclass=ABCMeta):
     """A pre-training objective behind the seam (see the module docstring)."""
 
-    @abstractmethod
-    def note_network(self) -> nn.Module:
-        """The Hugging Face base model whose `embeddings.LayerNorm` reads notes and whose `encoder` output is noted."""
+    term_weights: tuple[float, ...]  # one per loss term `forward` returns
+    model_config: object  # the Hugging Face config of the network that is kept (exported as the run's model)
+    generator_config: object = None  # ELECTRA: the generator's, exported beside it
 
     @abstractmethod
-    def predicted(self, batch: Batch) -> torch.Tensor:
-        """(batch, seq_len) bool: the tokens whose losses `forward` returns (row-major order)."""
+    def note_readers(self) -> list[nn.Module]:
+        """The Hugging Face base models whose `embeddings.LayerNorm` input notes are mixed into."""
 
     @abstractmethod
-    def eval_metrics(self, plain: LossSums, with_notes: LossSums | None) -> dict[str, float]:
-        """The metrics of one evaluation from its summed losses without notes and (TNF runs) with notes."""
+    def note_writer(self) -> nn.Module:
+        """The Hugging Face base model whose `encoder` output is noted."""
+
+    @abstractmethod
+    def term_positions(self, batch: Batch) -> list[torch.Tensor]:
+        """Per loss term, (batch, seq_len) bool: the positions whose losses `forward` returns for it (row-major order)."""
+
+    @abstractmethod
+    def inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The keyword arguments of `forward` for a micro-batch."""
+
+    def step_metrics(self, term_means: list[float]) -> dict[str, float]:
+        """Metrics of one training step beyond its loss, from each term's mean over the global batch."""
+        return {}
+
+    @abstractmethod
+    def eval_metrics(self, plain: list[LossSums], with_notes: list[LossSums] | None) -> dict[str, float]:
+        """The metrics of one evaluation from each term's summed losses without notes and (TNF runs) with notes."""
+
+
+def eval_loss_metrics(plain: LossSums, with_notes: LossSums | None) -> dict[str, float]:
+    """The held-out loss every report reads: `eval_loss_no_notes` (the model as exported) and `eval_loss_notes` (as
+    trained, notes read leak-free), each split into rare-span (`_rare`) and other (`_other`) positions."""
+    result = {**plain.losses("eval_loss_no_notes"), "eval_tokens_rare": int(plain.tokens_rare), "eval_tokens_other": int(plain.tokens_other)}
+    if with_notes is not None:
+        result.update(with_notes.losses("eval_loss_notes"))
+    return result
 
 
 class MaskedLMObjective(Objective):
@@ -80,23 +107,28 @@ class MaskedLMObjective(Objective):
     tokens inside rare spans (`_rare`) and the rest (`_other`).
     """
 
+    term_weights = (1.0,)
+
     def __init__(self, mlm: BertForMaskedLM):
         super().__init__()
-        self.mlm = mlm
+        self.mlm, self.model_config = mlm, mlm.config
 
-    def note_network(self) -> nn.Module:
+    def note_readers(self) -> list[nn.Module]:
+        return [self.mlm.bert]
+
+    def note_writer(self) -> nn.Module:
         return self.mlm.bert
 
-    def predicted(self, batch: Batch) -> torch.Tensor:
-        return batch.labels != IGNORE_INDEX
+    def term_positions(self, batch: Batch) -> list[torch.Tensor]:
+        return [batch.labels != IGNORE_INDEX]
 
-    def eval_metrics(self, plain: LossSums, with_notes: LossSums | None) -> dict[str, float]:
-        result = {**plain.losses("eval_loss_no_notes"), "eval_tokens_rare": int(plain.tokens_rare), "eval_tokens_other": int(plain.tokens_other)}
-        if with_notes is not None:
-            result.update(with_notes.losses("eval_loss_notes"))
-        return result
+    def inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels}
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def eval_metrics(self, plain: list[LossSums], with_notes: list[LossSums] | None) -> dict[str, float]:
+        return eval_loss_metrics(plain[0], with_notes[0] if with_notes else None)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor]:
         hidden = self.mlm.bert(input_ids=input_ids, attention_mask=attention_mask)[0]
         predicted = labels != IGNORE_INDEX
-        return token_cross_entropy(self.mlm.cls(hidden[predicted]), labels[predicted])
+        return (token_cross_entropy(self.mlm.cls(hidden[predicted]), labels[predicted]),)

@@ -56,29 +56,33 @@ class NoteMixer:
 
 
 class TnfHooks:
-    """TNF on a whole encoder network (the data-parallel path): set reads and captures before a forward.
+    """TNF on whole encoder networks (the data-parallel path): set reads and captures before a forward.
 
-    `network` is the Hugging Face base model an objective names (`Objective.note_network`), or a fine-tuned
-    classifier's `base_model`: notes are mixed at its `embeddings.LayerNorm` input and taken from its `encoder` output.
+    `readers` and `writer` are the Hugging Face base models an objective names (`Objective.note_readers`,
+    `note_writer`), or a fine-tuned classifier's `base_model` for both: notes are mixed at each reader's
+    `embeddings.LayerNorm` input and taken from the writer's `encoder` output.
     """
 
-    def __init__(self, network: nn.Module, lam: float, window: int, rows_trainable: bool = False):
+    def __init__(self, readers: list[nn.Module], writer: nn.Module, lam: float, window: int, rows_trainable: bool = False):
         self.window = window
-        self.mixer = NoteMixer(network.embeddings.LayerNorm, lam, rows_trainable)
+        self.mixers = [NoteMixer(network.embeddings.LayerNorm, lam, rows_trainable) for network in readers]
         self._capture: tuple[torch.Tensor, ...] | None = None
         self.pooled: torch.Tensor | None = None
-        network.encoder.register_forward_hook(self._take_notes)
+        writer.encoder.register_forward_hook(self._take_notes)
 
     def set_reads(self, sample: torch.Tensor, start: torch.Tensor, end: torch.Tensor, rows: torch.Tensor, seq_len: int) -> None:
-        """Mix `rows` (one note per occurrence) into the spans of the next forward."""
-        self.mixer.set_reads(*expand_spans(sample, start, end, seq_len), rows)
+        """Mix `rows` (one note per occurrence) into the spans of the next forward of every reader."""
+        token_index, token_occ = expand_spans(sample, start, end, seq_len)
+        for mixer in self.mixers:
+            mixer.set_reads(token_index, token_occ, rows)
 
     def set_capture(self, sample: torch.Tensor, start: torch.Tensor, end: torch.Tensor, lengths: torch.Tensor) -> None:
         """Pool the context window of every occurrence in the next forward into `self.pooled`."""
         self._capture = (sample, start, end, lengths)
 
     def clear(self) -> None:
-        self.mixer.clear()
+        for mixer in self.mixers:
+            mixer.clear()
         self._capture = self.pooled = None
 
     def _take_notes(self, module, args, output):

@@ -22,11 +22,37 @@ PHASES = ("data", "note_read", "forward", "backward", "optimizer", "note_write")
 GPU_PEAK_FLOPS = {"H100": 989e12, "A100": 312e12, "L4": 121e12, "V100": 125e12}
 
 
+def encoder_flops(layers: int, hidden: int, ffn: int, seq_len: int) -> float:
+    """Forward FLOPs per token of a transformer encoder: projections, FFN and attention scores."""
+    return layers * (8 * hidden**2 + 4 * hidden * ffn + 4 * seq_len * hidden)
+
+
 def flops_per_token(layers: int, hidden: int, ffn: int, seq_len: int, vocab: int, head_fraction: float) -> float:
     """Training FLOPs per token (forward + backward = 3 x forward) of BERT with an MLM head."""
-    per_layer = 8 * hidden**2 + 4 * hidden * ffn + 4 * seq_len * hidden
     head = head_fraction * (2 * hidden**2 + 2 * hidden * vocab)
-    return 3 * (layers * per_layer + head)
+    return 3 * (encoder_flops(layers, hidden, ffn, seq_len) + head)
+
+
+def electra_flops_per_token(generator: dict, discriminator: dict, seq_len: int, mlm_fraction: float) -> float:
+    """Training FLOPs per token of ELECTRA: both encoders, the generator's embedding projection, its MLM head at the
+    masked positions and the discriminator's head at every position (Hugging Face config fields)."""
+    small, width, vocab = generator["hidden_size"], generator["embedding_size"], generator["vocab_size"]
+    big = discriminator["hidden_size"]
+    forward = (encoder_flops(generator["num_hidden_layers"], small, generator["intermediate_size"], seq_len)
+               + encoder_flops(discriminator["num_hidden_layers"], big, discriminator["intermediate_size"], seq_len)
+               + (2 * width * small if width != small else 0)
+               + mlm_fraction * (2 * small * width + 2 * width * vocab) + 2 * big**2 + 2 * big)
+    return 3 * forward
+
+
+def run_flops_per_token(run: Path, config: dict) -> float:
+    """Model FLOPs per token of a run, from its model config(s); heads counted where the objective needs them."""
+    model = RunDir(run).read_model_config()
+    if RunDir(run).generator_config.is_file():
+        generator = json.loads(RunDir(run).generator_config.read_text())
+        return electra_flops_per_token(generator, model, config["max_seq_len"], config["mlm_probability"])
+    return flops_per_token(model["num_hidden_layers"], model["hidden_size"], model["intermediate_size"],
+                           config["max_seq_len"], model["vocab_size"], config["mlm_probability"])
 
 
 def measured_matmul_peak(size: int = 2048, repeats: int = 10) -> float:
@@ -90,11 +116,10 @@ def run_figures(run: Path, warmup: int, peak_flops_per_s: float) -> dict:
 
     FLOPs count the MLM head on masked tokens for every trainer: the work the objective needs.
     """
-    config, model = RunDir(run).read_run_config(), RunDir(run).read_model_config()
+    config = RunDir(run).read_run_config()
     steps = steady_steps(run, warmup) or steady_steps(run, 0)
     summary = summarize(steps, config["global_batch_size"])
-    flops = flops_per_token(model["num_hidden_layers"], model["hidden_size"], model["intermediate_size"],
-                            config["max_seq_len"], model["vocab_size"], config["mlm_probability"])
+    flops = run_flops_per_token(run, config)
     achieved = flops * summary["tokens_per_s"]["median"]
     origin = RunDir(run).read_provenance()
     return {"run": str(run), "preset": config["preset"], "tnf": config["tnf"], "timed_phases": any("time_forward" in r for r in steps),

@@ -261,6 +261,10 @@ def write_report(baseline_dir: Path, tnf_dir: Path, out: Path, target: float | N
     split = split_by_token_kind(baseline, tnf, split_step) if split_step is not None else []
     out.mkdir(parents=True, exist_ok=True)
     report = markdown(results, split, split_step, str(baseline_dir), str(tnf_dir), downstream) + "\n![time to loss](time_to_loss.png)\n"
+    run = RunDir(baseline_dir)
+    if run.run_config.is_file() and run.read_run_config().get("objective") == "electra":
+        report = ("ELECTRA runs: every held-out loss here is the discriminator's (replaced-token detection, binary "
+                  "cross-entropy at every real position), the network that is kept.\n\n" + report)
     (out / "time_to_loss.md").write_text(report)
     (out / "time_to_loss.json").write_text(json.dumps({"yardsticks": [r.as_json() for r in results], "split_step": split_step,
                                                        "split": split, "downstream": downstream}, indent=2) + "\n")
