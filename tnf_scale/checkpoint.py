@@ -29,7 +29,6 @@ from tnf_scale.run_dir import RunDir
 
 COMPLETE = "COMPLETE"
 MANIFEST = "MANIFEST.json"
-ZERO3_MODEL_STATES = "zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
 LOW_SPACE_BYTES = 64 << 20  # below this, a failed write is taken for a full disk
 # What a checkpoint's tensors and data order depend on: a resume must keep them (the rest, e.g. --max_steps, may change).
 RESUME_MUST_MATCH = ("objective", "vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "generator_fraction",
@@ -224,18 +223,13 @@ def plan_resume(output_dir: str | Path, rare_vocab_digest: str, num_rare: int | 
     return ResumePoint(ckpt, marker, rank_files)
 
 
-def universal_checkpoint(point: ResumePoint, rank: int, world_size: int) -> Path:
+def universal_checkpoint(point: ResumePoint, rank: int) -> Path:
     """DeepSpeed's universal form of the checkpoint, which loads on any number of ranks (converted once, by rank 0)."""
     target = point.ckpt.parent / "universal" / point.ckpt.name
     if rank == 0 and not (target / COMPLETE).is_file():
         shutil.rmtree(target, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(point.ckpt),
                         "--output_folder", str(target)], check=True, capture_output=True)
-        # ZeRO-3: every rank loads its own model-states file, which a rank beyond the saved world lacks (DeepSpeed
-        # issue, PR #7599); the files hold no weights (those come from the universal parameter folders), so rank 0's serves.
-        first = target / ZERO3_MODEL_STATES.format(rank=0)
-        for new_rank in range(point.world_size, world_size if first.is_file() else 0):
-            shutil.copyfile(first, target / ZERO3_MODEL_STATES.format(rank=new_rank))
         (target.parent / "latest").write_text(point.ckpt.name)
         (target / COMPLETE).write_text(json.dumps(point.marker))
     deepspeed.comm.barrier()
@@ -304,7 +298,7 @@ class Checkpointer:
             raise ConfigError(f"checkpoint {point.ckpt} was saved with {saved[0]} pipeline stages on {saved[1]} ranks; "
                               "resume a pipeline run with the same stages and ranks.")
         if ds_config["zero_optimization"].get("stage", 0) > 0:
-            self.source = universal_checkpoint(point, self.topo.rank, self.topo.size)
+            self.source = universal_checkpoint(point, self.topo.rank)
             ds_config["checkpoint"] = {"load_universal": True}
 
     def load(self, engine, store, state: dict[str, Any]) -> dict[str, Any]:
