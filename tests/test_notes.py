@@ -125,3 +125,20 @@ def test_owner_of_on_the_device_equals_the_numpy_reference_over_a_large_id_range
     assert np.array_equal(mix64_tensor(ids).numpy().view(np.uint64), reference)  # the same 64 bits
     for world in (1, 2, 3, 7, 64, 1000, 4096):
         assert torch.equal(owner_of(ids, world), torch.from_numpy((reference % np.uint64(world)).astype(np.int64))), world
+
+
+def numpy_initial_notes(ids: np.ndarray, dim: int, seed: int, std: float) -> np.ndarray:
+    """The reference: TNF_SPEC's initial rows as first written, in numpy uint64 and float64."""
+    from tnf_scale.seeding import GOLDEN
+
+    row_key = mix64(mix64(np.uint64(seed)) ^ ids.astype(np.uint64))
+    with np.errstate(over="ignore"):
+        bits = mix64(row_key[:, None] + np.arange(2 * dim, dtype=np.uint64)[None, :] * GOLDEN)
+    uniform = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+    return (np.sqrt(-2.0 * np.log(uniform[:, :dim])) * np.cos(2.0 * np.pi * uniform[:, dim:]) * std).astype(np.float32)
+
+
+def test_initial_notes_in_torch_equal_the_numpy_reference_bit_for_bit():
+    ids = torch.cat([torch.arange(0, 60_000, dtype=torch.int64), torch.tensor([2**40 + 3, 2**62 + 11, 2**63 - 1])])
+    got = initial_notes(ids, 64, seed=1234, std=0.02, chunk=5000)  # several chunks, the last one short
+    assert torch.equal(got, torch.from_numpy(numpy_initial_notes(ids.numpy(), 64, 1234, 0.02)))

@@ -24,7 +24,8 @@ def _as_int64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def _logical_shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+def logical_shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """`z >> bits` with z read as an unsigned 64-bit integer."""
     return (z >> bits) & ((1 << (64 - bits)) - 1)  # int64's >> copies the sign bit; uint64's does not
 
 
@@ -34,9 +35,9 @@ def mix64_tensor(ids: torch.Tensor) -> torch.Tensor:
     Additions and products wrap modulo 2**64 in two's complement, exactly as numpy's uint64 arithmetic does.
     """
     z = ids.to(torch.int64) + _as_int64(int(GOLDEN))
-    z = (z ^ _logical_shift_right(z, 30)) * _as_int64(0xBF58476D1CE4E5B9)
-    z = (z ^ _logical_shift_right(z, 27)) * _as_int64(0x94D049BB133111EB)
-    return z ^ _logical_shift_right(z, 31)
+    z = (z ^ logical_shift_right(z, 30)) * _as_int64(0xBF58476D1CE4E5B9)
+    z = (z ^ logical_shift_right(z, 27)) * _as_int64(0x94D049BB133111EB)
+    return z ^ logical_shift_right(z, 31)
 
 
 def unsigned_mod(z: torch.Tensor, modulus: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tnf_scale.seeding import GOLDEN, mix64, mix64_tensor, unsigned_mod
+from tnf_scale.seeding import GOLDEN, logical_shift_right, mix64, mix64_tensor, unsigned_mod
 
 
 def owner_of(ids: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -16,18 +16,19 @@ def owner_of(ids: torch.Tensor, world_size: int) -> torch.Tensor:
 
 
 def initial_notes(ids: torch.Tensor, dim: int, seed: int, std: float, chunk: int = 4096) -> torch.Tensor:
-    """Normal(0, std) rows whose values depend only on (seed, id): any partition gives the same rows."""
-    all_ids = ids.cpu().numpy().astype(np.uint64)
-    counters = np.arange(2 * dim, dtype=np.uint64)
-    out = np.empty((len(all_ids), dim), dtype=np.float32)
-    for first in range(0, len(all_ids), chunk):  # bounded memory for BERT-large-sized dictionaries
-        row_key = mix64(mix64(np.uint64(seed)) ^ all_ids[first : first + chunk])
-        with np.errstate(over="ignore"):
-            bits = mix64(row_key[:, None] + counters[None, :] * GOLDEN)
-        uniform = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53  # in (0, 1)
+    """Normal(0, std) rows whose values depend only on (seed, id): any partition gives the same rows. Computed on the
+    ids' device (64-bit hashing with wrapping int64 arithmetic, Box-Muller in float64), in chunks of bounded memory."""
+    ids = ids.to(torch.int64)
+    seed_key = int(mix64(np.uint64(seed)).astype(np.int64))  # the same 64 bits, as torch's int64 holds them
+    counters = torch.arange(2 * dim, dtype=torch.int64, device=ids.device) * int(GOLDEN.astype(np.int64))
+    out = torch.empty(len(ids), dim, dtype=torch.float32, device=ids.device)
+    for first in range(0, len(ids), chunk):
+        row_key = mix64_tensor(ids[first : first + chunk] ^ seed_key)
+        bits = mix64_tensor(row_key[:, None] + counters[None, :])
+        uniform = (logical_shift_right(bits, 11).to(torch.float64) + 0.5) * 2.0**-53  # in (0, 1)
         u1, u2 = uniform[:, :dim], uniform[:, dim:]
-        out[first : first + chunk] = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2) * std  # Box-Muller
-    return torch.from_numpy(out)
+        out[first : first + chunk] = (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2) * std).float()  # Box-Muller
+    return out
 
 
 def mix_notes(h: torch.Tensor, token_index: torch.Tensor, token_occ: torch.Tensor, rows: torch.Tensor, lam: float,

@@ -27,7 +27,7 @@ class NoteStore:
         self.slot_of = torch.full((num_rare,), -1, dtype=torch.int64)
         self.slot_of[self.ids] = torch.arange(len(self.ids))
         self.slot_of = self.slot_of.to(device)
-        self.table = initial_notes(self.ids, dim, seed, init_std).to(device)
+        self.table = initial_notes(self.ids.to(device), dim, seed, init_std)  # on the device: no host round trip
         self.noted = torch.zeros(len(self.ids), dtype=torch.bool, device=device)
         self.traffic = self._zero_traffic()
 
