@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import Counter
 
 import numpy as np
@@ -15,12 +16,19 @@ from tnf_scale.data.rare_vocab import RareVocab, band_coverage, choose_band, wor
 from tnf_scale.data.sampler import Collator, GlobalBatchSampler, local_share
 
 
-def test_rare_vocabulary_is_byte_identical_for_the_same_corpus_and_bounds(small_config, prepared, tmp_path):
-    again = prepare_data(dataclasses.replace(small_config, data_cache=str(tmp_path)), log=lambda *_: None, show_progress=False)
-    assert again.path != prepared.path
-    first = prepared.rare_vocab_path.read_bytes()
-    assert first == again.rare_vocab_path.read_bytes()
+def test_preparation_is_byte_identical_whatever_the_number_of_processes(small_config, prepared, tmp_path):
+    """The session's preparation ran in one process; with its tokenizer, 2 processes count and pack the same corpus into
+    the same rare vocabulary file, byte for byte, and the same sequences. (The tokenizer is given: Hugging Face's
+    WordPiece trainer itself is not deterministic, tokenizers issue #1794.)"""
+    config = dataclasses.replace(small_config, data_cache=str(tmp_path), num_proc=2, tokenizer=str(prepared.path / "tokenizer"))
+    again = prepare_data(config, log=lambda *_: None, show_progress=False)
+    assert cache_key(dataclasses.replace(config, num_proc=1)) == cache_key(config)  # the processes are not an input
+    assert json.loads((prepared.path / "stats.json").read_text())["num_proc"] == 1
+    assert json.loads((again.path / "stats.json").read_text())["num_proc"] == 2
+    assert prepared.rare_vocab_path.read_bytes() == again.rare_vocab_path.read_bytes()
     assert len(prepared.rare_vocab) > 100
+    for split in ("train", "eval"):
+        assert getattr(again, split).data.table.equals(getattr(prepared, split).data.table), split
 
 
 def test_rare_ids_follow_descending_count_then_word(prepared):
@@ -217,3 +225,34 @@ def test_a_preparation_killed_part_way_is_redone_not_loaded(small_config, tmp_pa
     again = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "corpus:" in again.stdout and "reusing" not in again.stdout
     assert not list(cache.glob("*.tmp-*")) and len(list(cache.glob("*/stats.json"))) == 1
+
+
+def test_the_tokenizer_sample_is_bounded_and_spread_over_the_corpus(small_corpus):
+    from tnf_scale.data.corpus import load_corpus
+    from tnf_scale.data.tokenizer import _batches
+
+    corpus = load_corpus([str(small_corpus)], log=lambda *_: None)
+    total = sum(len(t.split()) for t in corpus["text"])
+    sample = [text for batch in _batches(corpus, total // 4) for text in batch]
+    words = sum(len(t.split()) for t in sample)
+    assert total // 8 < words < total // 2  # about a quarter
+    texts = corpus["text"]
+    assert texts.index(sample[0]) == 0 and texts.index(sample[-1]) >= len(texts) - len(texts) // len(sample)  # to the end
+    assert [t for batch in _batches(corpus, 10 * total) for t in batch] == corpus["text"]  # a small corpus is used whole
+
+
+def test_data_bench_prepares_the_words_asked_for_and_reports_phases_and_memory(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO, clean_env
+
+    proc = subprocess.run([sys.executable, "tools/data_bench.py", "--words", "20000", "--num_proc", "1", "--out", str(tmp_path),
+                           "--eval_fraction", "0.25"],  # extra flags go to the preparation
+                          cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "data_bench.json").read_text())
+    (run,) = report["runs"]
+    assert report["words"] >= 20000 and run["words"] >= report["words"]  # all was counted (BERT splits off punctuation too)
+    assert set(run["seconds"]) == {"load", "tokenizer", "count", "pack", "save"} and run["peak_rss_gb"] > 0.1
+    assert "| 1 |" in (tmp_path / "data_bench.md").read_text() and "count + pack words/s" in proc.stdout

@@ -59,11 +59,13 @@ class RunConfig:
     corpus: list[str] = field(default_factory=lambda: [BUNDLED_CORPUS])
     text_column: str = "text"
     tokenizer: str | None = None  # a saved tokenizer directory; None trains WordPiece on the corpus
+    tokenizer_sample_words: int = 20_000_000  # WordPiece is trained on every k-th document, about this many words in all
     data_cache: str = ".cache/tnf_data"
     rare_min_count: int | None = None  # None: choose the band by rare_coverage
     rare_max_count: int | None = None
     rare_coverage: float = 0.02
     eval_fraction: float = 0.02
+    num_proc: int | None = None  # processes counting and packing words; None: every core for a large corpus (the cache is the same)
     # model
     objective: str = "mlm"  # mlm: BERT's masked LM; electra: ELECTRA's replaced-token detection (generator + discriminator)
     vocab_size: int = 8192
@@ -144,9 +146,11 @@ class RunConfig:
         if self.rare_min_count is not None and not 1 <= self.rare_min_count <= self.rare_max_count:
             raise ConfigError(f"the rare band needs 1 <= --rare_min_count <= --rare_max_count, got {self.rare_min_count}..{self.rare_max_count}.")
         for name in ("max_steps", "global_batch_size", "micro_batch_size", "hidden_size", "num_layers", "num_heads", "max_seq_len", "vocab_size",
-                     "intermediate_size", "log_interval", "eval_interval", "eval_sequences", "max_nonfinite_steps"):
+                     "intermediate_size", "log_interval", "eval_interval", "eval_sequences", "max_nonfinite_steps", "tokenizer_sample_words"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ConfigError(f"--num_proc must be at least 1, got {self.num_proc}.")
         if self.save_interval < 0:
             raise ConfigError(f"--save_interval must be 0 or more, got {self.save_interval}.")
         if self.warmup_steps < 1:

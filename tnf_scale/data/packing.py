@@ -1,7 +1,8 @@
 """Pack tokenized documents into fixed-length sequences that carry rare-word occurrences.
 
-Documents are streamed in order, separated by [SEP], and cut into sequences of
-`max_seq_len - 2` tokens plus [CLS] ... [SEP]. A cut moves back to the nearest word start,
+Documents are streamed in order, separated by [SEP], in groups of GROUP documents (the stream restarts at
+each group, so the sequences are the same however the groups are spread over processes), and cut into
+sequences of `max_seq_len - 2` tokens plus [CLS] ... [SEP]. A cut moves back to the nearest word start,
 so no word is split unless it alone is longer than a sequence; a word that is split gets
 no occurrence (TNF_SPEC section 1). An occurrence is `(rare id, start, end)` with the
 inclusive token span in sequence positions ([CLS] is position 0).
@@ -10,12 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import datasets
 import numpy as np
 from transformers import PreTrainedTokenizerFast
 
 from tnf_scale.data.rare_vocab import word_splitter
 
 COLUMNS = ("input_ids", "rare_ids", "span_start", "span_end")
+GROUP = 256  # documents packed as one stream
 
 
 def cut_points(word_start: np.ndarray, n_tokens: int, content_len: int) -> list[int]:
@@ -75,3 +78,14 @@ def make_packer(tokenizer: PreTrainedTokenizerFast, rare_id_of: dict[str, int], 
         return out
 
     return pack
+
+
+def pack_corpus(corpus: datasets.Dataset, tokenizer: PreTrainedTokenizerFast, rare_id_of: dict[str, int], max_seq_len: int,
+                num_proc: int = 1) -> datasets.Dataset:
+    """Every document packed, in order, by `num_proc` processes. The map runs over rows of GROUP documents, so
+    processes split the work at group boundaries and the output does not depend on `num_proc`."""
+    groups = corpus.map(lambda batch: {"texts": [batch["text"]]}, batched=True, batch_size=GROUP,
+                        remove_columns=corpus.column_names, desc="grouping documents")
+    pack = make_packer(tokenizer, rare_id_of, max_seq_len)
+    return groups.map(lambda row: pack({"text": row["texts"][0]}), batched=True, batch_size=1, remove_columns=["texts"],
+                      num_proc=min(num_proc, len(groups)) if num_proc > 1 else None, desc="packing sequences")

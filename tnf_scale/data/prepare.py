@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +22,12 @@ from transformers import PreTrainedTokenizerFast
 
 from tnf_scale.config import ConfigError, RunConfig
 from tnf_scale.data.corpus import corpus_fingerprint, load_corpus
-from tnf_scale.data.packing import make_packer
+from tnf_scale.data.packing import pack_corpus
 from tnf_scale.data.rare_vocab import RareVocab, band_coverage, choose_band, count_words
 from tnf_scale.data.tokenizer import load_tokenizer, train_wordpiece
 from tnf_scale.run_dir import RunDir
 
-FORMAT_VERSION = 2  # 2: the automatic rare band never exceeds --rare_coverage
+FORMAT_VERSION = 3  # 2: the automatic rare band never exceeds --rare_coverage; 3: packing independent of processes
 
 
 @dataclass
@@ -49,7 +50,7 @@ class PreparedData:
 
 def cache_key(cfg: RunConfig) -> str:
     """Hash of every input that changes the prepared data."""
-    tokenizer_spec = str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer else f"wordpiece:{cfg.vocab_size}"
+    tokenizer_spec = str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer else f"wordpiece:{cfg.vocab_size}:{cfg.tokenizer_sample_words}"
     parts = [
         FORMAT_VERSION, corpus_fingerprint(cfg.corpus), cfg.text_column, tokenizer_spec,
         cfg.rare_min_count, cfg.rare_max_count, cfg.rare_coverage, cfg.max_seq_len, cfg.eval_fraction,
@@ -62,14 +63,50 @@ def is_eval_sequence(index: int, eval_fraction: float, block: int = 16) -> bool:
     return (index // block) % round(1 / eval_fraction) == round(1 / eval_fraction) - 1
 
 
-def _build(cfg: RunConfig, out: Path, log, show_progress: bool) -> None:
+class PhaseClock:
+    """Wall-clock seconds of each preparation phase, in order."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self._last, 3)
+        self._last = now
+
+
+def preparation_processes(cfg: RunConfig, documents: int) -> int:
+    """Processes that count and pack: --num_proc, or every core for a corpus large enough to repay starting them."""
+    if cfg.num_proc is not None:
+        return cfg.num_proc
+    return (os.cpu_count() or 1) if documents >= 20_000 else 1
+
+
+@contextmanager
+def progress_bars(shown: bool):
+    """`datasets`' progress bars on or off for the block (off on ranks that do not report)."""
+    was = datasets.is_progress_bar_enabled()
+    (datasets.enable_progress_bars if shown else datasets.disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (datasets.enable_progress_bars if was else datasets.disable_progress_bars)()
+
+
+def _build(cfg: RunConfig, out: Path, log) -> None:
+    clock = PhaseClock()
     corpus = load_corpus(cfg.corpus, cfg.text_column, log=log)
     log(f"corpus: {len(corpus)} documents")
+    clock.lap("load")
     if cfg.tokenizer:
         tokenizer = load_tokenizer(cfg.tokenizer)
     else:
-        tokenizer = train_wordpiece(corpus, cfg.vocab_size, cfg.max_seq_len)
-    counts = count_words(corpus, tokenizer, show_progress)
+        tokenizer = train_wordpiece(corpus, cfg.vocab_size, cfg.max_seq_len, cfg.tokenizer_sample_words)
+    clock.lap("tokenizer")
+    num_proc = preparation_processes(cfg, len(corpus))
+    counts = count_words(corpus, tokenizer, num_proc)
+    clock.lap("count")
     if cfg.rare_min_count is None:
         lo, hi = choose_band(counts, cfg.rare_coverage)
     else:
@@ -78,10 +115,8 @@ def _build(cfg: RunConfig, out: Path, log, show_progress: bool) -> None:
     tokenizer.save_pretrained(str(RunDir(out).tokenizer))
     rare.save(RunDir(out).rare_vocab)
 
-    packer = make_packer(tokenizer, rare.id_of(), cfg.max_seq_len)
-    num_proc = os.cpu_count() if len(corpus) >= 20_000 else None
-    packed = corpus.map(packer, batched=True, batch_size=256, remove_columns=corpus.column_names,
-                        num_proc=num_proc, desc="packing sequences")
+    packed = pack_corpus(corpus, tokenizer, rare.id_of(), cfg.max_seq_len, num_proc)
+    clock.lap("pack")
     held_out = [is_eval_sequence(i, cfg.eval_fraction) for i in range(len(packed))]
     train = packed.select([i for i, h in enumerate(held_out) if not h])
     evals = packed.select([i for i, h in enumerate(held_out) if h])
@@ -89,6 +124,7 @@ def _build(cfg: RunConfig, out: Path, log, show_progress: bool) -> None:
         raise ConfigError(f"corpus {cfg.corpus} packs into only {len(packed)} sequences; give a larger corpus or a shorter --max_seq_len.")
     train.save_to_disk(str(out / "train"))
     evals.save_to_disk(str(out / "eval"))
+    clock.lap("save")
 
     with_rare = pc.sum(pc.greater(pc.list_value_length(packed.data.column("rare_ids")), 0)).as_py()
     stats = {
@@ -103,8 +139,12 @@ def _build(cfg: RunConfig, out: Path, log, show_progress: bool) -> None:
         "eval_sequences": len(evals),
         "sequences_with_rare_share": with_rare / len(packed),
         "max_seq_len": cfg.max_seq_len,
+        "num_proc": num_proc,  # how this preparation ran (these two entries differ between preparations; the data does not)
+        "seconds": clock.seconds,
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    log("prepared in " + ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in clock.seconds.items()) +
+        f" ({num_proc} process{'es' if num_proc > 1 else ''}; {stats['words'] / max(clock.seconds['count'] + clock.seconds['pack'], 1e-9):,.0f} words/s count + pack)")
 
 
 @contextmanager
@@ -143,7 +183,8 @@ def prepare_data(cfg: RunConfig, log=print, show_progress: bool = True) -> Prepa
             staging = root.with_name(f"{root.name}.tmp-{os.getpid()}")
             staging.mkdir(parents=True)
             try:
-                _build(cfg, staging, log, show_progress)
+                with progress_bars(show_progress):
+                    _build(cfg, staging, log)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise

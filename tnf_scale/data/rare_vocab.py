@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
 from tnf_scale.config import ConfigError
@@ -30,17 +29,19 @@ def word_splitter(tokenizer: PreTrainedTokenizerFast):
     return split
 
 
-def count_words(corpus: datasets.Dataset, tokenizer: PreTrainedTokenizerFast, show_progress: bool = True) -> Counter:
-    """count(w) for every word of the corpus."""
+def count_words(corpus: datasets.Dataset, tokenizer: PreTrainedTokenizerFast, num_proc: int = 1) -> Counter:
+    """count(w) for every word of the corpus, counted in `num_proc` processes: each batch of documents yields its own
+    (word, count) rows, and Arrow sums them by word, so the corpus is never held as Python words."""
     split = word_splitter(tokenizer)
-    counts: Counter = Counter()
-    batch = 256
-    with tqdm(total=len(corpus), desc="counting words", unit="doc", disable=not show_progress) as bar:
-        for start in range(0, len(corpus), batch):
-            for text in corpus[start : start + batch]["text"]:
-                counts.update(split(text))
-            bar.update(min(batch, len(corpus) - start))
-    return counts
+
+    def count_batch(batch: dict) -> dict:
+        counts = Counter(word for text in batch["text"] for word in split(text))
+        return {"word": list(counts), "count": list(counts.values())}
+
+    per_batch = corpus.map(count_batch, batched=True, batch_size=1000, remove_columns=corpus.column_names,
+                           num_proc=num_proc if num_proc > 1 else None, desc="counting words")
+    totals = per_batch.data.table.group_by("word").aggregate([("count", "sum")])
+    return Counter(dict(zip(totals.column("word").to_pylist(), totals.column("count_sum").to_pylist())))
 
 
 def band_coverage(counts: Counter, lo: int, hi: int) -> float:

@@ -1,6 +1,7 @@
 """Train an uncased BERT WordPiece tokenizer on the corpus, or load a saved one."""
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,19 +14,26 @@ from tnf_scale.config import ConfigError
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def _batches(corpus: datasets.Dataset, size: int = 1000) -> Iterator[list[str]]:
-    for start in range(0, len(corpus), size):
-        yield corpus[start : start + size]["text"]
+def _batches(corpus: datasets.Dataset, max_words: int, size: int = 1000) -> Iterator[list[str]]:
+    """Every k-th document of the corpus, in batches, k chosen (from the first documents' lengths) so that about
+    `max_words` whitespace-separated words are given: a bounded sample spread over the whole corpus."""
+    head = corpus[:size]["text"]
+    words_per_document = sum(len(text.split()) for text in head) / max(len(head), 1)
+    stride = max(1, math.ceil(len(corpus) * words_per_document / max_words))
+    sample = corpus.select(range(0, len(corpus), stride)) if stride > 1 else corpus
+    for start in range(0, len(sample), size):
+        yield sample[start : start + size]["text"]
 
 
-def train_wordpiece(corpus: datasets.Dataset, vocab_size: int, max_seq_len: int) -> BertTokenizerFast:
-    """An uncased WordPiece tokenizer with BERT's normalizer, pre-tokenizer and special tokens."""
+def train_wordpiece(corpus: datasets.Dataset, vocab_size: int, max_seq_len: int, sample_words: int) -> BertTokenizerFast:
+    """An uncased WordPiece tokenizer with BERT's normalizer, pre-tokenizer and special tokens, trained on a sample
+    of the corpus of about `sample_words` words (the whole corpus when it is smaller)."""
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2, show_progress=True)
-    tok.train_from_iterator(_batches(corpus), trainer=trainer, length=len(corpus))
+    tok.train_from_iterator(_batches(corpus, sample_words), trainer=trainer)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]

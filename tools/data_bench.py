@@ -1,0 +1,117 @@
+"""How fast data preparation is, and how much memory it takes, at the size you ask for.
+
+    python tools/data_bench.py --words 100000000 --num_proc 1 2 --out runs/data_bench
+
+Writes N words of real text (the bundled corpus, repeated) to OUT/corpus.jsonl, then for each --num_proc prepares
+it from scratch with `python -m tnf_scale.prepare` (the bench preset's data flags; a fresh cache in OUT, and a
+fresh `datasets` cache, so nothing is reused) while
+sampling the resident memory of the whole process tree (the preparer and its workers). Reports each phase's
+seconds and words/s (tokenizer training, counting, packing, saving) and the peak memory, to data_bench.{md,json}.
+The repeated corpus has the bundled corpus's vocabulary with every count multiplied: it measures speed and memory,
+not the rare band of a real corpus of that size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import lzma
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tnf_scale.config import BUNDLED_CORPUS, ConfigError, exit_code  # noqa: E402
+from tnf_scale.run_dir import machine  # noqa: E402
+
+
+def write_corpus(path: Path, words: int) -> int:
+    """The bundled corpus repeated until `words` whitespace-separated words; returns how many were written."""
+    with lzma.open(BUNDLED_CORPUS, "rt", encoding="utf-8") as src:
+        documents = [json.loads(line)["text"] for line in src]
+    written = 0
+    with path.open("w", encoding="utf-8") as dst:
+        while written < words:
+            for text in documents:
+                dst.write(json.dumps({"text": text}) + "\n")
+                written += len(text.split())
+                if written >= words:
+                    break
+    return written
+
+
+def tree_rss(process: psutil.Process) -> int:
+    """Resident bytes of a process and all its descendants now."""
+    total = 0
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            total += member.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def prepare(corpus: Path, cache: Path, num_proc: int, flags: list[str]) -> dict:
+    """One preparation from scratch in a child process: its stats.json and the peak memory of its process tree."""
+    shutil.rmtree(cache, ignore_errors=True)
+    command = [sys.executable, "-m", "tnf_scale.prepare", "--corpus", str(corpus), "--data_cache", str(cache),
+               "--num_proc", str(num_proc), *flags]
+    env = {**os.environ, "HF_DATASETS_CACHE": str(cache / "hf_datasets")}  # nothing reused from an earlier preparation
+    child = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    watched, peak, started = psutil.Process(child.pid), 0, time.perf_counter()
+    while child.poll() is None:
+        try:
+            peak = max(peak, tree_rss(watched))
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.2)
+    output = child.stdout.read()
+    if child.returncode != 0:
+        raise ConfigError(f"preparing with --num_proc {num_proc} failed (exit {child.returncode}): {output.strip().splitlines()[-1]}")
+    stats = json.loads(next(cache.glob("[0-9a-f]*/stats.json")).read_text())
+    return {"num_proc": num_proc, "seconds": stats["seconds"], "wall_seconds": time.perf_counter() - started,
+            "words": stats["words"], "peak_rss_gb": peak / 1e9}
+
+
+def render(rows: list[dict], words: int, command: str) -> str:
+    phases = list(rows[0]["seconds"])
+    lines = [f"Data preparation of {words:,} words (the bundled corpus repeated) on {machine()}; `{command}`.", "",
+             "| --num_proc | " + " | ".join(f"{p} s" for p in phases) + " | count + pack words/s | peak memory |",
+             "| --- |" + " --- |" * (len(phases) + 2)]
+    for row in rows:
+        seconds = row["seconds"]
+        rate = row["words"] / max(seconds["count"] + seconds["pack"], 1e-9)
+        lines.append(f"| {row['num_proc']} | " + " | ".join(f"{seconds[p]:.1f}" for p in phases) +
+                     f" | {rate:,.0f} | {row['peak_rss_gb']:.2f} GB |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--words", type=int, default=10_000_000, help="words of text to prepare")
+    parser.add_argument("--num_proc", type=int, nargs="+", default=[1, psutil.cpu_count() or 1])
+    parser.add_argument("--out", default="runs/data_bench")
+    args, flags = parser.parse_known_args(argv)
+    if args.words < 1 or min(args.num_proc) < 1:
+        raise ConfigError("--words and every --num_proc must be at least 1.")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = out / "corpus.jsonl"
+    words = write_corpus(corpus, args.words)
+    rows = [prepare(corpus, out / f"cache_{n}", n, ["--preset", "bench", *flags]) for n in args.num_proc]
+    command = " ".join(["python", "tools/data_bench.py", *(argv if argv is not None else sys.argv[1:])])
+    text = render(rows, words, command)
+    (out / "data_bench.md").write_text(text)
+    (out / "data_bench.json").write_text(json.dumps({"words": words, "machine": machine(), "command": command, "runs": rows}, indent=2) + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(exit_code(main))
