@@ -19,7 +19,7 @@ from tnf_scale.metrics import read_metrics
 from tnf_scale.nonfinite import Diverged, NonfiniteGuard
 from tnf_scale.run_lock import RunLock
 
-from conftest import COMPARED_RUN, REPO, clean_env, free_port, run_cmd, train_args
+from conftest import COMPARED_RUN, DEEPSPEED, REPO, clean_env, free_port, run_cmd, train_args
 
 
 def lock_from_another_process(path: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -179,3 +179,13 @@ def test_fault_campaign_a_killed_rank_and_a_killed_launcher_resume_identically(s
     victim = killed_rank["target"].split()[-1]
     assert f"rank {victim} died first without a word" in killed_rank["last_words"] and "it continues from step" in killed_rank["last_words"]
     assert killed_launcher["orphans"] == 0 and "launcher" in killed_launcher["last_words"] and "exiting with 86" in killed_launcher["last_words"]
+
+
+def test_bad_data_input_on_two_ranks_is_one_sentence_and_no_traceback(small_config, tmp_path):
+    """Local rank 0 prepares; when the corpus is bad, it says so and the waiting rank stops with it (no gloo traceback)."""
+    out = tmp_path / "run"
+    args = train_args(small_config, out, corpus=str(tmp_path / "missing.jsonl"), max_steps=2)
+    proc = run_cmd([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "tnf_scale/train.py", *args])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("missing.jsonl does not exist") == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not out.exists()

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import deepspeed
 from deepspeed.accelerator import get_accelerator
 
 from tnf_scale.config import ConfigError, PeerStopped, RunConfig, exit_code, parse_args
@@ -38,10 +37,16 @@ def command(run: Callable[[RunConfig], int], argv: list[str] | None) -> int:
 
 
 def prepare_on_local_rank0(cfg: RunConfig, topo: Topology, log) -> PreparedData:
-    """Local rank 0 of each node prepares (or finds) the data; the other ranks then load it."""
+    """Local rank 0 of each node prepares (or finds) the data; the other ranks then load it. Bad data input stops
+    every rank: the preparer says why in one sentence, the others exit with it silently."""
+    refusal = None
     if topo.local_rank == 0:
-        data = prepare_data(cfg, log=log, show_progress=topo.is_main)
-    deepspeed.comm.barrier()
+        try:
+            data = prepare_data(cfg, log=log, show_progress=topo.is_main)
+        except ConfigError as err:
+            refusal = err
+    if any_rank(refusal is not None, topo.device):  # also the barrier the other ranks wait at
+        raise refusal or PeerStopped()
     if topo.local_rank != 0:
         data = prepare_data(cfg, log=lambda *_: None, show_progress=False)
     return data
