@@ -5,8 +5,9 @@
 Writes N words of real text (the bundled corpus, repeated) to OUT/corpus.jsonl, then for each --num_proc prepares
 it from scratch with `python -m tnf_scale.prepare` (the bench preset's data flags; a fresh cache in OUT, and a
 fresh `datasets` cache, so nothing is reused) while
-sampling the resident memory of the whole process tree (the preparer and its workers). Reports each phase's
-seconds and words/s (tokenizer training, counting, packing, saving) and the peak memory, to data_bench.{md,json}.
+sampling the memory of the whole process tree (the preparer and its workers; PSS, so shared pages count once). Reports each phase's
+seconds, the count + pack rate (words as BERT's pre-tokenizer splits them) and the peak memory, to
+data_bench.{md,json}.
 The repeated corpus has the bundled corpus's vocabulary with every count multiplied: it measures speed and memory,
 not the rare band of a real corpus of that size.
 """
@@ -45,13 +46,14 @@ def write_corpus(path: Path, words: int) -> int:
     return written
 
 
-def tree_rss(process: psutil.Process) -> int:
-    """Resident bytes of a process and all its descendants now."""
+def tree_memory(process: psutil.Process) -> int:
+    """Bytes of memory a process and all its descendants hold now: the sum of their proportional set sizes (PSS), so
+    pages they share (libraries, memory-mapped Arrow files) count once, not once per process as RSS would."""
     total = 0
     for member in [process, *process.children(recursive=True)]:
         try:
-            total += member.memory_info().rss
-        except psutil.NoSuchProcess:
+            total += member.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return total
 
@@ -67,7 +69,7 @@ def prepare(corpus: Path, cache: Path, num_proc: int, flags: list[str]) -> dict:
     watched, peak, started = psutil.Process(child.pid), 0, time.perf_counter()
     while child.poll() is None:
         try:
-            peak = max(peak, tree_rss(watched))
+            peak = max(peak, tree_memory(watched))
         except psutil.NoSuchProcess:
             break
         time.sleep(0.2)
@@ -76,19 +78,19 @@ def prepare(corpus: Path, cache: Path, num_proc: int, flags: list[str]) -> dict:
         raise ConfigError(f"preparing with --num_proc {num_proc} failed (exit {child.returncode}): {output.strip().splitlines()[-1]}")
     stats = json.loads(next(cache.glob("[0-9a-f]*/stats.json")).read_text())
     return {"num_proc": num_proc, "seconds": stats["seconds"], "wall_seconds": time.perf_counter() - started,
-            "words": stats["words"], "peak_rss_gb": peak / 1e9}
+            "words": stats["words"], "peak_memory_gb": peak / 1e9}
 
 
 def render(rows: list[dict], words: int, command: str) -> str:
     phases = list(rows[0]["seconds"])
     lines = [f"Data preparation of {words:,} words (the bundled corpus repeated) on {machine()}; `{command}`.", "",
-             "| --num_proc | " + " | ".join(f"{p} s" for p in phases) + " | count + pack words/s | peak memory |",
+             "| --num_proc | " + " | ".join(f"{p} s" for p in phases) + " | count + pack words/s | peak memory (PSS) |",
              "| --- |" + " --- |" * (len(phases) + 2)]
     for row in rows:
         seconds = row["seconds"]
         rate = row["words"] / max(seconds["count"] + seconds["pack"], 1e-9)
         lines.append(f"| {row['num_proc']} | " + " | ".join(f"{seconds[p]:.1f}" for p in phases) +
-                     f" | {rate:,.0f} | {row['peak_rss_gb']:.2f} GB |")
+                     f" | {rate:,.0f} | {row['peak_memory_gb']:.2f} GB |")
     return "\n".join(lines) + "\n"
 
 
