@@ -17,7 +17,7 @@ from tnf_scale.metrics import read_metrics
 from tnf_scale.preflight import main as preflight_main
 
 from cluster import job_state, local_slurm, loopback_sshd, require, wait_for_job
-from conftest import COMPARED_RUN, DEEPSPEED, ELECTRA_RUN, REPO, check_ok, clean_env, free_port, train_args
+from conftest import DEEPSPEED, ELECTRA_RUN, REPO, check_ok, clean_env, free_port, train_args
 
 pytestmark = pytest.mark.cluster
 
@@ -71,9 +71,10 @@ def slurm(tmp_path_factory):
         yield env
 
 
-def sbatch(slurm_env: dict, small_config, run_root: Path, steps: int) -> str:
+def sbatch(slurm_env: dict, small_config, run_root: Path) -> str:
+    """Submit slurm/pretrain_large.sh training the conftest ELECTRA run (ELECTRA_RUN) on 2 tasks; returns the job id."""
     run_root.mkdir(parents=True, exist_ok=True)  # SLURM writes the job log there
-    flags = train_args(small_config, run_root / "unused", max_steps=steps, save_interval=5, objective="electra", **COMPARED_RUN)
+    flags = train_args(small_config, run_root / "unused", **ELECTRA_RUN)
     flags = [f for i, f in enumerate(flags) if f not in ("--corpus", "--output_dir") and flags[i - 1] not in ("--corpus", "--output_dir")]
     env = {**clean_env(), **{k: v for k, v in slurm_env.items() if k == "SLURM_CONF"}, "PYTHON": sys.executable,
            "CORPUS": small_config.corpus[0], "PRESET": "tiny", "RUN_ROOT": str(run_root), "TRAIN_ARGS": " ".join(flags)}
@@ -84,19 +85,12 @@ def sbatch(slurm_env: dict, small_config, run_root: Path, steps: int) -> str:
     return proc.stdout.strip().split(";")[0]
 
 
-def test_usr1_checkpoints_requeues_and_resumes_without_losing_a_note(slurm, small_config, tmp_path):
-    # First the batch script runs an ELECTRA job to completion: the reference.
-    reference = tmp_path / "reference"
-    reference_job = sbatch(slurm, small_config, reference, steps=12)
-    state = wait_for_job(reference_job, slurm)
-    log = (reference / f"tnf-bert-large-{reference_job}.out").read_text()
-    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", log[-3000:]
-    assert [r["step"] for r in read_metrics(reference / f"slurm-{reference_job}") if "loss" in r] == list(range(1, 13))
-    assert (reference / f"slurm-{reference_job}" / "checkpoints" / "step00000010" / "COMPLETE").is_file()
-    assert "rank 1/2" in log and "(from slurm)" in log
-    # The same job again, sent SIGUSR1 (SLURM's warning before preemption) once it passed step 4.
+def test_usr1_checkpoints_requeues_and_resumes_without_losing_a_note(slurm, small_config, electra_run, tmp_path):
+    """The batch script runs an ELECTRA job, sent SIGUSR1 (SLURM's warning before preemption) once it passed step 4:
+    it checkpoints, is requeued, resumes and completes with the notes of the same training under the deepspeed
+    launcher (conftest.electra_run)."""
     preempted = tmp_path / "preempted"
-    job = sbatch(slurm, small_config, preempted, steps=12)
+    job = sbatch(slurm, small_config, preempted)
     run = preempted / f"slurm-{job}"
     deadline = time.monotonic() + 300
     while not (run / "metrics.jsonl").is_file() or max((r["step"] for r in read_metrics(run)), default=0) < 4:
@@ -112,12 +106,13 @@ def test_usr1_checkpoints_requeues_and_resumes_without_losing_a_note(slurm, smal
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+2"], env=slurm, check=False)
     state = wait_for_job(job, slurm)
     log = (preempted / f"tnf-bert-large-{job}.out").read_text()
-    assert state["JobState"] == "COMPLETED" and int(state.get("Restarts", 0)) == 1, log[-4000:]
-    assert "SIGUSR1: checkpointed step" in log and "resumed from" in log
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0" and int(state.get("Restarts", 0)) == 1, log[-4000:]
+    assert "SIGUSR1: checkpointed step" in log and "resumed from" in log and "rank 1/2" in log and "(from slurm)" in log
     stopped_at = int(log.split("SIGUSR1: checkpointed step ")[1].split()[0])
     assert 4 <= stopped_at < 12
     assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, 13))
-    torch.testing.assert_close(notes_of(run), notes_of(reference / f"slurm-{reference_job}"), rtol=1e-5, atol=1e-6)
+    assert (run / "checkpoints" / "step00000012" / "COMPLETE").is_file()
+    torch.testing.assert_close(notes_of(run), notes_of(electra_run), rtol=1e-5, atol=1e-6)
 
 
 def test_preflight_names_a_malformed_hostfile_line(tmp_path, capsys):
