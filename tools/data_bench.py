@@ -6,8 +6,9 @@ Writes N words of real text (the bundled corpus, repeated) to OUT/corpus.jsonl, 
 it from scratch with `python -m tnf_scale.prepare` (the bench preset's data flags; a fresh cache in OUT, and a
 fresh `datasets` cache, so nothing is reused) while
 sampling the memory of the whole process tree (the preparer and its workers; PSS, so shared pages count once). Reports each phase's
-seconds, the count + pack rate (words as BERT's pre-tokenizer splits them) and the peak memory, to
-data_bench.{md,json}.
+seconds, the count + pack rate (words as BERT's pre-tokenizer splits them) and two peaks, to data_bench.{md,json}: all
+memory (PSS), and its anonymous part (heap and shared memory), which excludes the clean pages of memory-mapped files
+(Arrow tables, libraries) that the kernel can drop and read again under pressure.
 The repeated corpus has the bundled corpus's vocabulary with every count multiplied: it measures speed and memory,
 not the rare band of a real corpus of that size.
 """
@@ -28,6 +29,8 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tnf_scale.config import BUNDLED_CORPUS, ConfigError, exit_code  # noqa: E402
+from tnf_scale.data.rare_vocab import word_splitter  # noqa: E402
+from tnf_scale.data.tokenizer import load_tokenizer  # noqa: E402
 from tnf_scale.run_dir import machine  # noqa: E402
 
 
@@ -46,16 +49,19 @@ def write_corpus(path: Path, words: int) -> int:
     return written
 
 
-def tree_memory(process: psutil.Process) -> int:
-    """Bytes of memory a process and all its descendants hold now: the sum of their proportional set sizes (PSS), so
-    pages they share (libraries, memory-mapped Arrow files) count once, not once per process as RSS would."""
-    total = 0
+def tree_memory(process: psutil.Process) -> tuple[int, int]:
+    """Bytes a process and all its descendants hold now, as (all, anonymous): sums of their proportional set sizes
+    (PSS, from /proc/PID/smaps_rollup), so pages they share count once, not once per process as RSS would."""
+    total = anonymous = 0
     for member in [process, *process.children(recursive=True)]:
         try:
-            total += member.memory_full_info().pss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return total
+            fields = dict(line.split(":", 1) for line in Path(f"/proc/{member.pid}/smaps_rollup").read_text().splitlines()[1:])
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue  # the process ended between listing and reading
+        kib = {name: int(value.split()[0]) * 1024 for name, value in fields.items()}
+        total += kib["Pss"]
+        anonymous += kib["Pss_Anon"] + kib["Pss_Shmem"]
+    return total, anonymous
 
 
 def prepare(corpus: Path, cache: Path, num_proc: int, flags: list[str]) -> dict:
@@ -66,31 +72,61 @@ def prepare(corpus: Path, cache: Path, num_proc: int, flags: list[str]) -> dict:
     env = {**os.environ, "HF_DATASETS_CACHE": str(cache / "hf_datasets")}  # nothing reused from an earlier preparation
     child = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
-    watched, peak, started = psutil.Process(child.pid), 0, time.perf_counter()
+    watched, peak, peak_anonymous, started = psutil.Process(child.pid), 0, 0, time.perf_counter()
     while child.poll() is None:
         try:
-            peak = max(peak, tree_memory(watched))
+            total, anonymous = tree_memory(watched)
         except psutil.NoSuchProcess:
             break
+        peak, peak_anonymous = max(peak, total), max(peak_anonymous, anonymous)
         time.sleep(0.2)
     output = child.stdout.read()
     if child.returncode != 0:
         raise ConfigError(f"preparing with --num_proc {num_proc} failed (exit {child.returncode}): {output.strip().splitlines()[-1]}")
     stats = json.loads(next(cache.glob("[0-9a-f]*/stats.json")).read_text())
     return {"num_proc": num_proc, "seconds": stats["seconds"], "wall_seconds": time.perf_counter() - started,
-            "words": stats["words"], "peak_memory_gb": peak / 1e9}
+            "words": stats["words"], "peak_memory_gb": peak / 1e9,
+            "peak_anonymous_memory_gb": peak_anonymous / 1e9}
 
 
-def render(rows: list[dict], words: int, command: str) -> str:
+def tokenizer_ceiling(tokenizer_dir: Path, corpus: Path, words: int = 2_000_000) -> dict:
+    """Words/s of the prepared tokenizer alone, in this one process, over the corpus's first `words` words: the
+    normalizer + pre-tokenizer (what counting runs on every word, and packing again) and the Rust `encode` (what
+    packing runs). Count + pack can go no faster per process than these allow."""
+    texts, seen = [], 0
+    with corpus.open(encoding="utf-8") as lines:
+        for line in lines:
+            texts.append(json.loads(line)["text"])
+            seen += len(texts[-1].split())
+            if seen >= words:
+                break
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    split, backend = word_splitter(tokenizer), tokenizer.backend_tokenizer
+    started = time.perf_counter()
+    counted = sum(len(split(text)) for text in texts)
+    split_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    for text in texts:
+        backend.encode(text, add_special_tokens=False)
+    encode_seconds = time.perf_counter() - started
+    return {"words": counted, "pre_tokenize_words_per_s": counted / split_seconds, "encode_words_per_s": counted / encode_seconds}
+
+
+def render(rows: list[dict], words: int, command: str, ceiling: dict) -> str:
     phases = list(rows[0]["seconds"])
     lines = [f"Data preparation of {words:,} words (the bundled corpus repeated) on {machine()}; `{command}`.", "",
-             "| --num_proc | " + " | ".join(f"{p} s" for p in phases) + " | count + pack words/s | peak memory (PSS) |",
-             "| --- |" + " --- |" * (len(phases) + 2)]
+             "| --num_proc | " + " | ".join(f"{p} s" for p in phases) + " | count + pack words/s | peak memory (PSS) | peak anonymous memory |",
+             "| --- |" + " --- |" * (len(phases) + 3)]
     for row in rows:
         seconds = row["seconds"]
         rate = row["words"] / max(seconds["count"] + seconds["pack"], 1e-9)
         lines.append(f"| {row['num_proc']} | " + " | ".join(f"{seconds[p]:.1f}" for p in phases) +
-                     f" | {rate:,.0f} | {row['peak_memory_gb']:.2f} GB |")
+                     f" | {rate:,.0f} | {row['peak_memory_gb']:.2f} GB | {row['peak_anonymous_memory_gb']:.2f} GB |")
+    split, encode = ceiling["pre_tokenize_words_per_s"], ceiling["encode_words_per_s"]
+    lines += ["", f"The tokenizer alone, one process, first {ceiling['words']:,} words: normalizer + pre-tokenizer "
+              f"{split:,.0f} words/s, Rust `encode` {encode:,.0f} words/s. Counting pre-tokenizes every word and packing "
+              f"pre-tokenizes and encodes it again, so one process cannot pass {1 / (2 / split + 1 / encode):,.0f} words/s "
+              f"count + pack; a preparation that encoded each word once and did nothing else could reach {encode:,.0f}."]
     return "\n".join(lines) + "\n"
 
 
@@ -108,9 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     words = write_corpus(corpus, args.words)
     rows = [prepare(corpus, out / f"cache_{n}", n, ["--preset", "bench", *flags]) for n in args.num_proc]
     command = " ".join(["python", "tools/data_bench.py", *(argv if argv is not None else sys.argv[1:])])
-    text = render(rows, words, command)
+    ceiling = tokenizer_ceiling(next((out / f"cache_{args.num_proc[0]}").glob("[0-9a-f]*/tokenizer")), corpus)
+    text = render(rows, words, command, ceiling)
     (out / "data_bench.md").write_text(text)
-    (out / "data_bench.json").write_text(json.dumps({"words": words, "machine": machine(), "command": command, "runs": rows}, indent=2) + "\n")
+    (out / "data_bench.json").write_text(json.dumps({"words": words, "machine": machine(), "command": command, "runs": rows,
+                                                     "tokenizer_alone": ceiling}, indent=2) + "\n")
     print(text)
     return 0
 
