@@ -179,7 +179,10 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise sum of `values` over all ranks (float64, one collective on the world)."""
+    """Element-wise sum of `values` over all ranks (float64, one collective on the world; none in a world of one, where
+    the step's first collective measured 1.4-1.8 ms on a busy 2-core host, a second one right after it 0.16 ms)."""
+    if deepspeed.comm.get_world_size() == 1:
+        return [float(value) for value in values]
     t = torch.tensor(values, dtype=torch.float64, device=device)
     deepspeed.comm.all_reduce(t)
     return t.tolist()
