@@ -157,6 +157,7 @@ def test_boolean_flags_take_the_usual_spellings_and_a_bare_flag_means_true(capsy
     ("--lr", "nan", "--lr must be a finite number"),
     ("--lr", "0", "--lr must be above 0"),
     ("--mlm_probability", "0", "--mlm_probability must lie strictly between 0 and 1"),
+    ("--prefetch", "yes", "--prefetch must be one of auto, on, off, got 'yes'"),
 ])
 def test_values_that_would_train_nothing_or_nonsense_are_refused(flag, value, message):
     with pytest.raises(ConfigError, match=message):

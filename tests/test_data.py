@@ -177,12 +177,23 @@ def test_prefetched_steps_hold_exactly_what_collating_on_the_spot_gives(prepared
         return [collate(prepared.train, indices[i : i + 4], keys[i : i + 4], epochs[i : i + 4]) for i in (0, 4)]
 
     expected = {step: make(step) for step in (0, 1, 2, 5, 6)}
-    prefetcher = StepPrefetcher(make)
-    for step in (0, 1, 2, 5, 6):  # a jump (a resume) is collated on the spot, then prefetching goes on
-        for got, want in zip(prefetcher.get(step), expected[step], strict=True):
-            for field in dataclasses.fields(got):
-                assert torch.equal(getattr(got, field.name), getattr(want, field.name)), (step, field.name)
-    assert prefetcher.pending[0] == 7
+    for ahead in (True, False):
+        prefetcher = StepPrefetcher(make, ahead=ahead)
+        for step in (0, 1, 2, 5, 6):  # a jump (a resume) is collated on the spot, then prefetching goes on
+            for got, want in zip(prefetcher.get(step), expected[step], strict=True):
+                for field in dataclasses.fields(got):
+                    assert torch.equal(getattr(got, field.name), getattr(want, field.name)), (step, field.name)
+        assert (prefetcher.pending[0] == 7) if ahead else prefetcher.pending is None
+
+
+def test_a_batch_is_page_locked_and_copied_tensor_by_tensor(prepared):
+    """The trainer's accelerator path: every field passes through `pin_memory`, then one non-blocking copy each."""
+    batch = Collator(prepared.tokenizer, 64, 0.15, seed=3)(prepared.train, [0, 1, 2], [0, 1, 2], [0, 0, 0])
+    pinned: list[torch.Tensor] = []
+    moved = batch.map(lambda t: pinned.append(t) or t.clone()).to(torch.device("cpu"), non_blocking=True)
+    assert [id(t) for t in pinned] == [id(getattr(batch, f.name)) for f in dataclasses.fields(batch)]
+    for field in dataclasses.fields(batch):
+        assert torch.equal(getattr(moved, field.name), getattr(batch, field.name)), field.name
 
 
 def prepare_command(small_config, cache) -> list[str]:

@@ -82,7 +82,8 @@ def test_resume_continues_exactly_where_the_checkpoint_left_off(tnf_run, small_c
     shutil.copytree(tnf_run, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step00000040")  # as if the run died after step 20's checkpoint
     assert latest_complete(resumed).name == "step00000020"
-    launch(1, ["tnf_scale/train.py", *train_args(small_config, resumed, max_steps=40, save_interval=20, resume="true")])
+    # The run collated each step on the spot (--prefetch auto on a CPU); the resumed one prefetches: the same batches.
+    launch(1, ["tnf_scale/train.py", *train_args(small_config, resumed, max_steps=40, save_interval=20, resume="true", prefetch="on")])
     original = {r["step"]: r for r in read_metrics(tnf_run)}
     again = read_metrics(resumed)
     assert [r["step"] for r in again] == [r["step"] for r in read_metrics(tnf_run)]  # no step logged twice

@@ -13,14 +13,20 @@ from tnf_scale.data.sampler import Batch
 
 
 class StepPrefetcher:
-    """`get(n)` returns `make(n)` and starts `make(n + 1)` in the background; one step ahead, one thread."""
+    """`get(n)` returns `make(n)` and starts `make(n + 1)` in the background; one step ahead, one thread.
 
-    def __init__(self, make: Callable[[int], list[Batch]]):
-        self.make = make
+    With `ahead=False` every step is collated on the spot: where the step computes on the same host cores (a CPU-only
+    run), the thread only takes cores from it.
+    """
+
+    def __init__(self, make: Callable[[int], list[Batch]], ahead: bool = True):
+        self.make, self.ahead = make, ahead
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collate")
         self.pending: tuple[int, Future] | None = None
 
     def get(self, step: int) -> list[Batch]:
+        if not self.ahead:
+            return self.make(step)
         if self.pending is not None and self.pending[0] == step:
             batches = self.pending[1].result()
         else:

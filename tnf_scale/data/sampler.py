@@ -11,6 +11,7 @@ A rare occurrence whose span holds a token selected for prediction reads no note
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import datasets
@@ -100,8 +101,12 @@ class Batch:
                                    labels=grow(self.labels, IGNORE_INDEX), lengths=grow(self.lengths), order_key=grow(self.order_key),
                                    in_rare_span=grow(self.in_rare_span, False), sample_uniform=grow(self.sample_uniform))
 
-    def to(self, device) -> Batch:
-        return Batch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        """The batch with `fn` applied to every tensor (a device copy, page-locking)."""
+        return Batch(*(fn(getattr(self, f)) for f in self.__dataclass_fields__))
+
+    def to(self, device, non_blocking: bool = False) -> Batch:
+        return self.map(lambda t: t.to(device, non_blocking=non_blocking))
 
 
 class Collator:
