@@ -149,6 +149,30 @@ def test_the_guard_stops_after_consecutive_non_finite_steps_only():
         guard.stop_if_diverged(4, last_good_checkpoint=2)
 
 
+def test_a_usr1_handled_as_the_step_boundary_collective_returns_still_requeues(monkeypatch):
+    """Python runs a signal handler only when the blocking all-reduce returns: after this rank's share was sent. The
+    flag the handler set must survive that sum, so the next boundary stops with 85 (requeue), not 86 (a CI failure)."""
+    import signal
+
+    from tnf_scale import stopping
+
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+    try:
+        request = stopping.StopRequest()
+
+        def sum_then_signal(values, device):
+            request._handle(signal.SIGUSR1, None)  # the signal arrived while the collective blocked
+            return [0.0] * len(values)  # what every rank sent before it
+
+        monkeypatch.setattr(stopping, "all_reduce_sum", sum_then_signal)
+        assert not request.agreed(torch.device("cpu"))
+        monkeypatch.setattr(stopping, "all_reduce_sum", lambda values, device: list(values))
+        assert request.agreed(torch.device("cpu")) and request.exit_code == stopping.PREEMPTED_EXIT
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
 def test_a_diverging_run_stops_in_one_sentence_and_exports_nothing(small_config, tmp_path):
     out = tmp_path / "run"
     args = train_args(small_config, out, max_steps=12, lr=1e30, warmup_steps=1, save_interval=1, max_nonfinite_steps=2)

@@ -74,7 +74,9 @@ class StopRequest:
         """Whether any rank was asked to stop (one collective, at a step boundary); if so every rank also learns whether
         it was a pre-emption, so all exit alike."""
         pending, preempted = all_reduce_sum([float(self.reason is not None), float(self.preempted)], device)
-        self.preempted = preempted > 0
+        # Never lowered: a signal that arrived during the collective is handled as it returns, after this rank's share
+        # was sent; its handler has already set the flag, and overwriting it with the sum would turn USR1 into exit 86.
+        self.preempted = self.preempted or preempted > 0
         return pending > 0
 
     @property
