@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -149,28 +150,54 @@ def test_the_guard_stops_after_consecutive_non_finite_steps_only():
         guard.stop_if_diverged(4, last_good_checkpoint=2)
 
 
-def test_a_usr1_handled_as_the_step_boundary_collective_returns_still_requeues(monkeypatch):
+@pytest.fixture
+def stop_handlers():
+    """StopRequest installs process-wide signal handlers: pytest's are put back afterwards."""
+    import signal
+
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+def test_a_dead_launcher_stops_the_ranks_like_sigterm(monkeypatch, stop_handlers):
+    """The watch the fault campaign's KILL@launcher trial exercised end to end (20/20 in the README's campaign): a
+    watched launcher that dies, even by SIGKILL, is named and the ranks stop at the next boundary with exit 86."""
+    import psutil
+
+    from tnf_scale import stopping
+
+    monkeypatch.setattr(stopping, "all_reduce_sum", lambda values, device: list(values))  # a world of one
+    launcher = subprocess.Popen(["sleep", "60"])
+    request = stopping.StopRequest(launchers=[psutil.Process(launcher.pid)])
+    assert request.reason is None and not request.agreed(torch.device("cpu"))
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 4 * stopping.LAUNCHER_POLL_SECONDS
+    while request.reason is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert request.reason == f"its launcher (sleep, PID {launcher.pid}) exited"
+    assert request.agreed(torch.device("cpu")) and request.exit_code == stopping.STOPPED_EXIT
+
+
+def test_a_usr1_handled_as_the_step_boundary_collective_returns_still_requeues(monkeypatch, stop_handlers):
     """Python runs a signal handler only when the blocking all-reduce returns: after this rank's share was sent. The
     flag the handler set must survive that sum, so the next boundary stops with 85 (requeue), not 86 (a CI failure)."""
     import signal
 
     from tnf_scale import stopping
 
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
-    try:
-        request = stopping.StopRequest()
+    request = stopping.StopRequest(launchers=[])
 
-        def sum_then_signal(values, device):
-            request._handle(signal.SIGUSR1, None)  # the signal arrived while the collective blocked
-            return [0.0] * len(values)  # what every rank sent before it
+    def sum_then_signal(values, device):
+        request._handle(signal.SIGUSR1, None)  # the signal arrived while the collective blocked
+        return [0.0] * len(values)  # what every rank sent before it
 
-        monkeypatch.setattr(stopping, "all_reduce_sum", sum_then_signal)
-        assert not request.agreed(torch.device("cpu"))
-        monkeypatch.setattr(stopping, "all_reduce_sum", lambda values, device: list(values))
-        assert request.agreed(torch.device("cpu")) and request.exit_code == stopping.PREEMPTED_EXIT
-    finally:
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
+    monkeypatch.setattr(stopping, "all_reduce_sum", sum_then_signal)
+    assert not request.agreed(torch.device("cpu"))
+    monkeypatch.setattr(stopping, "all_reduce_sum", lambda values, device: list(values))
+    assert request.agreed(torch.device("cpu")) and request.exit_code == stopping.PREEMPTED_EXIT
 
 
 def test_a_diverging_run_stops_in_one_sentence_and_exports_nothing(small_config, tmp_path):
@@ -187,22 +214,21 @@ def test_a_diverging_run_stops_in_one_sentence_and_exports_nothing(small_config,
 
 
 @pytest.mark.launcher
-def test_fault_campaign_a_killed_rank_and_a_killed_launcher_resume_identically(small_config, dp_reference_run, tmp_path):
-    """Two trials of tools/fault_campaign.py against the shared 1-rank reference (the same training on 2 ranks agrees
-    within 1e-5): SIGKILL to a rank (the survivor names it and the resume step) and SIGKILL to the deepspeed runner
-    (the ranks checkpoint and exit 86 instead of training on as orphans)."""
+def test_fault_campaign_a_killed_rank_is_named_and_the_resume_is_identical(small_config, dp_reference_run, tmp_path):
+    """One trial of tools/fault_campaign.py against the shared 1-rank reference (the same training on 2 ranks agrees
+    within 1e-5): SIGKILL to a rank; the survivor names it and the resume step, and the resumed run matches. (The
+    dead-launcher stop is tested in-process above; the campaign's KILL@launcher and other faults in the README.)"""
     out = tmp_path / "faults"
     flags = [a for a in train_args(small_config, out, max_steps=20, deepspeed_config="ds_configs/zero1.json", **COMPARED_RUN)]
     flags = [x for key, value in zip(flags[::2], flags[1::2]) if key not in ("--output_dir", "--max_steps") for x in (key, value)]
-    proc = run_cmd([sys.executable, "tools/fault_campaign.py", "--trials", "2", "--in_order", "--faults", "KILL@rank,KILL@launcher",
+    proc = run_cmd([sys.executable, "tools/fault_campaign.py", "--trials", "1", "--in_order", "--faults", "KILL@rank",
                     "--max_steps", "20", "--save_interval", "3", "--reference", str(dp_reference_run), "--master_port", str(free_port()),
                     "--out", str(out), *flags], timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "2/2 identical within 1e-05, 0 notes lost, 0 orphaned ranks" in proc.stdout
-    killed_rank, killed_launcher = json.loads((out / "fault_campaign.json").read_text())
+    assert "1/1 identical within 1e-05, 0 notes lost, 0 orphaned ranks" in proc.stdout
+    (killed_rank,) = json.loads((out / "fault_campaign.json").read_text())
     victim = killed_rank["target"].split()[-1]
     assert f"rank {victim} died first without a word" in killed_rank["last_words"] and "it continues from step" in killed_rank["last_words"]
-    assert killed_launcher["orphans"] == 0 and "launcher" in killed_launcher["last_words"] and "exiting with 86" in killed_launcher["last_words"]
 
 
 def test_bad_data_input_on_two_ranks_is_one_sentence_and_no_traceback(small_config, tmp_path):

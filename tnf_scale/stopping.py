@@ -45,12 +45,14 @@ class StopRequest:
     """Remembers why this rank was asked to stop; `reason` is None until then. The step loop asks every rank at each
     step boundary (distributed.any_rank) so that all stop together."""
 
-    def __init__(self):
+    def __init__(self, launchers: list[psutil.Process] | None = None):
+        """Handles the stop signals from now on and watches `launchers` (default: this rank's launcher chain)."""
         self.reason: str | None = None
         self.preempted = False
         for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._handle)
-        self._watch = [(p, p.name()) for p in launcher_chain()]  # names kept: a dead process has none to ask for
+        watched = launcher_chain() if launchers is None else launchers
+        self._watch = [(p, p.name()) for p in watched]  # names kept: a dead process has none to ask for
         if self._watch:
             threading.Thread(target=self._watch_launcher, name="launcher-watch", daemon=True).start()
 
