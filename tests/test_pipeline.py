@@ -24,9 +24,10 @@ PIPELINE_RUN = {**COMPARED_RUN, "micro_batch_size": 8}  # another micro-batch si
 
 @pytest.fixture(scope="module")
 def pipeline_runs(small_config, tmp_path_factory) -> dict[int, Path]:
-    """TNF with 2 pipeline stages on 2 ranks (x1 data-parallel) and on 4 ranks (x2)."""
+    """TNF with 2 pipeline stages on 4 ranks (x2 data-parallel: stage boundaries, first-stage reads, last-stage writes
+    and the replicas' split at once; 2 ranks x1 was dropped for the suite's time budget)."""
     runs = {}
-    for ranks in (2, 4):
+    for ranks in (4,):
         out = tmp_path_factory.mktemp(f"pp2_w{ranks}")
         launch(ranks, ["tnf_scale/train.py", *train_args(small_config, out, max_steps=STEPS, eval_interval=STEPS,
                                                          deepspeed_config="ds_configs/tiny_pp2.json", **PIPELINE_RUN)])
@@ -38,7 +39,7 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run) if "loss" in r}
 
 
-@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("ranks", [4])
 def test_pipeline_matches_the_data_parallel_path(ranks, pipeline_runs, dp_reference_run):
     reference, got = losses(dp_reference_run), losses(pipeline_runs[ranks])
     assert sorted(got) == list(range(1, STEPS + 1))
@@ -64,7 +65,7 @@ def test_pipeline_notes_equal_the_data_parallel_notes(pipeline_runs, dp_referenc
 @torch.no_grad()
 def test_pipeline_export_is_the_model_in_training(pipeline_runs, prepared, small_config):
     """The exported HF model's held-out loss equals the one the pipeline measured at its last step."""
-    run = pipeline_runs[2]
+    run = pipeline_runs[4]
     model = BertForMaskedLM.from_pretrained(str(run / "export")).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(run / "export"))
     assert tokenizer.get_vocab() == prepared.tokenizer.get_vocab()
