@@ -206,3 +206,18 @@ def test_an_output_dir_that_is_a_file_is_named_before_anything_is_written(tmp_pa
     with pytest.raises(ConfigError, match="--output_dir .*out is a file; name a directory"):
         RunDir(target).check(RunConfig(output_dir=str(target)))
     assert target.read_text() == "not a directory"
+
+
+def test_a_tokenizer_that_is_missing_or_not_wordpiece_is_named(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from tnf_scale.data.tokenizer import load_tokenizer
+
+    with pytest.raises(ConfigError, match=f"--tokenizer {tmp_path} holds no tokenizer.json or vocab.txt"):
+        load_tokenizer(tmp_path)
+    specials = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}
+    bpe = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate([*specials.values(), "a"])}, merges=[], unk_token="[UNK]"))
+    PreTrainedTokenizerFast(tokenizer_object=bpe, **specials).save_pretrained(tmp_path / "bpe")
+    with pytest.raises(ConfigError, match="is a BPE tokenizer; .* give a WordPiece tokenizer"):
+        load_tokenizer(tmp_path / "bpe")

@@ -5,14 +5,17 @@ import dataclasses
 import json
 from collections import Counter
 
+import datasets
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 from tnf_scale.config import ConfigError
+from tnf_scale.data.encoding import make_encoder, word_of_key
 from tnf_scale.data.packing import cut_points, make_packer
 from tnf_scale.data.prepare import cache_key, prepare_data
-from tnf_scale.data.rare_vocab import RareVocab, band_coverage, choose_band, word_splitter
+from tnf_scale.data.rare_vocab import RareVocab, band_coverage, choose_band, count_words, word_splitter
 from tnf_scale.data.sampler import Collator, GlobalBatchSampler, local_share
 
 
@@ -44,13 +47,13 @@ def test_rare_vocab_round_trips_through_its_file(prepared, tmp_path):
 
 
 def test_choose_band_takes_the_rarest_recurring_words_up_to_the_coverage():
-    counts = Counter({f"w{i}": c for i, c in enumerate([1] * 500 + [2] * 100 + [3] * 50 + [8] * 20 + [40] * 5 + [1000] * 3)})
-    total = sum(counts.values())  # 4210
+    counts = np.array([1] * 500 + [2] * 100 + [3] * 50 + [8] * 20 + [40] * 5 + [1000] * 3)  # one count per distinct word
+    total = counts.sum()  # 4210
     assert choose_band(counts, 0.09) == (2, 3)  # [2, 3] covers 350 / 4210 = 8.3%; adding 8 would cover 12.1%
     assert choose_band(counts, 0.20) == (2, 8)  # widening stops at 5 * 2 = 10
     assert band_coverage(counts, 2, 8) == 510 / total
     with pytest.raises(ConfigError, match="occurs twice"):
-        choose_band(Counter({"a": 1, "b": 1}), 0.02)
+        choose_band(np.array([1, 1]), 0.02)
 
 
 def test_spans_cover_exactly_the_subword_tokens_of_each_rare_word(prepared):
@@ -71,21 +74,52 @@ def test_spans_cover_exactly_the_subword_tokens_of_each_rare_word(prepared):
     assert checked > 100 and multi > 10
 
 
+def pack_text(tokenizer, text: str, rare_words: list[str], max_seq_len: int) -> dict:
+    """One document encoded and packed as preparation does, `rare_words[r]` having rare id r."""
+    encoded = pa.Table.from_batches(make_encoder(tokenizer)({"texts": [[text]]}).to_batches())
+    rare_keys = pa.array([key_of(tokenizer, word) for word in rare_words], pa.binary())
+    return make_packer(tokenizer, rare_keys, max_seq_len)(encoded).to_pydict()
+
+
+def key_of(tokenizer, word: str) -> bytes:
+    return np.asarray(tokenizer(word, add_special_tokens=False)["input_ids"], dtype="<i4").tobytes()
+
+
 def test_words_cut_by_truncation_get_no_occurrence(prepared):
     tok = prepared.tokenizer
     word = prepared.rare_vocab.words[0]
     long_word = "pneumonoultramicroscopicsilicovolcanoconiosis"
     pieces = len(tok(long_word, add_special_tokens=False)["input_ids"])
-    rare_id_of = {word: 0, long_word: 1}
-    packer = make_packer(tok, rare_id_of, max_seq_len=pieces + 1)  # the long word cannot fit in one sequence
-    out = packer({"text": [f"{word} {long_word} {word}"]})
-    found = [r for seq in out["rare_ids"] for r in seq.tolist()]
+    out = pack_text(tok, f"{word} {long_word} {word}", [word, long_word], max_seq_len=pieces + 1)  # the long word cannot fit
+    found = [r for seq in out["rare_ids"] for r in seq]
     assert 1 not in found  # the truncated word
     assert found.count(0) == 2  # the rare word on both sides still counts
     for ids, s_list, t_list in zip(out["input_ids"], out["span_start"], out["span_end"]):
         assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id and len(ids) <= pieces + 1
         for s, t in zip(s_list, t_list):
             assert tok.decode(ids[s : t + 1]).replace(" ", "") == word
+
+
+def test_words_are_counted_as_the_pre_tokenizer_splits_them_and_unspellable_ones_by_their_text(prepared, small_corpus):
+    """Counting keys words by their WordPiece ids (no Python object per word); the counts must be exactly those of the
+    normalized, pre-tokenized words of TNF_SPEC section 1, counted in Python. Words the vocabulary spells as [UNK]
+    (unseen characters) are told apart by their text; a special token written in the text is not a word."""
+    tok = prepared.tokenizer
+    texts = [json.loads(line)["text"] for line in small_corpus.read_text().splitlines()[:40]]
+    unspellable = ["☃☃", "ʘʘ", "Ωmega", "中文字", "naïve", "Ⅻ"]
+    texts += [" ".join(unspellable[i:] + texts[i].split()[:50]) for i in range(len(unspellable))]
+    assert any(tok.unk_token_id in tok(w, add_special_tokens=False)["input_ids"] for w in unspellable)
+    split = word_splitter(tok)
+    expected = Counter(word for text in texts for word in split(text))
+    encoded = datasets.Dataset(pa.Table.from_batches(make_encoder(tok)({"texts": [texts]}).to_batches()))
+    counted = count_words(encoded, merge_rows=100)  # merge often: the running totals are exercised
+    got = {word_of_key(key, tok): count for key, count in zip(counted.column("key").to_pylist(), counted.column("count").to_pylist())}
+    assert len(got) == counted.num_rows and got == dict(expected)
+    plain_row = make_encoder(tok)({"texts": [["alpha [SEP] beta [MASK] alpha"]]})
+    assert plain_row.schema == encoded.data.table.schema  # a row without unspellable words has the same columns' types
+    with_special = count_words(datasets.Dataset(plain_row))
+    assert sorted(zip(with_special.column("key").to_pylist(), with_special.column("count").to_pylist())) == sorted(
+        [(key_of(tok, "alpha"), 2), (key_of(tok, "beta"), 1)])
 
 
 def test_cut_points_move_back_to_word_starts():
@@ -156,14 +190,17 @@ def test_masking_spares_special_and_padding_tokens(prepared):
 
 def test_the_automatic_band_never_exceeds_the_coverage_and_says_when_nothing_fits():
     # count 2 alone covers 600 / 1630 = 36.8%: the band moves up to count 3 (30 / 1630 = 1.8%) instead
-    counts = Counter({**{f"a{i}": 2 for i in range(300)}, **{f"b{i}": 3 for i in range(10)}, **{f"c{i}": 1 for i in range(1000)}})
+    counts = np.array([2] * 300 + [3] * 10 + [1] * 1000)
     lo, hi = choose_band(counts, 0.02)
     assert (lo, hi) == (3, 3) and band_coverage(counts, lo, hi) <= 0.02
-    everything_frequent = Counter({**{f"a{i}": 2 for i in range(300)}, **{f"c{i}": 1 for i in range(100)}})  # count 2: 85.7%
+    everything_frequent = np.array([2] * 300 + [1] * 100)  # count 2: 85.7%
     with pytest.raises(ConfigError, match=r"no count of recurring words stays within --rare_coverage 0.02 .*smallest share one count covers is 85.7%"):
         choose_band(everything_frequent, 0.02)
+    word_counts = pa.table({"key": [f"w{i}".encode() for i in range(len(counts))], "count": counts})
     with pytest.raises(ConfigError, match=r"try --rare_min_count 3 --rare_max_count 3, which covers 1.84% of words"):
-        RareVocab.from_counts(counts, 50, 60)
+        RareVocab.from_counts(word_counts, 50, 60, bytes.decode)
+    rare, keys = RareVocab.from_counts(word_counts, 3, 3, bytes.decode)
+    assert rare.words == tuple(sorted(f"w{i}" for i in range(300, 310))) and keys.to_pylist() == [w.encode() for w in rare.words]
 
 
 def test_prefetched_steps_hold_exactly_what_collating_on_the_spot_gives(prepared):

@@ -1,11 +1,9 @@
-"""Pack tokenized documents into fixed-length sequences that carry rare-word occurrences.
+"""Pack encoded document groups (`encoding.encode_corpus`) into fixed-length sequences that carry rare-word occurrences.
 
-Documents are streamed in order, separated by [SEP], in groups of GROUP documents (the stream restarts at
-each group, so the sequences are the same however the groups are spread over processes), and cut into
-sequences of `max_seq_len - 2` tokens plus [CLS] ... [SEP]. A cut moves back to the nearest word start,
-so no word is split unless it alone is longer than a sequence; a word that is split gets
-no occurrence (TNF_SPEC section 1). An occurrence is `(rare id, start, end)` with the
-inclusive token span in sequence positions ([CLS] is position 0).
+Each group's stream (its documents in order, each closed by [SEP]) is cut into sequences of `max_seq_len - 2` tokens
+plus [CLS] ... [SEP]. A cut moves back to the nearest word start, so no word is split unless it alone is longer than a
+sequence; a word that is split gets no occurrence (TNF_SPEC section 1). An occurrence is `(rare id, start, end)` with
+the inclusive token span in sequence positions ([CLS] is position 0).
 """
 from __future__ import annotations
 
@@ -13,13 +11,11 @@ from collections.abc import Callable
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerFast
 
-from tnf_scale.data.rare_vocab import word_splitter
-
-COLUMNS = ("input_ids", "rare_ids", "span_start", "span_end")
-GROUP = 256  # documents packed as one stream
-
+from tnf_scale.data.encoding import word_keys
 
 def cut_points(word_start: np.ndarray, n_tokens: int, content_len: int) -> list[int]:
     """Sequence boundaries over a token stream: each at most `content_len` apart, at word starts when possible."""
@@ -33,59 +29,53 @@ def cut_points(word_start: np.ndarray, n_tokens: int, content_len: int) -> list[
     return cuts
 
 
-def make_packer(tokenizer: PreTrainedTokenizerFast, rare_id_of: dict[str, int], max_seq_len: int) -> Callable[[dict], dict]:
-    """A batched `datasets.map` function: {"text": [...]} -> packed sequences with occurrences."""
-    split = word_splitter(tokenizer)
-    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+def _list_array(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values.astype(np.int32)))
+
+
+def make_packer(tokenizer: PreTrainedTokenizerFast, rare_keys: pa.BinaryArray, max_seq_len: int) -> Callable[[pa.Table], pa.Table]:
+    """A `datasets.map` function over encoded rows in Arrow format, batched with batch_size=1: one row -> its packed
+    sequences. `rare_keys[r]` is the key of rare id r."""
+    cls_id, sep_id, unk_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.unk_token_id
     content_len = max_seq_len - 2
 
-    def pack(batch: dict) -> dict:
-        texts = batch["text"]
-        encodings = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False, verbose=False)
-        ids_parts, word_parts, rare_of_word = [], [], []
-        next_word = 0
-        for i, text in enumerate(texts):
-            ids = np.asarray(encodings["input_ids"][i], dtype=np.int64)
-            local = np.asarray(encodings.word_ids(i), dtype=np.int64)
-            words = split(text)
-            rare_of_word.extend(rare_id_of.get(w, -1) for w in words)
-            rare_of_word.append(-1)  # the [SEP] closing the document is a word of its own
-            ids_parts += [ids, np.asarray([sep_id])]
-            word_parts += [local + next_word, np.asarray([next_word + len(words)])]
-            next_word += len(words) + 1
-        ids = np.concatenate(ids_parts)
-        word = np.concatenate(word_parts)
-        rare = np.asarray(rare_of_word, dtype=np.int64)
-        word_start = np.ones(len(word), dtype=bool)
-        word_start[1:] = word[1:] != word[:-1]
-        # Token extent of every word in the stream, and its rare id.
-        positions = np.arange(len(word))
-        first = np.full(next_word, len(word), dtype=np.int64)
-        last = np.full(next_word, -1, dtype=np.int64)
-        np.minimum.at(first, word, positions)
-        np.maximum.at(last, word, positions)
-        occ_words = np.flatnonzero((last >= 0) & (rare >= 0))
-        occ_first, occ_last, occ_rare = first[occ_words], last[occ_words], rare[occ_words]
+    def pack(row: pa.Table) -> pa.Table:
+        ids = row.column("input_ids").combine_chunks().flatten().to_numpy()
+        word_start = row.column("word_start").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        unk_words = row.column("unk_words").combine_chunks().flatten().to_pylist()
+        rare = pc.index_in(word_keys(ids, word_start, unk_id, unk_words), value_set=rare_keys).fill_null(-1).to_numpy()
+        first = np.flatnonzero(word_start)
+        last = np.append(first[1:], len(ids)) - 1
+        occurs = rare >= 0
+        occ_first, occ_last, occ_rare = first[occurs], last[occurs], rare[occurs]
 
-        out = {name: [] for name in COLUMNS}
-        cuts = cut_points(word_start, len(ids), content_len)
-        for a, b in zip(cuts[:-1], cuts[1:]):
-            out["input_ids"].append(np.concatenate(([cls_id], ids[a:b], [sep_id])).astype(np.int32))
-            inside = (occ_first >= a) & (occ_last < b)
-            out["rare_ids"].append(occ_rare[inside].astype(np.int32))
-            out["span_start"].append((occ_first[inside] - a + 1).astype(np.int32))
-            out["span_end"].append((occ_last[inside] - a + 1).astype(np.int32))
-        return out
+        cuts = np.asarray(cut_points(word_start, len(ids), content_len))
+        seq_start, seq_end = cuts[:-1], cuts[1:]
+        # [CLS] tokens [SEP] for each sequence, laid end to end
+        offsets = np.concatenate(([0], np.cumsum(seq_end - seq_start + 2)))
+        tokens = np.empty(offsets[-1], dtype=np.int32)
+        content = np.ones(offsets[-1], dtype=bool)
+        content[offsets[:-1]] = content[offsets[1:] - 1] = False
+        tokens[offsets[:-1]], tokens[offsets[1:] - 1], tokens[content] = cls_id, sep_id, ids
+        # each occurrence in the sequence its first token falls in, unless the sequence ends inside it
+        sequence = np.searchsorted(seq_start, occ_first, side="right") - 1
+        kept = occ_last < seq_end[sequence]
+        sequence, occ_first, occ_last, occ_rare = sequence[kept], occ_first[kept], occ_last[kept], occ_rare[kept]
+        occ_offsets = np.concatenate(([0], np.cumsum(np.bincount(sequence, minlength=len(seq_start)))))
+        return pa.table({
+            "input_ids": _list_array(offsets, tokens),
+            "rare_ids": _list_array(occ_offsets, occ_rare),
+            "span_start": _list_array(occ_offsets, occ_first - seq_start[sequence] + 1),
+            "span_end": _list_array(occ_offsets, occ_last - seq_start[sequence] + 1),
+        })
 
     return pack
 
 
-def pack_corpus(corpus: datasets.Dataset, tokenizer: PreTrainedTokenizerFast, rare_id_of: dict[str, int], max_seq_len: int,
+def pack_corpus(encoded: datasets.Dataset, tokenizer: PreTrainedTokenizerFast, rare_keys: pa.BinaryArray, max_seq_len: int,
                 num_proc: int = 1) -> datasets.Dataset:
-    """Every document packed, in order, by `num_proc` processes. The map runs over rows of GROUP documents, so
-    processes split the work at group boundaries and the output does not depend on `num_proc`."""
-    groups = corpus.map(lambda batch: {"texts": [batch["text"]]}, batched=True, batch_size=GROUP,
-                        remove_columns=corpus.column_names, desc="grouping documents")
-    pack = make_packer(tokenizer, rare_id_of, max_seq_len)
-    return groups.map(lambda row: pack({"text": row["texts"][0]}), batched=True, batch_size=1, remove_columns=["texts"],
-                      num_proc=min(num_proc, len(groups)) if num_proc > 1 else None, desc="packing sequences")
+    """Every encoded group packed, in order, by `num_proc` processes; the output does not depend on `num_proc`."""
+    pack = make_packer(tokenizer, rare_keys, max_seq_len)
+    return encoded.with_format("arrow").map(pack, batched=True, batch_size=1, remove_columns=encoded.column_names,
+                                            num_proc=min(num_proc, len(encoded)) if num_proc > 1 else None,
+                                            desc="packing sequences").with_format(None)

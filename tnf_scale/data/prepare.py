@@ -22,12 +22,14 @@ from transformers import PreTrainedTokenizerFast
 
 from tnf_scale.config import ConfigError, RunConfig
 from tnf_scale.data.corpus import corpus_fingerprint, load_corpus
+from tnf_scale.data.encoding import encode_corpus, word_of_key
 from tnf_scale.data.packing import pack_corpus
 from tnf_scale.data.rare_vocab import RareVocab, band_coverage, choose_band, count_words
 from tnf_scale.data.tokenizer import load_tokenizer, train_wordpiece
 from tnf_scale.run_dir import RunDir
 
-FORMAT_VERSION = 3  # 2: the automatic rare band never exceeds --rare_coverage; 3: packing independent of processes
+FORMAT_VERSION = 4  # 2: the automatic rare band never exceeds --rare_coverage; 3: packing independent of processes;
+# 4: words as the encoder splits them (a literal special token in the text is one word, not three)
 
 
 @dataclass
@@ -105,17 +107,20 @@ def _build(cfg: RunConfig, out: Path, log) -> None:
         tokenizer = train_wordpiece(corpus, cfg.vocab_size, cfg.max_seq_len, cfg.tokenizer_sample_words)
     clock.lap("tokenizer")
     num_proc = preparation_processes(cfg, len(corpus))
-    counts = count_words(corpus, tokenizer, num_proc)
+    scratch = out / "scratch"
+    encoded = encode_corpus(corpus, tokenizer, num_proc, scratch)
+    word_counts = count_words(encoded)
     clock.lap("count")
+    counts = word_counts.column("count").to_numpy()
     if cfg.rare_min_count is None:
         lo, hi = choose_band(counts, cfg.rare_coverage)
     else:
         lo, hi = cfg.rare_min_count, cfg.rare_max_count
-    rare = RareVocab.from_counts(counts, lo, hi)
+    rare, rare_keys = RareVocab.from_counts(word_counts, lo, hi, lambda key: word_of_key(key, tokenizer))
     tokenizer.save_pretrained(str(RunDir(out).tokenizer))
     rare.save(RunDir(out).rare_vocab)
 
-    packed = pack_corpus(corpus, tokenizer, rare.id_of(), cfg.max_seq_len, num_proc)
+    packed = pack_corpus(encoded, tokenizer, rare_keys, cfg.max_seq_len, num_proc)
     clock.lap("pack")
     held_out = [is_eval_sequence(i, cfg.eval_fraction) for i in range(len(packed))]
     train = packed.select([i for i, h in enumerate(held_out) if not h])
@@ -124,20 +129,23 @@ def _build(cfg: RunConfig, out: Path, log) -> None:
         raise ConfigError(f"corpus {cfg.corpus} packs into only {len(packed)} sequences; give a larger corpus or a shorter --max_seq_len.")
     train.save_to_disk(str(out / "train"))
     evals.save_to_disk(str(out / "eval"))
+    sequences, train_sequences, eval_sequences = len(packed), len(train), len(evals)
+    with_rare = pc.sum(pc.greater(pc.list_value_length(packed.data.column("rare_ids")), 0)).as_py()
+    del encoded, packed, train, evals  # their files are memory-mapped from the scratch directory
+    shutil.rmtree(scratch)
     clock.lap("save")
 
-    with_rare = pc.sum(pc.greater(pc.list_value_length(packed.data.column("rare_ids")), 0)).as_py()
     stats = {
         "documents": len(corpus),
-        "words": sum(counts.values()),
+        "words": int(counts.sum()),
         "distinct_words": len(counts),
         "rare_band": [lo, hi],
         "rare_types": len(rare),
         "rare_word_share": band_coverage(counts, lo, hi),
-        "sequences": len(packed),
-        "train_sequences": len(train),
-        "eval_sequences": len(evals),
-        "sequences_with_rare_share": with_rare / len(packed),
+        "sequences": sequences,
+        "train_sequences": train_sequences,
+        "eval_sequences": eval_sequences,
+        "sequences_with_rare_share": with_rare / sequences,
         "max_seq_len": cfg.max_seq_len,
         "num_proc": num_proc,  # how this preparation ran (these two entries differ between preparations; the data does not)
         "seconds": clock.seconds,

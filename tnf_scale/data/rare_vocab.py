@@ -5,11 +5,14 @@ rare iff `min_count <= count(w) <= max_count`; rare ids `0..R-1` follow `(-count
 """
 from __future__ import annotations
 
-from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerFast
 
 from tnf_scale.config import ConfigError
@@ -29,39 +32,47 @@ def word_splitter(tokenizer: PreTrainedTokenizerFast):
     return split
 
 
-def count_words(corpus: datasets.Dataset, tokenizer: PreTrainedTokenizerFast, num_proc: int = 1) -> Counter:
-    """count(w) for every word of the corpus, counted in `num_proc` processes: each batch of documents yields its own
-    (word, count) rows, and Arrow sums them by word, so the corpus is never held as Python words."""
-    split = word_splitter(tokenizer)
+def count_words(encoded: datasets.Dataset, merge_rows: int = 1_000_000) -> pa.Table:
+    """count(w) for every word of an encoded corpus (`encoding.encode_corpus`), as a table of `key` and `count`: the
+    rows' own counts summed by key in Arrow. Per-row counts are merged into the totals whenever they outnumber them,
+    so memory follows the number of distinct words, not the corpus."""
+    totals = pa.table({"key": pa.array([], pa.binary()), "count": pa.array([], pa.int64())})
+    pending: list[pa.Table] = []
+    pending_rows = 0
 
-    def count_batch(batch: dict) -> dict:
-        counts = Counter(word for text in batch["text"] for word in split(text))
-        return {"word": list(counts), "count": list(counts.values())}
+    def merged() -> pa.Table:
+        table = pa.concat_tables([totals, *pending])
+        return table.group_by("key").aggregate([("count", "sum")]).rename_columns(["key", "count"])
 
-    per_batch = corpus.map(count_batch, batched=True, batch_size=1000, remove_columns=corpus.column_names,
-                           num_proc=num_proc if num_proc > 1 else None, desc="counting words")
-    totals = per_batch.data.table.group_by("word").aggregate([("count", "sum")])
-    return Counter(dict(zip(totals.column("word").to_pylist(), totals.column("count_sum").to_pylist())))
-
-
-def band_coverage(counts: Counter, lo: int, hi: int) -> float:
-    """Share of word occurrences whose word count lies in [lo, hi]."""
-    total = sum(counts.values())
-    return sum(c for c in counts.values() if lo <= c <= hi) / total if total else 0.0
+    for batch in encoded.data.table.select(["keys", "counts"]).to_batches(max_chunksize=64):
+        part = pa.table({"key": pc.list_flatten(batch.column("keys")), "count": pc.list_flatten(batch.column("counts"))})
+        pending.append(part)
+        pending_rows += part.num_rows
+        if pending_rows >= max(totals.num_rows, merge_rows):
+            totals, pending, pending_rows = merged(), [], 0
+    return merged()
 
 
-def choose_band(counts: Counter, coverage: float) -> tuple[int, int]:
+def band_coverage(counts: np.ndarray, lo: int, hi: int) -> float:
+    """Share of word occurrences whose word count (one entry per distinct word) lies in [lo, hi]."""
+    total = int(counts.sum())
+    return int(counts[(counts >= lo) & (counts <= hi)].sum()) / total if total else 0.0
+
+
+def choose_band(counts: np.ndarray, coverage: float) -> tuple[int, int]:
     """The rarest recurring words that cover at most `coverage` of word occurrences: [lo, hi], hi <= 5 * lo.
 
-    lo is the smallest count of at least 2 (a word seen once never reads a note it wrote) whose words alone stay
-    within `coverage`; hi widens one count at a time (up to the paper's max/min ratio of 5) while the band does.
-    Refused in one sentence when no count stays within `coverage` (a corpus too small for a rare tail).
+    `counts` holds one count per distinct word. lo is the smallest count of at least 2 (a word seen once never reads a
+    note it wrote) whose words alone stay within `coverage`; hi widens one count at a time (up to the paper's max/min
+    ratio of 5) while the band does. Refused in one sentence when no count stays within `coverage` (a corpus too small
+    for a rare tail).
     """
-    total = sum(counts.values())
+    total = int(counts.sum())
     if total == 0:
         raise ConfigError("the corpus holds no words; point --corpus at text.")
-    by_count = Counter(counts.values())  # count value -> number of word types with it
-    recurring = sorted(v for v in by_count if v >= 2)
+    values, types = np.unique(counts, return_counts=True)  # each count value and how many word types have it
+    by_count = dict(zip(values.tolist(), types.tolist()))
+    recurring = [v for v in by_count if v >= 2]
     if not recurring:
         raise ConfigError(f"no word of the {len(counts)} distinct words counted occurs twice; give a larger corpus.")
     lo = next((v for v in recurring if v * by_count[v] / total <= coverage), None)
@@ -71,7 +82,7 @@ def choose_band(counts: Counter, coverage: float) -> tuple[int, int]:
                           f"(the smallest share one count covers is {100 * smallest:.1f}%); give a larger corpus, a larger "
                           "--rare_coverage, or --rare_min_count/--rare_max_count.")
     hi, covered = lo, lo * by_count[lo]
-    for value in sorted(v for v in by_count if lo < v <= BAND_RATIO * lo):
+    for value in (v for v in by_count if lo < v <= BAND_RATIO * lo):
         if (covered + value * by_count[value]) / total > coverage:
             break
         hi, covered = value, covered + value * by_count[value]
@@ -88,16 +99,23 @@ class RareVocab:
     max_count: int
 
     @classmethod
-    def from_counts(cls, counts: Counter, min_count: int, max_count: int) -> RareVocab:
-        rare = sorted(((-c, w) for w, c in counts.items() if min_count <= c <= max_count))
-        if not rare:
+    def from_counts(cls, word_counts: pa.Table, min_count: int, max_count: int,
+                    word_of: Callable[[bytes], str]) -> tuple[RareVocab, pa.BinaryArray]:
+        """The words of `word_counts` (`count_words`) whose count lies in [min_count, max_count], and their keys in id
+        order; `word_of` spells a key."""
+        counts = word_counts.column("count").to_numpy()
+        in_band = (counts >= min_count) & (counts <= max_count)
+        if not in_band.any():
             lo, hi = choose_band(counts, 0.02)
             raise ConfigError(
-                f"no word of the {len(counts)} distinct words ({sum(counts.values())} occurrences) counted has a count in "
+                f"no word of the {len(counts)} distinct words ({counts.sum()} occurrences) counted has a count in "
                 f"[{min_count}, {max_count}]; try --rare_min_count {lo} --rare_max_count {hi}, which covers "
                 f"{100 * band_coverage(counts, lo, hi):.2f}% of words."
             )
-        return cls(tuple(w for _, w in rare), tuple(-c for c, _ in rare), min_count, max_count)
+        keys = word_counts.column("key").filter(pa.array(in_band)).to_pylist()
+        rare = sorted((-c, word_of(key), key) for key, c in zip(keys, counts[in_band].tolist()))
+        vocab = cls(tuple(w for _, w, _ in rare), tuple(-c for c, _, _ in rare), min_count, max_count)
+        return vocab, pa.array([key for _, _, key in rare], pa.binary())
 
     def __len__(self) -> int:
         return len(self.words)

@@ -49,7 +49,11 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if not tok.is_fast:
         raise ConfigError(f"--tokenizer {path} is not a fast tokenizer; TNF needs word ids, so save it with tokenizer.json.")
-    missing = [t for t in ("pad_token", "cls_token", "sep_token", "mask_token") if getattr(tok, t) is None]
+    model = tok.backend_tokenizer.model
+    if not isinstance(model, models.WordPiece):
+        raise ConfigError(f"--tokenizer {path} is a {type(model).__name__} tokenizer; TNF reads words back from their "
+                          "WordPiece pieces, so give a WordPiece tokenizer (BERT's or ELECTRA's).")
+    missing = [t for t in ("pad_token", "cls_token", "sep_token", "mask_token", "unk_token") if getattr(tok, t) is None]
     if missing:
         raise ConfigError(f"--tokenizer {path} lacks {', '.join(missing)}; TNF pre-training needs BERT's special tokens.")
     return tok
