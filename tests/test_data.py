@@ -203,9 +203,9 @@ def test_the_automatic_band_never_exceeds_the_coverage_and_says_when_nothing_fit
     assert rare.words == tuple(sorted(f"w{i}" for i in range(300, 310))) and keys.to_pylist() == [w.encode() for w in rare.words]
 
 
-def test_prefetched_steps_hold_exactly_what_collating_on_the_spot_gives(prepared):
-    from tnf_scale.data.prefetch import StepPrefetcher
-
+@pytest.fixture
+def make_step(prepared):
+    """Collates the micro-batches of a step, as the trainer does: two of four samples each."""
     collate = Collator(prepared.tokenizer, 64, 0.15, seed=3)
     sampler = GlobalBatchSampler(len(prepared.train), 8, seed=3)
 
@@ -213,24 +213,53 @@ def test_prefetched_steps_hold_exactly_what_collating_on_the_spot_gives(prepared
         indices, keys, epochs = sampler.step(step)
         return [collate(prepared.train, indices[i : i + 4], keys[i : i + 4], epochs[i : i + 4]) for i in (0, 4)]
 
-    expected = {step: make(step) for step in (0, 1, 2, 5, 6)}
+    return make
+
+
+def assert_same_batches(got: list, want: list, step: int) -> None:
+    for got_batch, want_batch in zip(got, want, strict=True):
+        for field in dataclasses.fields(got_batch):
+            assert torch.equal(getattr(got_batch, field.name), getattr(want_batch, field.name)), (step, field.name)
+
+
+def test_prefetched_steps_hold_exactly_what_collating_on_the_spot_gives(make_step):
+    import psutil
+
+    from tnf_scale.data.prefetch import StepPrefetcher
+
+    expected = {step: make_step(step) for step in (0, 1, 2, 5, 6)}
+    children_before = set(psutil.Process().children())
     for ahead in (True, False):
-        prefetcher = StepPrefetcher(make, ahead=ahead)
-        for step in (0, 1, 2, 5, 6):  # a jump (a resume) is collated on the spot, then prefetching goes on
-            for got, want in zip(prefetcher.get(step), expected[step], strict=True):
-                for field in dataclasses.fields(got):
-                    assert torch.equal(getattr(got, field.name), getattr(want, field.name)), (step, field.name)
-        assert (prefetcher.pending[0] == 7) if ahead else prefetcher.pending is None
+        prefetcher = StepPrefetcher(make_step, ahead=ahead)
+        for step in (0, 1, 2, 5, 6):  # a jump (a resume) restarts the worker there
+            assert_same_batches(prefetcher.get(step), expected[step], step)
+        workers = set(psutil.Process().children()) - children_before
+        assert len(workers) == (1 if ahead else 0)  # a worker process collates, not a thread of this one
+        prefetcher.close()
+        psutil.wait_procs(workers, timeout=10)
+        assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)  # closing ends it
 
 
-def test_a_batch_is_page_locked_and_copied_tensor_by_tensor(prepared):
-    """The trainer's accelerator path: every field passes through `pin_memory`, then one non-blocking copy each."""
-    batch = Collator(prepared.tokenizer, 64, 0.15, seed=3)(prepared.train, [0, 1, 2], [0, 1, 2], [0, 0, 0])
+def test_prefetched_batches_are_page_locked_for_the_accelerator_and_copied_tensor_by_tensor(make_step, monkeypatch):
+    """The trainer's accelerator path: every field of every micro-batch the worker hands over is page-locked through
+    DeepSpeed's accelerator, then copied with one non-blocking copy each."""
+    import tnf_scale.data.sampler as sampler_module
+    from tnf_scale.data.prefetch import StepPrefetcher
+
     pinned: list[torch.Tensor] = []
-    moved = batch.map(lambda t: pinned.append(t) or t.clone()).to(torch.device("cpu"), non_blocking=True)
-    assert [id(t) for t in pinned] == [id(getattr(batch, f.name)) for f in dataclasses.fields(batch)]
-    for field in dataclasses.fields(batch):
-        assert torch.equal(getattr(moved, field.name), getattr(batch, field.name)), field.name
+
+    class Accelerator:
+        def pin_memory(self, tensor):
+            pinned.append(tensor)
+            return tensor.clone()
+
+    monkeypatch.setattr(sampler_module, "get_accelerator", Accelerator)
+    prefetcher = StepPrefetcher(make_step, ahead=True, pin=True)
+    got = prefetcher.get(3)
+    prefetcher.close()
+    fields = [f.name for f in dataclasses.fields(got[0])]
+    assert len(pinned) == len(fields) * len(got)
+    assert_same_batches([b.to(torch.device("cpu"), non_blocking=True) for b in got], make_step(3), 3)
 
 
 def prepare_command(small_config, cache) -> list[str]:

@@ -107,7 +107,7 @@ class RunConfig:
     overwrite: bool = False  # start afresh in an output_dir that holds a run, deleting it
     export: bool = True
     save_notes: bool = True
-    prefetch: str = "auto"  # collate the next step on a background thread: on, off, auto (on only when an accelerator computes)
+    prefetch: str = "auto"  # collate the next steps in a worker process: on, off, auto (on only when an accelerator computes)
 
     @property
     def tnf_enabled(self) -> bool:
@@ -233,8 +233,8 @@ FLAG_HELP = {
     "notes_in": "ELECTRA: which network reads notes; the discriminator always writes them. discriminator (default, "
                 "TNF_SPEC 8; measured leaky: a note marks its span as original, and the exported discriminator is "
                 "worse on rare spans), generator (leak-free, recommended) or both",
-    "prefetch": "collate the next step's micro-batches on a background thread while this one trains: auto (default: on "
-                "when an accelerator computes; off on a CPU-only run, where the thread takes cores from the step), on, off",
+    "prefetch": "collate the next steps' micro-batches in a worker process while this one trains: auto (default: on "
+                "when an accelerator computes; off on a CPU-only run, where the worker shares the step's cores), on, off",
     "notes_at_masked": "LEAKY ABLATION, default false: also mix notes into rare spans that hold a token the model must "
                        "predict; the note then gives the masked word away and the exported model learns less",
 }

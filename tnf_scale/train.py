@@ -67,6 +67,8 @@ def run(cfg: RunConfig) -> int:
         if failed_first:
             raise
         return 1
+    finally:
+        trainer.prefetcher.close()
 
 
 def train(cfg: RunConfig, started: Started, trainer, store: NoteStore | None, checkpointer: Checkpointer, state: dict, stop: StopRequest) -> int:

@@ -67,8 +67,9 @@ class Trainer:
         self.hooks, self.store = hooks, store
         self.sampler = GlobalBatchSampler(len(train_set), cfg.global_batch_size, cfg.seed)
         on_accelerator = world.device.type != "cpu"
-        self.prefetcher = StepPrefetcher(self._train_batches, ahead=cfg.prefetch == "on" or (cfg.prefetch == "auto" and on_accelerator))
-        self.pins_batches = on_accelerator  # page-locked batches reach an accelerator without blocking the step
+        ahead = cfg.prefetch == "on" or (cfg.prefetch == "auto" and on_accelerator)
+        # page-locked batches reach an accelerator without blocking the step
+        self.prefetcher = StepPrefetcher(self._train_batches, ahead=ahead, pin=ahead and on_accelerator)
         self.grad_accum = engine.gradient_accumulation_steps()
         self.data_rank, self.data_size = world.data_parallel_rank, world.data_parallel_size  # samples split over the data-parallel group
         self.reads_notes = self.writes_notes = self.counts_data = True
@@ -86,8 +87,7 @@ class Trainer:
     def _train_batches(self, step: int) -> list[Batch]:
         """This rank's micro-batches of global batch `step`."""
         indices, keys, epochs = self.sampler.step(step)
-        batches = self._micro_batches(self.train_set, *(local_share(x, self.data_rank, self.data_size) for x in (indices, keys, epochs)))
-        return [batch.map(get_accelerator().pin_memory) for batch in batches] if self.pins_batches else batches
+        return self._micro_batches(self.train_set, *(local_share(x, self.data_rank, self.data_size) for x in (indices, keys, epochs)))
 
     def _to_device(self, batches: list[Batch], non_blocking: bool = False) -> list[Batch]:
         return [batch.to(self.world.device, non_blocking=non_blocking) for batch in batches]
@@ -158,7 +158,7 @@ class Trainer:
         t0 = time.perf_counter()
         timer = PhaseTimer()
         # With prefetching, collated (and page-locked on an accelerator) while the previous step ran; `data` times the wait.
-        batches = self._to_device(self.prefetcher.get(step), non_blocking=self.pins_batches)
+        batches = self._to_device(self.prefetcher.get(step), non_blocking=self.prefetcher.pin)
         counted = batches if self.counts_data else []
         weights = self.objective.term_weights
         local_counts = [0] * len(weights)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import datasets
 import torch
+from deepspeed.accelerator import get_accelerator
 from transformers import PreTrainedTokenizerFast
 
 from tnf_scale.seeding import seeded_generator
@@ -104,6 +105,10 @@ class Batch:
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
         """The batch with `fn` applied to every tensor (a device copy, page-locking)."""
         return Batch(*(fn(getattr(self, f)) for f in self.__dataclass_fields__))
+
+    def pin_memory(self) -> Batch:
+        """The batch page-locked for the accelerator DeepSpeed runs on (called by the loader's pinning thread)."""
+        return self.map(get_accelerator().pin_memory)
 
     def to(self, device, non_blocking: bool = False) -> Batch:
         return self.map(lambda t: t.to(device, non_blocking=non_blocking))
