@@ -231,8 +231,10 @@ def test_prefetched_steps_hold_exactly_what_collating_on_the_spot_gives(make_ste
     children_before = set(psutil.Process().children())
     for ahead in (True, False):
         prefetcher = StepPrefetcher(make_step, ahead=ahead)
+        rng = torch.get_rng_state()
         for step in (0, 1, 2, 5, 6):  # a jump (a resume) restarts the worker there
             assert_same_batches(prefetcher.get(step), expected[step], step)
+        assert torch.equal(torch.get_rng_state(), rng)  # the model's dropout draws from it: starting a worker must not
         workers = set(psutil.Process().children()) - children_before
         assert len(workers) == (1 if ahead else 0)  # a worker process collates, not a thread of this one
         prefetcher.close()

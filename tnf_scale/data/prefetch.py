@@ -44,8 +44,10 @@ class StepPrefetcher:
             return self.make(step)
         if step != self.next_step:
             self.close()
+            # A generator of its own: the loader draws its workers' base seed from it, and drawing it from torch's
+            # global generator would shift the model's dropout (the collator seeds every sample itself).
             loader = DataLoader(_Steps(self.make), batch_size=None, sampler=itertools.count(step), num_workers=1,
-                                prefetch_factor=self.depth, multiprocessing_context="fork")
+                                prefetch_factor=self.depth, multiprocessing_context="fork", generator=torch.Generator())
             self.steps = iter(loader)
         self.next_step = step + 1
         batches = [batch.map(torch.from_numpy) for batch in next(self.steps)]
