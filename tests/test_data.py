@@ -203,17 +203,22 @@ def test_the_automatic_band_never_exceeds_the_coverage_and_says_when_nothing_fit
     assert rare.words == tuple(sorted(f"w{i}" for i in range(300, 310))) and keys.to_pylist() == [w.encode() for w in rare.words]
 
 
-@pytest.fixture
-def make_step(prepared):
-    """Collates the micro-batches of a step, as the trainer does: two of four samples each."""
+def step_maker(prepared, rank: int = 0, ranks: int = 1):
+    """Collates data-parallel rank `rank`'s micro-batches of a step, as the trainer does: its share of 8 samples, in
+    micro-batches of 2."""
     collate = Collator(prepared.tokenizer, 64, 0.15, seed=3)
     sampler = GlobalBatchSampler(len(prepared.train), 8, seed=3)
 
     def make(step: int) -> list:
-        indices, keys, epochs = sampler.step(step)
-        return [collate(prepared.train, indices[i : i + 4], keys[i : i + 4], epochs[i : i + 4]) for i in (0, 4)]
+        indices, keys, epochs = (local_share(x, rank, ranks) for x in sampler.step(step))
+        return [collate(prepared.train, indices[i : i + 2], keys[i : i + 2], epochs[i : i + 2]) for i in range(0, len(indices), 2)]
 
     return make
+
+
+@pytest.fixture
+def make_step(prepared):
+    return step_maker(prepared)
 
 
 def assert_same_batches(got: list, want: list, step: int) -> None:
@@ -222,11 +227,13 @@ def assert_same_batches(got: list, want: list, step: int) -> None:
             assert torch.equal(getattr(got_batch, field.name), getattr(want_batch, field.name)), (step, field.name)
 
 
-def test_prefetched_steps_hold_exactly_what_collating_on_the_spot_gives(make_step):
+@pytest.mark.parametrize("rank,ranks", [(0, 1), (0, 2), (1, 2)])
+def test_prefetched_steps_hold_exactly_what_collating_on_the_spot_gives(prepared, rank, ranks):
     import psutil
 
     from tnf_scale.data.prefetch import StepPrefetcher
 
+    make_step = step_maker(prepared, rank, ranks)
     expected = {step: make_step(step) for step in (0, 1, 2, 5, 6)}
     children_before = set(psutil.Process().children())
     for ahead in (True, False):
