@@ -29,6 +29,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tnf_scale.config import BUNDLED_CORPUS, ConfigError, exit_code  # noqa: E402
+from tnf_scale.data.encoding import encode_texts  # noqa: E402
 from tnf_scale.data.tokenizer import load_tokenizer  # noqa: E402
 from tnf_scale.run_dir import machine  # noqa: E402
 
@@ -101,8 +102,7 @@ def tokenizer_ceiling(tokenizer_dir: Path, corpus: Path, words: int = 2_000_000)
                 break
     tokenizer = load_tokenizer(str(tokenizer_dir))
     started = time.perf_counter()
-    encodings = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False,
-                          verbose=False).encodings
+    encodings = encode_texts(tokenizer, texts)
     seconds = time.perf_counter() - started
     counted = sum(len(set(encoding.word_ids)) for encoding in encodings)
     return {"words": counted, "threads": psutil.cpu_count() or 1, "encode_words_per_s": counted / seconds}

@@ -23,16 +23,28 @@ GROUP = 256  # documents encoded, and later packed, as one stream: the rows do n
 TEXT_KEY_TAG = np.int32(-1).tobytes()
 
 
-def word_keys(ids: np.ndarray, word_start: np.ndarray, unk_id: int, unk_words: list[str]) -> pa.BinaryArray:
-    """The key of every word of a token stream, in order; `unk_words` are the texts of the words holding `unk_id`."""
-    starts = np.flatnonzero(word_start)
-    offsets = (np.append(starts, len(ids)) * 4).astype(np.int32)
+def word_spans(word_start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first and last token of every word of a token stream, in order."""
+    first = np.flatnonzero(word_start)
+    return first, np.append(first[1:], len(word_start)) - 1
+
+
+def word_keys(ids: np.ndarray, first: np.ndarray, unk_id: int, unk_words: list[str]) -> pa.BinaryArray:
+    """The key of every word of a token stream whose words start at tokens `first`; `unk_words` are the texts of the
+    words holding `unk_id`."""
+    offsets = (np.append(first, len(ids)) * 4).astype(np.int32)
     data = np.ascontiguousarray(ids, dtype="<i4")
-    keys = pa.Array.from_buffers(pa.binary(), len(starts), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+    keys = pa.Array.from_buffers(pa.binary(), len(first), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
     if not unk_words:
         return keys
-    holds_unk = np.logical_or.reduceat(ids == unk_id, starts)
+    holds_unk = np.logical_or.reduceat(ids == unk_id, first)
     return pc.replace_with_mask(keys, pa.array(holds_unk), pa.array([TEXT_KEY_TAG + w.encode() for w in unk_words], pa.binary()))
+
+
+def encode_texts(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> list:
+    """The Rust batch encoder's `Encoding` of each text, without special tokens or truncation."""
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False,
+                     verbose=False).encodings
 
 
 def word_of_key(key: bytes, tokenizer: PreTrainedTokenizerFast) -> str:
@@ -44,9 +56,10 @@ def word_of_key(key: bytes, tokenizer: PreTrainedTokenizerFast) -> str:
     return pieces[0] + "".join(piece.removeprefix(prefix) for piece in pieces[1:])
 
 
-def _list_column(values, type: pa.DataType | None = None) -> pa.ListArray:
-    """One list (one row) holding `values`."""
-    return pa.ListArray.from_arrays(pa.array([0, len(values)], pa.int32()), pa.array(values, type))
+def list_array(offsets, values, type: pa.DataType | None = None) -> pa.ListArray:
+    """Lists laid end to end: list i holds values[offsets[i]:offsets[i + 1]]."""
+    values = values if isinstance(values, pa.Array) else pa.array(values, type)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
 
 
 def make_encoder(tokenizer: PreTrainedTokenizerFast) -> Callable[[dict], pa.Table]:
@@ -59,8 +72,7 @@ def make_encoder(tokenizer: PreTrainedTokenizerFast) -> Callable[[dict], pa.Tabl
 
     def encode(batch: dict) -> pa.Table:
         texts = batch["texts"][0]
-        encodings = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False,
-                              verbose=False).encodings
+        encodings = encode_texts(tokenizer, texts)
         ids_parts, word_parts, unk_words = [], [], []
         for document, (text, encoding) in enumerate(zip(texts, encodings)):
             ids_parts += [encoding.ids, [sep_id]]
@@ -71,16 +83,16 @@ def make_encoder(tokenizer: PreTrainedTokenizerFast) -> Callable[[dict], pa.Tabl
         word = np.concatenate([np.asarray(part, dtype=np.int64) for part in word_parts])
         word_start = np.ones(len(word), dtype=bool)
         word_start[1:] = word[1:] != word[:-1]
-        keys = word_keys(ids, word_start, unk_id, unk_words)
-        starts = np.flatnonzero(word_start)
-        lengths = np.diff(np.append(starts, len(ids)))
-        is_word = ~((lengths == 1) & np.isin(ids[starts], not_words))
+        first, last = word_spans(word_start)
+        keys = word_keys(ids, first, unk_id, unk_words)
+        is_word = ~((first == last) & np.isin(ids[first], not_words))
         counts = pa.table({"key": keys.filter(pa.array(is_word))}).group_by("key").aggregate([("key", "count")])
+        one_row = [0, len(ids)]
         return pa.table({
-            "input_ids": _list_column(ids), "word_start": _list_column(word_start),
-            "unk_words": _list_column(unk_words, pa.string()),  # typed: most rows have none
-            "keys": pa.ListArray.from_arrays(pa.array([0, counts.num_rows], pa.int32()), counts.column("key").combine_chunks()),
-            "counts": _list_column(counts.column("key_count").to_numpy()),
+            "input_ids": list_array(one_row, ids), "word_start": list_array(one_row, word_start),
+            "unk_words": list_array([0, len(unk_words)], unk_words, pa.string()),  # typed: most rows have none
+            "keys": list_array([0, counts.num_rows], counts.column("key").combine_chunks()),
+            "counts": list_array([0, counts.num_rows], counts.column("key_count").combine_chunks()),
         })
 
     return encode
@@ -89,7 +101,7 @@ def make_encoder(tokenizer: PreTrainedTokenizerFast) -> Callable[[dict], pa.Tabl
 def _unknown_words(text: str, encoding, unk_id: int, split: Callable[[str], list[str]]) -> list[str]:
     """The normalized text of each word of one document that holds the unknown token, in order."""
     words, last_word = [], None
-    for token, (token_id, word) in enumerate(zip(encoding.ids, encoding.word_ids)):
+    for token_id, word in zip(encoding.ids, encoding.word_ids):
         if token_id == unk_id and word != last_word:
             start, end = encoding.word_to_chars(word)
             words.append("".join(split(text[start:end])))

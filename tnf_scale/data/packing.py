@@ -15,7 +15,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerFast
 
-from tnf_scale.data.encoding import word_keys
+from tnf_scale.data.encoding import list_array, word_keys, word_spans
+
 
 def cut_points(word_start: np.ndarray, n_tokens: int, content_len: int) -> list[int]:
     """Sequence boundaries over a token stream: each at most `content_len` apart, at word starts when possible."""
@@ -29,10 +30,6 @@ def cut_points(word_start: np.ndarray, n_tokens: int, content_len: int) -> list[
     return cuts
 
 
-def _list_array(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values.astype(np.int32)))
-
-
 def make_packer(tokenizer: PreTrainedTokenizerFast, rare_keys: pa.BinaryArray, max_seq_len: int) -> Callable[[pa.Table], pa.Table]:
     """A `datasets.map` function over encoded rows in Arrow format, batched with batch_size=1: one row -> its packed
     sequences. `rare_keys[r]` is the key of rare id r."""
@@ -43,9 +40,8 @@ def make_packer(tokenizer: PreTrainedTokenizerFast, rare_keys: pa.BinaryArray, m
         ids = row.column("input_ids").combine_chunks().flatten().to_numpy()
         word_start = row.column("word_start").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         unk_words = row.column("unk_words").combine_chunks().flatten().to_pylist()
-        rare = pc.index_in(word_keys(ids, word_start, unk_id, unk_words), value_set=rare_keys).fill_null(-1).to_numpy()
-        first = np.flatnonzero(word_start)
-        last = np.append(first[1:], len(ids)) - 1
+        first, last = word_spans(word_start)
+        rare = pc.index_in(word_keys(ids, first, unk_id, unk_words), value_set=rare_keys).fill_null(-1).to_numpy()
         occurs = rare >= 0
         occ_first, occ_last, occ_rare = first[occurs], last[occurs], rare[occurs]
 
@@ -63,10 +59,10 @@ def make_packer(tokenizer: PreTrainedTokenizerFast, rare_keys: pa.BinaryArray, m
         sequence, occ_first, occ_last, occ_rare = sequence[kept], occ_first[kept], occ_last[kept], occ_rare[kept]
         occ_offsets = np.concatenate(([0], np.cumsum(np.bincount(sequence, minlength=len(seq_start)))))
         return pa.table({
-            "input_ids": _list_array(offsets, tokens),
-            "rare_ids": _list_array(occ_offsets, occ_rare),
-            "span_start": _list_array(occ_offsets, occ_first - seq_start[sequence] + 1),
-            "span_end": _list_array(occ_offsets, occ_last - seq_start[sequence] + 1),
+            "input_ids": list_array(offsets, tokens),
+            "rare_ids": list_array(occ_offsets, occ_rare, pa.int32()),
+            "span_start": list_array(occ_offsets, occ_first - seq_start[sequence] + 1, pa.int32()),
+            "span_end": list_array(occ_offsets, occ_last - seq_start[sequence] + 1, pa.int32()),
         })
 
     return pack

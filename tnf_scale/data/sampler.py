@@ -107,7 +107,7 @@ class Batch:
         return Batch(*(fn(getattr(self, f)) for f in self.__dataclass_fields__))
 
     def pin_memory(self) -> Batch:
-        """The batch page-locked for the accelerator DeepSpeed runs on (called by the loader's pinning thread)."""
+        """The batch page-locked for the accelerator DeepSpeed runs on, so that copies to it need not block."""
         return self.map(get_accelerator().pin_memory)
 
     def to(self, device, non_blocking: bool = False) -> Batch:
