@@ -17,7 +17,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 CLUSTER_BINS := pdsh /usr/sbin/sshd slurmctld slurmd munged mpirun
 CLUSTER_PKGS := pdsh openssh-server openssh-client slurm-wlm munge openmpi-bin libopenmpi-dev
 
-.PHONY: demo bench test test-slow install cluster-deps
+.PHONY: demo bench test test-slow install cluster-deps lint
 install: $(VENV)/.installed
 
 cluster-deps:
@@ -43,13 +43,18 @@ demo: install
 # (every quarter-run checkpoint fine-tuned on the shipped task, 3 seeds); the reports are copied to
 # tools/results/, which the README's Results section shows.
 bench: install
-	$(PY) tools/bench_tnf.py --out $(BENCH_DIR)
+	$(VENV)/bin/tnf-bench --out $(BENCH_DIR)
 	mkdir -p tools/results
 	cp $(addprefix $(BENCH_DIR)/,report.md time_to_loss.png time_to_loss.json downstream.png downstream.json throughput.json) tools/results/
 
 # The whole suite but the BERT-large-sized test, within 15 minutes here set-up included.
-test: cluster-deps install
+test: cluster-deps install lint
 	$(PY) -m pytest -q tests -m "not slow" --durations=15
+
+# ruff's formatter and linter, configured in pyproject.toml
+lint: install
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 test-slow: install
 	$(PY) -m pytest -q tests -m slow

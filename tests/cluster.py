@@ -4,6 +4,7 @@ Each starts only what is not running, in a private state folder, and stops what 
 Loopback addresses only. When a binary is missing (the set-up installs them: `make cluster-deps`)
 the tests are skipped with the reason.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,10 +13,12 @@ import signal
 import socket
 import subprocess
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
+
+from tnf_scale.launch import free_port
 
 
 def require(*binaries: str) -> None:
@@ -27,10 +30,8 @@ def require(*binaries: str) -> None:
 def _stop(pid_file: Path) -> None:
     if pid_file.is_file():
         pid = int(pid_file.read_text().split()[0])
-        try:
+        with suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
 
 
 def _wait_for(predicate, what: str, timeout: float = 30.0) -> None:
@@ -39,12 +40,6 @@ def _wait_for(predicate, what: str, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} did not come up in {timeout:.0f} s")
         time.sleep(0.2)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -58,16 +53,27 @@ def loopback_sshd(state: Path, hosts: tuple[str, ...] = ("127.0.0.2", "127.0.0.3
     shutil.copy(state / "id_ed25519.pub", state / "authorized_keys")
     (state / "authorized_keys").chmod(0o600)
     port = free_port()
-    config = [f"Port {port}", *(f"ListenAddress {h}" for h in hosts), f"HostKey {state / 'host_key'}",
-              f"PidFile {state / 'sshd.pid'}", f"AuthorizedKeysFile {state / 'authorized_keys'}", "StrictModes no",
-              "PermitRootLogin prohibit-password", "PubkeyAuthentication yes", "PasswordAuthentication no",
-              "KbdInteractiveAuthentication no", "UsePAM no"]
+    config = [
+        f"Port {port}",
+        *(f"ListenAddress {h}" for h in hosts),
+        f"HostKey {state / 'host_key'}",
+        f"PidFile {state / 'sshd.pid'}",
+        f"AuthorizedKeysFile {state / 'authorized_keys'}",
+        "StrictModes no",
+        "PermitRootLogin prohibit-password",
+        "PubkeyAuthentication yes",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "UsePAM no",
+    ]
     (state / "sshd_config").write_text("\n".join(config) + "\n")
     subprocess.run(["/usr/sbin/sshd", "-f", str(state / "sshd_config"), "-E", str(state / "sshd.log")], check=True)
     try:
         _wait_for((state / "sshd.pid").is_file, "sshd")
-        ssh_args = (f"-i {state / 'id_ed25519'} -o IdentitiesOnly=yes -o StrictHostKeyChecking=no "
-                    "-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR")
+        ssh_args = (
+            f"-i {state / 'id_ed25519'} -o IdentitiesOnly=yes -o StrictHostKeyChecking=no "
+            "-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
+        )
         yield port, ssh_args
     finally:
         _stop(state / "sshd.pid")
@@ -96,12 +102,12 @@ SlurmUser=root
 SlurmdUser=root
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
-StateSaveLocation={state / 'ctld'}
-SlurmdSpoolDir={state / 'd'}
-SlurmctldPidFile={state / 'slurmctld.pid'}
-SlurmdPidFile={state / 'slurmd.pid'}
-SlurmctldLogFile={state / 'log' / 'slurmctld.log'}
-SlurmdLogFile={state / 'log' / 'slurmd.log'}
+StateSaveLocation={state / "ctld"}
+SlurmdSpoolDir={state / "d"}
+SlurmctldPidFile={state / "slurmctld.pid"}
+SlurmdPidFile={state / "slurmd.pid"}
+SlurmctldLogFile={state / "log" / "slurmctld.log"}
+SlurmdLogFile={state / "log" / "slurmd.log"}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -132,8 +138,13 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     try:
         subprocess.run(["slurmctld"], env=env, check=True)
         subprocess.run(["slurmd"], env=env, check=True)
-        _wait_for(lambda: subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True).stdout.strip() == "idle",
-                  "the SLURM node")
+        _wait_for(
+            lambda: (
+                subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True).stdout.strip()
+                == "idle"
+            ),
+            "the SLURM node",
+        )
         yield env
     finally:
         _stop(state / "slurmd.pid")

@@ -1,4 +1,5 @@
 """Shared fixtures: a small slice of the bundled (real) corpus, prepared once per session."""
+
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tnf_scale.config import BUNDLED_CORPUS, RunConfig
+from tnf_scale.launch import deepspeed_command, deepspeed_launcher, free_port
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 REPO = Path(__file__).resolve().parent.parent
@@ -36,28 +38,30 @@ def small_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_config(small_corpus, tmp_path_factory) -> RunConfig:
     """The tiny preset on the small corpus, with a tokenizer small enough to train in seconds."""
-    return RunConfig(corpus=[str(small_corpus)], data_cache=str(tmp_path_factory.mktemp("data_cache")),
-                     vocab_size=2000, max_seq_len=64, rare_coverage=0.05, eval_fraction=0.05)
+    return RunConfig(
+        corpus=[str(small_corpus)],
+        data_cache=str(tmp_path_factory.mktemp("data_cache")),
+        vocab_size=2000,
+        max_seq_len=64,
+        rare_coverage=0.05,
+        eval_fraction=0.05,
+    )
 
 
 @pytest.fixture(scope="session")
 def prepared(small_config):
-    from tnf_scale.data.prepare import prepare_data
+    from tnf_scale.data.prepared import prepare_data
 
     return prepare_data(small_config, log=lambda *_: None, show_progress=False)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def clean_env() -> dict[str, str]:
     """This process's environment without the rank variables a process group leaves behind."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     env["PYTHONPATH"] = str(REPO)
     return env
 
@@ -74,13 +78,24 @@ EVAL_SEQUENCES = 30  # split unevenly over 2 data-parallel ranks and into micro-
 
 def train_args(cfg: RunConfig, output_dir: Path, **flags) -> list[str]:
     """Flags of tnf_scale/train.py for the small test config, plus `flags`."""
-    values = {"corpus": cfg.corpus[0], "data_cache": cfg.data_cache, "vocab_size": cfg.vocab_size, "max_seq_len": cfg.max_seq_len,
-              "rare_coverage": cfg.rare_coverage, "eval_fraction": cfg.eval_fraction, "output_dir": str(output_dir),
-              "global_batch_size": 16, "micro_batch_size": 8, "eval_interval": 20, "eval_sequences": EVAL_SEQUENCES, **flags}
+    values = {
+        "corpus": cfg.corpus[0],
+        "data_cache": cfg.data_cache,
+        "vocab_size": cfg.vocab_size,
+        "max_seq_len": cfg.max_seq_len,
+        "rare_coverage": cfg.rare_coverage,
+        "eval_fraction": cfg.eval_fraction,
+        "output_dir": str(output_dir),
+        "global_batch_size": 16,
+        "micro_batch_size": 8,
+        "eval_interval": 20,
+        "eval_sequences": EVAL_SEQUENCES,
+        **flags,
+    }
     return [arg for key, value in values.items() for arg in (f"--{key}", str(value))]
 
 
-DEEPSPEED = str(Path(os.sys.executable).parent / "deepspeed")
+DEEPSPEED = deepspeed_launcher()
 
 
 def check_ok(proc) -> None:
@@ -91,7 +106,7 @@ def check_ok(proc) -> None:
 def launch(ranks: int, script_args: list[str], timeout: int = 900):
     """`deepspeed --num_gpus ranks script_args...` from the repository root; fails the test with its output on error."""
     port = free_port()
-    proc = run_cmd([DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(port), *script_args], timeout=timeout)
+    proc = run_cmd(deepspeed_command(ranks, port, *script_args[:1], script_args[1:]), timeout=timeout)
     check_ok(proc)
     left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert not left, f"the run left DeepSpeed's shared-memory buffers behind: {[p.name for p in left]}"
@@ -102,7 +117,11 @@ def evaluations(run: Path) -> dict[int, dict[str, float]]:
     """Every evaluation of a run: step -> its eval_* values."""
     from tnf_scale.metrics import read_metrics
 
-    return {r["step"]: {k: v for k, v in r.items() if k.startswith("eval_")} for r in read_metrics(run) if "eval_loss_no_notes" in r}
+    return {
+        r["step"]: {k: v for k, v in r.items() if k.startswith("eval_")}
+        for r in read_metrics(run)
+        if "eval_loss_no_notes" in r
+    }
 
 
 def assert_same_evaluations(run: Path, reference: Path, steps: list[int]) -> None:
@@ -127,7 +146,10 @@ def electra_run(small_config, tmp_path_factory) -> Path:
     """ELECTRA with notes on 2 ranks under the deepspeed launcher, ZeRO-3 (the shared embedding tables partitioned):
     the reference of the ELECTRA tests and of the other launchers."""
     out = tmp_path_factory.mktemp("electra_w2")
-    launch(2, ["tnf_scale/train.py", *train_args(small_config, out, deepspeed_config="ds_configs/zero3.json", **ELECTRA_RUN)])
+    launch(
+        2,
+        ["tnf_scale/train.py", *train_args(small_config, out, deepspeed_config="ds_configs/zero3.json", **ELECTRA_RUN)],
+    )
     return out
 
 
@@ -135,6 +157,18 @@ def electra_run(small_config, tmp_path_factory) -> Path:
 def dp_reference_run(small_config, tmp_path_factory) -> Path:
     """TNF on one rank, ZeRO-1, 20 steps with a checkpoint at 10: the reference other layouts must match."""
     out = tmp_path_factory.mktemp("w1")
-    launch(1, ["tnf_scale/train.py", *train_args(small_config, out, max_steps=20, save_interval=10,
-                                                 deepspeed_config="ds_configs/zero1.json", **COMPARED_RUN)])
+    launch(
+        1,
+        [
+            "tnf_scale/train.py",
+            *train_args(
+                small_config,
+                out,
+                max_steps=20,
+                save_interval=10,
+                deepspeed_config="ds_configs/zero1.json",
+                **COMPARED_RUN,
+            ),
+        ],
+    )
     return out

@@ -1,4 +1,5 @@
 """Bad input is one clear sentence naming the problem and the fix (and never a deep traceback)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -6,10 +7,11 @@ import json
 
 import pytest
 
-from tnf_scale.config import ConfigError, RunConfig, parse_args, resolve
+from tnf_scale.config import RunConfig, parse_args, resolve
 from tnf_scale.data.corpus import load_corpus
-from tnf_scale.data.prepare import cache_key, prepare_data
+from tnf_scale.data.prepared import cache_key, prepare_data
 from tnf_scale.ds_config import build_ds_config
+from tnf_scale.errors import ConfigError
 
 
 def quiet(*_):
@@ -60,7 +62,10 @@ def test_jsonl_without_the_text_column_names_the_column(tmp_path):
 
 def test_no_word_in_the_rare_band_says_what_was_counted_and_suggests_bounds(small_config, tmp_path):
     cfg = dataclasses.replace(small_config, data_cache=str(tmp_path), rare_min_count=10**7, rare_max_count=10**8)
-    with pytest.raises(ConfigError, match=r"no word of the \d+ distinct words \(\d+ occurrences\).*try --rare_min_count \d+ --rare_max_count \d+"):
+    with pytest.raises(
+        ConfigError,
+        match=r"no word of the \d+ distinct words \(\d+ occurrences\).*try --rare_min_count \d+ --rare_max_count \d+",
+    ):
         prepare_data(cfg, log=quiet, show_progress=False)
     # no half-built cache entry or staging directory is left behind; only the entry's lock file, which must outlive
     # every holder (unlinking it would let a waiter and a newcomer hold two different locks at once)
@@ -78,13 +83,16 @@ def test_unknown_preset_and_config_key_are_named(tmp_path):
         parse_args(["--config", str(cfg_file)])
 
 
-@pytest.mark.parametrize("flag,value,message", [
-    ("--note_lambda", "1.0", "note_lambda must lie strictly between 0 and 1"),
-    ("--note_lambda", "0", "note_lambda must lie strictly between 0 and 1"),
-    ("--note_gamma", "1.5", "note_gamma must lie strictly between 0 and 1"),
-    ("--note_gamma", "-0.1", "note_gamma must lie strictly between 0 and 1"),
-    ("--note_window", "-1", r"note_window \(k\) must be 0 or more"),
-])
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--note_lambda", "1.0", "note_lambda must lie strictly between 0 and 1"),
+        ("--note_lambda", "0", "note_lambda must lie strictly between 0 and 1"),
+        ("--note_gamma", "1.5", "note_gamma must lie strictly between 0 and 1"),
+        ("--note_gamma", "-0.1", "note_gamma must lie strictly between 0 and 1"),
+        ("--note_window", "-1", r"note_window \(k\) must be 0 or more"),
+    ],
+)
 def test_note_hyperparameters_out_of_range(flag, value, message):
     with pytest.raises(ConfigError, match=message):
         parse_args([flag, value])
@@ -112,9 +120,15 @@ def test_deepspeed_config_batch_sizes_must_agree_with_the_flags(tmp_path):
 
 
 def test_deepspeed_config_is_completed_from_the_flags():
-    ds, dims = build_ds_config(RunConfig(global_batch_size=64, micro_batch_size=8, lr=3e-4, max_steps=99), world_size=2, bf16_supported=True)
+    ds, dims = build_ds_config(
+        RunConfig(global_batch_size=64, micro_batch_size=8, lr=3e-4, max_steps=99), world_size=2, bf16_supported=True
+    )
     assert (dims.pipeline, dims.data) == (1, 2)
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 8, 4)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        64,
+        8,
+        4,
+    )
     assert ds["optimizer"]["params"]["lr"] == 3e-4 and ds["scheduler"]["params"]["total_num_steps"] == 99
     assert ds["bf16"]["enabled"] is True and ds["zero_optimization"]["stage"] == 1
 
@@ -139,26 +153,40 @@ def test_pipeline_degree_must_fit_the_world_and_the_model(tmp_path):
 
 def test_boolean_flags_take_the_usual_spellings_and_a_bare_flag_means_true(capsys):
     assert parse_args(["--resume"]).resume is True and parse_args([]).resume is False
-    for word, value in (("true", True), ("YES", True), ("on", True), ("1", True), ("false", False), ("No", False), ("off", False), ("0", False)):
+    for word, value in (
+        ("true", True),
+        ("YES", True),
+        ("on", True),
+        ("1", True),
+        ("false", False),
+        ("No", False),
+        ("off", False),
+        ("0", False),
+    ):
         assert parse_args(["--overwrite", word]).overwrite is value
     with pytest.raises(SystemExit) as stop:
         parse_args(["--resume", "maybe"])
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and "'maybe' is not a yes/no value; write true or false" in err and "Traceback" not in err
+    assert (
+        stop.value.code == 2 and "'maybe' is not a yes/no value; write true or false" in err and "Traceback" not in err
+    )
 
 
-@pytest.mark.parametrize("flag,value,message", [
-    ("--log_interval", "0", "--log_interval must be at least 1"),
-    ("--eval_interval", "0", "--eval_interval must be at least 1"),
-    ("--save_interval", "-5", "--save_interval must be 0 or more"),
-    ("--warmup_steps", "0", "--warmup_steps must be at least 1"),
-    ("--max_nonfinite_steps", "0", "--max_nonfinite_steps must be at least 1"),
-    ("--eval_sequences", "0", "--eval_sequences must be at least 1"),
-    ("--lr", "nan", "--lr must be a finite number"),
-    ("--lr", "0", "--lr must be above 0"),
-    ("--mlm_probability", "0", "--mlm_probability must lie strictly between 0 and 1"),
-    ("--prefetch", "yes", "--prefetch must be one of auto, on, off, got 'yes'"),
-])
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--log_interval", "0", "--log_interval must be at least 1"),
+        ("--eval_interval", "0", "--eval_interval must be at least 1"),
+        ("--save_interval", "-5", "--save_interval must be 0 or more"),
+        ("--warmup_steps", "0", "--warmup_steps must be at least 1"),
+        ("--max_nonfinite_steps", "0", "--max_nonfinite_steps must be at least 1"),
+        ("--eval_sequences", "0", "--eval_sequences must be at least 1"),
+        ("--lr", "nan", "--lr must be a finite number"),
+        ("--lr", "0", "--lr must be above 0"),
+        ("--mlm_probability", "0", "--mlm_probability must lie strictly between 0 and 1"),
+        ("--prefetch", "yes", "--prefetch must be one of auto, on, off, got 'yes'"),
+    ],
+)
 def test_values_that_would_train_nothing_or_nonsense_are_refused(flag, value, message):
     with pytest.raises(ConfigError, match=message):
         parse_args([flag, value])
@@ -166,10 +194,12 @@ def test_values_that_would_train_nothing_or_nonsense_are_refused(flag, value, me
 
 def test_a_config_file_value_of_the_wrong_type_is_named(tmp_path):
     cfg_file = tmp_path / "run.json"
-    for values, message in (({"max_steps": "ten"}, "gives max_steps = 'ten', but max_steps takes int"),
-                            ({"resume": "yes"}, "gives resume = 'yes', but resume takes bool"),
-                            ({"corpus": "a.txt"}, "gives corpus = 'a.txt', but corpus takes list\\[str\\]"),
-                            ({"rare_min_count": 1.5}, "takes int \\| None")):
+    for values, message in (
+        ({"max_steps": "ten"}, "gives max_steps = 'ten', but max_steps takes int"),
+        ({"resume": "yes"}, "gives resume = 'yes', but resume takes bool"),
+        ({"corpus": "a.txt"}, "gives corpus = 'a.txt', but corpus takes list\\[str\\]"),
+        ({"rare_min_count": 1.5}, "takes int \\| None"),
+    ):
         cfg_file.write_text(json.dumps(values))
         with pytest.raises(ConfigError, match=message):
             parse_args(["--config", str(cfg_file)])
@@ -183,17 +213,23 @@ def test_empty_corpus_files_are_skipped_and_an_all_empty_corpus_is_one_sentence(
     (tmp_path / "blank.jsonl").write_text("\n  \n")
     said = []
     with pytest.raises(ConfigError, match="holds no text"):
-        load_corpus([str(tmp_path / "empty.txt"), str(tmp_path / "empty.jsonl"), str(tmp_path / "blank.jsonl")], log=said.append)
+        load_corpus(
+            [str(tmp_path / "empty.txt"), str(tmp_path / "empty.jsonl"), str(tmp_path / "blank.jsonl")], log=said.append
+        )
     assert len(said) == 3 and all("is empty; skipped" in line for line in said)
     (tmp_path / "docs.jsonl").write_text('{"text": "some words here"}\n')
-    assert load_corpus([str(tmp_path / "empty.txt"), str(tmp_path / "docs.jsonl")], log=quiet)["text"] == ["some words here"]
+    assert load_corpus([str(tmp_path / "empty.txt"), str(tmp_path / "docs.jsonl")], log=quiet)["text"] == [
+        "some words here"
+    ]
 
 
 def test_preflight_names_a_missing_deepspeed_config(tmp_path, capsys):
     from tnf_scale.preflight import main as preflight_main
 
     (tmp_path / "hosts").write_text("127.0.0.1 slots=1\n")
-    assert preflight_main(["--hostfile", str(tmp_path / "hosts"), "--deepspeed_config", str(tmp_path / "nope.json")]) == 2
+    assert (
+        preflight_main(["--hostfile", str(tmp_path / "hosts"), "--deepspeed_config", str(tmp_path / "nope.json")]) == 2
+    )
     err = capsys.readouterr().err
     assert "nope.json does not exist; pass a JSON file" in err and "Traceback" not in err
 
@@ -216,8 +252,16 @@ def test_a_tokenizer_that_is_missing_or_not_wordpiece_is_named(tmp_path):
 
     with pytest.raises(ConfigError, match=f"--tokenizer {tmp_path} holds no tokenizer.json or vocab.txt"):
         load_tokenizer(tmp_path)
-    specials = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}
-    bpe = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate([*specials.values(), "a"])}, merges=[], unk_token="[UNK]"))
+    specials = {
+        "pad_token": "[PAD]",
+        "unk_token": "[UNK]",
+        "cls_token": "[CLS]",
+        "sep_token": "[SEP]",
+        "mask_token": "[MASK]",
+    }
+    bpe = Tokenizer(
+        models.BPE(vocab={token: i for i, token in enumerate([*specials.values(), "a"])}, merges=[], unk_token="[UNK]")
+    )
     PreTrainedTokenizerFast(tokenizer_object=bpe, **specials).save_pretrained(tmp_path / "bpe")
     with pytest.raises(ConfigError, match="is a BPE tokenizer; .* give a WordPiece tokenizer"):
         load_tokenizer(tmp_path / "bpe")

@@ -1,17 +1,17 @@
 """`make bench`'s tool end to end on the small corpus: baseline, TNF, the Hugging Face Trainer peer, both reports."""
+
 from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
+from conftest import REPO, check_ok, free_port, run_cmd, train_args
 
-from tnf_scale.config import ConfigError, parse_args
+from tnf_scale.config import parse_args
+from tnf_scale.errors import ConfigError
 from tnf_scale.metrics import read_metrics
 from tnf_scale.run_dir import RunDir
-
-from conftest import REPO, check_ok, free_port, run_cmd, train_args
 
 pytestmark = pytest.mark.launcher
 
@@ -23,29 +23,84 @@ def step_records(run) -> dict[int, dict]:
 def test_bench_writes_both_reports_and_the_peer_trains_like_the_baseline(small_config, tmp_path, capsys):
     out = tmp_path / "bench"
     # One micro-batch a step, so both trainers average the loss over the same masked tokens.
-    # --log_interval 50, beyond the run (as bert-base's 100 is beyond a timing run): the tool's runs still log every step.
-    args = train_args(small_config, out, max_steps=6, eval_interval=2, dropout=0.0, export="false", micro_batch_size=16,
-                      warmup_steps=2, log_interval=50)
+    # --log_interval 50, beyond the run (as bert-base's 100 is beyond a timing run): the tool's runs still log every
+    # step.
+    args = train_args(
+        small_config,
+        out,
+        max_steps=6,
+        eval_interval=2,
+        dropout=0.0,
+        export="false",
+        micro_batch_size=16,
+        warmup_steps=2,
+        log_interval=50,
+    )
     flags = [x for key, value in zip(args[::2], args[1::2]) if key != "--output_dir" for x in (key, value)]
-    check_ok(run_cmd([os.sys.executable, "tools/bench_tnf.py", "--out", str(out), "--preset", "tiny", "--peer_steps", "6",
-                      "--warmup", "1", "--master_port", str(free_port()), "--downstream_points", "1", "--downstream_seeds", "1",
-                      "--downstream_examples", "64", "--downstream_eval_examples", "128", "--downstream_epochs", "1", *flags]))
+    check_ok(
+        run_cmd(
+            [
+                os.sys.executable,
+                "tools/bench_tnf.py",
+                "--out",
+                str(out),
+                "--preset",
+                "tiny",
+                "--peer_steps",
+                "6",
+                "--warmup",
+                "1",
+                "--master_port",
+                str(free_port()),
+                "--downstream_points",
+                "1",
+                "--downstream_seeds",
+                "1",
+                "--downstream_examples",
+                "64",
+                "--downstream_eval_examples",
+                "128",
+                "--downstream_epochs",
+                "1",
+                *flags,
+            ]
+        )
+    )
 
     report = (out / "report.md").read_text()
     origin = RunDir(out / "baseline").read_provenance()
-    assert origin["world_size"] == 1 and origin["commit"] and f"Trained at commit {origin['commit']} on {origin['machine']}" in report
+    assert (
+        origin["world_size"] == 1
+        and origin["commit"]
+        and f"Trained at commit {origin['commit']} on {origin['machine']}" in report
+    )
     assert "## Time to loss" in report and "## Throughput" in report and (out / "time_to_loss.png").is_file()
     time_to_loss = json.loads((out / "time_to_loss.json").read_text())
     yardsticks = {y["yardstick"]: y for y in time_to_loss["yardsticks"]}
-    assert list(yardsticks) == ["as_trained", "exported", "exported_other", "exported_rare"]  # both runs log every split
+    assert list(yardsticks) == [
+        "as_trained",
+        "exported",
+        "exported_other",
+        "exported_rare",
+    ]  # both runs log every split
     assert yardsticks["exported"]["baseline"] is not None and all(y["gap_step"] == 6 for y in yardsticks.values())
-    assert [row["kind"] for row in time_to_loss["split"]] == ["all", "inside a rare span", "all other"] and time_to_loss["split_step"] == 6
-    # Time to score: both runs' last checkpoints exported and fine-tuned (several points: test_finetune.py's time to score).
+    assert [row["kind"] for row in time_to_loss["split"]] == [
+        "all",
+        "inside a rare span",
+        "all other",
+    ] and time_to_loss["split_step"] == 6
+    # Time to score: both runs' last checkpoints exported and fine-tuned (several points: test_finetune.py's time to
+    # score).
     downstream = json.loads((out / "downstream.json").read_text())
     assert [r["step"] for r in downstream["baseline"]] == [r["step"] for r in downstream["tnf"]] == [6]
-    assert all(list(r["final"]) == ["1"] for r in downstream["baseline"] + downstream["tnf"])  # several seeds: test_finetune.py
+    assert all(
+        list(r["final"]) == ["1"] for r in downstream["baseline"] + downstream["tnf"]
+    )  # several seeds: test_finetune.py
     assert downstream["target"] == downstream["baseline"][-1]["summary"]["accuracy"]["mean"] and downstream["verdict"]
-    assert time_to_loss["downstream"] == downstream["verdict"] and f"(d) downstream (fine-tuning score): {downstream['verdict']}" in report
+    assert (
+        time_to_loss["downstream"] == downstream["verdict"]
+        and f"(d) downstream (fine-tuning score): {downstream['verdict']}" in report
+    )
     assert "## Time to score (downstream)" in report and (out / "downstream.png").is_file()
     assert (out / "tnf" / "downstream" / "step00000006" / "export" / "model.safetensors").is_file()
     throughput = json.loads((out / "throughput.json").read_text())
@@ -53,14 +108,32 @@ def test_bench_writes_both_reports_and_the_peer_trains_like_the_baseline(small_c
     ratio = throughput["runs"][0]["tokens_per_s"]["median"] / throughput["peer"]["tokens_per_s"]["median"]
     assert f"| tokens/s ÷ HF Trainer | {ratio:.2f}x |" in report
     tnf = throughput["runs"][1]
-    assert tnf["steps"] == 5 and tnf["timed_phases"] and tnf["phase_seconds"]["forward"] > 0 and tnf["phase_seconds"]["note_write"] > 0
+    assert (
+        tnf["steps"] == 5
+        and tnf["timed_phases"]
+        and tnf["phase_seconds"]["forward"] > 0
+        and tnf["phase_seconds"]["note_write"] > 0
+    )
     assert 0 < tnf["mfu"] < 1 and ("measured now" in throughput["peak"] or throughput["gpus"])
 
     # The throughput tool on its own, over finished runs, writes where --out says.
-    sys.path.insert(0, str(REPO / "tools"))
-    import throughput_report
+    from tnf_scale.cli import throughput_report
 
-    assert throughput_report.main(["--run", str(out / "tnf"), "--peer", str(out / "hf_trainer"), "--out", str(tmp_path / "tp"), "--warmup", "1"]) == 0
+    assert (
+        throughput_report.main(
+            [
+                "--run",
+                str(out / "tnf"),
+                "--peer",
+                str(out / "hf_trainer"),
+                "--out",
+                str(tmp_path / "tp"),
+                "--warmup",
+                "1",
+            ]
+        )
+        == 0
+    )
     alone = json.loads((tmp_path / "tp" / "throughput.json").read_text())
     assert [r["run"] for r in alone["runs"]] == [str(out / "tnf")] and alone["peer"]["run"] == str(out / "hf_trainer")
     assert "| tokens/s ÷ HF Trainer |" in capsys.readouterr().out
@@ -81,7 +154,9 @@ def test_the_peer_logs_its_last_step_even_off_the_logging_schedule():
     from tnf_scale.reports.hf_peer import StepMetrics
 
     logged = []
-    callback = StepMetrics(SimpleNamespace(log=logged.append), SimpleNamespace(step=lambda n: ([0, 1], None, None)), [5, 7])
+    callback = StepMetrics(
+        SimpleNamespace(log=logged.append), SimpleNamespace(step=lambda n: ([0, 1], None, None)), [5, 7]
+    )
     callback.on_train_begin(None, None, None)
     for step, should_log in ((3, False), (4, True)):  # a 4-step run logging every 100 steps
         control = callback.on_step_end(None, SimpleNamespace(global_step=step, max_steps=4), TrainerControl())
@@ -93,7 +168,13 @@ def test_the_peer_logs_its_last_step_even_off_the_logging_schedule():
 def test_peer_refuses_a_pipeline_config_before_any_process_group(monkeypatch):
     from tnf_scale.reports import hf_peer
 
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
+    for key, value in {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }.items():
         monkeypatch.setenv(key, value)
     cfg = parse_args(["--deepspeed_config", str(REPO / "ds_configs" / "tiny_pp2.json")])
     with pytest.raises(ConfigError, match="Hugging Face Trainer has no pipeline parallelism.*without pipeline.stages"):

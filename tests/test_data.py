@@ -1,4 +1,5 @@
 """Data pipeline: rare vocabulary, packing with spans, sampler and masking, caching."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,19 +12,22 @@ import pyarrow as pa
 import pytest
 import torch
 
-from tnf_scale.config import ConfigError
+from tnf_scale.data.collate import Collator
 from tnf_scale.data.encoding import make_encoder, word_of_key
 from tnf_scale.data.packing import cut_points, make_packer
-from tnf_scale.data.prepare import cache_key, prepare_data
+from tnf_scale.data.prepared import cache_key, prepare_data
 from tnf_scale.data.rare_vocab import RareVocab, band_coverage, choose_band, count_words, word_splitter
-from tnf_scale.data.sampler import Collator, GlobalBatchSampler, local_share
+from tnf_scale.data.sampler import GlobalBatchSampler, local_share
+from tnf_scale.errors import ConfigError
 
 
 def test_preparation_is_byte_identical_whatever_the_number_of_processes(small_config, prepared, tmp_path):
     """The session's preparation ran in one process; with its tokenizer, 2 processes count and pack the same corpus into
     the same rare vocabulary file, byte for byte, and the same sequences. (The tokenizer is given: Hugging Face's
     WordPiece trainer itself is not deterministic, tokenizers issue #1794.)"""
-    config = dataclasses.replace(small_config, data_cache=str(tmp_path), num_proc=2, tokenizer=str(prepared.path / "tokenizer"))
+    config = dataclasses.replace(
+        small_config, data_cache=str(tmp_path), num_proc=2, tokenizer=str(prepared.path / "tokenizer")
+    )
     again = prepare_data(config, log=lambda *_: None, show_progress=False)
     assert cache_key(dataclasses.replace(config, num_proc=1)) == cache_key(config)  # the processes are not an input
     assert json.loads((prepared.path / "stats.json").read_text())["num_proc"] == 1
@@ -47,7 +51,9 @@ def test_rare_vocab_round_trips_through_its_file(prepared, tmp_path):
 
 
 def test_choose_band_takes_the_rarest_recurring_words_up_to_the_coverage():
-    counts = np.array([1] * 500 + [2] * 100 + [3] * 50 + [8] * 20 + [40] * 5 + [1000] * 3)  # one count per distinct word
+    counts = np.array(
+        [1] * 500 + [2] * 100 + [3] * 50 + [8] * 20 + [40] * 5 + [1000] * 3
+    )  # one count per distinct word
     total = counts.sum()  # 4210
     assert choose_band(counts, 0.09) == (2, 3)  # [2, 3] covers 350 / 4210 = 8.3%; adding 8 would cover 12.1%
     assert choose_band(counts, 0.20) == (2, 8)  # widening stops at 5 * 2 = 10
@@ -90,7 +96,9 @@ def test_words_cut_by_truncation_get_no_occurrence(prepared):
     word = prepared.rare_vocab.words[0]
     long_word = "pneumonoultramicroscopicsilicovolcanoconiosis"
     pieces = len(tok(long_word, add_special_tokens=False)["input_ids"])
-    out = pack_text(tok, f"{word} {long_word} {word}", [word, long_word], max_seq_len=pieces + 1)  # the long word cannot fit
+    out = pack_text(
+        tok, f"{word} {long_word} {word}", [word, long_word], max_seq_len=pieces + 1
+    )  # the long word cannot fit
     found = [r for seq in out["rare_ids"] for r in seq]
     assert 1 not in found  # the truncated word
     assert found.count(0) == 2  # the rare word on both sides still counts
@@ -113,13 +121,17 @@ def test_words_are_counted_as_the_pre_tokenizer_splits_them_and_unspellable_ones
     expected = Counter(word for text in texts for word in split(text))
     encoded = datasets.Dataset(pa.Table.from_batches(make_encoder(tok)({"texts": [texts]}).to_batches()))
     counted = count_words(encoded, merge_rows=100)  # merge often: the running totals are exercised
-    got = {word_of_key(key, tok): count for key, count in zip(counted.column("key").to_pylist(), counted.column("count").to_pylist())}
+    got = {
+        word_of_key(key, tok): count
+        for key, count in zip(counted.column("key").to_pylist(), counted.column("count").to_pylist())
+    }
     assert len(got) == counted.num_rows and got == dict(expected)
     plain_row = make_encoder(tok)({"texts": [["alpha [SEP] beta [MASK] alpha"]]})
     assert plain_row.schema == encoded.data.table.schema  # a row without unspellable words has the same columns' types
     with_special = count_words(datasets.Dataset(plain_row))
     assert sorted(zip(with_special.column("key").to_pylist(), with_special.column("count").to_pylist())) == sorted(
-        [(key_of(tok, "alpha"), 2), (key_of(tok, "beta"), 1)])
+        [(key_of(tok, "alpha"), 2), (key_of(tok, "beta"), 1)]
+    )
 
 
 def test_cut_points_move_back_to_word_starts():
@@ -194,13 +206,19 @@ def test_the_automatic_band_never_exceeds_the_coverage_and_says_when_nothing_fit
     lo, hi = choose_band(counts, 0.02)
     assert (lo, hi) == (3, 3) and band_coverage(counts, lo, hi) <= 0.02
     everything_frequent = np.array([2] * 300 + [1] * 100)  # count 2: 85.7%
-    with pytest.raises(ConfigError, match=r"no count of recurring words stays within --rare_coverage 0.02 .*smallest share one count covers is 85.7%"):
+    with pytest.raises(
+        ConfigError,
+        match=r"no count of recurring words stays within --rare_coverage 0.02 .*smallest share one count "
+        r"covers is 85.7%",
+    ):
         choose_band(everything_frequent, 0.02)
     word_counts = pa.table({"key": [f"w{i}".encode() for i in range(len(counts))], "count": counts})
     with pytest.raises(ConfigError, match=r"try --rare_min_count 3 --rare_max_count 3, which covers 1.84% of words"):
         RareVocab.from_counts(word_counts, 50, 60, bytes.decode)
     rare, keys = RareVocab.from_counts(word_counts, 3, 3, bytes.decode)
-    assert rare.words == tuple(sorted(f"w{i}" for i in range(300, 310))) and keys.to_pylist() == [w.encode() for w in rare.words]
+    assert rare.words == tuple(sorted(f"w{i}" for i in range(300, 310))) and keys.to_pylist() == [
+        w.encode() for w in rare.words
+    ]
 
 
 def step_maker(prepared, rank: int = 0, ranks: int = 1):
@@ -211,7 +229,10 @@ def step_maker(prepared, rank: int = 0, ranks: int = 1):
 
     def make(step: int) -> list:
         indices, keys, epochs = (local_share(x, rank, ranks) for x in sampler.step(step))
-        return [collate(prepared.train, indices[i : i + 2], keys[i : i + 2], epochs[i : i + 2]) for i in range(0, len(indices), 2)]
+        return [
+            collate(prepared.train, indices[i : i + 2], keys[i : i + 2], epochs[i : i + 2])
+            for i in range(0, len(indices), 2)
+        ]
 
     return make
 
@@ -252,7 +273,7 @@ def test_prefetched_steps_hold_exactly_what_collating_on_the_spot_gives(prepared
 def test_prefetched_batches_are_page_locked_for_the_accelerator_and_copied_tensor_by_tensor(make_step, monkeypatch):
     """The trainer's accelerator path: every field of every micro-batch the worker hands over is page-locked through
     DeepSpeed's accelerator, then copied with one non-blocking copy each."""
-    import tnf_scale.data.sampler as sampler_module
+    import tnf_scale.data.batch as batch_module
     from tnf_scale.data.prefetch import StepPrefetcher
 
     pinned: list[torch.Tensor] = []
@@ -262,7 +283,7 @@ def test_prefetched_batches_are_page_locked_for_the_accelerator_and_copied_tenso
             pinned.append(tensor)
             return tensor.clone()
 
-    monkeypatch.setattr(sampler_module, "get_accelerator", Accelerator)
+    monkeypatch.setattr(batch_module, "get_accelerator", Accelerator)
     prefetcher = StepPrefetcher(make_step, ahead=True, pin=True)
     got = prefetcher.get(3)
     prefetcher.close()
@@ -274,8 +295,23 @@ def test_prefetched_batches_are_page_locked_for_the_accelerator_and_copied_tenso
 def prepare_command(small_config, cache) -> list[str]:
     import sys
 
-    return [sys.executable, "-m", "tnf_scale.prepare", "--corpus", small_config.corpus[0], "--data_cache", str(cache),
-            "--vocab_size", "1500", "--max_seq_len", "64", "--rare_coverage", "0.05", "--eval_fraction", "0.05"]
+    return [
+        sys.executable,
+        "-m",
+        "tnf_scale.cli.prepare",
+        "--corpus",
+        small_config.corpus[0],
+        "--data_cache",
+        str(cache),
+        "--vocab_size",
+        "1500",
+        "--max_seq_len",
+        "64",
+        "--rare_coverage",
+        "0.05",
+        "--eval_fraction",
+        "0.05",
+    ]
 
 
 def test_two_processes_preparing_one_entry_build_it_once(small_config, tmp_path):
@@ -284,12 +320,19 @@ def test_two_processes_preparing_one_entry_build_it_once(small_config, tmp_path)
     from conftest import REPO, clean_env
 
     command = prepare_command(small_config, tmp_path / "cache")
-    runs = [subprocess.Popen(command, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    runs = [
+        subprocess.Popen(
+            command, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
     outputs = [run.communicate(timeout=300)[0] for run in runs]
     assert [run.returncode for run in runs] == [0, 0], outputs
     assert sum("corpus:" in out for out in outputs) == 1  # one built; the other waited (or found it done) and loaded
     entries = [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()]
-    assert len(entries) == 1 and ".tmp-" not in entries[0] and (tmp_path / "cache" / entries[0] / "stats.json").is_file()
+    assert (
+        len(entries) == 1 and ".tmp-" not in entries[0] and (tmp_path / "cache" / entries[0] / "stats.json").is_file()
+    )
 
 
 def test_a_preparation_killed_part_way_is_redone_not_loaded(small_config, tmp_path):
@@ -307,7 +350,9 @@ def test_a_preparation_killed_part_way_is_redone_not_loaded(small_config, tmp_pa
         time.sleep(0.01)
     first.send_signal(signal.SIGKILL)
     first.wait()
-    assert list(cache.glob("*.tmp-*")) and not list(cache.glob("*/stats.json"))  # killed while staging: nothing looks complete
+    assert list(cache.glob("*.tmp-*")) and not list(
+        cache.glob("*/stats.json")
+    )  # killed while staging: nothing looks complete
     again = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "corpus:" in again.stdout and "reusing" not in again.stdout
     assert not list(cache.glob("*.tmp-*")) and len(list(cache.glob("*/stats.json"))) == 1
@@ -323,8 +368,12 @@ def test_the_tokenizer_sample_is_bounded_and_spread_over_the_corpus(small_corpus
     words = sum(len(t.split()) for t in sample)
     assert total // 8 < words < total // 2  # about a quarter
     texts = corpus["text"]
-    assert texts.index(sample[0]) == 0 and texts.index(sample[-1]) >= len(texts) - len(texts) // len(sample)  # to the end
-    assert [t for batch in _batches(corpus, 10 * total) for t in batch] == corpus["text"]  # a small corpus is used whole
+    assert texts.index(sample[0]) == 0 and texts.index(sample[-1]) >= len(texts) - len(texts) // len(
+        sample
+    )  # to the end
+    assert [t for batch in _batches(corpus, 10 * total) for t in batch] == corpus[
+        "text"
+    ]  # a small corpus is used whole
 
 
 def test_data_bench_prepares_the_words_asked_for_and_reports_phases_and_memory(tmp_path):
@@ -333,14 +382,37 @@ def test_data_bench_prepares_the_words_asked_for_and_reports_phases_and_memory(t
 
     from conftest import REPO, clean_env
 
-    proc = subprocess.run([sys.executable, "tools/data_bench.py", "--words", "20000", "--num_proc", "1", "--out", str(tmp_path),
-                           "--eval_fraction", "0.25"],  # extra flags go to the preparation
-                          cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "tools/data_bench.py",
+            "--words",
+            "20000",
+            "--num_proc",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--eval_fraction",
+            "0.25",
+        ],  # extra flags go to the preparation
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "data_bench.json").read_text())
     (run,) = report["runs"]
-    assert report["words"] >= 20000 and run["words"] >= report["words"]  # all was counted (BERT splits off punctuation too)
-    assert set(run["seconds"]) == {"load", "tokenizer", "count", "pack", "save"} and 0.1 < run["peak_anonymous_memory_gb"] < run["peak_memory_gb"]
+    assert (
+        report["words"] >= 20000 and run["words"] >= report["words"]
+    )  # all was counted (BERT splits off punctuation too)
+    assert (
+        set(run["seconds"]) == {"load", "tokenizer", "count", "pack", "save"}
+        and 0.1 < run["peak_anonymous_memory_gb"] < run["peak_memory_gb"]
+    )
     assert "| 1 |" in (tmp_path / "data_bench.md").read_text() and "count + pack words/s" in proc.stdout
     ceiling = report["tokenizer_alone"]  # timed over the whole small corpus: the same words the preparation counted
-    assert ceiling["words"] == run["words"] and ceiling["encode_words_per_s"] > 0 and "The tokenizer alone" in proc.stdout
+    assert (
+        ceiling["words"] == run["words"] and ceiling["encode_words_per_s"] > 0 and "The tokenizer alone" in proc.stdout
+    )

@@ -1,4 +1,5 @@
 """ELECTRA's replaced-token detection with notes (TNF_SPEC section 8): the objective in-process, then launched runs."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,18 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ELECTRA_RUN, EVAL_SEQUENCES, assert_same_evaluations, check_ok, evaluations, run_cmd, train_args
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, ElectraForMaskedLM, ElectraForPreTraining
 
-from tnf_scale.config import ConfigError, parse_args
-from tnf_scale.data.sampler import EVAL_EPOCH, IGNORE_INDEX, Collator
-from tnf_scale.model.electra import ElectraObjective, build_electra, sample_replacements
+from tnf_scale.config import parse_args
+from tnf_scale.data.batch import IGNORE_INDEX
+from tnf_scale.data.collate import EVAL_EPOCH, Collator
+from tnf_scale.errors import ConfigError
 from tnf_scale.metrics import read_metrics
+from tnf_scale.model.electra import ElectraObjective, build_electra, sample_replacements
 from tnf_scale.model.tnf_bert import TnfHooks
 from tnf_scale.notes.note_math import initial_notes
 from tnf_scale.train import main as train_main
-
-from conftest import ELECTRA_RUN, EVAL_SEQUENCES, assert_same_evaluations, check_ok, evaluations, run_cmd, train_args
 
 
 def electra(small_config, prepared, **changes) -> ElectraObjective:
@@ -36,9 +38,15 @@ def test_generator_and_discriminator_share_one_set_of_embedding_tables(small_con
     gen, disc = objective.generator.electra.embeddings, objective.discriminator.electra.embeddings
     for table in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
         assert getattr(gen, table).weight is getattr(disc, table).weight
-    assert objective.generator.generator_lm_head.weight is disc.word_embeddings.weight  # the generator's output layer too
+    assert (
+        objective.generator.generator_lm_head.weight is disc.word_embeddings.weight
+    )  # the generator's output layer too
     assert gen.LayerNorm is not disc.LayerNorm  # each network keeps its own seam
-    assert objective.generator.config.hidden_size == small_config.hidden_size // 4 < objective.discriminator.config.hidden_size
+    assert (
+        objective.generator.config.hidden_size
+        == small_config.hidden_size // 4
+        < objective.discriminator.config.hidden_size
+    )
     tables = [n for n, _ in objective.named_parameters() if "word_embeddings" in n or "generator_lm_head.weight" in n]
     assert len(tables) == 1  # one parameter, counted (and so updated) once
 
@@ -65,9 +73,14 @@ def test_a_sample_s_replacements_do_not_depend_on_its_micro_batch(small_config, 
     objective = electra(small_config, prepared)
     together = collate(prepared, [3, 4, 5, 6])
     alone = collate(prepared, [5])
-    assert torch.equal(together.sample_uniform[2], alone.sample_uniform[0]) and together.sample_uniform[2, :5].unique().numel() == 5
+    assert (
+        torch.equal(together.sample_uniform[2], alone.sample_uniform[0])
+        and together.sample_uniform[2, :5].unique().numel() == 5
+    )
     captured = []
-    objective.discriminator.register_forward_pre_hook(lambda module, args, kwargs: captured.append(kwargs["input_ids"]), with_kwargs=True)
+    objective.discriminator.register_forward_pre_hook(
+        lambda module, args, kwargs: captured.append(kwargs["input_ids"]), with_kwargs=True
+    )
     for batch in (together, alone):
         objective(**objective.inputs(batch))
     assert torch.equal(captured[0][2], captured[1][0])  # the same filled sequence for sample 5
@@ -106,13 +119,21 @@ def test_notes_are_mixed_only_at_spans_without_a_masked_or_replaced_token(small_
 
         def plain_sum(ids, embeddings=embeddings):  # the summed input embedding without any note
             positions = torch.arange(ids.shape[1])
-            return embeddings.word_embeddings(ids) + embeddings.position_embeddings(positions) + embeddings.token_type_embeddings(torch.zeros_like(ids))
+            return (
+                embeddings.word_embeddings(ids)
+                + embeddings.position_embeddings(positions)
+                + embeddings.token_type_embeddings(torch.zeros_like(ids))
+            )
 
         seen = {}
-        embeddings.register_forward_pre_hook(lambda module, args, kwargs, seen=seen: seen.update(ids=kwargs["input_ids"]), with_kwargs=True)
+        embeddings.register_forward_pre_hook(
+            lambda module, args, kwargs, seen=seen: seen.update(ids=kwargs["input_ids"]), with_kwargs=True
+        )
         embeddings.LayerNorm.register_forward_pre_hook(  # registered after the mixer: sees its output
             lambda module, args, name=name, seen=seen, plain_sum=plain_sum: mixed.update(
-                {name: ~torch.isclose(args[0], plain_sum(seen["ids"]), atol=1e-6).all(-1)}))
+                {name: ~torch.isclose(args[0], plain_sum(seen["ids"]), atol=1e-6).all(-1)}
+            )
+        )
     rows = torch.randn(int(batch.occ_reads.sum()), small_config.hidden_size)
     hooks.set_reads(*batch.read_spans[1:], rows, batch.input_ids.shape[1])
     hooks.set_capture(batch.occ_sample, batch.occ_start, batch.occ_end, batch.lengths)
@@ -139,7 +160,9 @@ def test_bad_electra_settings_are_one_sentence_each():
     with pytest.raises(ConfigError, match="--objective must be one of mlm, electra"):
         parse_args(["--objective", "t5"])
     with pytest.raises(ConfigError, match="divides into its heads"):
-        parse_args(["--preset", "electra-tiny", "--num_heads", "16", "--generator_fraction", "0.3"])  # 38 units, 5 heads
+        parse_args(
+            ["--preset", "electra-tiny", "--num_heads", "16", "--generator_fraction", "0.3"]
+        )  # 38 units, 5 heads
     assert parse_args(["--preset", "electra-base"]).generator_shape == (256, 4, 1024)  # ELECTRA-Base's generator
 
 
@@ -172,10 +195,15 @@ def resumed_on_one_rank(small_config, electra_run, tmp_path_factory) -> tuple[Pa
 
 
 @pytest.mark.launcher
-def test_a_zero_3_checkpoint_resumed_with_another_zero_stage_is_refused_before_files_change(electra_run, resumed_on_one_rank):
+def test_a_zero_3_checkpoint_resumed_with_another_zero_stage_is_refused_before_files_change(
+    electra_run, resumed_on_one_rank
+):
     _, refused = resumed_on_one_rank
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
-    assert "was saved with ZeRO stage 3 and this run uses stage 2" in refused.stderr and "ds_configs/zero3.json" in refused.stderr
+    assert (
+        "was saved with ZeRO stage 3 and this run uses stage 2" in refused.stderr
+        and "ds_configs/zero3.json" in refused.stderr
+    )
     assert refused.run_config_kept
 
 
@@ -188,20 +216,32 @@ def test_electra_run_learns_both_networks_and_takes_notes(electra_run):
     steps = step_records(electra_run)
     assert list(steps) == list(range(1, 13))
     last = steps[12]
-    assert all(r["loss"] == pytest.approx(r["loss_generator"] + 50 * r["loss_discriminator"], rel=1e-6) for r in steps.values())
-    assert all(0 < r["replaced_share"] <= 1 and r["occurrences_read"] > 0 and r["occurrences_skipped_masked"] > 0 for r in steps.values())
+    assert all(
+        r["loss"] == pytest.approx(r["loss_generator"] + 50 * r["loss_discriminator"], rel=1e-6) for r in steps.values()
+    )
+    assert all(
+        0 < r["replaced_share"] <= 1 and r["occurrences_read"] > 0 and r["occurrences_skipped_masked"] > 0
+        for r in steps.values()
+    )
     evals = evaluations(electra_run)
     assert list(evals) == [0, 6, 12]
     # both networks learn, on the same held-out sequences (discriminator: eval_loss_*, generator: eval_gen_loss_*)
     assert evals[12]["eval_loss_no_notes"] < evals[6]["eval_loss_no_notes"] < evals[0]["eval_loss_no_notes"]
     assert evals[12]["eval_gen_loss_no_notes"] < evals[6]["eval_gen_loss_no_notes"] < evals[0]["eval_gen_loss_no_notes"]
-    for key in ("eval_loss_notes_rare", "eval_loss_no_notes_other", "eval_disc_accuracy_no_notes", "eval_disc_accuracy_notes_rare",
-                "eval_gen_loss_no_notes"):
+    for key in (
+        "eval_loss_notes_rare",
+        "eval_loss_no_notes_other",
+        "eval_disc_accuracy_no_notes",
+        "eval_disc_accuracy_notes_rare",
+        "eval_gen_loss_no_notes",
+    ):
         assert key in evals[12], key
     assert 0.5 < evals[12]["eval_disc_accuracy_no_notes"] <= 1
     notes = load_file(str(electra_run / "notes.safetensors"))
     start = initial_notes(notes["ids"], notes["vectors"].shape[1], seed=1234, std=0.02)
-    assert int((notes["vectors"] != start).any(dim=1).sum()) == last["distinct_noted"] > 0  # exactly the noted words moved
+    assert (
+        int((notes["vectors"] != start).any(dim=1).sum()) == last["distinct_noted"] > 0
+    )  # exactly the noted words moved
 
 
 @pytest.mark.launcher
@@ -215,8 +255,12 @@ def test_the_2_rank_run_resumed_on_1_rank_trains_the_same_steps(electra_run, res
         for key in ("loss", "loss_generator", "loss_discriminator", "replaced_share"):
             assert one[step][key] == pytest.approx(two[step][key], rel=1e-5), (step, key)
     assert_same_evaluations(resumed_on_one_rank, electra_run, [12])
-    torch.testing.assert_close(load_file(str(resumed_on_one_rank / "notes.safetensors"))["vectors"],
-                               load_file(str(electra_run / "notes.safetensors"))["vectors"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        load_file(str(resumed_on_one_rank / "notes.safetensors"))["vectors"],
+        load_file(str(electra_run / "notes.safetensors"))["vectors"],
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 @pytest.mark.launcher
@@ -225,7 +269,9 @@ def test_electra_exports_load_with_stock_transformers_and_hold_no_notes(electra_
     discriminator = ElectraForPreTraining.from_pretrained(str(export))
     generator = ElectraForMaskedLM.from_pretrained(str(export / "generator"))
     assert generator.config.hidden_size < discriminator.config.hidden_size
-    assert torch.equal(generator.electra.embeddings.word_embeddings.weight, discriminator.electra.embeddings.word_embeddings.weight)
+    assert torch.equal(
+        generator.electra.embeddings.word_embeddings.weight, discriminator.electra.embeddings.word_embeddings.weight
+    )
     for folder in (export, export / "generator"):
         assert not any("note" in name for name in load_file(str(folder / "model.safetensors")))
         assert (folder / "tokenizer.json").is_file()
@@ -233,10 +279,12 @@ def test_electra_exports_load_with_stock_transformers_and_hold_no_notes(electra_
     assert type(classifier).__name__ == "ElectraForSequenceClassification"
     tokenizer = AutoTokenizer.from_pretrained(str(export))
     assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(str(electra_run / "tokenizer")).get_vocab()
-    # The export is the model in training: rebuilt from it, the objective gives the run's last held-out discriminator loss.
+    # The export is the model in training: rebuilt from it, the objective gives the run's last held-out discriminator
+    # loss.
     objective = ElectraObjective(generator.eval(), discriminator.eval(), rtd_weight=50.0, notes_in="discriminator")
     batch = Collator(prepared.tokenizer, small_config.max_seq_len, 0.15, seed=1234)(
-        prepared.eval, list(range(EVAL_SEQUENCES)), list(range(EVAL_SEQUENCES)), [EVAL_EPOCH] * EVAL_SEQUENCES)
+        prepared.eval, list(range(EVAL_SEQUENCES)), list(range(EVAL_SEQUENCES)), [EVAL_EPOCH] * EVAL_SEQUENCES
+    )
     with torch.no_grad():
         disc_bce = objective(**objective.inputs(batch))[1]
     assert float(disc_bce.mean()) == pytest.approx(evaluations(electra_run)[12]["eval_loss_no_notes"], rel=1e-5)
@@ -247,6 +295,10 @@ def test_the_electra_base_deepspeed_config_fills_in_for_eight_ranks():
 
     cfg = parse_args(["--preset", "electra-base", "--deepspeed_config", "ds_configs/electra_base_zero2.json"])
     ds, dims = build_ds_config(cfg, 8, True, "")
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (256, 32, 1)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        256,
+        32,
+        1,
+    )
     assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["overlap_comm"] and ds["bf16"]["enabled"]
     assert (dims.pipeline, dims.data) == (1, 8)

@@ -1,5 +1,6 @@
 """Faults a cluster user meets: the run-directory lock, checkpoint manifests, a full or read-only disk, a busy master
 port, a diverging run, and (under the real launcher) killed ranks, stop signals and a dead launcher."""
+
 from __future__ import annotations
 
 import json
@@ -12,21 +13,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import COMPARED_RUN, REPO, clean_env, free_port, run_cmd, train_args
 from safetensors.torch import save_file
 
-from tnf_scale.checkpoint import COMPLETE, CheckpointError, notes_file, plan_resume, write_manifest
-from tnf_scale.config import ConfigError
+from tnf_scale.checkpoint import COMPLETE, CheckpointError, plan_resume, rank_file, write_manifest
+from tnf_scale.errors import ConfigError
+from tnf_scale.launch import TRAIN_SCRIPT, deepspeed_command
 from tnf_scale.metrics import read_metrics
 from tnf_scale.nonfinite import Diverged, NonfiniteGuard
 from tnf_scale.run_lock import RunLock
 
-from conftest import COMPARED_RUN, DEEPSPEED, REPO, clean_env, free_port, run_cmd, train_args
-
 
 def lock_from_another_process(path: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    code = ("import sys; from pathlib import Path; from tnf_scale.config import exit_code; from tnf_scale.run_lock import RunLock; "
-            f"sys.exit(exit_code(lambda: RunLock(Path({str(path)!r})).acquire() or 0))")
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**clean_env(), **(env or {})}, capture_output=True, text=True)
+    code = (
+        "import sys; from pathlib import Path; from tnf_scale.errors import exit_code; from tnf_scale.run_lock "
+        "import RunLock; "
+        f"sys.exit(exit_code(lambda: RunLock(Path({str(path)!r})).acquire() or 0))"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env={**clean_env(), **(env or {})}, capture_output=True, text=True
+    )
 
 
 def test_a_live_holder_keeps_the_lock_and_a_dead_one_loses_it(tmp_path):
@@ -36,7 +42,10 @@ def test_a_live_holder_keeps_the_lock_and_a_dead_one_loses_it(tmp_path):
     holder = json.loads(path.read_text())
     assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
     refused = lock_from_another_process(path)
-    assert refused.returncode == 2 and f"is in use by another run (PID {os.getpid()} on {socket.gethostname()}" in refused.stderr
+    assert (
+        refused.returncode == 2
+        and f"is in use by another run (PID {os.getpid()} on {socket.gethostname()}" in refused.stderr
+    )
     assert json.loads(path.read_text())["pid"] == os.getpid()  # the refusal left the holder's lock alone
     lock.release()
     assert not path.exists() and not path.parent.exists()  # the directory it created, left empty, is gone too
@@ -51,10 +60,18 @@ def test_a_live_holder_keeps_the_lock_and_a_dead_one_loses_it(tmp_path):
 
 def test_a_lock_from_another_host_is_refused_unless_it_is_this_slurm_jobs_earlier_run(tmp_path):
     path = tmp_path / "LOCK"
-    path.write_text(json.dumps({"host": "node-17", "pid": 4242, "slurm_job": "77", "started": "yesterday", "command": "train.py"}))
+    path.write_text(
+        json.dumps({"host": "node-17", "pid": 4242, "slurm_job": "77", "started": "yesterday", "command": "train.py"})
+    )
     refused = lock_from_another_process(path)
-    assert refused.returncode == 2 and "PID 4242 on node-17, SLURM job 77" in refused.stderr and f"delete {path}" in refused.stderr
-    assert lock_from_another_process(path, {"SLURM_JOB_ID": "77"}).returncode == 0  # the requeued job takes its own lock back
+    assert (
+        refused.returncode == 2
+        and "PID 4242 on node-17, SLURM job 77" in refused.stderr
+        and f"delete {path}" in refused.stderr
+    )
+    assert (
+        lock_from_another_process(path, {"SLURM_JOB_ID": "77"}).returncode == 0
+    )  # the requeued job takes its own lock back
 
 
 def test_a_locked_output_dir_refuses_a_second_run_before_anything_is_written(small_config, tmp_path):
@@ -75,7 +92,9 @@ def tmpfs(tmp_path):
     def mount(size: str, options: str = "") -> Path:
         point = tmp_path / f"fs{len(mounted)}"
         point.mkdir()
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}{options}", "tmpfs", str(point)], capture_output=True).returncode:
+        if subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}{options}", "tmpfs", str(point)], capture_output=True
+        ).returncode:
             pytest.skip("mounting a tmpfs needs root")
         mounted.append(point)
         return point
@@ -87,14 +106,19 @@ def tmpfs(tmp_path):
 
 def test_a_read_only_output_dir_is_one_sentence(tmpfs):
     read_only = tmpfs("1m", ",ro")
-    for target, message in ((read_only, "cannot write into --output_dir"), (read_only / "run", "cannot create --output_dir")):
+    for target, message in (
+        (read_only, "cannot write into --output_dir"),
+        (read_only / "run", "cannot create --output_dir"),
+    ):
         with pytest.raises(ConfigError, match=message):
             RunLock(target / "LOCK").acquire()
 
 
 def test_a_full_disk_during_a_checkpoint_is_named_and_nothing_is_marked_complete(small_config, tmpfs):
     out = tmpfs("3m") / "run"
-    proc = run_cmd([sys.executable, "-m", "tnf_scale.train", *train_args(small_config, out, max_steps=2, export="false")])
+    proc = run_cmd(
+        [sys.executable, "-m", "tnf_scale.train", *train_args(small_config, out, max_steps=2, export="false")]
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "no space left on device" in proc.stderr and "no complete checkpoint exists yet" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -106,33 +130,63 @@ def test_a_busy_master_port_with_one_rank_is_named(small_config, tmp_path):
         busy.bind(("", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        env = {**clean_env(), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        proc = subprocess.run([sys.executable, "-m", "tnf_scale.train", *train_args(small_config, tmp_path / "run", max_steps=2)],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and f"master port {port} is already in use" in proc.stderr and "Traceback" not in proc.stderr
+        env = {
+            **clean_env(),
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        proc = subprocess.run(
+            [sys.executable, "-m", "tnf_scale.train", *train_args(small_config, tmp_path / "run", max_steps=2)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert (
+        proc.returncode == 2
+        and f"master port {port} is already in use" in proc.stderr
+        and "Traceback" not in proc.stderr
+    )
 
 
 def fake_checkpoint(run: Path, step: int) -> Path:
     ckpt = run / "checkpoints" / f"step{step:08d}"
     ckpt.mkdir(parents=True)
-    save_file({"ids": torch.arange(4), "vectors": torch.randn(4, 8), "torch_rng_state": torch.get_rng_state()}, str(notes_file(ckpt, 0)))
+    save_file(
+        {"ids": torch.arange(4), "vectors": torch.randn(4, 8), "torch_rng_state": torch.get_rng_state()},
+        str(rank_file(ckpt, 0)),
+    )
     (ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(os.urandom(4096))
     write_manifest(ckpt, rank=0, world_size=1)
-    (ckpt / COMPLETE).write_text(json.dumps({"step": step, "world_size": 1, "notes": True, "rare_vocab_digest": "d", "tokens": 0, "wall_time": 0.0}))
+    (ckpt / COMPLETE).write_text(
+        json.dumps(
+            {"step": step, "world_size": 1, "notes": True, "rare_vocab_digest": "d", "tokens": 0, "wall_time": 0.0}
+        )
+    )
     return ckpt
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda f: f.write_bytes(f.read_bytes()[:1000]), "has 1000 bytes, not 4096 \\(truncated or overwritten\\)"),
-    (lambda f: f.write_bytes(bytes(4096)), "differs from its checksum"),
-    (lambda f: f.unlink(), "is missing"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda f: f.write_bytes(f.read_bytes()[:1000]), "has 1000 bytes, not 4096 \\(truncated or overwritten\\)"),
+        (lambda f: f.write_bytes(bytes(4096)), "differs from its checksum"),
+        (lambda f: f.unlink(), "is missing"),
+    ],
+)
 def test_a_damaged_checkpoint_is_refused_by_file_and_the_previous_one_offered(tmp_path, damage, message):
     fake_checkpoint(tmp_path, 3)
     newest = fake_checkpoint(tmp_path, 6)
     assert plan_resume(tmp_path, "d", num_rare=4).step == 6
     damage(newest / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
-    with pytest.raises(CheckpointError, match=f"zero_pp_rank_0_mp_rank_00_optim_states.pt {message}.*previous complete checkpoint is step00000003"):
+    with pytest.raises(
+        CheckpointError,
+        match=f"zero_pp_rank_0_mp_rank_00_optim_states.pt {message}.*previous complete checkpoint is step00000003",
+    ):
         plan_resume(tmp_path, "d", num_rare=4)
 
 
@@ -219,23 +273,55 @@ def test_fault_campaign_a_killed_rank_is_named_and_the_resume_is_identical(small
     within 1e-5): SIGKILL to a rank; the survivor names it and the resume step, and the resumed run matches. (The
     dead-launcher stop is tested in-process above; the campaign's KILL@launcher and other faults in the README.)"""
     out = tmp_path / "faults"
-    flags = [a for a in train_args(small_config, out, max_steps=20, deepspeed_config="ds_configs/zero1.json", **COMPARED_RUN)]
-    flags = [x for key, value in zip(flags[::2], flags[1::2]) if key not in ("--output_dir", "--max_steps") for x in (key, value)]
-    proc = run_cmd([sys.executable, "tools/fault_campaign.py", "--trials", "1", "--in_order", "--faults", "KILL@rank",
-                    "--max_steps", "20", "--save_interval", "3", "--reference", str(dp_reference_run), "--master_port", str(free_port()),
-                    "--out", str(out), *flags], timeout=900)
+    flags = [
+        a for a in train_args(small_config, out, max_steps=20, deepspeed_config="ds_configs/zero1.json", **COMPARED_RUN)
+    ]
+    flags = [
+        x
+        for key, value in zip(flags[::2], flags[1::2])
+        if key not in ("--output_dir", "--max_steps")
+        for x in (key, value)
+    ]
+    proc = run_cmd(
+        [
+            sys.executable,
+            "tools/fault_campaign.py",
+            "--trials",
+            "1",
+            "--in_order",
+            "--faults",
+            "KILL@rank",
+            "--max_steps",
+            "20",
+            "--save_interval",
+            "3",
+            "--reference",
+            str(dp_reference_run),
+            "--master_port",
+            str(free_port()),
+            "--out",
+            str(out),
+            *flags,
+        ],
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "1/1 identical within 1e-05, 0 notes lost, 0 orphaned ranks" in proc.stdout
     (killed_rank,) = json.loads((out / "fault_campaign.json").read_text())
     victim = killed_rank["target"].split()[-1]
-    assert f"rank {victim} died first without a word" in killed_rank["last_words"] and "it continues from step" in killed_rank["last_words"]
+    assert (
+        f"rank {victim} died first without a word" in killed_rank["last_words"]
+        and "it continues from step" in killed_rank["last_words"]
+    )
 
 
 def test_bad_data_input_on_two_ranks_is_one_sentence_and_no_traceback(small_config, tmp_path):
-    """Local rank 0 prepares; when the corpus is bad, it says so and the waiting rank stops with it (no gloo traceback)."""
+    """Local rank 0 prepares; when the corpus is bad, it says so and the other rank stops with it (no traceback)."""
     out = tmp_path / "run"
     args = train_args(small_config, out, corpus=str(tmp_path / "missing.jsonl"), max_steps=2)
-    proc = run_cmd([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "tnf_scale/train.py", *args])
+    proc = run_cmd(deepspeed_command(2, free_port(), TRAIN_SCRIPT, args))
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert proc.stderr.count("missing.jsonl does not exist") == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("missing.jsonl does not exist") == 1 and "Traceback" not in proc.stderr, proc.stderr[
+        -3000:
+    ]
     assert not out.exists()

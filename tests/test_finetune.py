@@ -1,26 +1,23 @@
 """Fine-tuning exports: metrics against hand-computed values, the shipped task, GLUE-shaped local files, bad input."""
+
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForMaskedLM
 
-from tnf_scale.config import ConfigError
+from tnf_scale.cli import finetune as finetune_tool
+from tnf_scale.errors import ConfigError
 from tnf_scale.finetune import shipped
 from tnf_scale.finetune.notes import OCCURRENCE_COLUMNS, NotedClassifier, NotedCollator, NoteSource, occurrence_finder
 from tnf_scale.finetune.run import FinetuneArgs, check_model_dir, finetune
 from tnf_scale.finetune.scores import score
 from tnf_scale.finetune.tasks import GLUE, file_task
-
-from conftest import REPO
-
-sys.path.insert(0, str(REPO / "tools"))
-import finetune as finetune_tool  # noqa: E402
 
 DATA_CACHE = REPO / ".cache" / "tnf_data"
 
@@ -38,10 +35,13 @@ def test_metrics_match_hand_computed_values():
     assert score("f1", predictions, labels) == pytest.approx(2 * 3 / (4 + 4))
     assert score("matthews", predictions, labels) == pytest.approx((3 * 1 - 1 * 1) / np.sqrt(4 * 4 * 2 * 2))
     x, y = np.array([1.0, 2.0, 3.0, 4.0]), np.array([2.0, 4.0, 5.0, 4.0])
-    # Pearson: cov 2.5/3... by hand: dx = -1.5,-.5,.5,1.5; dy = -1.75,.25,1.25,.25; sum dxdy = 3.5; sum dx2 = 5; sum dy2 = 4.75
+    # Pearson: cov 2.5/3... by hand: dx = -1.5,-.5,.5,1.5; dy = -1.75,.25,1.25,.25; sum dxdy = 3.5; sum dx2 = 5; sum dy2
+    # = 4.75
     assert score("pearson", x, y) == pytest.approx(3.5 / np.sqrt(5 * 4.75))
     # Spearman: ranks of y with the tie at 4 -> 1, 2.5, 4, 2.5
-    assert score("spearman", x, y) == pytest.approx(score("pearson", np.array([1, 2, 3, 4.0]), np.array([1, 2.5, 4, 2.5])))
+    assert score("spearman", x, y) == pytest.approx(
+        score("pearson", np.array([1, 2, 3, 4.0]), np.array([1, 2.5, 4, 2.5]))
+    )
     assert score("matthews", np.ones(4, dtype=int), np.array([1, 0, 1, 0])) == 0.0  # a constant prediction
 
 
@@ -55,11 +55,35 @@ def test_the_shipped_task_is_split_deterministically_by_text(shipped_task):
 
 
 @pytest.mark.launcher
-def test_a_tiny_export_fine_tuned_on_the_shipped_task_beats_the_majority_class(dp_reference_run, shipped_task, tmp_path):
+def test_a_tiny_export_fine_tuned_on_the_shipped_task_beats_the_majority_class(
+    dp_reference_run, shipped_task, tmp_path
+):
     out = tmp_path / "ft"
-    assert finetune_tool.main(["--model", str(dp_reference_run / "export"), "--task", "rotten_tomatoes", "--data_cache", str(DATA_CACHE),
-                               "--seeds", "1", "--epochs", "3", "--lr", "1e-3", "--max_seq_len", "64", "--max_train_examples", "2400",
-                               "--out", str(out)]) == 0
+    assert (
+        finetune_tool.main(
+            [
+                "--model",
+                str(dp_reference_run / "export"),
+                "--task",
+                "rotten_tomatoes",
+                "--data_cache",
+                str(DATA_CACHE),
+                "--seeds",
+                "1",
+                "--epochs",
+                "3",
+                "--lr",
+                "1e-3",
+                "--max_seq_len",
+                "64",
+                "--max_train_examples",
+                "2400",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "finetune.json").read_text())
     assert result["task"] == "rotten_tomatoes" and len(result["epochs"]["1"]) == 3  # evaluated every epoch
     assert result["final"]["1"]["accuracy"] > result["majority_class"] + 0.03
@@ -71,7 +95,13 @@ def test_a_tiny_export_fine_tuned_on_the_shipped_task_beats_the_majority_class(d
 def random_bert(prepared, tmp_path_factory) -> Path:
     """A stock BERT directory with the test tokenizer: any model directory fine-tunes, not only our exports."""
     folder = tmp_path_factory.mktemp("bert")
-    config = BertConfig(vocab_size=len(prepared.tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    config = BertConfig(
+        vocab_size=len(prepared.tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
     BertForMaskedLM(config).save_pretrained(str(folder))
     prepared.tokenizer.save_pretrained(str(folder))
     return folder
@@ -84,15 +114,29 @@ def write_tsv(path: Path, header: list[str], rows: list[list]) -> str:
 
 def test_glue_shaped_pair_and_regression_files_fine_tune(random_bert, tmp_path):
     pairs = [["the cat sat", "a cat was sitting", 1], ["it rained", "the sun shone", 0]] * 8
-    mrpc = file_task(write_tsv(tmp_path / "mrpc_train.tsv", ["sentence1", "sentence2", "label"], pairs),
-                     write_tsv(tmp_path / "mrpc_dev.tsv", ["sentence1", "sentence2", "label"], pairs[:4]), "sentence1", "sentence2", "label", "f1")
+    mrpc = file_task(
+        write_tsv(tmp_path / "mrpc_train.tsv", ["sentence1", "sentence2", "label"], pairs),
+        write_tsv(tmp_path / "mrpc_dev.tsv", ["sentence1", "sentence2", "label"], pairs[:4]),
+        "sentence1",
+        "sentence2",
+        "label",
+        "f1",
+    )
     assert mrpc.spec.text_pair_column == GLUE["mrpc"].text_pair_column == "sentence2" and mrpc.label_names == ["0", "1"]
-    result = finetune(mrpc, FinetuneArgs(str(random_bert), str(tmp_path / "mrpc"), seeds=[1, 2], epochs=1, batch_size=8))
+    result = finetune(
+        mrpc, FinetuneArgs(str(random_bert), str(tmp_path / "mrpc"), seeds=[1, 2], epochs=1, batch_size=8)
+    )
     assert set(result["final"]) == {1, 2} and set(result["summary"]) == {"f1", "accuracy"}
 
     scored = [["a man plays", "a man is playing", 4.8], ["a dog runs", "the market fell", 0.2]] * 8
-    stsb = file_task(write_tsv(tmp_path / "stsb_train.tsv", ["sentence1", "sentence2", "score"], scored),
-                     write_tsv(tmp_path / "stsb_dev.tsv", ["sentence1", "sentence2", "score"], scored[:4]), "sentence1", "sentence2", "score", "pearson")
+    stsb = file_task(
+        write_tsv(tmp_path / "stsb_train.tsv", ["sentence1", "sentence2", "score"], scored),
+        write_tsv(tmp_path / "stsb_dev.tsv", ["sentence1", "sentence2", "score"], scored[:4]),
+        "sentence1",
+        "sentence2",
+        "score",
+        "pearson",
+    )
     assert stsb.spec.regression and stsb.num_labels == 1 and stsb.train["labels"][:2] == [4.8, 0.2]
     result = finetune(stsb, FinetuneArgs(str(random_bert), str(tmp_path / "stsb"), seeds=[1], epochs=1, batch_size=8))
     assert set(result["summary"]) == {"pearson", "spearman"} and result["majority_class"] is None
@@ -110,19 +154,39 @@ def test_string_labels_are_mapped_from_the_train_split(tmp_path):
 def test_bad_fine_tuning_input_is_one_sentence(random_bert, tmp_path, capsys):
     good = write_tsv(tmp_path / "good.tsv", ["text", "label"], [["fine", 1], ["poor", 0]])
     cases = [
-        (dict(train=good, validation=write_tsv(tmp_path / "other.tsv", ["text", "label"], [["odd", 7]])), "labels the train split lacks \\(7\\)"),
-        (dict(train=good, validation=write_tsv(tmp_path / "empty.tsv", ["text", "label"], [])), "empty.tsv holds no examples"),
-        (dict(train=good, validation=good, label_column="gold"), "--label_column gold is not a column of the train split; its columns are text, label"),
+        (
+            dict(train=good, validation=write_tsv(tmp_path / "other.tsv", ["text", "label"], [["odd", 7]])),
+            "labels the train split lacks \\(7\\)",
+        ),
+        (
+            dict(train=good, validation=write_tsv(tmp_path / "empty.tsv", ["text", "label"], [])),
+            "empty.tsv holds no examples",
+        ),
+        (
+            dict(train=good, validation=good, label_column="gold"),
+            "--label_column gold is not a column of the train split; its columns are text, label",
+        ),
         (dict(train=str(tmp_path / "nope.csv"), validation=good), "nope.csv does not exist"),
         (dict(train=good, validation=good, metric="bleu"), "--metric bleu is not one tnf_scale computes"),
     ]
     for kwargs, message in cases:
-        args = {"text_column": "text", "text_pair_column": None, "label_column": "label", "metric": "accuracy", **kwargs}
+        args = {
+            "text_column": "text",
+            "text_pair_column": None,
+            "label_column": "label",
+            "metric": "accuracy",
+            **kwargs,
+        }
         with pytest.raises(ConfigError, match=message):
             file_task(**args)
     with pytest.raises(ConfigError, match="holds no config.json"):
         check_model_dir(str(tmp_path))
-    assert finetune_tool.main(["--model", str(tmp_path), "--train", good, "--validation", good, "--out", str(tmp_path / "o")]) == 2
+    assert (
+        finetune_tool.main(
+            ["--model", str(tmp_path), "--train", good, "--validation", good, "--out", str(tmp_path / "o")]
+        )
+        == 2
+    )
     assert "holds no config.json" in capsys.readouterr().err
 
 
@@ -139,7 +203,10 @@ def test_rare_spans_are_found_in_both_sentences_and_only_whole_words_count(prepa
     encodings = tokenizer(texts, pairs, truncation=True, max_length=64)
     found = find(encodings, texts, pairs)
     tokens = encodings.tokens(0)
-    spans = [(r, "".join(t.removeprefix("##") for t in tokens[a : b + 1])) for r, a, b in zip(found["rare_ids"][0], found["span_start"][0], found["span_end"][0])]
+    spans = [
+        (r, "".join(t.removeprefix("##") for t in tokens[a : b + 1]))
+        for r, a, b in zip(found["rare_ids"][0], found["span_start"][0], found["span_end"][0])
+    ]
     assert sorted(spans) == [(0, "jerusalem"), (0, "jerusalem"), (1, "anarchism")]
     # "jerusalem" is 5 word pieces here; cut two of them off the end of the pair: that occurrence no longer counts
     cut = tokenizer(texts, pairs, truncation="only_second", max_length=len(tokens) - 2)
@@ -150,14 +217,23 @@ def test_rare_spans_are_found_in_both_sentences_and_only_whole_words_count(prepa
 def noted_batch(tokenizer, source: NoteSource, texts: list[str]) -> dict[str, torch.Tensor]:
     encodings = tokenizer(texts, truncation=True, max_length=32)
     found = occurrence_finder(tokenizer, source.rare_id_of)(encodings, texts, None)
-    features = [{"input_ids": encodings["input_ids"][i], "attention_mask": encodings["attention_mask"][i], "labels": i % 2,
-                 **{c: found[c][i] for c in OCCURRENCE_COLUMNS}} for i in range(len(texts))]
+    features = [
+        {
+            "input_ids": encodings["input_ids"][i],
+            "attention_mask": encodings["attention_mask"][i],
+            "labels": i % 2,
+            **{c: found[c][i] for c in OCCURRENCE_COLUMNS},
+        }
+        for i in range(len(texts))
+    ]
     return NotedCollator(tokenizer)(features)
 
 
 def test_the_ema_variant_updates_read_notes_only_while_training(random_bert, prepared, tmp_path):
     source = note_source(tmp_path, ["jerusalem", "anarchism", "albedo"])
-    model = NotedClassifier(AutoModelForSequenceClassification.from_pretrained(str(random_bert), num_labels=2), source, "ema")
+    model = NotedClassifier(
+        AutoModelForSequenceClassification.from_pretrained(str(random_bert), num_labels=2), source, "ema"
+    )
     batch = noted_batch(prepared.tokenizer, source, ["Jerusalem was old", "anarchism is a theory and Jerusalem a city"])
     before = model.note_rows().clone()
     model.eval()
@@ -169,14 +245,18 @@ def test_the_ema_variant_updates_read_notes_only_while_training(random_bert, pre
     changed = (model.note_rows() != before).any(dim=1)
     assert changed.tolist() == [True, True, False]  # the words read, not albedo
     plain = AutoModelForSequenceClassification.from_pretrained(str(random_bert), num_labels=2).eval()
-    mixed = NotedClassifier(AutoModelForSequenceClassification.from_pretrained(str(random_bert), num_labels=2), source, "ema").eval()
+    mixed = NotedClassifier(
+        AutoModelForSequenceClassification.from_pretrained(str(random_bert), num_labels=2), source, "ema"
+    ).eval()
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     assert not torch.allclose(mixed(**batch).logits, plain(**inputs).logits)  # the notes reach the classifier
 
 
 def test_the_learned_variant_trains_its_notes_and_reloads_with_them(random_bert, prepared, tmp_path):
     source = note_source(tmp_path, ["jerusalem", "anarchism", "albedo"])
-    model = NotedClassifier(AutoModelForSequenceClassification.from_pretrained(str(random_bert), num_labels=2), source, "learned")
+    model = NotedClassifier(
+        AutoModelForSequenceClassification.from_pretrained(str(random_bert), num_labels=2), source, "learned"
+    )
     batch = noted_batch(prepared.tokenizer, source, ["Jerusalem was old", "anarchism is a theory"])
     model.train()
     model(**batch).loss.backward()
@@ -193,22 +273,38 @@ def test_the_learned_variant_trains_its_notes_and_reloads_with_them(random_bert,
 
 def test_the_none_variant_saves_a_stock_classifier(random_bert, tmp_path):
     rows = [["good fun", "fresh"], ["dull mess", "rotten"]] * 8
-    task = file_task(write_tsv(tmp_path / "t.tsv", ["text", "label"], rows), write_tsv(tmp_path / "v.tsv", ["text", "label"], rows[:4]),
-                     "text", None, "label", "accuracy")
-    finetune(task, FinetuneArgs(str(random_bert), str(tmp_path / "ft"), seeds=[1], epochs=1, batch_size=8, save_models=True))
+    task = file_task(
+        write_tsv(tmp_path / "t.tsv", ["text", "label"], rows),
+        write_tsv(tmp_path / "v.tsv", ["text", "label"], rows[:4]),
+        "text",
+        None,
+        "label",
+        "accuracy",
+    )
+    finetune(
+        task, FinetuneArgs(str(random_bert), str(tmp_path / "ft"), seeds=[1], epochs=1, batch_size=8, save_models=True)
+    )
     saved = tmp_path / "ft" / "seed1" / "model"
     assert not (saved / "tnf_notes.safetensors").exists()
     model = AutoModelForSequenceClassification.from_pretrained(str(saved))
-    assert type(model).__name__ == "BertForSequenceClassification" and not model.bert.embeddings.LayerNorm._forward_pre_hooks
+    assert (
+        type(model).__name__ == "BertForSequenceClassification"
+        and not model.bert.embeddings.LayerNorm._forward_pre_hooks
+    )
 
 
 def test_time_to_score_finds_tnf_s_first_checkpoint_at_the_baseline_s_final_score():
     from tnf_scale.reports.downstream import time_to_score
 
     def rows(scores):
-        return [{"step": step, "metrics": ["accuracy"], "summary": {"accuracy": {"mean": m, "std": 0.01}}} for step, m in scores]
+        return [
+            {"step": step, "metrics": ["accuracy"], "summary": {"accuracy": {"mean": m, "std": 0.01}}}
+            for step, m in scores
+        ]
 
-    result = time_to_score(rows([(250, 0.60), (500, 0.66), (1000, 0.70)]), rows([(250, 0.64), (500, 0.71), (1000, 0.73)]))
+    result = time_to_score(
+        rows([(250, 0.60), (500, 0.66), (1000, 0.70)]), rows([(250, 0.64), (500, 0.71), (1000, 0.73)])
+    )
     assert result["target"] == 0.70 and result["tnf_step"] == 500 and result["saving"] == pytest.approx(0.5)
     assert "a saving of 50% in steps (short of the paper's 60%)" in result["verdict"]
     never = time_to_score(rows([(500, 0.66), (1000, 0.70)]), rows([(500, 0.60), (1000, 0.695)]))

@@ -1,5 +1,6 @@
 """The three ways users launch, each for real on this host: deepspeed --hostfile over pdsh/ssh,
 sbatch on a local SLURM (with pre-emption and requeue), and mpirun; plus the pre-flight checks."""
+
 from __future__ import annotations
 
 import os
@@ -11,13 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from cluster import job_state, local_slurm, loopback_sshd, require, wait_for_job
+from conftest import DEEPSPEED, ELECTRA_RUN, REPO, check_ok, clean_env, free_port, train_args
 from safetensors.torch import load_file
 
 from tnf_scale.metrics import read_metrics
 from tnf_scale.preflight import main as preflight_main
-
-from cluster import job_state, local_slurm, loopback_sshd, require, wait_for_job
-from conftest import DEEPSPEED, ELECTRA_RUN, REPO, check_ok, clean_env, free_port, train_args
 
 pytestmark = pytest.mark.cluster
 
@@ -35,16 +35,39 @@ def test_hostfile_launch_over_pdsh_on_two_loopback_nodes(small_config, electra_r
         hostfile = tmp_path / "hosts"
         hostfile.write_text("127.0.0.2 slots=1\n127.0.0.3 slots=1\n")
         ds_env = tmp_path / "deepspeed_env"
-        ds_env.write_text(f"DS_ACCELERATOR=cpu\nTORCH_EXTENSIONS_DIR={os.environ['TORCH_EXTENSIONS_DIR']}\nPYTHONPATH={REPO}\n")
+        ds_env.write_text(
+            f"DS_ACCELERATOR=cpu\nTORCH_EXTENSIONS_DIR={os.environ['TORCH_EXTENSIONS_DIR']}\nPYTHONPATH={REPO}\n"
+        )
         env = {**clean_env(), "PDSH_SSH_ARGS_APPEND": ssh_args, "DS_ENV_FILE": str(ds_env)}
         out = tmp_path / "run"
-        proc = subprocess.run([DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh_check", "--ssh_port", str(ssh_port),
-                               "--master_addr", "127.0.0.2", "--master_port", str(free_port()), "tnf_scale/train.py",
-                               *train_args(small_config, out, **ELECTRA_RUN)],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [
+                DEEPSPEED,
+                "--hostfile",
+                str(hostfile),
+                "--no_ssh_check",
+                "--ssh_port",
+                str(ssh_port),
+                "--master_addr",
+                "127.0.0.2",
+                "--master_port",
+                str(free_port()),
+                "tnf_scale/train.py",
+                *train_args(small_config, out, **ELECTRA_RUN),
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     check_ok(proc)
     # pdsh prefixes each node's lines with its host: rank 0 ran on the first node, rank 1 on the second
-    assert "127.0.0.2: rank 0/2" in proc.stdout and "127.0.0.3: rank 1/2" in proc.stdout and "master 127.0.0.2" in proc.stdout
+    assert (
+        "127.0.0.2: rank 0/2" in proc.stdout
+        and "127.0.0.3: rank 1/2" in proc.stdout
+        and "master 127.0.0.2" in proc.stdout
+    )
     assert "node_rank=0" in proc.stdout and "node_rank=1" in proc.stdout
     assert [r["step"] for r in read_metrics(out) if "loss" in r] == list(range(1, ELECTRA_RUN["max_steps"] + 1))
     torch.testing.assert_close(notes_of(out), notes_of(electra_run), rtol=1e-5, atol=1e-6)
@@ -54,11 +77,26 @@ def test_mpirun_trains_tnf_through_mpi4py_discovery(small_config, electra_run, t
     require("mpirun")
     pytest.importorskip("mpi4py")
     out = tmp_path / "run"
-    env = {**clean_env(), "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    args = ["mpirun", "-np", "2", *(a for v in ("MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "PYTHONPATH")
-                                    for a in ("-x", v)),
-            sys.executable, "tnf_scale/train.py", *train_args(small_config, out, **ELECTRA_RUN)]
+    env = {
+        **clean_env(),
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    args = [
+        "mpirun",
+        "-np",
+        "2",
+        *(
+            a
+            for v in ("MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "PYTHONPATH")
+            for a in ("-x", v)
+        ),
+        sys.executable,
+        "tnf_scale/train.py",
+        *train_args(small_config, out, **ELECTRA_RUN),
+    ]
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     check_ok(proc)
     assert "rank 0/2 local 0" in proc.stdout and "rank 1/2 local 1" in proc.stdout and "(from mpi)" in proc.stdout
@@ -75,12 +113,38 @@ def sbatch(slurm_env: dict, small_config, run_root: Path) -> str:
     """Submit slurm/pretrain_large.sh training the conftest ELECTRA run (ELECTRA_RUN) on 2 tasks; returns the job id."""
     run_root.mkdir(parents=True, exist_ok=True)  # SLURM writes the job log there
     flags = train_args(small_config, run_root / "unused", **ELECTRA_RUN)
-    flags = [f for i, f in enumerate(flags) if f not in ("--corpus", "--output_dir") and flags[i - 1] not in ("--corpus", "--output_dir")]
-    env = {**clean_env(), **{k: v for k, v in slurm_env.items() if k == "SLURM_CONF"}, "PYTHON": sys.executable,
-           "CORPUS": small_config.corpus[0], "PRESET": "tiny", "RUN_ROOT": str(run_root), "TRAIN_ARGS": " ".join(flags)}
-    proc = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
-                           f"--output={run_root}/%x-%j.out", "--time=00:20:00", "slurm/pretrain_large.sh"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    flags = [
+        f
+        for i, f in enumerate(flags)
+        if f not in ("--corpus", "--output_dir") and flags[i - 1] not in ("--corpus", "--output_dir")
+    ]
+    env = {
+        **clean_env(),
+        **{k: v for k, v in slurm_env.items() if k == "SLURM_CONF"},
+        "PYTHON": sys.executable,
+        "CORPUS": small_config.corpus[0],
+        "PRESET": "tiny",
+        "RUN_ROOT": str(run_root),
+        "TRAIN_ARGS": " ".join(flags),
+    }
+    proc = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--nodes=1",
+            "--ntasks-per-node=2",
+            "--gpus-per-node=0",
+            "--cpus-per-task=1",
+            f"--output={run_root}/%x-%j.out",
+            "--time=00:20:00",
+            "slurm/pretrain_large.sh",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     check_ok(proc)
     return proc.stdout.strip().split(";")[0]
 
@@ -106,7 +170,9 @@ def test_usr1_checkpoints_requeues_and_resumes_without_losing_a_note(slurm, smal
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+2"], env=slurm, check=False)
     state = wait_for_job(job, slurm)
     log = (preempted / f"tnf-bert-large-{job}.out").read_text()
-    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0" and int(state.get("Restarts", 0)) == 1, log[-4000:]
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0" and int(state.get("Restarts", 0)) == 1, log[
+        -4000:
+    ]
     assert "SIGUSR1: checkpointed step" in log and "resumed from" in log and "rank 1/2" in log and "(from slurm)" in log
     stopped_at = int(log.split("SIGUSR1: checkpointed step ")[1].split()[0])
     assert 4 <= stopped_at < 12
@@ -132,21 +198,39 @@ def test_preflight_names_a_host_that_does_not_resolve(tmp_path, capsys):
 def test_preflight_refuses_slots_the_pipeline_cannot_use(tmp_path, capsys):
     hosts = tmp_path / "hosts"
     hosts.write_text("127.0.0.2 slots=2\n127.0.0.3 slots=1\n")
-    assert preflight_main(["--hostfile", str(hosts), "--deepspeed_config", str(REPO / "ds_configs" / "tiny_pp2.json")]) == 2
+    assert (
+        preflight_main(["--hostfile", str(hosts), "--deepspeed_config", str(REPO / "ds_configs" / "tiny_pp2.json")])
+        == 2
+    )
     assert "3 slots, which do not divide into 2 pipeline stages" in capsys.readouterr().err
     hosts.write_text("127.0.0.2 slots=2\n127.0.0.3 slots=2\n")
-    assert preflight_main(["--hostfile", str(hosts), "--deepspeed_config", str(REPO / "ds_configs" / "tiny_pp2.json")]) == 0
+    assert (
+        preflight_main(["--hostfile", str(hosts), "--deepspeed_config", str(REPO / "ds_configs" / "tiny_pp2.json")])
+        == 0
+    )
 
 
 def train_with_env(small_config, out: Path, extra_env: dict, **flags):
     env = {**clean_env(), **extra_env}
-    return subprocess.run([sys.executable, "-m", "tnf_scale.train", *train_args(small_config, out, max_steps=2, **flags)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "tnf_scale.train", *train_args(small_config, out, max_steps=2, **flags)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_a_slurm_allocation_that_does_not_fit_the_config_stops_before_training(small_config, tmp_path):
-    slurm_env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "3", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "41",
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    slurm_env = {
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "3",
+        "SLURM_LOCALID": "0",
+        "SLURM_JOB_ID": "41",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
     proc = train_with_env(small_config, tmp_path / "run", slurm_env, deepspeed_config="ds_configs/tiny_pp2.json")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "3 ranks in the SLURM allocation (SLURM_NTASKS) cannot be split into 2 pipeline stages" in proc.stderr
@@ -157,7 +241,10 @@ def test_a_master_port_in_use_is_named(small_config, tmp_path):
         taken.bind(("", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = train_with_env(small_config, tmp_path / "run", {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                                                                "MASTER_PORT": str(port)})
+        proc = train_with_env(
+            small_config,
+            tmp_path / "run",
+            {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+        )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"master port {port} is already in use" in proc.stderr

@@ -1,4 +1,5 @@
 """TNF hooks on Hugging Face BERT: plain BERT when idle, the spec's mix and pooling when set."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -6,7 +7,7 @@ import dataclasses
 import torch
 from transformers import BertForMaskedLM
 
-from tnf_scale.data.sampler import Collator
+from tnf_scale.data.collate import Collator
 from tnf_scale.model.objective import LossSums, MaskedLMObjective
 from tnf_scale.model.tnf_bert import TnfHooks, build_bert
 from tnf_scale.notes.note_math import pool_windows
@@ -59,7 +60,9 @@ def test_reads_change_the_forward_and_captures_pool_the_last_layer(small_config,
     plain_out = tnf.bert(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
     assert hooks.pooled is None  # cleared hooks take no notes
     assert not torch.allclose(mixed, plain_out)
-    torch.testing.assert_close(pooled, pool_windows(mixed, batch.occ_sample, batch.occ_start, batch.occ_end, batch.lengths, 3))
+    torch.testing.assert_close(
+        pooled, pool_windows(mixed, batch.occ_sample, batch.occ_start, batch.occ_end, batch.lengths, 3)
+    )
     # samples without any occurrence are not affected by the notes of the others
     without = [i for i in range(len(batch.lengths)) if i not in set(batch.occ_sample.tolist())]
     for i in without:
@@ -67,7 +70,7 @@ def test_reads_change_the_forward_and_captures_pool_the_last_layer(small_config,
 
 
 def embedded(model, hooks, batch, rows=None):
-    """The embedding output (after LayerNorm) of `batch`, notes mixed in at the reading occurrences when `rows` is given."""
+    """The embedding output (after LayerNorm) of `batch`, notes mixed in at reading occurrences when `rows` is given."""
     if rows is not None:
         hooks.set_reads(*batch.read_spans[1:], rows, batch.input_ids.shape[1])
     try:
@@ -82,7 +85,10 @@ def test_a_masked_occurrence_reads_no_note_and_an_unmasked_one_does(small_config
     n = 8
     batch = Collator(prepared.tokenizer, 64, 0.3, seed=1)(prepared.train, list(range(n)), list(range(n)), [0] * n)
     predicted = batch.labels != -100
-    holds_predicted = [bool(predicted[b, s : t + 1].any()) for b, s, t in zip(batch.occ_sample.tolist(), batch.occ_start.tolist(), batch.occ_end.tolist())]
+    holds_predicted = [
+        bool(predicted[b, s : t + 1].any())
+        for b, s, t in zip(batch.occ_sample.tolist(), batch.occ_start.tolist(), batch.occ_end.tolist())
+    ]
     assert batch.occ_reads.tolist() == [not h for h in holds_predicted]
     assert 0 < sum(holds_predicted) < len(holds_predicted)  # the batch has both kinds
     rows = torch.randn(int(batch.occ_reads.sum()), tnf.config.hidden_size)
@@ -106,7 +112,9 @@ def span_mask_by_hand(batch):
 def test_the_leaky_ablation_mixes_notes_at_masked_spans_again(small_config, prepared):
     tnf, hooks, _ = models(small_config, prepared)
     n = 8
-    leaky = Collator(prepared.tokenizer, 64, 0.3, seed=1, notes_at_masked=True)(prepared.train, list(range(n)), list(range(n)), [0] * n)
+    leaky = Collator(prepared.tokenizer, 64, 0.3, seed=1, notes_at_masked=True)(
+        prepared.train, list(range(n)), list(range(n)), [0] * n
+    )
     safe = Collator(prepared.tokenizer, 64, 0.3, seed=1)(prepared.train, list(range(n)), list(range(n)), [0] * n)
     assert torch.equal(leaky.labels, safe.labels) and bool(leaky.occ_reads.all()) and not bool(safe.occ_reads.all())
     rows = torch.randn(len(leaky.occ_rare), tnf.config.hidden_size)
@@ -125,7 +133,9 @@ def test_split_losses_recombine_into_the_overall_loss():
         sums.add(token_ce, torch.rand(50) < 0.1)
     losses = sums.losses("loss")
     assert sums.tokens_rare > 0 and sums.tokens_other > 0
-    recombined = (sums.tokens_rare * losses["loss_rare"] + sums.tokens_other * losses["loss_other"]) / (sums.tokens_rare + sums.tokens_other)
+    recombined = (sums.tokens_rare * losses["loss_rare"] + sums.tokens_other * losses["loss_other"]) / (
+        sums.tokens_rare + sums.tokens_other
+    )
     assert abs(recombined - losses["loss"]) < 1e-6
     assert losses["loss_rare"] != losses["loss_other"]
     assert LossSums().losses("loss") == {} and set(LossSums(1.0, 2.0, 0, 4).losses("x")) == {"x", "x_other"}
@@ -139,14 +149,17 @@ class _RunsCode:
 def test_export_reads_a_zero_disabled_checkpoint_without_unpickling_code(small_config, prepared, tmp_path):
     import pytest
 
-    from tnf_scale.config import ConfigError
+    from tnf_scale.errors import ConfigError
     from tnf_scale.model.export import consolidated_state_dict
 
     model = build_bert(small_config, prepared.tokenizer)
     ckpt = tmp_path / "step00000001"
     ckpt.mkdir()
     module = {f"mlm.{k}": v for k, v in model.state_dict().items()}  # as MaskedLMObjective holds it
-    torch.save({"module": module, "ds_version": "0.19.8", "lr_scheduler": {"last_batch_iteration": 0}}, ckpt / "mp_rank_00_model_states.pt")
+    torch.save(
+        {"module": module, "ds_version": "0.19.8", "lr_scheduler": {"last_batch_iteration": 0}},
+        ckpt / "mp_rank_00_model_states.pt",
+    )
     state = consolidated_state_dict(ckpt, model.config)
     assert state.keys() == module.keys() and all(torch.equal(state[k], v) for k, v in module.items())
     torch.save({"module": module, "extra": _RunsCode()}, ckpt / "mp_rank_00_model_states.pt")

@@ -1,13 +1,22 @@
 """Note math and the one-rank store (TNF_SPEC sections 3 and 4)."""
+
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from tnf_scale.notes.note_math import application_order, ema_closed_form, ema_sequential, initial_notes, mix_notes, owner_of, pool_windows
+from tnf_scale.notes.note_math import (
+    application_order,
+    ema_closed_form,
+    ema_sequential,
+    initial_notes,
+    mix_notes,
+    owner_of,
+    pool_windows,
+)
+from tnf_scale.notes.store import NoteStore
 from tnf_scale.seeding import mix64
 from tnf_scale.spans import expand_spans, span_positions, spans_holding
-from tnf_scale.notes.store import NoteStore
 
 
 def test_read_mix_changes_exactly_the_rare_spans():
@@ -124,7 +133,9 @@ def test_owner_of_on_the_device_equals_the_numpy_reference_over_a_large_id_range
     reference = mix64(ids.numpy().astype(np.uint64))
     assert np.array_equal(mix64_tensor(ids).numpy().view(np.uint64), reference)  # the same 64 bits
     for world in (1, 2, 3, 7, 64, 1000, 4096):
-        assert torch.equal(owner_of(ids, world), torch.from_numpy((reference % np.uint64(world)).astype(np.int64))), world
+        assert torch.equal(owner_of(ids, world), torch.from_numpy((reference % np.uint64(world)).astype(np.int64))), (
+            world
+        )
 
 
 def numpy_initial_notes(ids: np.ndarray, dim: int, seed: int, std: float) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Pipeline parallelism with TNF under the real launcher: agreement with the data-parallel path, export,
 topology errors, and BERT-large on two stages."""
+
 from __future__ import annotations
 
 import sys
@@ -7,19 +8,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import COMPARED_RUN, EVAL_SEQUENCES, assert_same_evaluations, launch, run_cmd, train_args
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertForMaskedLM
 
 from tnf_scale.checkpoint import read_rank_files
-from tnf_scale.data.sampler import EVAL_EPOCH, Collator
+from tnf_scale.data.collate import EVAL_EPOCH, Collator
 from tnf_scale.metrics import read_metrics
 from tnf_scale.model.objective import MaskedLMObjective
 
-from conftest import COMPARED_RUN, EVAL_SEQUENCES, assert_same_evaluations, launch, run_cmd, train_args
-
 pytestmark = pytest.mark.launcher
-STEPS = 10  # shorter than the warm-up, so the learning rate matches the 20-step reference step for step; it checkpointed here
-PIPELINE_RUN = {**COMPARED_RUN, "micro_batch_size": 8}  # another micro-batch size than the reference's: the loss must not care
+# shorter than the warm-up, so the learning rate matches the 20-step reference step for step; it checkpointed here
+STEPS = 10
+PIPELINE_RUN = {
+    **COMPARED_RUN,
+    "micro_batch_size": 8,
+}  # another micro-batch size than the reference's: the loss must not care
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +33,20 @@ def pipeline_runs(small_config, tmp_path_factory) -> dict[int, Path]:
     runs = {}
     for ranks in (4,):
         out = tmp_path_factory.mktemp(f"pp2_w{ranks}")
-        launch(ranks, ["tnf_scale/train.py", *train_args(small_config, out, max_steps=STEPS, eval_interval=STEPS,
-                                                         deepspeed_config="ds_configs/tiny_pp2.json", **PIPELINE_RUN)])
+        launch(
+            ranks,
+            [
+                "tnf_scale/train.py",
+                *train_args(
+                    small_config,
+                    out,
+                    max_steps=STEPS,
+                    eval_interval=STEPS,
+                    deepspeed_config="ds_configs/tiny_pp2.json",
+                    **PIPELINE_RUN,
+                ),
+            ],
+        )
         runs[ranks] = out
     return runs
 
@@ -49,9 +65,14 @@ def test_pipeline_matches_the_data_parallel_path(ranks, pipeline_runs, dp_refere
     ref_ckpt = [r for r in read_metrics(dp_reference_run) if r["step"] == STEPS]
     assert ref_ckpt  # the reference logged the step compared below
     last = [r for r in read_metrics(pipeline_runs[ranks]) if "loss" in r][-1]
-    assert last["distinct_noted"] == ref_ckpt[0]["distinct_noted"] and last["occurrences_read"] == ref_ckpt[0]["occurrences_read"]
+    assert (
+        last["distinct_noted"] == ref_ckpt[0]["distinct_noted"]
+        and last["occurrences_read"] == ref_ckpt[0]["occurrences_read"]
+    )
     assert notes["ids"].tolist() == list(range(len(notes["ids"])))
-    assert_same_evaluations(pipeline_runs[ranks], dp_reference_run, [0])  # same sequences whatever the stages and replicas
+    assert_same_evaluations(
+        pipeline_runs[ranks], dp_reference_run, [0]
+    )  # same sequences whatever the stages and replicas
 
 
 def test_pipeline_notes_equal_the_data_parallel_notes(pipeline_runs, dp_reference_run):
@@ -70,7 +91,9 @@ def test_pipeline_export_is_the_model_in_training(pipeline_runs, prepared, small
     tokenizer = AutoTokenizer.from_pretrained(str(run / "export"))
     assert tokenizer.get_vocab() == prepared.tokenizer.get_vocab()
     size = EVAL_SEQUENCES
-    batch = Collator(prepared.tokenizer, small_config.max_seq_len, 0.15, seed=1234)(prepared.eval, list(range(size)), list(range(size)), [EVAL_EPOCH] * size)
+    batch = Collator(prepared.tokenizer, small_config.max_seq_len, 0.15, seed=1234)(
+        prepared.eval, list(range(size)), list(range(size)), [EVAL_EPOCH] * size
+    )
     (ce,) = MaskedLMObjective(model)(batch.input_ids, batch.attention_mask, batch.labels)
     ce = ce.sum()
     expected = [r for r in read_metrics(run) if "eval_loss_no_notes" in r][-1]["eval_loss_no_notes"]
@@ -78,8 +101,14 @@ def test_pipeline_export_is_the_model_in_training(pipeline_runs, prepared, small
 
 
 def test_a_pipeline_degree_that_does_not_divide_the_world_stops_before_training(small_config, tmp_path):
-    proc = run_cmd([sys.executable, "-m", "tnf_scale.train",
-                    *train_args(small_config, tmp_path / "run", max_steps=2, deepspeed_config="ds_configs/tiny_pp2.json")])
+    proc = run_cmd(
+        [
+            sys.executable,
+            "-m",
+            "tnf_scale.train",
+            *train_args(small_config, tmp_path / "run", max_steps=2, deepspeed_config="ds_configs/tiny_pp2.json"),
+        ]
+    )
     assert proc.returncode == 2
     assert "1 ranks cannot be split into 2 pipeline stages" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
@@ -88,9 +117,34 @@ def test_a_pipeline_degree_that_does_not_divide_the_world_stops_before_training(
 @pytest.mark.slow
 def test_bert_large_on_two_pipeline_stages_takes_two_steps(small_config, tmp_path):
     out = tmp_path / "large"
-    launch(2, ["tnf_scale/train.py", *train_args(small_config, out, max_steps=2, global_batch_size=2, micro_batch_size=1, eval_sequences=2, log_interval=1),
-               "--preset", "bert-large", "--max_seq_len", "64", "--rare_min_count", "5", "--rare_max_count", "20",
-               "--deepspeed_config", "ds_configs/bert_large_pp2_zero1.json", "--export", "false"], timeout=1200)
+    launch(
+        2,
+        [
+            "tnf_scale/train.py",
+            *train_args(
+                small_config,
+                out,
+                max_steps=2,
+                global_batch_size=2,
+                micro_batch_size=1,
+                eval_sequences=2,
+                log_interval=1,
+            ),
+            "--preset",
+            "bert-large",
+            "--max_seq_len",
+            "64",
+            "--rare_min_count",
+            "5",
+            "--rare_max_count",
+            "20",
+            "--deepspeed_config",
+            "ds_configs/bert_large_pp2_zero1.json",
+            "--export",
+            "false",
+        ],
+        timeout=1200,
+    )
     records = read_metrics(out)
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2] and all(r["loss"] > 0 for r in steps)

@@ -1,28 +1,33 @@
 """The sharded note dictionary under the real launcher: bitwise store, W-invariant training, ZeRO 1/2/3,
 re-partitioning resumes, and refused checkpoints."""
+
 from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import COMPARED_RUN, assert_same_evaluations, launch, train_args
 from safetensors.torch import load_file, save_file
+from workers import store_worker
 
-from tnf_scale.checkpoint import COMPLETE, Checkpointer, CheckpointError, notes_file, plan_resume, read_rank_files
+from tnf_scale.checkpoint import (
+    COMPLETE,
+    Checkpointer,
+    CheckpointError,
+    CheckpointMarker,
+    plan_resume,
+    rank_file,
+    read_rank_files,
+)
 from tnf_scale.config import RunConfig
 from tnf_scale.distributed import ParallelDims, Topology
-from tnf_scale.run_dir import RunDir
 from tnf_scale.metrics import read_metrics
 from tnf_scale.notes.note_math import owner_of
 from tnf_scale.notes.store import NoteStore
-
-from conftest import COMPARED_RUN, REPO, assert_same_evaluations, launch, train_args
-
-sys.path.insert(0, str(REPO / "tests" / "workers"))
-import store_worker  # noqa: E402
+from tnf_scale.run_dir import RunDir
 
 pytestmark = pytest.mark.launcher
 
@@ -65,8 +70,20 @@ def runs_by_world(small_config, tmp_path_factory, dp_reference_run) -> dict[int,
     for ranks, stage in STAGES.items():
         if ranks > 1:
             out = tmp_path_factory.mktemp(f"w{ranks}")
-            launch(ranks, ["tnf_scale/train.py", *train_args(small_config, out, max_steps=20, save_interval=10,
-                                                             deepspeed_config=f"ds_configs/zero{stage}.json", **COMPARED_RUN)])
+            launch(
+                ranks,
+                [
+                    "tnf_scale/train.py",
+                    *train_args(
+                        small_config,
+                        out,
+                        max_steps=20,
+                        save_interval=10,
+                        deepspeed_config=f"ds_configs/zero{stage}.json",
+                        **COMPARED_RUN,
+                    ),
+                ],
+            )
             runs[ranks] = out
     return runs
 
@@ -84,17 +101,19 @@ def test_training_agrees_for_1_2_and_4_ranks_across_zero_stages(runs_by_world):
         assert losses.keys() == reference.keys()
         for step, loss in reference.items():
             assert losses[step] == pytest.approx(loss, rel=1e-5), (ranks, step)
-        assert_same_evaluations(runs_by_world[ranks], runs_by_world[1], [0, 20])  # the same held-out sequences on any world size
+        assert_same_evaluations(
+            runs_by_world[ranks], runs_by_world[1], [0, 20]
+        )  # the same held-out sequences on any world size
         notes = load_file(str(runs_by_world[ranks] / "notes.safetensors"))
         assert torch.equal(notes["ids"], ref_notes["ids"])
         torch.testing.assert_close(notes["vectors"], ref_notes["vectors"], rtol=1e-5, atol=1e-6)
 
 
 def test_zero_stages_train_tnf_and_log_note_traffic(runs_by_world):
-    for ranks, stage in STAGES.items():
+    for ranks in STAGES:
         run = runs_by_world[ranks]
-        marker = json.loads((run / "checkpoints" / "step00000020" / COMPLETE).read_text())
-        assert marker["world_size"] == ranks
+        marker = CheckpointMarker.read(run / "checkpoints" / "step00000020")
+        assert marker.world_size == ranks
         steps = [r for r in read_metrics(run) if "loss" in r]
         last = steps[-1]
         assert last["note_ids_unique"] <= last["note_ids_requested"] == last["occurrences_read"] > 0
@@ -113,8 +132,21 @@ def test_resume_from_2_ranks_onto_another_number_of_ranks(ranks, runs_by_world, 
     resumed = tmp_path / "resumed"
     shutil.copytree(source, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step00000020")
-    launch(ranks, ["tnf_scale/train.py", *train_args(small_config, resumed, max_steps=20, save_interval=10,
-                                                     deepspeed_config="ds_configs/zero2.json", resume="true", **COMPARED_RUN)])
+    launch(
+        ranks,
+        [
+            "tnf_scale/train.py",
+            *train_args(
+                small_config,
+                resumed,
+                max_steps=20,
+                save_interval=10,
+                deepspeed_config="ds_configs/zero2.json",
+                resume="true",
+                **COMPARED_RUN,
+            ),
+        ],
+    )
     expected, got = step_losses(source), step_losses(resumed)
     assert got.keys() == expected.keys()
     for step in range(11, 21):
@@ -130,21 +162,38 @@ def fake_checkpoint(root: Path, rows: list[torch.Tensor], digest: str = "d") -> 
     ckpt = root / "checkpoints" / "step00000005"
     ckpt.mkdir(parents=True)
     for rank, ids in enumerate(rows):
-        save_file({"ids": ids, "vectors": torch.zeros(len(ids), 4), "noted": torch.zeros(len(ids), dtype=torch.bool),
-                   "torch_rng_state": torch.get_rng_state()}, str(notes_file(ckpt, rank)))
-    (ckpt / COMPLETE).write_text(json.dumps({"step": 5, "world_size": len(rows), "notes": True, "rare_vocab_digest": digest,
-                                             "tokens": 0, "wall_time": 0.0}))
+        save_file(
+            {
+                "ids": ids,
+                "vectors": torch.zeros(len(ids), 4),
+                "noted": torch.zeros(len(ids), dtype=torch.bool),
+                "torch_rng_state": torch.get_rng_state(),
+            },
+            str(rank_file(ckpt, rank)),
+        )
+    (ckpt / COMPLETE).write_text(
+        json.dumps(
+            {
+                "step": 5,
+                "world_size": len(rows),
+                "notes": True,
+                "rare_vocab_digest": digest,
+                "tokens": 0,
+                "wall_time": 0.0,
+            }
+        )
+    )
     return ckpt
 
 
 def test_a_missing_or_truncated_note_shard_is_refused_by_name(tmp_path):
     ckpt = fake_checkpoint(tmp_path / "missing", [torch.tensor([0, 2]), torch.tensor([1, 3])])
-    notes_file(ckpt, 1).unlink()
+    rank_file(ckpt, 1).unlink()
     with pytest.raises(CheckpointError, match=r"is missing notes_rank00001\.safetensors"):
         plan_resume(tmp_path / "missing", "d", num_rare=4)
     ckpt = fake_checkpoint(tmp_path / "cut", [torch.tensor([0, 2]), torch.tensor([1, 3])])
-    data = notes_file(ckpt, 0).read_bytes()
-    notes_file(ckpt, 0).write_bytes(data[: len(data) // 2])
+    data = rank_file(ckpt, 0).read_bytes()
+    rank_file(ckpt, 0).write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"notes_rank00000\.safetensors is truncated or corrupt"):
         plan_resume(tmp_path / "cut", "d", num_rare=4)
 
@@ -162,15 +211,24 @@ def test_a_checkpoint_of_other_data_is_refused(tmp_path):
 def test_a_resume_with_another_model_shape_or_fewer_steps_is_refused_before_any_run_file_changes(tmp_path):
     run = tmp_path / "run"
     fake_checkpoint(run, [torch.tensor([0, 1, 2, 3])])
-    (run / "run_config.json").write_text(json.dumps({"hidden_size": 128, "max_seq_len": 64, "max_steps": 5, "tnf": "on"}))
+    (run / "run_config.json").write_text(
+        json.dumps({"hidden_size": 128, "max_seq_len": 64, "max_steps": 5, "tnf": "on"})
+    )
     vocab = tmp_path / "rare_vocab.tsv"
     vocab.write_text("word\tid\tcount\n")
     before = (run / "run_config.json").read_bytes()
-    checkpointer = Checkpointer(RunDir(run), Topology(0, 0, 1, torch.device("cpu"), ParallelDims(1, 1)), vocab, num_rare=4)
+    checkpointer = Checkpointer(
+        RunDir(run), Topology(0, 0, 1, torch.device("cpu"), ParallelDims(1, 1)), vocab, num_rare=4
+    )
     checkpointer.rare_vocab_digest = "d"  # the fake checkpoint's
-    for cfg, message in ((RunConfig(resume=True, hidden_size=256, max_seq_len=64, max_steps=5), "trained with --hidden_size 128, not 256"),
-                         (RunConfig(resume=True, hidden_size=128, max_seq_len=32, max_steps=5), "--max_seq_len 64, not 32"),
-                         (RunConfig(resume=True, hidden_size=128, max_seq_len=64, max_steps=3), "at step 5, beyond --max_steps 3")):
+    for cfg, message in (
+        (
+            RunConfig(resume=True, hidden_size=256, max_seq_len=64, max_steps=5),
+            "trained with --hidden_size 128, not 256",
+        ),
+        (RunConfig(resume=True, hidden_size=128, max_seq_len=32, max_steps=5), "--max_seq_len 64, not 32"),
+        (RunConfig(resume=True, hidden_size=128, max_seq_len=64, max_steps=3), "at step 5, beyond --max_steps 3"),
+    ):
         with pytest.raises(CheckpointError, match=message):
             checkpointer.plan(cfg)
     assert (run / "run_config.json").read_bytes() == before

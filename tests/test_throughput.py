@@ -1,4 +1,5 @@
 """The throughput report: FLOP count, summaries, bad input (tests/test_bench.py runs it end to end)."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,17 +15,33 @@ def test_flops_for_bert_base_match_the_hand_computed_value():
 
 
 def test_flops_for_electra_base_match_the_hand_computed_value():
-    # discriminator encoder 174,587,904 (as BERT-base); generator encoder 12 * (8*256^2 + 4*256*1024 + 4*128*256) = 20,447,232;
+    # discriminator encoder 174,587,904 (as BERT-base); generator encoder 12 * (8*256^2 + 4*256*1024 + 4*128*256) =
+    # 20,447,232;
     # the generator's 768 -> 256 embedding projection 393,216; its head at the 15% masked tokens
-    # 0.15 * (2*256*768 + 2*768*30522) = 7,091,251.2; the discriminator's head at every token 2*768^2 + 2*768 = 1,181,184
-    generator = {"hidden_size": 256, "embedding_size": 768, "intermediate_size": 1024, "num_hidden_layers": 12, "vocab_size": 30522}
-    discriminator = {"hidden_size": 768, "embedding_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "vocab_size": 30522}
+    # 0.15 * (2*256*768 + 2*768*30522) = 7,091,251.2; the discriminator's head at every token 2*768^2 + 2*768 =
+    # 1,181,184
+    generator = {
+        "hidden_size": 256,
+        "embedding_size": 768,
+        "intermediate_size": 1024,
+        "num_hidden_layers": 12,
+        "vocab_size": 30522,
+    }
+    discriminator = {
+        "hidden_size": 768,
+        "embedding_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "vocab_size": 30522,
+    }
     assert electra_flops_per_token(generator, discriminator, 128, 0.15) == pytest.approx(3 * 203_700_787.2)
 
 
 def test_summary_takes_medians_and_spread():
-    steps = [{"tokens_per_s": t, "step_seconds": s, "time_forward": f}
-             for t, s, f in ((100.0, 2.0, 1.0), (300.0, 1.0, 0.5), (200.0, 4.0, 2.0))]
+    steps = [
+        {"tokens_per_s": t, "step_seconds": s, "time_forward": f}
+        for t, s, f in ((100.0, 2.0, 1.0), (300.0, 1.0, 0.5), (200.0, 4.0, 2.0))
+    ]
     summary = summarize(steps, samples_per_step=8)
     assert summary["tokens_per_s"] == {"median": 200.0, "min": 100.0, "max": 300.0}
     assert summary["samples_per_s"]["median"] == 4.0 and summary["step_seconds"] == 2.0
@@ -38,7 +55,7 @@ def test_gpu_peaks_and_the_no_gpu_note():
 
 
 def test_throughput_report_refuses_a_folder_without_a_run(tmp_path):
-    from tnf_scale.config import ConfigError
+    from tnf_scale.errors import ConfigError
     from tnf_scale.reports.throughput import write_report
 
     with pytest.raises(ConfigError, match=r"--peer .*nothing holds no run \(metrics.jsonl is missing\)"):

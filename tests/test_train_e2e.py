@@ -1,24 +1,34 @@
 """End to end: the real `deepspeed` launcher and `python -m`, TNF and baseline, resume, export."""
+
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import check_ok, launch, run_cmd, train_args
 from safetensors.torch import load_file
 from transformers import BertForMaskedLM, pipeline
 
-from tnf_scale.checkpoint import COMPLETE, latest_complete
+from tnf_scale.checkpoint import CheckpointMarker, latest_complete
 from tnf_scale.metrics import read_metrics
 from tnf_scale.notes.note_math import initial_notes
 
-from conftest import REPO, check_ok, launch, run_cmd, train_args
-
-STEP_FIELDS = {"step", "loss", "lr", "tokens", "wall_time", "step_seconds", "tokens_per_s", "occurrences_read", "occurrences_skipped_masked",
-               "notes_written", "distinct_noted"}
+STEP_FIELDS = {
+    "step",
+    "loss",
+    "lr",
+    "tokens",
+    "wall_time",
+    "step_seconds",
+    "tokens_per_s",
+    "occurrences_read",
+    "occurrences_skipped_masked",
+    "notes_written",
+    "distinct_noted",
+}
 SPLIT_FIELDS = {"eval_loss_no_notes_rare", "eval_loss_no_notes_other", "eval_tokens_rare", "eval_tokens_other"}
 pytestmark = pytest.mark.launcher
 
@@ -42,20 +52,24 @@ def test_tnf_run_under_the_deepspeed_launcher_learns_and_takes_notes(tnf_run, pr
     records = read_metrics(tnf_run)
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 41))
-    assert all(STEP_FIELDS <= set(r) for r in steps)
+    assert all(set(r) >= STEP_FIELDS for r in steps)
     first, last = sum(r["loss"] for r in steps[:5]) / 5, sum(r["loss"] for r in steps[-5:]) / 5
     assert last < first - 0.5, (first, last)
     evals = [r for r in records if "eval_loss_no_notes" in r]
     assert [r["step"] for r in evals] == [0, 20, 40] and all("eval_loss_notes" in r for r in evals)
     assert evals[-1]["eval_loss_no_notes"] < evals[0]["eval_loss_no_notes"]
     # Every occurrence writes; those whose span holds a predicted token read no note (TNF_SPEC 3).
-    assert all(r["occurrences_read"] > 0 and r["occurrences_read"] + r["occurrences_skipped_masked"] == r["notes_written"] for r in steps)
+    assert all(
+        r["occurrences_read"] > 0 and r["occurrences_read"] + r["occurrences_skipped_masked"] == r["notes_written"]
+        for r in steps
+    )
     assert sum(r["occurrences_skipped_masked"] for r in steps) > 0
     for r in evals:  # the logged split recombines into the overall loss, with notes and without
         assert SPLIT_FIELDS | {"eval_loss_notes_rare", "eval_loss_notes_other"} <= set(r) and r["eval_tokens_rare"] > 0
         for name in ("eval_loss_no_notes", "eval_loss_notes"):
             recombined = (r["eval_tokens_rare"] * r[f"{name}_rare"] + r["eval_tokens_other"] * r[f"{name}_other"]) / (
-                r["eval_tokens_rare"] + r["eval_tokens_other"])
+                r["eval_tokens_rare"] + r["eval_tokens_other"]
+            )
             assert abs(recombined - r[name]) < 1e-6
     assert steps[-1]["distinct_noted"] > steps[0]["distinct_noted"] > 0
 
@@ -83,7 +97,13 @@ def test_resume_continues_exactly_where_the_checkpoint_left_off(tnf_run, small_c
     shutil.rmtree(resumed / "checkpoints" / "step00000040")  # as if the run died after step 20's checkpoint
     assert latest_complete(resumed).name == "step00000020"
     # The run collated each step on the spot (--prefetch auto on a CPU); the resumed one prefetches: the same batches.
-    launch(1, ["tnf_scale/train.py", *train_args(small_config, resumed, max_steps=40, save_interval=20, resume="true", prefetch="on")])
+    launch(
+        1,
+        [
+            "tnf_scale/train.py",
+            *train_args(small_config, resumed, max_steps=40, save_interval=20, resume="true", prefetch="on"),
+        ],
+    )
     original = {r["step"]: r for r in read_metrics(tnf_run)}
     again = read_metrics(resumed)
     assert [r["step"] for r in again] == [r["step"] for r in read_metrics(tnf_run)]  # no step logged twice
@@ -92,16 +112,18 @@ def test_resume_continues_exactly_where_the_checkpoint_left_off(tnf_run, small_c
             assert r["loss"] == pytest.approx(original[r["step"]]["loss"], rel=1e-5)
     a, b = load_file(str(tnf_run / "notes.safetensors")), load_file(str(resumed / "notes.safetensors"))
     torch.testing.assert_close(b["vectors"], a["vectors"], rtol=1e-5, atol=1e-6)
-    assert json.loads((resumed / "checkpoints" / "step00000040" / COMPLETE).read_text())["step"] == 40
+    assert CheckpointMarker.read(resumed / "checkpoints" / "step00000040").step == 40
 
 
 def test_baseline_run_via_python_m_takes_no_notes(baseline_run):
     out, stdout = baseline_run
     records = read_metrics(out)
     steps = [r for r in records if "loss" in r]
-    assert len(steps) == 40 and all(STEP_FIELDS <= set(r) for r in steps)
+    assert len(steps) == 40 and all(set(r) >= STEP_FIELDS for r in steps)
     assert all(r["notes_written"] == 0 and r["distinct_noted"] == 0 for r in steps)
-    assert all("eval_loss_notes" not in r for r in records) and SPLIT_FIELDS | {"eval_loss_no_notes"} <= set(records[-1])
+    assert all("eval_loss_notes" not in r for r in records) and SPLIT_FIELDS | {"eval_loss_no_notes"} <= set(
+        records[-1]
+    )
     assert not (out / "notes.safetensors").exists()
     assert steps[-1]["loss"] < steps[0]["loss"] - 0.5
     assert "TNF off" in stdout and (out / "export" / "model.safetensors").is_file()
@@ -126,16 +148,25 @@ def test_overwrite_with_a_mistyped_corpus_keeps_the_old_run(baseline_run, small_
 
 
 def test_resume_without_a_checkpoint_says_so(small_config, tmp_path):
-    proc = run_cmd([sys.executable, "-m", "tnf_scale.train", *train_args(small_config, tmp_path / "fresh", max_steps=5, resume="true")])
+    proc = run_cmd(
+        [
+            sys.executable,
+            "-m",
+            "tnf_scale.train",
+            *train_args(small_config, tmp_path / "fresh", max_steps=5, resume="true"),
+        ]
+    )
     assert proc.returncode == 2 and "found no complete checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_export_tool_rebuilds_the_export_and_names_a_run_without_checkpoints(tnf_run, tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "tools"))
-    import export as export_tool
+    from tnf_scale.cli import export as export_tool
 
     assert export_tool.main(["--run", str(tnf_run), "--out", str(tmp_path / "again")]) == 0
-    a, b = load_file(str(tnf_run / "export" / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+    a, b = (
+        load_file(str(tnf_run / "export" / "model.safetensors")),
+        load_file(str(tmp_path / "again" / "model.safetensors")),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert export_tool.main(["--run", str(tmp_path / "empty")]) == 2
     assert "holds no complete checkpoint" in capsys.readouterr().err

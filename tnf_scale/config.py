@@ -4,50 +4,27 @@ Everything a run needs is one `RunConfig`. A preset supplies defaults, `--config
 (JSON) overrides the preset, and command-line flags override both. `validate()` runs
 before any process group exists, so a bad value is one sentence, not a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
 import math
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tnf_scale.errors import ConfigError
+
 REPO = Path(__file__).resolve().parent.parent  # the checkout: where launches run from, whose commit runs record
 BUNDLED_CORPUS = str(REPO / "data" / "bundled_corpus.jsonl.xz")
-
-
-class ConfigError(ValueError):
-    """A configuration problem, phrased as one sentence that names the problem and the fix."""
-
-    exit_status = 2
-
-
-class PeerStopped(ConfigError):
-    """Another rank stopped the run and said why; this rank exits with the same status, silently."""
-
-    def __init__(self, exit_status: int = 2):
-        super().__init__("")
-        self.exit_status = exit_status
 
 
 def check_deepspeed_config_path(path: str) -> None:
     """One sentence when the DeepSpeed config file named by --deepspeed_config is not there."""
     if not Path(path).is_file():
         raise ConfigError(f"--deepspeed_config {path} does not exist; pass a JSON file such as ds_configs/zero1.json.")
-
-
-def exit_code(action: Callable[[], int]) -> int:
-    """Run a command's body: a ConfigError becomes one line on stderr and its exit status (2: bad input), not a traceback."""
-    try:
-        return action()
-    except ConfigError as err:
-        if str(err):
-            print(f"error: {err}", file=sys.stderr)
-        return err.exit_status
 
 
 @dataclass
@@ -59,15 +36,21 @@ class RunConfig:
     corpus: list[str] = field(default_factory=lambda: [BUNDLED_CORPUS])
     text_column: str = "text"
     tokenizer: str | None = None  # a saved tokenizer directory; None trains WordPiece on the corpus
-    tokenizer_sample_words: int = 20_000_000  # WordPiece is trained on every k-th document, about this many words in all
+    tokenizer_sample_words: int = (
+        20_000_000  # WordPiece is trained on every k-th document, about this many words in all
+    )
     data_cache: str = ".cache/tnf_data"
     rare_min_count: int | None = None  # None: choose the band by rare_coverage
     rare_max_count: int | None = None
     rare_coverage: float = 0.02
     eval_fraction: float = 0.02
-    num_proc: int | None = None  # processes counting and packing words; None: every core for a large corpus (the cache is the same)
+    num_proc: int | None = (
+        None  # processes counting and packing words; None: every core for a large corpus (the cache is the same)
+    )
     # model
-    objective: str = "mlm"  # mlm: BERT's masked LM; electra: ELECTRA's replaced-token detection (generator + discriminator)
+    objective: str = (
+        "mlm"  # mlm: BERT's masked LM; electra: ELECTRA's replaced-token detection (generator + discriminator)
+    )
     vocab_size: int = 8192
     hidden_size: int = 128
     num_layers: int = 2
@@ -75,7 +58,9 @@ class RunConfig:
     intermediate_size: int = 512
     max_seq_len: int = 128
     dropout: float = 0.1
-    generator_fraction: float = 0.25  # ELECTRA: the generator's hidden size, heads and FFN width as a share of the discriminator's
+    generator_fraction: float = (
+        0.25  # ELECTRA: the generator's hidden size, heads and FFN width as a share of the discriminator's
+    )
     rtd_weight: float = 50.0  # ELECTRA: loss = generator MLM + rtd_weight x discriminator loss
     # optimisation
     max_steps: int = 300
@@ -93,7 +78,9 @@ class RunConfig:
     note_lambda: float = 0.5
     note_gamma: float = 0.1
     note_window: int = 16
-    notes_at_masked: bool = False  # leaky ablation: notes mixed into spans that hold a predicted token (TNF_SPEC 3 forbids it)
+    notes_at_masked: bool = (
+        False  # leaky ablation: notes mixed into spans that hold a predicted token (TNF_SPEC 3 forbids it)
+    )
     notes_in: str = "discriminator"  # ELECTRA: which network reads notes (the discriminator always writes them)
     # run control
     deepspeed_config: str | None = None
@@ -107,7 +94,9 @@ class RunConfig:
     overwrite: bool = False  # start afresh in an output_dir that holds a run, deleting it
     export: bool = True
     save_notes: bool = True
-    prefetch: str = "auto"  # collate the next steps in a worker process: on, off, auto (on only when an accelerator computes)
+    prefetch: str = (
+        "auto"  # collate the next steps in a worker process: on, off, auto (on only when an accelerator computes)
+    )
 
     @property
     def tnf_enabled(self) -> bool:
@@ -115,9 +104,13 @@ class RunConfig:
 
     @property
     def generator_shape(self) -> tuple[int, int, int]:
-        """ELECTRA's generator: (hidden size, attention heads, FFN width), the discriminator's scaled by --generator_fraction."""
+        """ELECTRA's generator: (hidden size, heads, FFN width): the discriminator's x --generator_fraction."""
         fraction = self.generator_fraction
-        return round(self.hidden_size * fraction), max(1, round(self.num_heads * fraction)), max(1, round(self.intermediate_size * fraction))
+        return (
+            round(self.hidden_size * fraction),
+            max(1, round(self.num_heads * fraction)),
+            max(1, round(self.intermediate_size * fraction)),
+        )
 
     def validate(self) -> None:
         """Raise ConfigError with one clear sentence for the first bad value found."""
@@ -137,17 +130,42 @@ class RunConfig:
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"--{name} must be a finite number, got {getattr(self, name)}.")
         if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ConfigError(f"--lr must be above 0 and --weight_decay, --grad_clip at least 0, got {self.lr}, {self.weight_decay}, {self.grad_clip}.")
+            raise ConfigError(
+                f"--lr must be above 0 and --weight_decay, --grad_clip at least 0, got {self.lr}, "
+                f"{self.weight_decay}, {self.grad_clip}."
+            )
         if not 0.0 < self.mlm_probability < 1.0:
-            raise ConfigError(f"--mlm_probability must lie strictly between 0 and 1 (BERT: 0.15), got {self.mlm_probability}.")
+            raise ConfigError(
+                f"--mlm_probability must lie strictly between 0 and 1 (BERT: 0.15), got {self.mlm_probability}."
+            )
         if not 0.0 < self.rare_coverage < 1.0:
             raise ConfigError(f"--rare_coverage must lie strictly between 0 and 1, got {self.rare_coverage}.")
         if (self.rare_min_count is None) != (self.rare_max_count is None):
-            raise ConfigError("--rare_min_count and --rare_max_count go together: give both, or neither to choose the band by --rare_coverage.")
+            raise ConfigError(
+                "--rare_min_count and --rare_max_count go together: give both, or neither to choose the band "
+                "by --rare_coverage."
+            )
         if self.rare_min_count is not None and not 1 <= self.rare_min_count <= self.rare_max_count:
-            raise ConfigError(f"the rare band needs 1 <= --rare_min_count <= --rare_max_count, got {self.rare_min_count}..{self.rare_max_count}.")
-        for name in ("max_steps", "global_batch_size", "micro_batch_size", "hidden_size", "num_layers", "num_heads", "max_seq_len", "vocab_size",
-                     "intermediate_size", "log_interval", "eval_interval", "eval_sequences", "max_nonfinite_steps", "tokenizer_sample_words"):
+            raise ConfigError(
+                f"the rare band needs 1 <= --rare_min_count <= --rare_max_count, got "
+                f"{self.rare_min_count}..{self.rare_max_count}."
+            )
+        for name in (
+            "max_steps",
+            "global_batch_size",
+            "micro_batch_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "max_seq_len",
+            "vocab_size",
+            "intermediate_size",
+            "log_interval",
+            "eval_interval",
+            "eval_sequences",
+            "max_nonfinite_steps",
+            "tokenizer_sample_words",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if self.num_proc is not None and self.num_proc < 1:
@@ -155,7 +173,10 @@ class RunConfig:
         if self.save_interval < 0:
             raise ConfigError(f"--save_interval must be 0 or more, got {self.save_interval}.")
         if self.warmup_steps < 1:
-            raise ConfigError(f"--warmup_steps must be at least 1 (DeepSpeed's WarmupDecayLR needs a warmup step), got {self.warmup_steps}.")
+            raise ConfigError(
+                f"--warmup_steps must be at least 1 (DeepSpeed's WarmupDecayLR needs a warmup step), got "
+                f"{self.warmup_steps}."
+            )
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"--hidden_size {self.hidden_size} must be divisible by --num_heads {self.num_heads}.")
         if self.max_seq_len < 8:
@@ -165,7 +186,9 @@ class RunConfig:
         if not 0.0 < self.eval_fraction < 0.5:
             raise ConfigError(f"--eval_fraction must lie in (0, 0.5), got {self.eval_fraction}.")
         if not self.corpus:
-            raise ConfigError("--corpus is empty: name at least one .txt/.jsonl/.parquet file, folder, or datasets hub name.")
+            raise ConfigError(
+                "--corpus is empty: name at least one .txt/.jsonl/.parquet file, folder, or datasets hub name."
+            )
         if self.prefetch not in PREFETCH:
             raise ConfigError(f"--prefetch must be one of {', '.join(PREFETCH)}, got {self.prefetch!r}.")
         if self.deepspeed_config is not None:
@@ -177,53 +200,128 @@ class RunConfig:
         if not math.isfinite(self.rtd_weight) or self.rtd_weight <= 0:
             raise ConfigError(f"--rtd_weight must be a finite number above 0 (ELECTRA: 50), got {self.rtd_weight}.")
         if not math.isfinite(self.generator_fraction) or not 0 < self.generator_fraction <= 1:
-            raise ConfigError(f"--generator_fraction {self.generator_fraction} would make the generator larger than the discriminator "
-                              "(or empty); ELECTRA's generator is 1/4 to 1/3 of it: pass a value in (0, 1].")
+            raise ConfigError(
+                f"--generator_fraction {self.generator_fraction} would make the generator larger than the "
+                f"discriminator "
+                "(or empty); ELECTRA's generator is 1/4 to 1/3 of it: pass a value in (0, 1]."
+            )
         hidden, heads, _ = self.generator_shape
         if hidden < 1 or hidden % heads:
-            raise ConfigError(f"--generator_fraction {self.generator_fraction} gives the generator {hidden} hidden units for {heads} attention "
-                              f"heads; choose a fraction whose share of --hidden_size {self.hidden_size} divides into its heads (e.g. 0.25).")
+            raise ConfigError(
+                f"--generator_fraction {self.generator_fraction} gives the generator {hidden} hidden units for "
+                f"{heads} attention "
+                f"heads; choose a fraction whose share of --hidden_size {self.hidden_size} divides into its "
+                f"heads (e.g. 0.25)."
+            )
+
+
+# What a checkpoint's tensors and data order depend on: a resume must keep them (the rest, e.g. --max_steps, may
+# change).
+RESUME_MUST_MATCH = (
+    "objective",
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "intermediate_size",
+    "generator_fraction",
+    "max_seq_len",
+    "tnf",
+    "global_batch_size",
+    "seed",
+)
+
+
+def resume_conflict(saved: dict[str, Any], cfg: RunConfig) -> str | None:
+    """The first field of RESUME_MUST_MATCH whose saved value (run_config.json) differs from `cfg`'s, or None."""
+    return next((name for name in RESUME_MUST_MATCH if name in saved and saved[name] != getattr(cfg, name)), None)
 
 
 OBJECTIVES = ("mlm", "electra")
 NOTES_IN = ("discriminator", "generator", "both")
 PREFETCH = ("auto", "on", "off")
 
+# The paper's setting at scale, shared by the BERT and ELECTRA presets: phase-1 sequence length, the paper's rare band
+# (Wikipedia + BookCorpus), and a log, evaluation and checkpoint cadence for runs of a million steps.
+AT_SCALE: dict[str, Any] = dict(
+    vocab_size=30522,
+    max_seq_len=128,
+    warmup_steps=10_000,
+    rare_min_count=100,
+    rare_max_count=500,
+    log_interval=100,
+    eval_interval=10_000,
+    eval_sequences=2048,
+    save_interval=10_000,
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Sized for a 2-core CPU: the demo, the tests and the benchmarks.
     "tiny": {},
     # The tiny model for `make bench`: about 3 epochs of the bundled corpus, one run in under 20 minutes
     # here; a band of words seen 10..50 times (the paper's ratio 5), so rare words recur within a run.
-    "bench": dict(max_steps=2400, warmup_steps=240, eval_interval=200, eval_sequences=544,
-                  rare_min_count=10, rare_max_count=50, log_interval=1),
-    # BERT-base / BERT-large (Devlin et al.), phase-1 sequence length, the paper's rare band.
+    "bench": dict(
+        max_steps=2400,
+        warmup_steps=240,
+        eval_interval=200,
+        eval_sequences=544,
+        rare_min_count=10,
+        rare_max_count=50,
+        log_interval=1,
+    ),
+    # BERT-base / BERT-large (Devlin et al.).
     "bert-base": dict(
-        vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
-        max_seq_len=128, max_steps=1_000_000, global_batch_size=256, micro_batch_size=32,
-        lr=1e-4, warmup_steps=10_000, rare_min_count=100, rare_max_count=500,
-        log_interval=100, eval_interval=10_000, eval_sequences=2048, save_interval=10_000,
+        AT_SCALE,
+        hidden_size=768,
+        num_layers=12,
+        num_heads=12,
+        intermediate_size=3072,
+        max_steps=1_000_000,
+        global_batch_size=256,
+        micro_batch_size=32,
+        lr=1e-4,
     ),
     "bert-large": dict(
-        vocab_size=30522, hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096,
-        max_seq_len=128, max_steps=1_000_000, global_batch_size=256, micro_batch_size=16,
-        lr=1e-4, warmup_steps=10_000, rare_min_count=100, rare_max_count=500,
-        log_interval=100, eval_interval=10_000, eval_sequences=2048, save_interval=10_000,
+        AT_SCALE,
+        hidden_size=1024,
+        num_layers=24,
+        num_heads=16,
+        intermediate_size=4096,
+        max_steps=1_000_000,
+        global_batch_size=256,
+        micro_batch_size=16,
+        lr=1e-4,
     ),
-    # ELECTRA (Clark et al.): the tiny CPU shape, ELECTRA-Small and ELECTRA-Base (the paper's TNF setting: discriminator
-    # 768 hidden x 12 layers, generator 256 hidden). The embedding width equals the discriminator's hidden size throughout,
-    # so a note (taken from the discriminator's last layer) has the width of the embedding it is mixed into.
+    # ELECTRA (Clark et al.): the tiny CPU shape, ELECTRA-Small and ELECTRA-Base (the paper's TNF setting:
+    # discriminator 768 hidden x 12 layers, generator 256 hidden). The embedding width equals the discriminator's
+    # hidden size throughout, so a note (taken from the discriminator's last layer) has the width of the embedding
+    # it is mixed into.
     "electra-tiny": dict(objective="electra"),
     "electra-small": dict(
-        objective="electra", vocab_size=30522, hidden_size=256, num_layers=12, num_heads=4, intermediate_size=1024,
-        generator_fraction=0.25, max_seq_len=128, max_steps=1_000_000, global_batch_size=128, micro_batch_size=64,
-        lr=5e-4, warmup_steps=10_000, rare_min_count=100, rare_max_count=500,
-        log_interval=100, eval_interval=10_000, eval_sequences=2048, save_interval=10_000,
+        AT_SCALE,
+        objective="electra",
+        hidden_size=256,
+        num_layers=12,
+        num_heads=4,
+        intermediate_size=1024,
+        generator_fraction=0.25,
+        max_steps=1_000_000,
+        global_batch_size=128,
+        micro_batch_size=64,
+        lr=5e-4,
     ),
     "electra-base": dict(
-        objective="electra", vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
-        generator_fraction=1 / 3, max_seq_len=128, max_steps=766_000, global_batch_size=256, micro_batch_size=32,
-        lr=2e-4, warmup_steps=10_000, rare_min_count=100, rare_max_count=500,
-        log_interval=100, eval_interval=10_000, eval_sequences=2048, save_interval=10_000,
+        AT_SCALE,
+        objective="electra",
+        hidden_size=768,
+        num_layers=12,
+        num_heads=12,
+        intermediate_size=3072,
+        generator_fraction=1 / 3,
+        max_steps=766_000,
+        global_batch_size=256,
+        micro_batch_size=32,
+        lr=2e-4,
     ),
 }
 
@@ -231,16 +329,25 @@ _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 FLAG_HELP = {
     "objective": "mlm (BERT's masked LM, default) or electra (replaced-token detection: generator + discriminator)",
     "notes_in": "ELECTRA: which network reads notes; the discriminator always writes them. discriminator (default, "
-                "TNF_SPEC 8; measured leaky: a note marks its span as original, and the exported discriminator is "
-                "worse on rare spans), generator (leak-free, recommended) or both",
+    "TNF_SPEC 8; measured leaky: a note marks its span as original, and the exported discriminator is "
+    "worse on rare spans), generator (leak-free, recommended) or both",
     "prefetch": "collate the next steps' micro-batches in a worker process while this one trains: auto (default: on "
-                "when an accelerator computes; off on a CPU-only run, where the worker shares the step's cores), on, off",
+    "when an accelerator computes; off on a CPU-only run, where the worker shares the step's cores), on, off",
     "notes_at_masked": "LEAKY ABLATION, default false: also mix notes into rare spans that hold a token the model must "
-                       "predict; the note then gives the masked word away and the exported model learns less",
+    "predict; the note then gives the masked word away and the exported model learns less",
 }
 
 
-BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+BOOLEAN_WORDS = {
+    "true": True,
+    "yes": True,
+    "on": True,
+    "1": True,
+    "false": False,
+    "no": False,
+    "off": False,
+    "0": False,
+}
 
 
 def parse_bool(text: str) -> bool:
@@ -248,7 +355,9 @@ def parse_bool(text: str) -> bool:
     try:
         return BOOLEAN_WORDS[text.lower()]
     except KeyError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a yes/no value; write true or false (or yes/no, on/off, 1/0)") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a yes/no value; write true or false (or yes/no, on/off, 1/0)"
+        ) from None
 
 
 def _flag_type(name: str):
@@ -269,11 +378,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     for name, f in _FIELDS.items():
         if name == "corpus":
-            parser.add_argument("--corpus", nargs="+", default=None, help="text/jsonl/parquet files, folders, or a datasets hub name")
+            parser.add_argument(
+                "--corpus", nargs="+", default=None, help="text/jsonl/parquet files, folders, or a datasets hub name"
+            )
         elif name == "tnf":
-            parser.add_argument("--tnf", choices=("on", "off"), default=None, help="off runs the same pipeline without notes (the baseline)")
+            parser.add_argument(
+                "--tnf",
+                choices=("on", "off"),
+                default=None,
+                help="off runs the same pipeline without notes (the baseline)",
+            )
         elif str(f.type) == "bool":  # a bare --resume means --resume true
-            parser.add_argument(f"--{name}", type=parse_bool, nargs="?", const=True, default=None, help=FLAG_HELP.get(name))
+            parser.add_argument(
+                f"--{name}", type=parse_bool, nargs="?", const=True, default=None, help=FLAG_HELP.get(name)
+            )
         else:
             parser.add_argument(f"--{name}", type=_flag_type(name), default=None, help=FLAG_HELP.get(name))
     return parser
@@ -318,12 +436,17 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         try:
             file_values = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise ConfigError(f"--config {path} is not valid JSON ({err.msg} at line {err.lineno}); fix the file.") from None
+            raise ConfigError(
+                f"--config {path} is not valid JSON ({err.msg} at line {err.lineno}); fix the file."
+            ) from None
         if not isinstance(file_values, dict):
             raise ConfigError(f"--config {path} must hold a JSON object of RunConfig fields.")
         for key, value in file_values.items():
             if key in _FIELDS and not _json_value_fits(str(_FIELDS[key].type), value):
-                raise ConfigError(f"--config {path} gives {key} = {value!r}, but {key} takes {_FIELDS[key].type}; fix the value in the file.")
+                raise ConfigError(
+                    f"--config {path} gives {key} = {value!r}, but {key} takes {_FIELDS[key].type}; fix the "
+                    f"value in the file."
+                )
     args.pop("local_rank")
     flags = {k: v for k, v in args.items() if v is not None}
     preset = flags.pop("preset", file_values.pop("preset", "tiny"))

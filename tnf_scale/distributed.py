@@ -7,6 +7,7 @@ Discovery, in one place, for every way users launch:
   mpi    mpi4py's COMM_WORLD (mpirun, srun --mpi=pmix); master = rank 0's host unless set
   single a lone `python -m tnf_scale.train`: rank 0 of 1 on 127.0.0.1
 """
+
 from __future__ import annotations
 
 import os
@@ -19,7 +20,8 @@ import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from tnf_scale.config import ConfigError
+from tnf_scale.errors import ConfigError
+from tnf_scale.launch import free_port
 
 MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 
@@ -59,6 +61,16 @@ class Topology:
         return self.rank // self.dims.data
 
     @property
+    def is_first_stage(self) -> bool:
+        """This rank feeds the model's inputs (every rank without a pipeline)."""
+        return self.pipeline_parallel_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        """This rank computes the loss and the last encoder layer's output (every rank without a pipeline)."""
+        return self.pipeline_parallel_rank == self.dims.pipeline - 1
+
+    @property
     def data_parallel_rank(self) -> int:
         return self.rank % self.dims.data
 
@@ -87,24 +99,24 @@ class RankInfo:
     source: str  # env | slurm | mpi | single
 
     def describe(self) -> str:
-        return (f"rank {self.rank}/{self.world_size} local {self.local_rank} node {socket.gethostname()} "
-                f"master {self.master_addr}:{self.master_port} (from {self.source})")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return (
+            f"rank {self.rank}/{self.world_size} local {self.local_rank} node {socket.gethostname()} "
+            f"master {self.master_addr}:{self.master_port} (from {self.source})"
+        )
 
 
 def _slurm_master() -> str:
     nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
     try:
-        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True).stdout.split()
+        hosts = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
+        ).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         hosts = [nodelist.split(",")[0]] if nodelist and "[" not in nodelist else []
     if not hosts:
-        raise ConfigError(f"cannot find the master node in SLURM_JOB_NODELIST={nodelist!r}; set MASTER_ADDR in the batch script.")
+        raise ConfigError(
+            f"cannot find the master node in SLURM_JOB_NODELIST={nodelist!r}; set MASTER_ADDR in the batch script."
+        )
     return hosts[0]
 
 
@@ -112,12 +124,23 @@ def discover() -> RankInfo:
     """Rank, world size and master of this process, from the launcher's environment (see the module doc)."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return RankInfo(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
-                        env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "env")
+        return RankInfo(
+            int(env["RANK"]),
+            int(env.get("LOCAL_RANK", 0)),
+            int(env["WORLD_SIZE"]),
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", 29500)),
+            "env",
+        )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_ID" in env:
-        return RankInfo(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
-                        env.get("MASTER_ADDR") or _slurm_master(),
-                        int(env.get("MASTER_PORT") or 20000 + int(env["SLURM_JOB_ID"]) % 10000), "slurm")
+        return RankInfo(
+            int(env["SLURM_PROCID"]),
+            int(env.get("SLURM_LOCALID", 0)),
+            int(env["SLURM_NTASKS"]),
+            env.get("MASTER_ADDR") or _slurm_master(),
+            int(env.get("MASTER_PORT") or 20000 + int(env["SLURM_JOB_ID"]) % 10000),
+            "slurm",
+        )
     if any(v in env for v in MPI_RANK_VARS):
         from mpi4py import MPI
 
@@ -126,25 +149,31 @@ def discover() -> RankInfo:
         master = comm.bcast(env.get("MASTER_ADDR") or socket.gethostname(), root=0)
         port = comm.bcast(int(env.get("MASTER_PORT") or 29500), root=0)
         return RankInfo(comm.Get_rank(), local.Get_rank(), comm.Get_size(), master, port, "mpi")
-    return RankInfo(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT") or _free_port()), "single")
+    return RankInfo(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT") or free_port()), "single")
 
 
 def check_master_port(info: RankInfo) -> None:
     """Rank 0 will listen on the master port: refuse, in one sentence, a port another process holds."""
-    if info.rank != 0 or info.source == "single" or "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's agent holds it on purpose
+    if (
+        info.rank != 0 or info.source == "single" or "TORCHELASTIC_RUN_ID" in os.environ
+    ):  # torchrun's agent holds it on purpose
         return
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("", info.master_port))
         except OSError:
-            raise ConfigError(f"master port {info.master_port} is already in use on {socket.gethostname()}; "
-                              "pass another --master_port to the launcher (or MASTER_PORT).") from None
+            raise ConfigError(
+                f"master port {info.master_port} is already in use on {socket.gethostname()}; "
+                "pass another --master_port to the launcher (or MASTER_PORT)."
+            ) from None
 
 
 def shm_buffer(info: RankInfo) -> Path:
-    """The /dev/shm file DeepSpeed's CPU shared-memory all-reduce creates for this rank (when all ranks share a host)."""
-    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{info.master_addr}_{info.master_port}_{info.rank}"
+    """The /dev/shm file DeepSpeed's CPU shared-memory all-reduce creates for this rank (all ranks on one host)."""
+    return (
+        Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{info.master_addr}_{info.master_port}_{info.rank}"
+    )
 
 
 def release_shm_buffer(info: RankInfo) -> None:
@@ -159,8 +188,13 @@ def release_shm_buffer(info: RankInfo) -> None:
 
 def init_distributed(info: RankInfo, dims: ParallelDims | None = None) -> Topology:
     """Start the process group DeepSpeed uses, from the discovered ranks; `dims` default: data parallelism only."""
-    os.environ.update(RANK=str(info.rank), LOCAL_RANK=str(info.local_rank), WORLD_SIZE=str(info.world_size),
-                      MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
+    os.environ.update(
+        RANK=str(info.rank),
+        LOCAL_RANK=str(info.local_rank),
+        WORLD_SIZE=str(info.world_size),
+        MASTER_ADDR=info.master_addr,
+        MASTER_PORT=str(info.master_port),
+    )
     accelerator = get_accelerator()
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False)
     release_shm_buffer(info)

@@ -3,6 +3,7 @@
 Values the file states explicitly must agree with the flags; a disagreement is one sentence
 naming both, never a silent override.
 """
+
 from __future__ import annotations
 
 import copy
@@ -10,8 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tnf_scale.config import ConfigError, RunConfig, check_deepspeed_config_path
+from tnf_scale.config import RunConfig, check_deepspeed_config_path
 from tnf_scale.distributed import ParallelDims
+from tnf_scale.errors import ConfigError
 
 DEFAULT_DS_CONFIG: dict[str, Any] = {"zero_optimization": {"stage": 1}}
 
@@ -23,7 +25,9 @@ def load_ds_file(path: str | None) -> dict[str, Any]:
     try:
         loaded = json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
-        raise ConfigError(f"--deepspeed_config {path} is not valid JSON ({err.msg} at line {err.lineno}); fix the file.") from None
+        raise ConfigError(
+            f"--deepspeed_config {path} is not valid JSON ({err.msg} at line {err.lineno}); fix the file."
+        ) from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"--deepspeed_config {path} must hold a JSON object.")
     return loaded
@@ -35,23 +39,37 @@ def _agree(ds: dict, key: str, value: Any, flag: str, source: str) -> None:
     if current == "auto":
         ds[key] = value
     elif current != value:
-        raise ConfigError(f"{source} sets {key}={current} but {flag} gives {value}; make them agree or set {key} to \"auto\".")
+        raise ConfigError(
+            f'{source} sets {key}={current} but {flag} gives {value}; make them agree or set {key} to "auto".'
+        )
 
 
-def parallel_dims(ds: dict[str, Any], cfg: RunConfig, world_size: int, source: str, world_source: str = "") -> ParallelDims:
+def parallel_dims(
+    ds: dict[str, Any], cfg: RunConfig, world_size: int, source: str, world_source: str = ""
+) -> ParallelDims:
     """Pipeline degree from the config's `pipeline.stages`; refused when it does not fit the model or the world."""
     stages = ds.get("pipeline", {}).get("stages", "auto")
     stages = 1 if stages == "auto" else stages
     if not isinstance(stages, int) or stages < 1:
-        raise ConfigError(f"{source} sets pipeline.stages={stages!r}; use a whole number of stages (1 for no pipeline).")
+        raise ConfigError(
+            f"{source} sets pipeline.stages={stages!r}; use a whole number of stages (1 for no pipeline)."
+        )
     if stages > cfg.num_layers:
-        raise ConfigError(f"{source} asks for {stages} pipeline stages but the model has only {cfg.num_layers} encoder layers; use at most {cfg.num_layers} stages.")
+        raise ConfigError(
+            f"{source} asks for {stages} pipeline stages but the model has only {cfg.num_layers} encoder "
+            f"layers; use at most {cfg.num_layers} stages."
+        )
     if world_size % stages:
-        raise ConfigError(f"{world_size} ranks{world_source} cannot be split into {stages} pipeline stages ({source}); launch a multiple of {stages} ranks.")
+        raise ConfigError(
+            f"{world_size} ranks{world_source} cannot be split into {stages} pipeline stages ({source}); "
+            f"launch a multiple of {stages} ranks."
+        )
     return ParallelDims(stages, world_size // stages)
 
 
-def build_ds_config(cfg: RunConfig, world_size: int, bf16_supported: bool, world_source: str = "") -> tuple[dict[str, Any], ParallelDims]:
+def build_ds_config(
+    cfg: RunConfig, world_size: int, bf16_supported: bool, world_source: str = ""
+) -> tuple[dict[str, Any], ParallelDims]:
     """A complete DeepSpeed config for this run and world size, and the parallel degrees it implies.
 
     `world_source` says where the world size came from, for the messages (e.g. " in the SLURM allocation").
@@ -63,23 +81,41 @@ def build_ds_config(cfg: RunConfig, world_size: int, bf16_supported: bool, world
     per_step = cfg.micro_batch_size * data_parallel_size
     if cfg.global_batch_size % per_step:
         raise ConfigError(
-            f"--global_batch_size {cfg.global_batch_size} is not a multiple of --micro_batch_size {cfg.micro_batch_size} "
+            f"--global_batch_size {cfg.global_batch_size} is not a multiple of --micro_batch_size "
+            f"{cfg.micro_batch_size} "
             f"x {data_parallel_size} data-parallel ranks{world_source}; choose sizes where it is."
         )
     _agree(ds, "train_batch_size", cfg.global_batch_size, "--global_batch_size", source)
     _agree(ds, "train_micro_batch_size_per_gpu", cfg.micro_batch_size, "--micro_batch_size", source)
-    _agree(ds, "gradient_accumulation_steps", cfg.global_batch_size // per_step, "--global_batch_size / (--micro_batch_size x ranks)", source)
+    _agree(
+        ds,
+        "gradient_accumulation_steps",
+        cfg.global_batch_size // per_step,
+        "--global_batch_size / (--micro_batch_size x ranks)",
+        source,
+    )
     _agree(ds, "gradient_clipping", cfg.grad_clip, "--grad_clip", source)
 
     ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     params = ds["optimizer"].setdefault("params", {})
     for key, value in (("lr", cfg.lr), ("weight_decay", cfg.weight_decay), ("betas", [0.9, 0.999]), ("eps", 1e-6)):
-        _agree(params, key, value, f"--{key}" if key in ("lr", "weight_decay") else "the default", f"{source} optimizer.params")
+        _agree(
+            params,
+            key,
+            value,
+            f"--{key}" if key in ("lr", "weight_decay") else "the default",
+            f"{source} optimizer.params",
+        )
 
     ds.setdefault("scheduler", {"type": "WarmupDecayLR", "params": {}})
     sched = ds["scheduler"].setdefault("params", {})
-    for key, value, flag in (("total_num_steps", cfg.max_steps, "--max_steps"), ("warmup_num_steps", cfg.warmup_steps, "--warmup_steps"),
-                             ("warmup_max_lr", cfg.lr, "--lr"), ("warmup_min_lr", 0.0, "the default"), ("warmup_type", "linear", "the default")):
+    for key, value, flag in (
+        ("total_num_steps", cfg.max_steps, "--max_steps"),
+        ("warmup_num_steps", cfg.warmup_steps, "--warmup_steps"),
+        ("warmup_max_lr", cfg.lr, "--lr"),
+        ("warmup_min_lr", 0.0, "the default"),
+        ("warmup_type", "linear", "the default"),
+    ):
         if ds["scheduler"]["type"] == "WarmupDecayLR" or key in sched:
             _agree(sched, key, value, flag, f"{source} scheduler.params")
 

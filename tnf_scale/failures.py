@@ -4,6 +4,7 @@ the lowest surviving rank names the first rank to fail and the resume command wi
 A rank killed outright (SIGKILL, a crash in native code, a lost node) leaves no record: a rank without one is
 named as having died first. Times come from each host's clock; across nodes they are as good as their sync.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,13 @@ RECORD_WAIT_SECONDS = 3.0  # how long a survivor waits for the other ranks' reco
 def record_failure(run: RunDir, rank: int, error: BaseException) -> None:
     """Write this rank's failure record (best effort: the disk may be the problem)."""
     first_line = (str(error).strip().splitlines() or [""])[0][:300]
-    record = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
-              "error": f"{type(error).__name__}: {first_line}"}
+    record = {
+        "rank": rank,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "time": time.time(),
+        "error": f"{type(error).__name__}: {first_line}",
+    }
     try:
         run.failures.mkdir(parents=True, exist_ok=True)
         (run.failures / f"rank{rank:05d}.json").write_text(json.dumps(record) + "\n")
@@ -44,7 +50,11 @@ def first_failure(records: dict[int, dict], world_size: int) -> tuple[list[int],
     silent = [r for r in range(world_size) if r not in records]
     if silent:
         names = ", ".join(map(str, silent))
-        return silent, f"rank{'s' if len(silent) > 1 else ''} {names} died first without a word (killed, out of memory, or lost with its node)"
+        return (
+            silent,
+            f"rank{'s' if len(silent) > 1 else ''} {names} died first without a word (killed, out of memory, "
+            f"or lost with its node)",
+        )
     first = min(records.values(), key=lambda r: r["time"])
     return [first["rank"]], f"rank {first['rank']} on {first['host']} failed first ({first['error']})"
 
@@ -55,13 +65,19 @@ def last_words(run: RunDir, world_size: int, resume_step: int | None) -> str:
     if resume_step is None:
         how = "no checkpoint was completed, so rerun the launch command with --overwrite true to start again"
     else:
-        how = f"rerun the launch command with --resume true: it continues from step {resume_step}, the last complete checkpoint"
+        how = (
+            f"rerun the launch command with --resume true: it continues from step {resume_step}, the last "
+            f"complete checkpoint"
+        )
     return f"{who}; {how}."
 
 
-def settle_failure(run: RunDir, rank: int, world_size: int, error: BaseException, resume_step) -> tuple[bool, str | None]:
+def settle_failure(
+    run: RunDir, rank: int, world_size: int, error: BaseException, resume_step
+) -> tuple[bool, str | None]:
     """Record this rank's failure and wait for the others' records. Returns (this rank failed first, the last words if
-    this rank is the lowest survivor, else None). `resume_step()` gives the step a resume continues from (None: none)."""
+    this rank is the lowest survivor, else None). `resume_step()` gives the step a resume continues from (None:
+    none)."""
     record_failure(run, rank, error)
     time.sleep(RECORD_WAIT_SECONDS)
     records = read_failures(run)

@@ -1,4 +1,5 @@
 """Run metrics: one JSON line per record in metrics.jsonl, the same scalars in TensorBoard."""
+
 from __future__ import annotations
 
 import json

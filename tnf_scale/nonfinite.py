@@ -1,16 +1,17 @@
 """The non-finite guard: a run whose loss or gradient norm stops being finite ends with one sentence, keeping the
 last good checkpoint, and is never exported."""
+
 from __future__ import annotations
 
 import math
 
-from tnf_scale.config import ConfigError
+from tnf_scale.errors import DIVERGED_EXIT, Refusal
 
 
-class Diverged(ConfigError):
-    """The run stopped on non-finite steps (exit code 3)."""
+class Diverged(Refusal):
+    """The run stopped on non-finite steps."""
 
-    exit_status = 3
+    exit_status = DIVERGED_EXIT
 
 
 class NonfiniteGuard:
@@ -39,7 +40,13 @@ class NonfiniteGuard:
         if self.streak < self.limit:
             return
         loss, grad_norm = self._last
-        kept = f"the last good checkpoint is step {last_good_checkpoint}" if last_good_checkpoint is not None else "no checkpoint was saved"
-        raise Diverged(f"step {step}: the loss or gradient norm was not finite for {self.streak} consecutive steps "
-                       f"(loss {loss}, gradient norm {grad_norm}), so the run stopped without saving or exporting; {kept} — "
-                       "lower --lr (or check the data) and resume it with --resume true, or start again.")
+        kept = (
+            f"the last good checkpoint is step {last_good_checkpoint}"
+            if last_good_checkpoint is not None
+            else "no checkpoint was saved"
+        )
+        raise Diverged(
+            f"step {step}: the loss or gradient norm was not finite for {self.streak} consecutive steps "
+            f"(loss {loss}, gradient norm {grad_norm}), so the run stopped without saving or exporting; {kept} — "
+            "lower --lr (or check the data) and resume it with --resume true, or start again."
+        )

@@ -3,6 +3,7 @@
 Ranks that start together and find an op unbuilt compile it in turn under one lock and
 wait minutes on each other; building first into TORCH_EXTENSIONS_DIR avoids that.
 """
+
 from __future__ import annotations
 
 import time
@@ -27,4 +28,7 @@ def prebuild() -> list[str]:
 if __name__ == "__main__":
     start = time.perf_counter()
     names = prebuild()
-    print(f"DeepSpeed ops ready on {get_accelerator().device_name()}: {', '.join(names)} ({time.perf_counter() - start:.0f} s)")
+    print(
+        f"DeepSpeed ops ready on {get_accelerator().device_name()}: {', '.join(names)} "
+        f"({time.perf_counter() - start:.0f} s)"
+    )

@@ -3,6 +3,7 @@
 Each problem is one sentence naming it and the fix; exit code 2 when there is one.
 (The world-size, pipeline and master-port checks also run inside train.py before any process group.)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,8 +12,8 @@ import socket
 import sys
 from pathlib import Path
 
-from tnf_scale.config import ConfigError, exit_code
 from tnf_scale.ds_config import load_ds_file
+from tnf_scale.errors import ConfigError, exit_code
 
 HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)$")  # the form DeepSpeed's runner accepts
 
@@ -29,7 +30,9 @@ def read_hostfile(path: str | Path) -> list[tuple[str, int]]:
             continue
         match = HOSTFILE_LINE.match(line)
         if not match:
-            raise ConfigError(f"hostfile {path} line {number} {raw.strip()!r} is not '<host> slots=<N>'; fix that line.")
+            raise ConfigError(
+                f"hostfile {path} line {number} {raw.strip()!r} is not '<host> slots=<N>'; fix that line."
+            )
         hosts.append((match[1], int(match[2])))
     if not hosts:
         raise ConfigError(f"hostfile {path} names no host; write one line per node: '<host> slots=<GPUs>'.")
@@ -41,14 +44,18 @@ def check_hosts_resolve(hosts: list[tuple[str, int]], path: str | Path) -> None:
         try:
             socket.getaddrinfo(host, None)
         except socket.gaierror:
-            raise ConfigError(f"host {host!r} in hostfile {path} does not resolve; fix the name or add it to /etc/hosts.") from None
+            raise ConfigError(
+                f"host {host!r} in hostfile {path} does not resolve; fix the name or add it to /etc/hosts."
+            ) from None
 
 
 def check_slots(hosts: list[tuple[str, int]], pipeline_stages: int, path: str | Path) -> None:
     total = sum(slots for _, slots in hosts)
     if total % pipeline_stages:
-        raise ConfigError(f"hostfile {path} gives {total} slots, which do not divide into {pipeline_stages} pipeline stages; "
-                          f"use a multiple of {pipeline_stages} slots.")
+        raise ConfigError(
+            f"hostfile {path} gives {total} slots, which do not divide into {pipeline_stages} pipeline stages; "
+            f"use a multiple of {pipeline_stages} slots."
+        )
 
 
 def preflight(hostfile: str, deepspeed_config: str | None) -> list[tuple[str, int]]:

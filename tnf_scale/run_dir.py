@@ -4,7 +4,8 @@ say what the run was (run and model configuration, tokenizer with rare vocabular
 Layout of `--output_dir`:
   metrics.jsonl, tensorboard/     per-step records (metrics.py)
   checkpoints/stepNNNNNNNN/       DeepSpeed state, note rows per rank, COMPLETE (checkpoint.py)
-  export/                         the plain Hugging Face model (model/export.py); ELECTRA: the discriminator, generator/ in it
+  export/                         the plain Hugging Face model (model/export.py); ELECTRA: the discriminator, generator/
+  in it
   notes.safetensors               the note dictionary on its own
   tokenizer/ (rare_vocab.tsv)     the run's tokenizer and rare vocabulary; also the layout of a prepared-data entry
   model_config.json, run_config.json, provenance.json; ELECTRA: model_config.json is the discriminator's, beside
@@ -13,6 +14,7 @@ Layout of `--output_dir`:
   LOCK                            held by global rank 0 while a run writes here (run_lock.py)
   failures/                       what each rank saw when a rank failed, for the survivors' last words (failures.py)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,7 +30,8 @@ import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from tnf_scale.config import REPO, ConfigError, RunConfig
+from tnf_scale.config import REPO, RunConfig
+from tnf_scale.errors import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -44,7 +47,13 @@ PROVENANCE_FILE = "provenance.json"
 PREEMPTED_MARKER = "PREEMPTED"
 LOCK_FILE = "LOCK"
 FAILURES_DIR = "failures"
-TRAINED = (METRICS_FILE, TENSORBOARD_DIR, CHECKPOINTS_DIR, EXPORT_DIR, NOTES_FILE)  # any of them: the directory holds a run
+TRAINED = (
+    METRICS_FILE,
+    TENSORBOARD_DIR,
+    CHECKPOINTS_DIR,
+    EXPORT_DIR,
+    NOTES_FILE,
+)  # any of them: the directory holds a run
 
 
 class RunDir:
@@ -119,8 +128,10 @@ class RunDir:
         """Refuse to mix a new run into an old one unless --resume or --overwrite says what to do. Touches nothing."""
         existing = self._trained()
         if existing and not cfg.resume and not cfg.overwrite:
-            raise ConfigError(f"--output_dir {self.path} already holds a run ({existing[0]}); pass --resume to continue it, "
-                              "--overwrite to replace it, or choose another directory.")
+            raise ConfigError(
+                f"--output_dir {self.path} already holds a run ({existing[0]}); pass --resume to continue it, "
+                "--overwrite to replace it, or choose another directory."
+            )
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"--output_dir {self.path} is a file; name a directory.")
 
@@ -137,16 +148,23 @@ class RunDir:
             shutil.rmtree(self.failures, ignore_errors=True)  # an earlier attempt's records would confuse this one's
         deepspeed.comm.barrier()
 
-    def write_run_files(self, cfg: RunConfig, model_config, tokenizer_dir: Path, world_size: int, generator_config=None) -> None:
-        """Tokenizer (with rare vocabulary), model config(s), run config and provenance: what the run was, beside its metrics,
+    def write_run_files(
+        self, cfg: RunConfig, model_config, tokenizer_dir: Path, world_size: int, generator_config=None
+    ) -> None:
+        """Tokenizer (with rare vocabulary), model config(s), run config and provenance: what the run was, beside its
+        metrics,
         so that export and the reports need only the run directory."""
         shutil.copytree(tokenizer_dir, self.tokenizer, dirs_exist_ok=True)
         model_config.to_json_file(str(self.model_config))
         if generator_config is not None:
             generator_config.to_json_file(str(self.generator_config))
         self.run_config.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        record = {"commit": commit(), "machine": machine(), "world_size": world_size,
-                  "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        record = {
+            "commit": commit(),
+            "machine": machine(),
+            "world_size": world_size,
+            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }
         self.provenance.write_text(json.dumps(record, indent=2) + "\n")
 
     def read_run_config(self) -> dict:
@@ -165,15 +183,29 @@ def machine() -> str:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")), cpu)
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, DeepSpeed accelerator {get_accelerator().device_name()}"
+        cpu = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in cpuinfo.read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            cpu,
+        )
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, DeepSpeed accelerator "
+        f"{get_accelerator().device_name()}"
+    )
 
 
 def commit() -> str:
     """The checkout's commit, marked when the working tree differs from it: which code produced a run."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return head + (" with uncommitted changes" if dirty else "")

@@ -6,9 +6,11 @@ this host (or alive as another process), or an earlier incarnation of this same 
 job runs again under its id, possibly on another node). A lock held from another host cannot be checked
 from here: the refusal says how to clear it by hand once that run is known to be gone.
 """
+
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fcntl
 import json
 import os
@@ -19,18 +21,24 @@ from pathlib import Path
 
 import psutil
 
-from tnf_scale.config import ConfigError
+from tnf_scale.errors import ConfigError, Refusal
 
 
-class RunDirLocked(ConfigError):
+class RunDirLocked(Refusal):
     """Another live run holds the run directory."""
 
 
 def this_holder() -> dict:
     """Who we are, as written into the lock."""
     me = psutil.Process()
-    return {"host": socket.gethostname(), "pid": os.getpid(), "process_start": me.create_time(),
-            "slurm_job": os.environ.get("SLURM_JOB_ID"), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "process_start": me.create_time(),
+        "slurm_job": os.environ.get("SLURM_JOB_ID"),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join(sys.argv),
+    }
 
 
 def holder_is_gone(holder: dict) -> bool:
@@ -73,23 +81,34 @@ class RunLock:
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise ConfigError(f"cannot create --output_dir {directory} ({err.strerror}); choose a writable directory.") from None
+            raise ConfigError(
+                f"cannot create --output_dir {directory} ({err.strerror}); choose a writable directory."
+            ) from None
         if not os.access(directory, os.W_OK):
-            raise ConfigError(f"cannot write into --output_dir {directory} (not writable); fix its permissions or choose another directory.")
+            raise ConfigError(
+                f"cannot write into --output_dir {directory} (not writable); fix its permissions or choose "
+                f"another directory."
+            )
         me = this_holder()
         staging = directory / f".LOCK.{me['host']}.{me['pid']}"
         try:
             staging.write_text(json.dumps(me, indent=2) + "\n")
         except OSError as err:
-            raise ConfigError(f"cannot write into --output_dir {directory} ({err.strerror}); "
-                              "choose a writable directory with free space.") from None
+            raise ConfigError(
+                f"cannot write into --output_dir {directory} ({err.strerror}); "
+                "choose a writable directory with free space."
+            ) from None
         try:
             with open(directory / ".LOCK.guard", "a") as guard:
                 fcntl.flock(guard, fcntl.LOCK_EX)  # two runs taking over the same stale lock: one at a time
                 holder = self._read()
                 if self.path.exists() and holder and not holder_is_gone(holder):
-                    raise RunDirLocked(f"--output_dir {directory} is in use by another run ({describe(holder)}: {holder.get('command', '?')}); "
-                                       f"wait for it to end or stop it, or choose another directory (if that run is gone, delete {self.path}).")
+                    raise RunDirLocked(
+                        f"--output_dir {directory} is in use by another run ({describe(holder)}: "
+                        f"{holder.get('command', '?')}); "
+                        f"wait for it to end or stop it, or choose another directory (if that run is gone, "
+                        f"delete {self.path})."
+                    )
                 self.path.unlink(missing_ok=True)  # stale, or unreadable: its holder died before it finished writing
                 os.link(staging, self.path)
         finally:
@@ -98,7 +117,7 @@ class RunLock:
         atexit.register(self.release)
 
     def release(self) -> None:
-        """Remove the lock if this process still holds it (and the directory, if the run created it and left it empty)."""
+        """Remove the lock if this process still holds it (and the directory, if the run created it and it is empty)."""
         if not self.held:
             return
         self.held = False
@@ -107,7 +126,5 @@ class RunLock:
             self.path.unlink(missing_ok=True)
         (self.path.parent / ".LOCK.guard").unlink(missing_ok=True)
         if self._created_dir:
-            try:
-                self.path.parent.rmdir()  # only when empty: a failed start leaves nothing behind
-            except OSError:
-                pass
+            with contextlib.suppress(OSError):  # removed only when empty: a failed start leaves nothing behind
+                self.path.parent.rmdir()

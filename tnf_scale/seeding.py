@@ -2,6 +2,7 @@
 
 A ground-floor module: the data (order, masks) and the notes (owners, initial rows) both build on it.
 """
+
 from __future__ import annotations
 
 import numpy as np

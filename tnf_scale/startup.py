@@ -1,5 +1,6 @@
 """What every training entry point does before its model exists: ranks, DeepSpeed config, process group,
 run directory, data. Used by train.py and by the Hugging Face Trainer peer (reports/hf_peer.py)."""
+
 from __future__ import annotations
 
 import logging
@@ -9,10 +10,11 @@ from typing import Any
 
 from deepspeed.accelerator import get_accelerator
 
-from tnf_scale.config import ConfigError, PeerStopped, RunConfig, exit_code, parse_args
-from tnf_scale.data.prepare import PreparedData, prepare_data
+from tnf_scale.config import RunConfig, parse_args
+from tnf_scale.data.prepared import PreparedData, prepare_data
 from tnf_scale.distributed import Topology, any_rank, check_master_port, discover, init_distributed
 from tnf_scale.ds_config import build_ds_config
+from tnf_scale.errors import ConfigError, PeerStopped, Refusal, exit_code
 from tnf_scale.run_dir import RunDir
 from tnf_scale.run_lock import RunLock
 
@@ -43,7 +45,7 @@ def prepare_on_local_rank0(cfg: RunConfig, topo: Topology, log) -> PreparedData:
     if topo.local_rank == 0:
         try:
             data = prepare_data(cfg, log=log, show_progress=topo.is_main)
-        except ConfigError as err:
+        except Refusal as err:
             refusal = err
     if any_rank(refusal is not None, topo.device):  # also the barrier the other ranks wait at
         raise refusal or PeerStopped()
@@ -58,8 +60,12 @@ def start(cfg: RunConfig, pipeline_refusal: str | None = None) -> Started:
     `--overwrite` deletes an old run."""
     accelerator = get_accelerator()
     info = discover()
-    ds_config, dims = build_ds_config(cfg, info.world_size, accelerator.device_name() != "cpu" and accelerator.is_bf16_supported(),
-                                      WORLD_SOURCES.get(info.source, ""))
+    ds_config, dims = build_ds_config(
+        cfg,
+        info.world_size,
+        accelerator.device_name() != "cpu" and accelerator.is_bf16_supported(),
+        WORLD_SOURCES.get(info.source, ""),
+    )
     if pipeline_refusal and dims.pipeline > 1:
         raise ConfigError(pipeline_refusal)
     check_master_port(info)
@@ -81,7 +87,7 @@ def lock_run_dir(run: RunDir, topo: Topology) -> RunLock:
     if topo.is_main:
         try:
             lock.acquire()
-        except ConfigError as err:
+        except Refusal as err:
             refusal = err
     if any_rank(refusal is not None, topo.device):
         raise refusal or PeerStopped()

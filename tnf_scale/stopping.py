@@ -7,6 +7,7 @@ checkpoint.
   launcher gone      a watched ancestor (the `deepspeed` runner, its per-node launcher, torchrun, srun or
                      slurmstepd, mpirun) exited: as SIGTERM, so ranks never train on as orphans
 """
+
 from __future__ import annotations
 
 import signal
@@ -17,11 +18,22 @@ import psutil
 import torch
 
 from tnf_scale.distributed import all_reduce_sum
+from tnf_scale.errors import PREEMPTED_EXIT, STOPPED_EXIT
 
-PREEMPTED_EXIT = 85  # checkpointed on SIGUSR1: the batch script requeues the job
-STOPPED_EXIT = 86  # checkpointed on SIGTERM/SIGINT or a dead launcher: rerun with --resume true to continue
-LAUNCHER_MARKS = ("deepspeed", "torchrun", "torch.distributed.run", "srun", "slurmstepd", "mpirun", "mpiexec", "orted", "prterun",
-                  "prted", "hydra_pmi_proxy", "pdsh")
+LAUNCHER_MARKS = (
+    "deepspeed",
+    "torchrun",
+    "torch.distributed.run",
+    "srun",
+    "slurmstepd",
+    "mpirun",
+    "mpiexec",
+    "orted",
+    "prterun",
+    "prted",
+    "hydra_pmi_proxy",
+    "pdsh",
+)
 LAUNCHER_POLL_SECONDS = 2.0
 
 
@@ -62,7 +74,11 @@ class StopRequest:
         self.preempted = self.preempted or signum == signal.SIGUSR1
         self.reason = self.reason or signal.Signals(signum).name
         again = "" if signum == signal.SIGUSR1 else "; send it again to stop at once, without a checkpoint"
-        print(f"{signal.Signals(signum).name}: stopping after a checkpoint at the next step boundary{again}", file=sys.stderr, flush=True)
+        print(
+            f"{signal.Signals(signum).name}: stopping after a checkpoint at the next step boundary{again}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _watch_launcher(self) -> None:
         stop = threading.Event()

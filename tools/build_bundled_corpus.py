@@ -10,6 +10,7 @@ runs it. It needs network access to PyPI and, in a throwaway virtual environment
 Sources and licences are listed in data/README.md. One JSON line per document:
 {"source": ..., "title": ..., "text": ...}.
 """
+
 from __future__ import annotations
 
 import bz2
@@ -56,8 +57,8 @@ def clean_wiki(text: str) -> str:
 def wikipedia_docs(wheel: Path) -> Iterator[dict]:
     from gensim.corpora.wikicorpus import extract_pages, filter_wiki
 
-    with zipfile.ZipFile(wheel) as zf, zf.open(WIKI_MEMBER) as raw:
-        for title, markup, _ in extract_pages(bz2.open(raw), filter_namespaces=("0",)):
+    with zipfile.ZipFile(wheel) as zf, zf.open(WIKI_MEMBER) as raw, bz2.open(raw) as pages:
+        for title, markup, _ in extract_pages(pages, filter_namespaces=("0",)):
             text = clean_wiki(filter_wiki(markup))
             if markup.lstrip().upper().startswith("#REDIRECT") or len(text.split()) < 200:
                 continue

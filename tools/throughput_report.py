@@ -1,53 +1,7 @@
-"""Throughput report: tokens/s and samples/s, the step split into phases, model FLOPs, MFU, GPU state.
+"""`tnf-throughput` run from a checkout: the command line is tnf_scale/cli/throughput_report.py."""
 
-    python tools/throughput_report.py --run runs/demo                                   # a finished run
-    python tools/throughput_report.py --run runs/bench/baseline runs/bench/tnf --peer runs/bench/hf_trainer --out runs/bench
-    python tools/throughput_report.py --preset tiny --steps 30 --with_peer --out runs/tp   # train first (extra flags go to train.py)
-
-Prints a table and writes throughput.md and throughput.json into --out (default: the first run).
---peer names a run of tnf_scale/reports/hf_peer.py (the same model, data, batch and optimizer through the
-Hugging Face Trainer); the table then gives each run's tokens/s as a multiple of the peer's. MFU is
-against the GPU's dense bf16 peak (looked up by its NVML name) or, on a CPU, against a matmul peak
-of this machine measured in the same invocation and named as such.
-"""
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tnf_scale.cli.throughput_report import main
 
-from tnf_scale.reports.bench import PEER_SCRIPT, launch_training  # noqa: E402
-from tnf_scale.config import exit_code  # noqa: E402
-from tnf_scale.reports.throughput import write_report  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", nargs="+", help="finished runs' output_dirs")
-    parser.add_argument("--peer", help="a finished tnf_scale/reports/hf_peer.py run to compare with")
-    parser.add_argument("--preset", help="train this preset first (with --steps, --out)")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--with_peer", action="store_true", help="with --preset: also run the Hugging Face Trainer peer")
-    parser.add_argument("--out", help="where the report goes (default: the first --run)")
-    parser.add_argument("--ranks", type=int, default=1)
-    parser.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
-    parser.add_argument("--master_port", type=int, default=29691)
-    args, extra = parser.parse_known_args(argv)
-    if (args.run is None) == (args.preset is None) or (args.preset and not args.out) or (args.run and extra):
-        parser.error("give --run RUN_DIR [...] (and --peer), or --preset P with --steps and --out (and train.py flags)")
-    if args.preset:
-        out = Path(args.out)
-        flags = ["--preset", args.preset, "--max_steps", str(args.steps), "--eval_interval", str(10 * args.steps), "--export", "false", *extra]
-        runs = [launch_training(out / "run", args.ranks, args.master_port, flags)]
-        peer = launch_training(out / "hf_trainer", args.ranks, args.master_port, flags, PEER_SCRIPT) if args.with_peer else None
-    else:
-        runs, peer = [Path(r) for r in args.run], Path(args.peer) if args.peer else None
-        out = Path(args.out) if args.out else runs[0]
-    print(write_report(runs, peer, out, args.warmup))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(exit_code(main))
+sys.exit(main())

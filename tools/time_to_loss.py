@@ -1,46 +1,7 @@
-"""Time-to-loss report: how much sooner TNF reaches the baseline's held-out loss, in steps and in wall time.
+"""`tnf-time-to-loss` run from a checkout: the command line is tnf_scale/cli/time_to_loss.py."""
 
-    python tools/time_to_loss.py --baseline runs/plain --tnf runs/tnf --out runs/ttl       # two finished runs
-    python tools/time_to_loss.py --preset bench --out runs/ttl [train.py flags]             # train both first
-
-The second form trains the baseline (--tnf off) and then TNF with the same preset, seed, data and
-global batch into OUT/baseline and OUT/tnf. Either way it writes time_to_loss.md, time_to_loss.json
-and time_to_loss.png into --out.
-"""
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tnf_scale.cli.time_to_loss import main
 
-from tnf_scale.reports.bench import launch_pair  # noqa: E402
-from tnf_scale.config import exit_code  # noqa: E402
-from tnf_scale.reports.time_to_loss import write_report  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", help="output_dir of a finished --tnf off run")
-    parser.add_argument("--tnf", help="output_dir of a finished TNF run")
-    parser.add_argument("--preset", help="train the baseline and TNF with this preset first")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--target", type=float, help="held-out loss to reach (default: the baseline's final, smoothed)")
-    parser.add_argument("--window", type=int, default=3, help="evaluations in the trailing mean")
-    parser.add_argument("--ranks", type=int, default=1)
-    parser.add_argument("--master_port", type=int, default=29695)
-    args, train_flags = parser.parse_known_args(argv)
-    if args.preset is None and (args.baseline is None or args.tnf is None or train_flags):
-        parser.error("give --baseline and --tnf (finished runs), or --preset P and train.py flags to train both")
-    out = Path(args.out)
-    if args.preset:
-        baseline, tnf = launch_pair(out, args.ranks, args.master_port, ["--preset", args.preset, *train_flags])
-    else:
-        baseline, tnf = Path(args.baseline), Path(args.tnf)
-    print(write_report(baseline, tnf, out, args.target, args.window))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(exit_code(main))
+sys.exit(main())

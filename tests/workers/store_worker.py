@@ -4,20 +4,19 @@ Every rank checks that its reads equal those of a whole (W = 1) store fed the sa
 occurrences, bit for bit, and saves its final rows to OUT/rank{r}.safetensors.
 Usage: store_worker.py OUT
 """
+
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import deepspeed
+import torch
+from safetensors.torch import save_file
 
-import deepspeed  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from tnf_scale.distributed import discover, init_distributed  # noqa: E402
-from tnf_scale.notes.exchange import ExchangeGroup  # noqa: E402
-from tnf_scale.notes.store import NoteStore  # noqa: E402
+from tnf_scale.distributed import discover, init_distributed
+from tnf_scale.notes.exchange import ExchangeGroup
+from tnf_scale.notes.store import NoteStore
 
 NUM_RARE, DIM, SAMPLES_PER_STEP, STEPS = 500, 16, 32, 6
 
@@ -27,14 +26,25 @@ def global_occurrences(step: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + step)
     n = 200
     sample = torch.sort(torch.randint(SAMPLES_PER_STEP, (n,), generator=g)).values
-    return {"ids": torch.randint(0, 60, (n,), generator=g) ** 2 % NUM_RARE,  # skewed: many repeats of some ids
-            "order_key": step * SAMPLES_PER_STEP + sample, "sample": sample,
-            "start": torch.randint(0, 100, (n,), generator=g), "notes": torch.randn(n, DIM, generator=g)}
+    return {
+        "ids": torch.randint(0, 60, (n,), generator=g) ** 2 % NUM_RARE,  # skewed: many repeats of some ids
+        "order_key": step * SAMPLES_PER_STEP + sample,
+        "sample": sample,
+        "start": torch.randint(0, 100, (n,), generator=g),
+        "notes": torch.randn(n, DIM, generator=g),
+    }
 
 
 def main(out: Path) -> None:
     world = init_distributed(discover())
-    sharded = NoteStore(NUM_RARE, DIM, seed=9, init_std=0.02, gamma=0.1, exchange=ExchangeGroup(world.note_group_rank, world.note_group_size))
+    sharded = NoteStore(
+        NUM_RARE,
+        DIM,
+        seed=9,
+        init_std=0.02,
+        gamma=0.1,
+        exchange=ExchangeGroup(world.note_group_rank, world.note_group_size),
+    )
     whole = NoteStore(NUM_RARE, DIM, seed=9, init_std=0.02, gamma=0.1)
     per_rank = SAMPLES_PER_STEP // world.size
     for step in range(STEPS):
@@ -45,7 +55,7 @@ def main(out: Path) -> None:
         sharded.write(occ["ids"][mine], occ["order_key"][mine], occ["start"][mine], occ["notes"][mine])
         whole.write(occ["ids"], occ["order_key"], occ["start"], occ["notes"])
     sharded.read(torch.zeros(0, dtype=torch.int64))  # a rank with nothing to ask still takes part
-    state = sharded.state()
+    state = sharded.state_dict()
     save_file(state, str(out / f"rank{world.rank}.safetensors"))
     deepspeed.comm.barrier()
 

@@ -4,6 +4,7 @@ Accepted entries: local .txt / .jsonl / .json / .parquet files (optionally .gz, 
 .zst compressed), folders holding them, or a `datasets` hub name such as
 `wikimedia/wikipedia:20231101.en` (name, then an optional `:config`).
 """
+
 from __future__ import annotations
 
 import bz2
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import datasets
 
-from tnf_scale.config import ConfigError
+from tnf_scale.errors import ConfigError
 
 COMPRESSIONS = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -34,11 +35,17 @@ def _expand(entry: str) -> list[Path] | None:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and _builder_for(p))
         if not files:
-            raise ConfigError(f"corpus folder {entry} holds no .txt, .jsonl, .json or .parquet file; point --corpus at your text files.")
+            raise ConfigError(
+                f"corpus folder {entry} holds no .txt, .jsonl, .json or .parquet file; point --corpus at your "
+                f"text files."
+            )
         return files
     if path.is_file():
         if _builder_for(path) is None:
-            raise ConfigError(f"corpus file {entry} has an unknown type; use .txt, .jsonl, .json or .parquet (optionally .gz/.xz/.bz2).")
+            raise ConfigError(
+                f"corpus file {entry} has an unknown type; use .txt, .jsonl, .json or .parquet (optionally "
+                f".gz/.xz/.bz2)."
+            )
         return [path]
     if entry.startswith((".", "/", "~")) or _builder_for(path):
         raise ConfigError(f"corpus path {entry} does not exist; check the path or pass a datasets hub name.")
@@ -77,14 +84,22 @@ def _load_files(files: list[Path], text_column: str, log) -> list[datasets.Datas
             bad = count_undecodable_lines(path)
             if bad:
                 if builder == "json":
-                    raise ConfigError(f"corpus file {path} has {bad} lines that are not valid UTF-8; re-encode it as UTF-8 (e.g. iconv -f latin1 -t utf-8).")
-                log(f"corpus file {path}: {bad} lines are not valid UTF-8 and were decoded with U+FFFD replacement characters")
+                    raise ConfigError(
+                        f"corpus file {path} has {bad} lines that are not valid UTF-8; re-encode it as UTF-8 "
+                        f"(e.g. iconv -f latin1 -t utf-8)."
+                    )
+                log(
+                    f"corpus file {path}: {bad} lines are not valid UTF-8 and were decoded with U+FFFD "
+                    f"replacement characters"
+                )
                 kwargs["encoding_errors"] = "replace"
         if builder == "text":
             kwargs["sample_by"] = "paragraph"
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
         if builder != "text" and text_column not in ds.column_names:
-            raise ConfigError(f"corpus file {path} has no column {text_column!r} (it has {ds.column_names}); pass --text_column.")
+            raise ConfigError(
+                f"corpus file {path} has no column {text_column!r} (it has {ds.column_names}); pass --text_column."
+            )
         column = "text" if builder == "text" else text_column
         ds = ds.select_columns([column])
         parts.append(ds.rename_column(column, "text") if column != "text" else ds)
@@ -96,10 +111,19 @@ def _load_hub(name: str, text_column: str) -> datasets.Dataset:
     try:
         ds = datasets.load_dataset(repo, config or None, split="train")
     except Exception as err:  # the hub raises many types; the user needs one sentence
-        raise ConfigError(f"corpus {name!r} is neither an existing path nor a loadable datasets hub name ({type(err).__name__}); check the spelling or the network.") from None
+        raise ConfigError(
+            f"corpus {name!r} is neither an existing path nor a loadable datasets hub name "
+            f"({type(err).__name__}); check the spelling or the network."
+        ) from None
     if text_column not in ds.column_names:
-        raise ConfigError(f"corpus {name} has no column {text_column!r} (it has {ds.column_names}); pass --text_column.")
-    return ds.select_columns([text_column]).rename_column(text_column, "text") if text_column != "text" else ds.select_columns(["text"])
+        raise ConfigError(
+            f"corpus {name} has no column {text_column!r} (it has {ds.column_names}); pass --text_column."
+        )
+    return (
+        ds.select_columns([text_column]).rename_column(text_column, "text")
+        if text_column != "text"
+        else ds.select_columns(["text"])
+    )
 
 
 def load_corpus(entries: Iterable[str], text_column: str = "text", log=print) -> datasets.Dataset:

@@ -6,6 +6,7 @@ A word (TNF_SPEC section 1) is identified by a *key*: the little-endian int32 by
 of a WordPiece tokenizer spell the normalized word, so two words share a key only when they are the same word. A word
 the vocabulary cannot spell ([UNK]) is keyed by its text instead, behind the id -1, which no vocabulary has.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -38,19 +39,22 @@ def word_keys(ids: np.ndarray, first: np.ndarray, unk_id: int, unk_words: list[s
     if not unk_words:
         return keys
     holds_unk = np.logical_or.reduceat(ids == unk_id, first)
-    return pc.replace_with_mask(keys, pa.array(holds_unk), pa.array([TEXT_KEY_TAG + w.encode() for w in unk_words], pa.binary()))
+    return pc.replace_with_mask(
+        keys, pa.array(holds_unk), pa.array([TEXT_KEY_TAG + w.encode() for w in unk_words], pa.binary())
+    )
 
 
 def encode_texts(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> list:
     """The Rust batch encoder's `Encoding` of each text, without special tokens or truncation."""
-    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False,
-                     verbose=False).encodings
+    return tokenizer(
+        texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False, verbose=False
+    ).encodings
 
 
 def word_of_key(key: bytes, tokenizer: PreTrainedTokenizerFast) -> str:
     """The normalized word a key stands for."""
     if key.startswith(TEXT_KEY_TAG):
-        return key[len(TEXT_KEY_TAG):].decode()
+        return key[len(TEXT_KEY_TAG) :].decode()
     pieces = tokenizer.convert_ids_to_tokens(np.frombuffer(key, dtype="<i4").tolist())
     prefix = tokenizer.backend_tokenizer.model.continuing_subword_prefix
     return pieces[0] + "".join(piece.removeprefix(prefix) for piece in pieces[1:])
@@ -88,12 +92,15 @@ def make_encoder(tokenizer: PreTrainedTokenizerFast) -> Callable[[dict], pa.Tabl
         is_word = ~((first == last) & np.isin(ids[first], not_words))
         counts = pa.table({"key": keys.filter(pa.array(is_word))}).group_by("key").aggregate([("key", "count")])
         one_row = [0, len(ids)]
-        return pa.table({
-            "input_ids": list_array(one_row, ids), "word_start": list_array(one_row, word_start),
-            "unk_words": list_array([0, len(unk_words)], unk_words, pa.string()),  # typed: most rows have none
-            "keys": list_array([0, counts.num_rows], counts.column("key").combine_chunks()),
-            "counts": list_array([0, counts.num_rows], counts.column("key_count").combine_chunks()),
-        })
+        return pa.table(
+            {
+                "input_ids": list_array(one_row, ids),
+                "word_start": list_array(one_row, word_start),
+                "unk_words": list_array([0, len(unk_words)], unk_words, pa.string()),  # typed: most rows have none
+                "keys": list_array([0, counts.num_rows], counts.column("key").combine_chunks()),
+                "counts": list_array([0, counts.num_rows], counts.column("key_count").combine_chunks()),
+            }
+        )
 
     return encode
 
@@ -109,12 +116,25 @@ def _unknown_words(text: str, encoding, unk_id: int, split: Callable[[str], list
     return words
 
 
-def encode_corpus(corpus: datasets.Dataset, tokenizer: PreTrainedTokenizerFast, num_proc: int, scratch: Path) -> datasets.Dataset:
+def encode_corpus(
+    corpus: datasets.Dataset, tokenizer: PreTrainedTokenizerFast, num_proc: int, scratch: Path
+) -> datasets.Dataset:
     """The corpus as rows of GROUP encoded documents (see `make_encoder`), by `num_proc` processes, written under
     `scratch`."""
-    groups = corpus.map(lambda batch: {"texts": [batch["text"]]}, batched=True, batch_size=GROUP,
-                        remove_columns=corpus.column_names, desc="grouping documents",
-                        cache_file_name=str(scratch / "groups.arrow"))
-    return groups.map(make_encoder(tokenizer), batched=True, batch_size=1, remove_columns=["texts"],
-                      num_proc=min(num_proc, len(groups)) if num_proc > 1 else None, desc="encoding and counting words",
-                      cache_file_name=str(scratch / "encoded.arrow"))
+    groups = corpus.map(
+        lambda batch: {"texts": [batch["text"]]},
+        batched=True,
+        batch_size=GROUP,
+        remove_columns=corpus.column_names,
+        desc="grouping documents",
+        cache_file_name=str(scratch / "groups.arrow"),
+    )
+    return groups.map(
+        make_encoder(tokenizer),
+        batched=True,
+        batch_size=1,
+        remove_columns=["texts"],
+        num_proc=min(num_proc, len(groups)) if num_proc > 1 else None,
+        desc="encoding and counting words",
+        cache_file_name=str(scratch / "encoded.arrow"),
+    )

@@ -5,6 +5,7 @@ plus [CLS] ... [SEP]. A cut moves back to the nearest word start, so no word is 
 sequence; a word that is split gets no occurrence (TNF_SPEC section 1). An occurrence is `(rare id, start, end)` with
 the inclusive token span in sequence positions ([CLS] is position 0).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -30,7 +31,9 @@ def cut_points(word_start: np.ndarray, n_tokens: int, content_len: int) -> list[
     return cuts
 
 
-def make_packer(tokenizer: PreTrainedTokenizerFast, rare_keys: pa.BinaryArray, max_seq_len: int) -> Callable[[pa.Table], pa.Table]:
+def make_packer(
+    tokenizer: PreTrainedTokenizerFast, rare_keys: pa.BinaryArray, max_seq_len: int
+) -> Callable[[pa.Table], pa.Table]:
     """A `datasets.map` function over encoded rows in Arrow format, batched with batch_size=1: one row -> its packed
     sequences. `rare_keys[r]` is the key of rare id r."""
     cls_id, sep_id, unk_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.unk_token_id
@@ -58,20 +61,36 @@ def make_packer(tokenizer: PreTrainedTokenizerFast, rare_keys: pa.BinaryArray, m
         kept = occ_last < seq_end[sequence]
         sequence, occ_first, occ_last, occ_rare = sequence[kept], occ_first[kept], occ_last[kept], occ_rare[kept]
         occ_offsets = np.concatenate(([0], np.cumsum(np.bincount(sequence, minlength=len(seq_start)))))
-        return pa.table({
-            "input_ids": list_array(offsets, tokens),
-            "rare_ids": list_array(occ_offsets, occ_rare, pa.int32()),
-            "span_start": list_array(occ_offsets, occ_first - seq_start[sequence] + 1, pa.int32()),
-            "span_end": list_array(occ_offsets, occ_last - seq_start[sequence] + 1, pa.int32()),
-        })
+        return pa.table(
+            {
+                "input_ids": list_array(offsets, tokens),
+                "rare_ids": list_array(occ_offsets, occ_rare, pa.int32()),
+                "span_start": list_array(occ_offsets, occ_first - seq_start[sequence] + 1, pa.int32()),
+                "span_end": list_array(occ_offsets, occ_last - seq_start[sequence] + 1, pa.int32()),
+            }
+        )
 
     return pack
 
 
-def pack_corpus(encoded: datasets.Dataset, tokenizer: PreTrainedTokenizerFast, rare_keys: pa.BinaryArray, max_seq_len: int,
-                num_proc: int = 1) -> datasets.Dataset:
+def pack_corpus(
+    encoded: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerFast,
+    rare_keys: pa.BinaryArray,
+    max_seq_len: int,
+    num_proc: int = 1,
+) -> datasets.Dataset:
     """Every encoded group packed, in order, by `num_proc` processes; the output does not depend on `num_proc`."""
     pack = make_packer(tokenizer, rare_keys, max_seq_len)
-    return encoded.with_format("arrow").map(pack, batched=True, batch_size=1, remove_columns=encoded.column_names,
-                                            num_proc=min(num_proc, len(encoded)) if num_proc > 1 else None,
-                                            desc="packing sequences").with_format(None)
+    return (
+        encoded.with_format("arrow")
+        .map(
+            pack,
+            batched=True,
+            batch_size=1,
+            remove_columns=encoded.column_names,
+            num_proc=min(num_proc, len(encoded)) if num_proc > 1 else None,
+            desc="packing sequences",
+        )
+        .with_format(None)
+    )

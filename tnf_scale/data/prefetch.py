@@ -8,6 +8,7 @@ Batches cross from the worker as numpy arrays, pickled through the loader's pipe
 the bench preset), and torch's shared-memory hand-over of each tensor cost more than collating (7 ms against 1 ms
 measured for the bench preset's two micro-batches).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tnf_scale.data.sampler import Batch
+from tnf_scale.data.batch import Batch
 
 
 class _Steps(Dataset):
@@ -46,8 +47,15 @@ class StepPrefetcher:
             self.close()
             # A generator of its own: the loader draws its workers' base seed from it, and drawing it from torch's
             # global generator would shift the model's dropout (the collator seeds every sample itself).
-            loader = DataLoader(_Steps(self.make), batch_size=None, sampler=itertools.count(step), num_workers=1,
-                                prefetch_factor=self.depth, multiprocessing_context="fork", generator=torch.Generator())
+            loader = DataLoader(
+                _Steps(self.make),
+                batch_size=None,
+                sampler=itertools.count(step),
+                num_workers=1,
+                prefetch_factor=self.depth,
+                multiprocessing_context="fork",
+                generator=torch.Generator(),
+            )
             self.steps = iter(loader)
         self.next_step = step + 1
         batches = [batch.map(torch.from_numpy) for batch in next(self.steps)]

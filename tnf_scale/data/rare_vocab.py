@@ -3,6 +3,7 @@
 A word is one unit of the tokenizer's pre-tokenizer after its normalizer. A word `w` is
 rare iff `min_count <= count(w) <= max_count`; rare ids `0..R-1` follow `(-count, word)`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -15,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerFast
 
-from tnf_scale.config import ConfigError
+from tnf_scale.errors import ConfigError
 
 BAND_RATIO = 5  # the paper's band is 100..500: max_count = 5 * min_count
 
@@ -45,7 +46,9 @@ def count_words(encoded: datasets.Dataset, merge_rows: int = 1_000_000) -> pa.Ta
         return table.group_by("key").aggregate([("count", "sum")]).rename_columns(["key", "count"])
 
     for batch in encoded.data.table.select(["keys", "counts"]).to_batches(max_chunksize=64):
-        part = pa.table({"key": pc.list_flatten(batch.column("keys")), "count": pc.list_flatten(batch.column("counts"))})
+        part = pa.table(
+            {"key": pc.list_flatten(batch.column("keys")), "count": pc.list_flatten(batch.column("counts"))}
+        )
         pending.append(part)
         pending_rows += part.num_rows
         if pending_rows >= max(totals.num_rows, merge_rows):
@@ -78,9 +81,11 @@ def choose_band(counts: np.ndarray, coverage: float) -> tuple[int, int]:
     lo = next((v for v in recurring if v * by_count[v] / total <= coverage), None)
     if lo is None:
         smallest = min(v * by_count[v] for v in recurring) / total
-        raise ConfigError(f"no count of recurring words stays within --rare_coverage {coverage:g} of the {total} word occurrences "
-                          f"(the smallest share one count covers is {100 * smallest:.1f}%); give a larger corpus, a larger "
-                          "--rare_coverage, or --rare_min_count/--rare_max_count.")
+        raise ConfigError(
+            f"no count of recurring words stays within --rare_coverage {coverage:g} of the {total} word occurrences "
+            f"(the smallest share one count covers is {100 * smallest:.1f}%); give a larger corpus, a larger "
+            "--rare_coverage, or --rare_min_count/--rare_max_count."
+        )
     hi, covered = lo, lo * by_count[lo]
     for value in (v for v in by_count if lo < v <= BAND_RATIO * lo):
         if (covered + value * by_count[value]) / total > coverage:
@@ -99,8 +104,9 @@ class RareVocab:
     max_count: int
 
     @classmethod
-    def from_counts(cls, word_counts: pa.Table, min_count: int, max_count: int,
-                    word_of: Callable[[bytes], str]) -> tuple[RareVocab, pa.BinaryArray]:
+    def from_counts(
+        cls, word_counts: pa.Table, min_count: int, max_count: int, word_of: Callable[[bytes], str]
+    ) -> tuple[RareVocab, pa.BinaryArray]:
         """The words of `word_counts` (`count_words`) whose count lies in [min_count, max_count], and their keys in id
         order; `word_of` spells a key."""
         counts = word_counts.column("count").to_numpy()

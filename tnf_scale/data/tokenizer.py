@@ -1,4 +1,5 @@
 """Train an uncased BERT WordPiece tokenizer on the corpus, or load a saved one."""
+
 from __future__ import annotations
 
 import math
@@ -9,7 +10,7 @@ import datasets
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerFast
 
-from tnf_scale.config import ConfigError
+from tnf_scale.errors import ConfigError
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -25,14 +26,18 @@ def _batches(corpus: datasets.Dataset, max_words: int, size: int = 1000) -> Iter
         yield sample[start : start + size]["text"]
 
 
-def train_wordpiece(corpus: datasets.Dataset, vocab_size: int, max_seq_len: int, sample_words: int) -> BertTokenizerFast:
+def train_wordpiece(
+    corpus: datasets.Dataset, vocab_size: int, max_seq_len: int, sample_words: int
+) -> BertTokenizerFast:
     """An uncased WordPiece tokenizer with BERT's normalizer, pre-tokenizer and special tokens, trained on a sample
     of the corpus of about `sample_words` words (the whole corpus when it is smaller)."""
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2, show_progress=True)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2, show_progress=True
+    )
     tok.train_from_iterator(_batches(corpus, sample_words), trainer=trainer)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
@@ -45,15 +50,24 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """A saved fast tokenizer with BERT's special tokens, from a local directory."""
     path = Path(path)
     if not (path / "tokenizer.json").is_file() and not (path / "vocab.txt").is_file():
-        raise ConfigError(f"--tokenizer {path} holds no tokenizer.json or vocab.txt; pass a directory written by save_pretrained, or omit --tokenizer to train one.")
+        raise ConfigError(
+            f"--tokenizer {path} holds no tokenizer.json or vocab.txt; pass a directory written by "
+            f"save_pretrained, or omit --tokenizer to train one."
+        )
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if not tok.is_fast:
-        raise ConfigError(f"--tokenizer {path} is not a fast tokenizer; TNF needs word ids, so save it with tokenizer.json.")
+        raise ConfigError(
+            f"--tokenizer {path} is not a fast tokenizer; TNF needs word ids, so save it with tokenizer.json."
+        )
     model = tok.backend_tokenizer.model
     if not isinstance(model, models.WordPiece):
-        raise ConfigError(f"--tokenizer {path} is a {type(model).__name__} tokenizer; TNF reads words back from their "
-                          "WordPiece pieces, so give a WordPiece tokenizer (BERT's or ELECTRA's).")
+        raise ConfigError(
+            f"--tokenizer {path} is a {type(model).__name__} tokenizer; TNF reads words back from their "
+            "WordPiece pieces, so give a WordPiece tokenizer (BERT's or ELECTRA's)."
+        )
     missing = [t for t in ("pad_token", "cls_token", "sep_token", "mask_token", "unk_token") if getattr(tok, t) is None]
     if missing:
-        raise ConfigError(f"--tokenizer {path} lacks {', '.join(missing)}; TNF pre-training needs BERT's special tokens.")
+        raise ConfigError(
+            f"--tokenizer {path} lacks {', '.join(missing)}; TNF pre-training needs BERT's special tokens."
+        )
     return tok

@@ -8,6 +8,7 @@ Rare spans are found with the run's own tokenizer and rare vocabulary, as in pre
 the rare vocabulary, all of its tokens inside the (truncated) input. Fine-tuning masks nothing, so every
 occurrence reads its note. The note math, the store and the hooks are pre-training's.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,14 +20,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, PreTrainedTokenizerFast
 
-from tnf_scale.config import ConfigError
 from tnf_scale.data.rare_vocab import RareVocab, word_splitter
+from tnf_scale.errors import ConfigError
 from tnf_scale.model.tnf_bert import TnfHooks
 from tnf_scale.notes.store import NoteStore
 from tnf_scale.run_dir import RARE_VOCAB_FILE, RunDir
 
 VARIANTS = ("none", "ema", "learned")
-NOTES_FILE = "tnf_notes.safetensors"  # beside a fine-tuned model: the note rows and how to use them
+FINETUNED_NOTES_FILE = "tnf_notes.safetensors"  # beside a fine-tuned model: the note rows and how to use them
 NOTES_CONFIG = "tnf_notes.json"
 OCCURRENCE_COLUMNS = ("rare_ids", "span_start", "span_end")
 
@@ -43,8 +44,10 @@ class NoteSource:
         """The dictionary a pre-training run saved (notes.safetensors) with its tokenizer's rare vocabulary."""
         run = RunDir(run_dir)
         if not run.notes.is_file() or not run.rare_vocab.is_file() or not run.run_config.is_file():
-            raise ConfigError(f"{run.path} holds no note dictionary ({run.notes.name}, {run.rare_vocab.relative_to(run.path)}); "
-                              "point --run at a TNF pre-training run, or fine-tune with --notes none.")
+            raise ConfigError(
+                f"{run.path} holds no note dictionary ({run.notes.name}, {run.rare_vocab.relative_to(run.path)}); "
+                "point --run at a TNF pre-training run, or fine-tune with --notes none."
+            )
         saved, config = load_file(str(run.notes)), run.read_run_config()
         rows = torch.zeros(len(saved["ids"]), saved["vectors"].shape[1])
         rows[saved["ids"]] = saved["vectors"]
@@ -69,8 +72,11 @@ def occurrence_finder(tokenizer: PreTrainedTokenizerFast, rare_id_of: dict[str, 
             for position, (sequence, word) in enumerate(zip(encodings.sequence_ids(i), encodings.word_ids(i))):
                 if sequence is not None and word is not None:
                     extent.setdefault((sequence, word), [position, position])[1] = position
-            found = [(rare_id_of[words[s][w]], a, b) for (s, w), (a, b) in extent.items()
-                     if words[s][w] in rare_id_of and b - a + 1 == whole_word_tokens(words[s][w])]
+            found = [
+                (rare_id_of[words[s][w]], a, b)
+                for (s, w), (a, b) in extent.items()
+                if words[s][w] in rare_id_of and b - a + 1 == whole_word_tokens(words[s][w])
+            ]
             for name, column in zip(OCCURRENCE_COLUMNS, zip(*found) if found else ((), (), ())):
                 out[name].append(list(column))
         return out
@@ -85,7 +91,9 @@ class NotedCollator:
         self.pad = DataCollatorWithPadding(tokenizer)
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        occurrences = [(i, r, s, e) for i, f in enumerate(features) for r, s, e in zip(*(f.pop(c) for c in OCCURRENCE_COLUMNS))]
+        occurrences = [
+            (i, r, s, e) for i, f in enumerate(features) for r, s, e in zip(*(f.pop(c) for c in OCCURRENCE_COLUMNS))
+        ]
         batch = self.pad(features)
         for k, name in enumerate(("occ_sample", "occ_rare", "occ_start", "occ_end")):
             batch[name] = torch.tensor([o[k] for o in occurrences], dtype=torch.int64)
@@ -104,21 +112,40 @@ class NotedClassifier(nn.Module):
             self.notes = nn.Parameter(source.rows.clone())
         else:  # the pre-training store, on one rank: its read and its ordered EMA write
             self.store = NoteStore(len(source.rows), source.rows.shape[1], seed=0, init_std=0.0, gamma=source.gamma)
-            self.store.load_rows([{"ids": torch.arange(len(source.rows)), "vectors": source.rows, "noted": torch.ones(len(source.rows), dtype=torch.bool)}])
-        self.hooks = TnfHooks([model.base_model], model.base_model, source.lam, source.window, rows_trainable=variant == "learned")
+            self.store.load_state_dict(
+                {
+                    "ids": torch.arange(len(source.rows)),
+                    "vectors": source.rows,
+                    "noted": torch.ones(len(source.rows), dtype=torch.bool),
+                }
+            )
+        self.hooks = TnfHooks(
+            [model.base_model], model.base_model, source.lam, source.window, rows_trainable=variant == "learned"
+        )
 
     def note_rows(self) -> torch.Tensor:
         return self.notes.detach() if self.variant == "learned" else self.store.table
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, occ_sample=None, occ_rare=None,
-                occ_start=None, occ_end=None):
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        labels=None,
+        occ_sample=None,
+        occ_rare=None,
+        occ_start=None,
+        occ_end=None,
+    ):
         rows = self.notes[occ_rare] if self.variant == "learned" else self.store.read(occ_rare)
         self.hooks.set_reads(occ_sample, occ_start, occ_end, rows, input_ids.shape[1])
         writes = self.variant == "ema" and self.training
         if writes:
             self.hooks.set_capture(occ_sample, occ_start, occ_end, attention_mask.sum(1))
         try:
-            output = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, labels=labels)
+            output = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, labels=labels
+            )
             pooled = self.hooks.pooled
         finally:
             self.hooks.clear()
@@ -130,16 +157,31 @@ class NotedClassifier(nn.Module):
         """The classifier as a stock model directory, plus the note rows, the rare vocabulary and λ, γ, k beside it."""
         folder = Path(folder)
         self.model.save_pretrained(str(folder))
-        save_file({"vectors": self.note_rows().float().cpu().contiguous()}, str(folder / NOTES_FILE))
+        save_file({"vectors": self.note_rows().float().cpu().contiguous()}, str(folder / FINETUNED_NOTES_FILE))
         shutil.copy(self.source.rare_vocab_file, folder / RARE_VOCAB_FILE)
-        (folder / NOTES_CONFIG).write_text(json.dumps({"variant": self.variant, "note_lambda": self.source.lam,
-                                                       "note_gamma": self.source.gamma, "note_window": self.source.window}, indent=1) + "\n")
+        (folder / NOTES_CONFIG).write_text(
+            json.dumps(
+                {
+                    "variant": self.variant,
+                    "note_lambda": self.source.lam,
+                    "note_gamma": self.source.gamma,
+                    "note_window": self.source.window,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
 
     @classmethod
     def load(cls, folder: str | Path) -> NotedClassifier:
         """A classifier `save` wrote, with its notes."""
         folder = Path(folder)
         config = json.loads((folder / NOTES_CONFIG).read_text())
-        source = NoteSource(load_file(str(folder / NOTES_FILE))["vectors"], folder / RARE_VOCAB_FILE, config["note_lambda"],
-                            config["note_gamma"], config["note_window"])
+        source = NoteSource(
+            load_file(str(folder / FINETUNED_NOTES_FILE))["vectors"],
+            folder / RARE_VOCAB_FILE,
+            config["note_lambda"],
+            config["note_gamma"],
+            config["note_window"],
+        )
         return cls(AutoModelForSequenceClassification.from_pretrained(str(folder)), source, config["variant"])

@@ -1,5 +1,6 @@
 """Fine-tune an exported model on a task over several seeds with the Hugging Face Trainer, evaluating every epoch;
 report each seed's score, the mean and the standard deviation."""
+
 from __future__ import annotations
 
 import json
@@ -10,11 +11,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                          TrainingArguments, set_seed)
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
 
-from tnf_scale.config import ConfigError
-from tnf_scale.finetune.notes import OCCURRENCE_COLUMNS, VARIANTS, NotedClassifier, NotedCollator, NoteSource, occurrence_finder
+from tnf_scale.errors import ConfigError
+from tnf_scale.finetune.notes import (
+    OCCURRENCE_COLUMNS,
+    VARIANTS,
+    NotedClassifier,
+    NotedCollator,
+    NoteSource,
+    occurrence_finder,
+)
 from tnf_scale.finetune.scores import score
 from tnf_scale.finetune.tasks import TaskData
 
@@ -43,11 +58,16 @@ def check_model_dir(path: str) -> None:
     """One sentence when `path` is not a saved transformers model with its tokenizer."""
     folder = Path(path)
     if not (folder / "config.json").is_file():
-        raise ConfigError(f"--model {folder} holds no config.json; point it at a model directory (a run's export/, or any saved BERT).")
+        raise ConfigError(
+            f"--model {folder} holds no config.json; point it at a model directory (a run's export/, or any "
+            f"saved BERT)."
+        )
     try:
         AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"--model {folder} is not a transformers model directory ({err}); point it at a run's export/.") from None
+        raise ConfigError(
+            f"--model {folder} is not a transformers model directory ({err}); point it at a run's export/."
+        ) from None
 
 
 def tokenize(task: TaskData, tokenizer, max_seq_len: int, source: NoteSource | None):
@@ -70,20 +90,32 @@ def metric_scores(task: TaskData, logits: np.ndarray, labels: np.ndarray) -> dic
     return {metric: score(metric, predictions, labels) for metric in task.spec.metrics}
 
 
-def finetune_seed(task: TaskData, args: FinetuneArgs, seed: int, train, validation, tokenizer,
-                  source: NoteSource | None) -> list[dict[str, float]]:
+def finetune_seed(
+    task: TaskData, args: FinetuneArgs, seed: int, train, validation, tokenizer, source: NoteSource | None
+) -> list[dict[str, float]]:
     """One seed: a fresh classifier head on the model (reading notes with a source), trained and evaluated each epoch;
     the per-epoch scores."""
     set_seed(seed)  # the new head's initialisation depends on the seed
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=task.num_labels,
-                                                               problem_type="regression" if task.spec.regression else None)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        args.model, num_labels=task.num_labels, problem_type="regression" if task.spec.regression else None
+    )
     if source is not None:
         model = NotedClassifier(model, source, args.notes)
     training = TrainingArguments(
-        output_dir=str(Path(args.out) / f"seed{seed}"), seed=seed, learning_rate=args.lr, num_train_epochs=args.epochs,
-        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size, warmup_steps=args.warmup_ratio,  # a float below 1: a share of the steps
-        weight_decay=args.weight_decay, eval_strategy="epoch", save_strategy="no", logging_strategy="epoch", report_to="none",
-        use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,  # tokenize kept only what the model takes
+        output_dir=str(Path(args.out) / f"seed{seed}"),
+        seed=seed,
+        learning_rate=args.lr,
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        warmup_steps=args.warmup_ratio,  # a float below 1: a share of the steps
+        weight_decay=args.weight_decay,
+        eval_strategy="epoch",
+        save_strategy="no",
+        logging_strategy="epoch",
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False,  # tokenize kept only what the model takes
     )
     epochs: list[dict[str, float]] = []
 
@@ -93,8 +125,14 @@ def finetune_seed(task: TaskData, args: FinetuneArgs, seed: int, train, validati
         return scores
 
     collator = NotedCollator(tokenizer) if source is not None else DataCollatorWithPadding(tokenizer)
-    trainer = Trainer(model=model, args=training, train_dataset=train, eval_dataset=validation, data_collator=collator,
-                      compute_metrics=compute_metrics)
+    trainer = Trainer(
+        model=model,
+        args=training,
+        train_dataset=train,
+        eval_dataset=validation,
+        data_collator=collator,
+        compute_metrics=compute_metrics,
+    )
     trainer.train()
     if args.save_models:
         folder = Path(args.out) / f"seed{seed}" / "model"
@@ -109,9 +147,18 @@ def summarize(task: TaskData, per_seed: dict[int, list[dict[str, float]]]) -> di
     summary = {}
     for metric in task.spec.metrics:
         values = [scores[metric] for scores in final.values()]
-        summary[metric] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-    return {"task": task.spec.name, "metrics": list(task.spec.metrics), "final": final, "epochs": per_seed, "summary": summary,
-            "majority_class": majority_share(task)}
+        summary[metric] = {
+            "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        }
+    return {
+        "task": task.spec.name,
+        "metrics": list(task.spec.metrics),
+        "final": final,
+        "epochs": per_seed,
+        "summary": summary,
+        "majority_class": majority_share(task),
+    }
 
 
 def majority_share(task: TaskData) -> float | None:
@@ -124,19 +171,36 @@ def majority_share(task: TaskData) -> float | None:
 
 def markdown(result: dict, args: FinetuneArgs) -> str:
     metrics = result["metrics"]
-    rows = [f"# Fine-tuning {args.model} on {result['task']}", "",
-            f"notes {args.notes}; lr {args.lr}, {args.epochs:g} epochs, batch {args.batch_size}, max {args.max_seq_len} tokens; "
-            f"{len_note(args)}the final epoch's validation scores (no selection on the validation set).", "",
-            "| seed | " + " | ".join(metrics) + " |", "| --- | " + " | ".join("---" for _ in metrics) + " |"]
-    rows += [f"| {seed} | " + " | ".join(f"{scores[m]:.4f}" for m in metrics) + " |" for seed, scores in result["final"].items()]
-    rows.append("| mean ± std | " + " | ".join(f"{result['summary'][m]['mean']:.4f} ± {result['summary'][m]['std']:.4f}" for m in metrics) + " |")
+    rows = [
+        f"# Fine-tuning {args.model} on {result['task']}",
+        "",
+        f"notes {args.notes}; lr {args.lr}, {args.epochs:g} epochs, batch {args.batch_size}, max "
+        f"{args.max_seq_len} tokens; "
+        f"{len_note(args)}the final epoch's validation scores (no selection on the validation set).",
+        "",
+        "| seed | " + " | ".join(metrics) + " |",
+        "| --- | " + " | ".join("---" for _ in metrics) + " |",
+    ]
+    rows += [
+        f"| {seed} | " + " | ".join(f"{scores[m]:.4f}" for m in metrics) + " |"
+        for seed, scores in result["final"].items()
+    ]
+    rows.append(
+        "| mean ± std | "
+        + " | ".join(f"{result['summary'][m]['mean']:.4f} ± {result['summary'][m]['std']:.4f}" for m in metrics)
+        + " |"
+    )
     if result["majority_class"] is not None:
         rows += ["", f"Majority class on the validation split: accuracy {result['majority_class']:.4f}."]
     return "\n".join(rows) + "\n"
 
 
 def len_note(args: FinetuneArgs) -> str:
-    parts = [f"first {n} {name} examples" for n, name in ((args.max_train_examples, "training"), (args.max_eval_examples, "validation")) if n]
+    parts = [
+        f"first {n} {name} examples"
+        for n, name in ((args.max_train_examples, "training"), (args.max_eval_examples, "validation"))
+        if n
+    ]
     return f"{' and '.join(parts)} only; " if parts else ""
 
 
@@ -144,7 +208,10 @@ def finetune(task: TaskData, args: FinetuneArgs) -> dict:
     """Fine-tune `args.model` on `task` once per seed; writes finetune.json and finetune.md into `args.out`."""
     check_model_dir(args.model)
     if not args.seeds or args.lr <= 0 or not math.isfinite(args.lr) or args.epochs <= 0 or args.batch_size < 1:
-        raise ConfigError("fine-tuning needs at least one --seeds value, --lr above 0, --epochs above 0 and --batch_size of 1 or more.")
+        raise ConfigError(
+            "fine-tuning needs at least one --seeds value, --lr above 0, --epochs above 0 and --batch_size of "
+            "1 or more."
+        )
     if args.max_train_examples is not None:
         task.train = task.train.select(range(min(args.max_train_examples, len(task.train))))
     if args.max_eval_examples is not None:
@@ -153,7 +220,9 @@ def finetune(task: TaskData, args: FinetuneArgs) -> dict:
         raise ConfigError(f"--notes {args.notes} is not a variant; choose one of {', '.join(VARIANTS)}.")
     source = NoteSource.from_run(args.run or Path(args.model).parent) if args.notes != "none" else None
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    positions = AutoConfig.from_pretrained(args.model).max_position_embeddings  # a model pre-trained on shorter sequences
+    positions = AutoConfig.from_pretrained(
+        args.model
+    ).max_position_embeddings  # a model pre-trained on shorter sequences
     train, validation = tokenize(task, tokenizer, min(args.max_seq_len, positions), source)
     per_seed = {seed: finetune_seed(task, args, seed, train, validation, tokenizer, source) for seed in args.seeds}
     result = summarize(task, per_seed)

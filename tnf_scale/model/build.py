@@ -1,4 +1,5 @@
 """The objective a run's --objective names: built fresh from --seed, and whether it runs on pipeline stages."""
+
 from __future__ import annotations
 
 from transformers import PreTrainedTokenizerFast
@@ -19,6 +20,8 @@ def build_objective(cfg: RunConfig, tokenizer: PreTrainedTokenizerFast) -> Objec
 def pipeline_refusal(cfg: RunConfig) -> str | None:
     """Why this run cannot use pipeline stages, or None. ELECTRA-Base fits one GPU, so its pipeline is refused."""
     if cfg.objective == "electra":
-        return ("--objective electra runs data parallel only (ELECTRA-Base fits one GPU): drop pipeline.stages from the "
-                "DeepSpeed config (or set it to 1) and scale with more data-parallel ranks.")
+        return (
+            "--objective electra runs data parallel only (ELECTRA-Base fits one GPU): drop pipeline.stages from the "
+            "DeepSpeed config (or set it to 1) and scale with more data-parallel ranks."
+        )
     return None

@@ -9,6 +9,7 @@ and token-type embeddings are one set of tables shared by both networks; each ke
 note seam. Notes are written from the discriminator's last layer and read, leak-free, by the network(s) --notes_in
 names: a span holding a masked position reads none (every replaced token sits at a masked position).
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from transformers import ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining, PreTrainedTokenizerFast
 
 from tnf_scale.config import RunConfig
-from tnf_scale.data.sampler import IGNORE_INDEX, Batch
+from tnf_scale.data.batch import IGNORE_INDEX, Batch
 from tnf_scale.model.objective import LossSums, Objective, eval_loss_metrics, token_cross_entropy
 
 SHARED_EMBEDDINGS = ("word_embeddings", "position_embeddings", "token_type_embeddings")
@@ -27,12 +28,24 @@ GENERATOR, DISCRIMINATOR, DISCRIMINATOR_ERROR, REPLACED = range(4)  # the loss t
 def electra_configs(cfg: RunConfig, tokenizer: PreTrainedTokenizerFast) -> tuple[ElectraConfig, ElectraConfig]:
     """(generator, discriminator) configs: the discriminator's shape from the preset, the generator's scaled by
     --generator_fraction, one embedding width (the discriminator's hidden size) for both."""
-    common = dict(vocab_size=len(tokenizer), embedding_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-                  max_position_embeddings=cfg.max_seq_len, type_vocab_size=2, pad_token_id=tokenizer.pad_token_id,
-                  hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
+    common = dict(
+        vocab_size=len(tokenizer),
+        embedding_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        max_position_embeddings=cfg.max_seq_len,
+        type_vocab_size=2,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+    )
     hidden, heads, ffn = cfg.generator_shape
     generator = ElectraConfig(hidden_size=hidden, num_attention_heads=heads, intermediate_size=ffn, **common)
-    discriminator = ElectraConfig(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size, **common)
+    discriminator = ElectraConfig(
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        **common,
+    )
     return generator, discriminator
 
 
@@ -68,7 +81,9 @@ class ElectraObjective(Objective):
     names the reports read, beside `eval_disc_accuracy*` and `eval_gen_loss*`.
     """
 
-    def __init__(self, generator: ElectraForMaskedLM, discriminator: ElectraForPreTraining, rtd_weight: float, notes_in: str):
+    def __init__(
+        self, generator: ElectraForMaskedLM, discriminator: ElectraForPreTraining, rtd_weight: float, notes_in: str
+    ):
         super().__init__()
         share_embeddings(generator, discriminator)
         self.generator, self.discriminator, self.notes_in = generator, discriminator, notes_in
@@ -76,7 +91,11 @@ class ElectraObjective(Objective):
         self.term_weights = (1.0, rtd_weight, 0.0, 0.0)
 
     def note_readers(self) -> list[nn.Module]:
-        readers = {"discriminator": [self.discriminator], "generator": [self.generator], "both": [self.generator, self.discriminator]}
+        readers = {
+            "discriminator": [self.discriminator],
+            "generator": [self.generator],
+            "both": [self.generator, self.discriminator],
+        }
         return [network.electra for network in readers[self.notes_in]]
 
     def note_writer(self) -> nn.Module:
@@ -87,40 +106,59 @@ class ElectraObjective(Objective):
         return [masked, real, real, masked]
 
     def inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels,
-                "sample_uniform": batch.sample_uniform}
+        return {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+            "labels": batch.labels,
+            "sample_uniform": batch.sample_uniform,
+        }
 
     def step_metrics(self, term_means: list[float]) -> dict[str, float]:
-        return {"loss_generator": term_means[GENERATOR], "loss_discriminator": term_means[DISCRIMINATOR],
-                "replaced_share": term_means[REPLACED]}
+        return {
+            "loss_generator": term_means[GENERATOR],
+            "loss_discriminator": term_means[DISCRIMINATOR],
+            "replaced_share": term_means[REPLACED],
+        }
 
     def eval_metrics(self, plain: list[LossSums], with_notes: list[LossSums] | None) -> dict[str, float]:
         result = eval_loss_metrics(plain[DISCRIMINATOR], with_notes[DISCRIMINATOR] if with_notes else None)
         for suffix, sums in (("no_notes", plain), ("notes", with_notes)):
             if sums is None:
                 continue
-            result.update({key.replace("error", "accuracy"): 1.0 - value
-                           for key, value in sums[DISCRIMINATOR_ERROR].losses(f"eval_disc_error_{suffix}").items()})
+            result.update(
+                {
+                    key.replace("error", "accuracy"): 1.0 - value
+                    for key, value in sums[DISCRIMINATOR_ERROR].losses(f"eval_disc_error_{suffix}").items()
+                }
+            )
             result.update(sums[GENERATOR].losses(f"eval_gen_loss_{suffix}"))
         return result
 
-    def filled(self, input_ids: torch.Tensor, labels: torch.Tensor, generator_logits: torch.Tensor,
-               sample_uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The discriminator's input (originals, masked positions filled with samples) and where it differs from them."""
+    def filled(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        generator_logits: torch.Tensor,
+        sample_uniform: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The discriminator's input (masked positions filled with samples) and where it differs from the original."""
         masked = labels != IGNORE_INDEX
         original = torch.where(masked, labels, input_ids)
         filled = original.clone()
         filled[masked] = sample_replacements(generator_logits.detach(), sample_uniform[masked])
         return filled, filled != original
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                sample_uniform: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, sample_uniform: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         masked, real = labels != IGNORE_INDEX, attention_mask.bool()
         hidden = self.generator.electra(input_ids=input_ids, attention_mask=attention_mask)[0]
         logits = self.generator.generator_lm_head(self.generator.generator_predictions(hidden[masked]))
         filled, replaced = self.filled(input_ids, labels, logits, sample_uniform)
         judged = self.discriminator(input_ids=filled, attention_mask=attention_mask).logits[real]
-        return (token_cross_entropy(logits, labels[masked]),
-                F.binary_cross_entropy_with_logits(judged.float(), replaced[real].float(), reduction="none"),
-                ((judged > 0) != replaced[real]).float(),
-                replaced[masked].float())
+        return (
+            token_cross_entropy(logits, labels[masked]),
+            F.binary_cross_entropy_with_logits(judged.float(), replaced[real].float(), reduction="none"),
+            ((judged > 0) != replaced[real]).float(),
+            replaced[masked].float(),
+        )

@@ -3,6 +3,7 @@
 BERT runs export a `BertForMaskedLM`; ELECTRA runs export the discriminator as `ElectraForPreTraining` and the
 generator beside it (`generator/`) as `ElectraForMaskedLM`, the embedding tables they shared written into both.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -11,9 +12,16 @@ from pathlib import Path
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from safetensors.torch import save_file
-from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertForMaskedLM,
+    ElectraConfig,
+    ElectraForMaskedLM,
+    ElectraForPreTraining,
+)
 
-from tnf_scale.config import ConfigError
+from tnf_scale.errors import ConfigError
 from tnf_scale.model.electra import SHARED_EMBEDDINGS
 from tnf_scale.model.pipeline import hf_state_dict, is_pipeline_checkpoint
 from tnf_scale.run_dir import RARE_VOCAB_FILE, TOKENIZER_DIR, RunDir
@@ -33,16 +41,24 @@ def consolidated_state_dict(ckpt: Path, config: BertConfig) -> dict[str, torch.T
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)["module"]
         except pickle.UnpicklingError:
-            raise ConfigError(f"checkpoint file {path} holds objects other than tensors and plain data; it was not loaded "
-                              "(a tampered or foreign file): export from a checkpoint this project wrote.") from None
+            raise ConfigError(
+                f"checkpoint file {path} holds objects other than tensors and plain data; it was not loaded "
+                "(a tampered or foreign file): export from a checkpoint this project wrote."
+            ) from None
     return {k: v.float() for k, v in state.items()}
 
 
 def networks_of(run: RunDir, out_dir: Path) -> list[tuple[str, torch.nn.Module, Path]]:
     """(prefix in the objective module, empty Hugging Face model, export directory) of each network a run exports."""
     if run.generator_config.is_file():
-        return [("discriminator.", ElectraForPreTraining(ElectraConfig.from_json_file(str(run.model_config))), out_dir),
-                ("generator.", ElectraForMaskedLM(ElectraConfig.from_json_file(str(run.generator_config))), out_dir / GENERATOR_DIR)]
+        return [
+            ("discriminator.", ElectraForPreTraining(ElectraConfig.from_json_file(str(run.model_config))), out_dir),
+            (
+                "generator.",
+                ElectraForMaskedLM(ElectraConfig.from_json_file(str(run.generator_config))),
+                out_dir / GENERATOR_DIR,
+            ),
+        ]
     return [("mlm.", BertForMaskedLM(BertConfig.from_json_file(str(run.model_config))), out_dir)]
 
 
@@ -69,14 +85,20 @@ def export_hf(run_dir: Path, ckpt: Path, out_dir: Path) -> Path:
     state = consolidated_state_dict(ckpt, networks[0][1].config)
     broken = [name for name, tensor in state.items() if not bool(torch.isfinite(tensor).all())]
     if broken:
-        raise ConfigError(f"checkpoint {ckpt} holds non-finite weights ({broken[0]} and {len(broken) - 1} more): the run had diverged "
-                          "by then, so it is not exported; export an earlier checkpoint (tools/export.py --checkpoint).")
+        raise ConfigError(
+            f"checkpoint {ckpt} holds non-finite weights ({broken[0]} and {len(broken) - 1} more): the run had "
+            f"diverged "
+            "by then, so it is not exported; export an earlier checkpoint (tools/export.py --checkpoint)."
+        )
     tokenizer = AutoTokenizer.from_pretrained(str(run.tokenizer), local_files_only=True)
     for prefix, model, folder in networks:
         missing, unexpected = model.load_state_dict(network_state(state, prefix), strict=False)
         missing = [m for m in missing if m not in tied_keys(model)]
         if missing or unexpected:
-            raise ConfigError(f"checkpoint {ckpt} does not match {run.model_config} (missing {missing[:3]}, unexpected {unexpected[:3]}).")
+            raise ConfigError(
+                f"checkpoint {ckpt} does not match {run.model_config} (missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]})."
+            )
         model.tie_weights()
         folder.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(folder))
@@ -93,6 +115,9 @@ def save_notes(run_dir: Path, ids: torch.Tensor, vectors: torch.Tensor) -> Path:
     """notes.safetensors: `ids` (int64, ascending) and `vectors` (float32); words in tokenizer/rare_vocab.tsv."""
     order = torch.argsort(ids)
     path = RunDir(run_dir).notes
-    save_file({"ids": ids[order].to(torch.int64).contiguous(), "vectors": vectors[order].float().contiguous()},
-              str(path), metadata={"rare_vocab": f"{TOKENIZER_DIR}/{RARE_VOCAB_FILE}"})
+    save_file(
+        {"ids": ids[order].to(torch.int64).contiguous(), "vectors": vectors[order].float().contiguous()},
+        str(path),
+        metadata={"rare_vocab": f"{TOKENIZER_DIR}/{RARE_VOCAB_FILE}"},
+    )
     return path

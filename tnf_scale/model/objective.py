@@ -8,6 +8,7 @@ one seam of every path), and turns held-out loss sums, without and with notes, i
 engine, the pipeline path and evaluation never ask which objective they run: BERT's masked LM here, ELECTRA's
 replaced-token detection in `electra.py`.
 """
+
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertForMaskedLM
 
-from tnf_scale.data.sampler import IGNORE_INDEX, Batch
+from tnf_scale.data.batch import IGNORE_INDEX, Batch
 
 
 @dataclass
@@ -48,8 +49,11 @@ class LossSums:
     def losses(self, name: str) -> dict[str, float]:
         """Mean loss over all predicted tokens as `name`, over rare-span and other tokens as `name`_rare / _other
         (a part without tokens is left out)."""
-        parts = {name: (self.ce, self.tokens_rare + self.tokens_other),
-                 f"{name}_rare": (self.ce_rare, self.tokens_rare), f"{name}_other": (self.ce_other, self.tokens_other)}
+        parts = {
+            name: (self.ce, self.tokens_rare + self.tokens_other),
+            f"{name}_rare": (self.ce_rare, self.tokens_rare),
+            f"{name}_other": (self.ce_other, self.tokens_other),
+        }
         return {key: ce / tokens for key, (ce, tokens) in parts.items() if tokens}
 
 
@@ -75,7 +79,7 @@ class Objective(nn.Module, metaclass=ABCMeta):
 
     @abstractmethod
     def term_positions(self, batch: Batch) -> list[torch.Tensor]:
-        """Per loss term, (batch, seq_len) bool: the positions whose losses `forward` returns for it (row-major order)."""
+        """Per loss term, (batch, seq_len) bool: the positions whose losses `forward` returns (row-major)."""
 
     @abstractmethod
     def inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -93,7 +97,11 @@ class Objective(nn.Module, metaclass=ABCMeta):
 def eval_loss_metrics(plain: LossSums, with_notes: LossSums | None) -> dict[str, float]:
     """The held-out loss every report reads: `eval_loss_no_notes` (the model as exported) and `eval_loss_notes` (as
     trained, notes read leak-free), each split into rare-span (`_rare`) and other (`_other`) positions."""
-    result = {**plain.losses("eval_loss_no_notes"), "eval_tokens_rare": int(plain.tokens_rare), "eval_tokens_other": int(plain.tokens_other)}
+    result = {
+        **plain.losses("eval_loss_no_notes"),
+        "eval_tokens_rare": int(plain.tokens_rare),
+        "eval_tokens_other": int(plain.tokens_other),
+    }
     if with_notes is not None:
         result.update(with_notes.losses("eval_loss_notes"))
     return result
@@ -128,7 +136,9 @@ class MaskedLMObjective(Objective):
     def eval_metrics(self, plain: list[LossSums], with_notes: list[LossSums] | None) -> dict[str, float]:
         return eval_loss_metrics(plain[0], with_notes[0] if with_notes else None)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor]:
         hidden = self.mlm.bert(input_ids=input_ids, attention_mask=attention_mask)[0]
         predicted = labels != IGNORE_INDEX
         return (token_cross_entropy(self.mlm.cls(hidden[predicted]), labels[predicted]),)

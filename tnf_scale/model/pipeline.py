@@ -11,6 +11,7 @@ Between stages travels (hidden float, attention mask int); the notes read for a 
 enter the first stage with its inputs, and the loss function on the last stage pools the
 context windows for the writes. No note collective runs inside the schedule.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,7 +23,7 @@ from torch import nn
 from transformers import BertForMaskedLM
 from transformers.masking_utils import create_bidirectional_mask
 
-from tnf_scale.data.sampler import IGNORE_INDEX
+from tnf_scale.data.batch import IGNORE_INDEX
 from tnf_scale.model.objective import LossSums, token_cross_entropy
 from tnf_scale.model.tnf_bert import NoteMixer
 from tnf_scale.notes.note_math import pool_windows
@@ -88,16 +89,17 @@ class PipelineObjective:
     """The masked-LM objective on the last stage (the loss function): summed predicted-token cross-entropy x `scale`;
     also pools notes.
 
-    Labels travel as (labels, occ_sample, occ_start, occ_end, lengths, in_rare_span). The trainer sets
-    `scale` and `take_notes` before a batch and reads `sums` (LossSums) and `pooled` after it.
+    Labels travel as (labels, occ_sample, occ_start, occ_end, lengths, in_rare_span). The step calls `start` before a
+    batch and reads `sums` (LossSums) and `pooled` after it.
     """
 
     def __init__(self, window: int):
         self.window = window
-        self.scale, self.take_notes = 1.0, False
-        self.reset()
+        self.start(1.0, take_notes=False)
 
-    def reset(self) -> None:
+    def start(self, scale: float, take_notes: bool) -> None:
+        """Begin a batch: its losses are scaled by `scale`; with `take_notes` its occurrences' notes are pooled."""
+        self.scale, self.take_notes = scale, take_notes
         self.sums, self.pooled = LossSums(), []
 
     def __call__(self, outputs, labels):
@@ -111,23 +113,37 @@ class PipelineObjective:
         return token_ce.sum() * self.scale
 
 
-def build_pipeline(model: BertForMaskedLM, num_stages: int, lam: float, objective: PipelineObjective,
-                   activation_checkpointing: bool) -> PipelineModule:
+def build_pipeline(
+    model: BertForMaskedLM, num_stages: int, lam: float, objective: PipelineObjective, activation_checkpointing: bool
+) -> PipelineModule:
     """The pipeline of `model`'s own modules (each rank keeps only its stage's layers)."""
     n = model.config.num_hidden_layers
     layers = [
         TiedLayerSpec(TIED_KEY, EmbeddingStage, model, lam, tied_weight_attr="embeddings.word_embeddings.weight"),
         *(LayerSpec(EncoderStage, model, i) for i in range(n)),
         LayerSpec(HeadTransform, model),
-        TiedLayerSpec(TIED_KEY, EmbeddingStage, model, lam, forward_fn=decode, tied_weight_attr="embeddings.word_embeddings.weight"),
+        TiedLayerSpec(
+            TIED_KEY,
+            EmbeddingStage,
+            model,
+            lam,
+            forward_fn=decode,
+            tied_weight_attr="embeddings.word_embeddings.weight",
+        ),
         LayerSpec(DecoderBias, model),
     ]
-    return PipelineModule(layers=layers, num_stages=num_stages, loss_fn=objective, partition_method="type:EncoderStage",
-                          activation_checkpoint_interval=1 if activation_checkpointing else 0)
+    return PipelineModule(
+        layers=layers,
+        num_stages=num_stages,
+        loss_fn=objective,
+        partition_method="type:EncoderStage",
+        activation_checkpoint_interval=1 if activation_checkpointing else 0,
+    )
 
 
 def hf_state_dict(ckpt: Path, num_layers: int) -> dict[str, torch.Tensor]:
     """A BertForMaskedLM state dict from a pipeline checkpoint's per-layer files (fp32)."""
+
     def load(index: int) -> dict[str, torch.Tensor]:
         files = sorted(ckpt.glob(f"layer_{index:02d}-*model_states.pt"))
         return torch.load(files[0], map_location="cpu", weights_only=True)

@@ -5,6 +5,7 @@ word + position + type embedding of TNF_SPEC 3); note taking is a forward hook o
 `bert.encoder` that pools the last layer's output around each occurrence (TNF_SPEC 4).
 With no reads or captures set, both hooks do nothing and the model is plain BERT.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,20 +17,26 @@ from tnf_scale.notes.note_math import mix_notes, pool_windows
 from tnf_scale.spans import expand_spans
 
 
-def bert_config(cfg: RunConfig, tokenizer: PreTrainedTokenizerFast) -> BertConfig:
-    """The BertConfig of a run: model shape from the preset, vocabulary from the tokenizer."""
+def bert_config(cfg: RunConfig, vocab_size: int, pad_token_id: int = 0) -> BertConfig:
+    """The BertConfig of a run: model shape from the preset, vocabulary from the tokenizer (its size and [PAD] id)."""
     return BertConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
-        max_position_embeddings=cfg.max_seq_len, type_vocab_size=2, pad_token_id=tokenizer.pad_token_id,
-        hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_seq_len,
+        type_vocab_size=2,
+        pad_token_id=pad_token_id,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
     )
 
 
 def build_bert(cfg: RunConfig, tokenizer: PreTrainedTokenizerFast) -> BertForMaskedLM:
     """A freshly initialised BertForMaskedLM; the same seed gives the same weights."""
     torch.manual_seed(cfg.seed)
-    return BertForMaskedLM(bert_config(cfg, tokenizer))
+    return BertForMaskedLM(bert_config(cfg, len(tokenizer), tokenizer.pad_token_id))
 
 
 class NoteMixer:
@@ -63,14 +70,18 @@ class TnfHooks:
     `embeddings.LayerNorm` input and taken from the writer's `encoder` output.
     """
 
-    def __init__(self, readers: list[nn.Module], writer: nn.Module, lam: float, window: int, rows_trainable: bool = False):
+    def __init__(
+        self, readers: list[nn.Module], writer: nn.Module, lam: float, window: int, rows_trainable: bool = False
+    ):
         self.window = window
         self.mixers = [NoteMixer(network.embeddings.LayerNorm, lam, rows_trainable) for network in readers]
         self._capture: tuple[torch.Tensor, ...] | None = None
         self.pooled: torch.Tensor | None = None
         writer.encoder.register_forward_hook(self._take_notes)
 
-    def set_reads(self, sample: torch.Tensor, start: torch.Tensor, end: torch.Tensor, rows: torch.Tensor, seq_len: int) -> None:
+    def set_reads(
+        self, sample: torch.Tensor, start: torch.Tensor, end: torch.Tensor, rows: torch.Tensor, seq_len: int
+    ) -> None:
         """Mix `rows` (one note per occurrence) into the spans of the next forward of every reader."""
         token_index, token_occ = expand_spans(sample, start, end, seq_len)
         for mixer in self.mixers:

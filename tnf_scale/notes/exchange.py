@@ -2,6 +2,7 @@
 
 Every rank calls every exchange, with or without rows to send, so no rank blocks.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,8 +32,13 @@ class ExchangeGroup:
         if self.size == 1:
             return send.clone()
         recv = send.new_empty((int(recv_counts.sum()), *send.shape[1:]))
-        deepspeed.comm.all_to_all_single(recv, send.contiguous(), output_split_sizes=recv_counts.tolist(),
-                                         input_split_sizes=send_counts.tolist(), group=self.group)
+        deepspeed.comm.all_to_all_single(
+            recv,
+            send.contiguous(),
+            output_split_sizes=recv_counts.tolist(),
+            input_split_sizes=send_counts.tolist(),
+            group=self.group,
+        )
         return recv
 
     def route(self, send: torch.Tensor, send_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

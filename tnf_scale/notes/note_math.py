@@ -2,6 +2,7 @@
 
 All functions are tensor code over occurrences; none loops over occurrences in Python.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,12 +28,20 @@ def initial_notes(ids: torch.Tensor, dim: int, seed: int, std: float, chunk: int
         bits = mix64_tensor(row_key[:, None] + counters[None, :])
         uniform = (logical_shift_right(bits, 11).to(torch.float64) + 0.5) * 2.0**-53  # in (0, 1)
         u1, u2 = uniform[:, :dim], uniform[:, dim:]
-        out[first : first + chunk] = (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2) * std).float()  # Box-Muller
+        out[first : first + chunk] = (
+            torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2) * std
+        ).float()  # Box-Muller
     return out
 
 
-def mix_notes(h: torch.Tensor, token_index: torch.Tensor, token_occ: torch.Tensor, rows: torch.Tensor, lam: float,
-              rows_trainable: bool = False) -> torch.Tensor:
+def mix_notes(
+    h: torch.Tensor,
+    token_index: torch.Tensor,
+    token_occ: torch.Tensor,
+    rows: torch.Tensor,
+    lam: float,
+    rows_trainable: bool = False,
+) -> torch.Tensor:
     """h_p <- (1 - lam) * h_p + lam * N[r] at every span position; all other positions stay as they are.
 
     `rows` holds one note per occurrence and is treated as a constant (no gradient), as in pre-training; with
@@ -41,12 +50,15 @@ def mix_notes(h: torch.Tensor, token_index: torch.Tensor, token_occ: torch.Tenso
     batch, seq_len, dim = h.shape
     flat = h.reshape(batch * seq_len, dim)
     weight = flat.new_zeros(batch * seq_len, 1).index_fill_(0, token_index, lam)
-    notes = flat.new_zeros(batch * seq_len, dim).index_copy(0, token_index, (rows if rows_trainable else rows.detach())[token_occ].to(h.dtype))
+    notes = flat.new_zeros(batch * seq_len, dim).index_copy(
+        0, token_index, (rows if rows_trainable else rows.detach())[token_occ].to(h.dtype)
+    )
     return (flat * (1 - weight) + weight * notes).view(batch, seq_len, dim)
 
 
-def pool_windows(context: torch.Tensor, sample: torch.Tensor, start: torch.Tensor, end: torch.Tensor,
-                 lengths: torch.Tensor, k: int) -> torch.Tensor:
+def pool_windows(
+    context: torch.Tensor, sample: torch.Tensor, start: torch.Tensor, end: torch.Tensor, lengths: torch.Tensor, k: int
+) -> torch.Tensor:
     """Mean of context[j] over j in [max(0, s - k), min(L - 1, t + k)] for each occurrence, by prefix sums.
 
     `context` is (batch, seq_len, dim); `lengths` is each sample's real (non-padding) length.
@@ -74,7 +86,9 @@ def ema_sequential(table: torch.Tensor, ids: torch.Tensor, notes: torch.Tensor, 
     return table
 
 
-def ema_closed_form(ids: torch.Tensor, notes: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def ema_closed_form(
+    ids: torch.Tensor, notes: torch.Tensor, gamma: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Combine occurrences, already in application order, into one (decay, contribution) per id.
 
     For the m occurrences of an id: decay = (1 - gamma)^m and
@@ -87,4 +101,4 @@ def ema_closed_form(ids: torch.Tensor, notes: torch.Tensor, gamma: float) -> tup
     keep = torch.tensor(1.0 - gamma, dtype=torch.float64, device=ids.device)
     weight = (gamma * keep ** (counts[run_of] - rank)).to(notes.dtype)
     contribution = notes.new_zeros(len(unique), notes.shape[1]).index_add_(0, run_of, weight.unsqueeze(1) * notes)
-    return unique, (keep ** counts).to(notes.dtype), contribution
+    return unique, (keep**counts).to(notes.dtype), contribution

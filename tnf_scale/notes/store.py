@@ -5,6 +5,7 @@ de-duplicated ids a rank needs to their owners and get the rows back; writes sen
 raw occurrence (id, order key, start, note) to its owner, which applies them in
 (id, order key, start) order. With W = 1 the exchange is the identity and no collective runs.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,16 @@ _META = 3  # id, order key, start: int64 columns that travel with each written n
 class NoteStore:
     """This rank's share of the note rows, with collective read and ordered write."""
 
-    def __init__(self, num_rare: int, dim: int, seed: int, init_std: float, gamma: float,
-                 exchange: ExchangeGroup | None = None, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        num_rare: int,
+        dim: int,
+        seed: int,
+        init_std: float,
+        gamma: float,
+        exchange: ExchangeGroup | None = None,
+        device: torch.device | str = "cpu",
+    ):
         self.num_rare, self.dim, self.gamma = num_rare, dim, gamma
         self.exchange = exchange or ExchangeGroup(rank=0, size=1)
         every = torch.arange(num_rare, dtype=torch.int64)
@@ -37,8 +46,17 @@ class NoteStore:
 
     @staticmethod
     def _zero_traffic() -> dict[str, int]:
-        return dict.fromkeys(("ids_requested", "ids_unique", "read_bytes_sent", "read_bytes_received",
-                              "write_bytes_sent", "write_bytes_received"), 0)
+        return dict.fromkeys(
+            (
+                "ids_requested",
+                "ids_unique",
+                "read_bytes_sent",
+                "read_bytes_received",
+                "write_bytes_sent",
+                "write_bytes_received",
+            ),
+            0,
+        )
 
     def take_traffic(self) -> dict[str, int]:
         """Counters since the last call (this rank only): ids asked for, and payload bytes to and from other ranks."""
@@ -66,17 +84,23 @@ class NoteStore:
         t = self.traffic
         t["ids_requested"] += len(ids)
         t["ids_unique"] += len(unique)
-        t["read_bytes_sent"] += self._off_rank_bytes(send_counts, 8) + self._off_rank_bytes(recv_counts.cpu(), row_bytes)
-        t["read_bytes_received"] += self._off_rank_bytes(recv_counts.cpu(), 8) + self._off_rank_bytes(send_counts, row_bytes)
+        t["read_bytes_sent"] += self._off_rank_bytes(send_counts, 8) + self._off_rank_bytes(
+            recv_counts.cpu(), row_bytes
+        )
+        t["read_bytes_received"] += self._off_rank_bytes(recv_counts.cpu(), 8) + self._off_rank_bytes(
+            send_counts, row_bytes
+        )
         return rows[inverse]
 
     def write(self, ids: torch.Tensor, order_key: torch.Tensor, start: torch.Tensor, notes: torch.Tensor) -> None:
-        """Send every occurrence's note to its owner, which applies the EMA in (id, order key, start) order. Collective."""
+        """Send each note to the owner of its id, which applies the EMA in (id, order key, start) order. Collective."""
         ids = ids.to(self.device)
         order, send_counts = self._by_owner(ids)
         meta = torch.stack([ids, order_key.to(self.device), start.to(self.device)], dim=1)[order]
         # One payload per occurrence: the int64 metadata and the float32 note, bit-cast to int32 side by side.
-        payload = torch.cat([meta.view(torch.int32), notes.to(self.device, torch.float32)[order].contiguous().view(torch.int32)], dim=1)
+        payload = torch.cat(
+            [meta.view(torch.int32), notes.to(self.device, torch.float32)[order].contiguous().view(torch.int32)], dim=1
+        )
         received, recv_counts = self.exchange.route(payload, send_counts.to(self.device))
         meta = received[:, : 2 * _META].contiguous().view(torch.int64)
         self._apply(meta[:, 0], meta[:, 1], meta[:, 2], received[:, 2 * _META :].contiguous().view(torch.float32))
@@ -97,21 +121,20 @@ class NoteStore:
         """Words of this rank's share that have been written at least once."""
         return int(self.noted.sum())
 
-    def state(self) -> dict[str, torch.Tensor]:
+    sharded_state = True  # a checkpoint hands `load_state_dict` every rank's rows: it keeps its own
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's rows with their ids, for checkpoints."""
         return {"ids": self.ids.clone(), "vectors": self.table.float().cpu().clone(), "noted": self.noted.cpu().clone()}
 
-    def load_rows(self, states: list[dict[str, torch.Tensor]]) -> None:
-        """Take this rank's rows out of any partition's states (re-partitioning when W changed)."""
-        ids, vectors, noted = [], [], []
-        for state in states:
-            mine = owner_of(state["ids"], self.exchange.size) == self.exchange.rank
-            ids.append(state["ids"][mine])
-            vectors.append(state["vectors"][mine])
-            noted.append(state["noted"][mine])
-        ids = torch.cat(ids)
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Take this rank's rows out of rows saved under any partition (re-partitioning when W changed)."""
+        mine = owner_of(state["ids"], self.exchange.size) == self.exchange.rank
+        ids = state["ids"][mine]
         order = torch.argsort(ids)
         if not torch.equal(ids[order], self.ids):
-            raise ValueError(f"the saved note rows do not cover rank {self.exchange.rank}'s {len(self.ids)} rare ids exactly once")
-        self.table.copy_(torch.cat(vectors)[order].to(self.device))
-        self.noted.copy_(torch.cat(noted)[order].to(self.device))
+            raise ValueError(
+                f"the saved note rows do not cover rank {self.exchange.rank}'s {len(self.ids)} rare ids exactly once"
+            )
+        self.table.copy_(state["vectors"][mine][order].to(self.device))
+        self.noted.copy_(state["noted"][mine][order].to(self.device))

@@ -5,12 +5,13 @@ same seeds and settings (the exported plain model for both: `--notes none`). The
 its last checkpoint (mean over seeds); TNF's first checkpoint whose mean reaches it gives the saving in steps,
 against the paper's 60%. The spread over seeds is reported beside every mean, so signal can be told from noise.
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from tnf_scale.checkpoint import COMPLETE, complete_checkpoints
+from tnf_scale.checkpoint import CheckpointMarker, complete_checkpoints
 from tnf_scale.finetune.run import FinetuneArgs, finetune
 from tnf_scale.finetune.shipped import TASK, task_dir
 from tnf_scale.finetune.tasks import TaskData, file_task
@@ -22,14 +23,16 @@ DOWNSTREAM_DIR = "downstream"  # in each run directory: downstream/stepNNNNNNNN/
 
 def shipped_task(data_cache: str | Path) -> TaskData:
     folder = task_dir(data_cache)
-    return file_task(str(folder / "train.jsonl"), str(folder / "validation.jsonl"), "text", None, "label", "accuracy", TASK)
+    return file_task(
+        str(folder / "train.jsonl"), str(folder / "validation.jsonl"), "text", None, "label", "accuracy", TASK
+    )
 
 
 def score_run(run: Path, task: TaskData, settings: FinetuneArgs) -> list[dict]:
     """Per complete checkpoint of `run`: its step and the fine-tuning result (reused when already in the run)."""
     rows = []
     for ckpt in complete_checkpoints(run):
-        step = json.loads((ckpt / COMPLETE).read_text())["step"]
+        step = CheckpointMarker.read(ckpt).step
         folder = run / DOWNSTREAM_DIR / ckpt.name
         result_file = folder / "finetune" / "finetune.json"
         if not result_file.is_file():
@@ -57,27 +60,45 @@ def time_to_score(baseline: list[dict], tnf: list[dict]) -> dict:
     if step is None:
         verdict = f"TNF never reaches the baseline's final score {target:.4f} on this setup: no downstream saving."
     else:
-        verdict = (f"TNF reaches the baseline's final score {target:.4f} at step {step} of {final_step}: a saving of {100 * saving:.0f}% "
-                   f"in steps ({'at or beyond' if saving >= PAPER_SAVING else 'short of'} the paper's {100 * PAPER_SAVING:.0f}%).")
+        verdict = (
+            f"TNF reaches the baseline's final score {target:.4f} at step {step} of {final_step}: a saving of "
+            f"{100 * saving:.0f}% "
+            f"in steps ({'at or beyond' if saving >= PAPER_SAVING else 'short of'} the paper's "
+            f"{100 * PAPER_SAVING:.0f}%)."
+        )
     tnf_by_step = {row["step"]: row for row in tnf}
     shared = [row for row in baseline if row["step"] in tnf_by_step]
     gap = spread = None
     if shared:
         base, mine = shared[-1], tnf_by_step[shared[-1]["step"]]
         gap, spread = mean_of(mine) - mean_of(base), max(std_of(base), std_of(mine))
-        verdict += (f" At step {base['step']} TNF − baseline is {gap:+.4f} against a seed spread (std) of up to {spread:.4f}: "
-                    + ("larger than the spread." if abs(gap) > spread else "within the spread, so not told from noise."))
-    return {"target": target, "baseline_final_step": final_step, "tnf_step": step, "saving": saving,
-            "gap_at_last_step": gap, "seed_spread_at_last_step": spread, "verdict": verdict}
+        verdict += (
+            f" At step {base['step']} TNF − baseline is {gap:+.4f} against a seed spread (std) of up to {spread:.4f}: "
+            + ("larger than the spread." if abs(gap) > spread else "within the spread, so not told from noise.")
+        )
+    return {
+        "target": target,
+        "baseline_final_step": final_step,
+        "tnf_step": step,
+        "saving": saving,
+        "gap_at_last_step": gap,
+        "seed_spread_at_last_step": spread,
+        "verdict": verdict,
+    }
 
 
 def markdown(baseline: list[dict], tnf: list[dict], verdict: dict, settings: FinetuneArgs) -> str:
     metric = baseline[-1]["metrics"][0]
     by_step = {row["step"]: row for row in tnf}
-    lines = [f"Fine-tuned on the shipped task ({TASK}), seeds {', '.join(map(str, settings.seeds))}, lr {settings.lr}, "
-             f"{settings.epochs:g} epochs, {settings.max_train_examples or 'all'} training examples, "
-             f"{settings.max_eval_examples or 'all'} validation examples; validation {metric} (mean ± std over seeds, final epoch).", "",
-             f"| step | baseline {metric} | TNF {metric} | TNF − baseline |", "| --- | --- | --- | --- |"]
+    lines = [
+        f"Fine-tuned on the shipped task ({TASK}), seeds {', '.join(map(str, settings.seeds))}, lr {settings.lr}, "
+        f"{settings.epochs:g} epochs, {settings.max_train_examples or 'all'} training examples, "
+        f"{settings.max_eval_examples or 'all'} validation examples; validation {metric} (mean ± std over "
+        f"seeds, final epoch).",
+        "",
+        f"| step | baseline {metric} | TNF {metric} | TNF − baseline |",
+        "| --- | --- | --- | --- |",
+    ]
     for row in baseline:
         other = by_step.get(row["step"])
         base = row["summary"][metric]
@@ -116,7 +137,9 @@ def plot(baseline: list[dict], tnf: list[dict], path: Path) -> Path:
     return path
 
 
-def write_report(baseline_run: Path, tnf_run: Path, out: Path, data_cache: str | Path, settings: FinetuneArgs) -> tuple[str, str]:
+def write_report(
+    baseline_run: Path, tnf_run: Path, out: Path, data_cache: str | Path, settings: FinetuneArgs
+) -> tuple[str, str]:
     """Fine-tune every checkpoint of both runs (reusing results already there) and write downstream.{md,json,png};
     return the markdown and the verdict sentence."""
     task = shipped_task(data_cache)

@@ -9,14 +9,15 @@ After the fault the launcher must end with no rank left running; the run is then
 complete checkpoint; afresh when none was completed), and its per-step losses and final note dictionary must match
 the reference within the tolerance, with every step logged exactly once.
 """
+
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,10 +26,10 @@ import psutil
 import torch
 from safetensors.torch import load_file
 
-from tnf_scale.checkpoint import COMPLETE, complete_checkpoints
+from tnf_scale.checkpoint import COMPLETE, CheckpointMarker, complete_checkpoints
 from tnf_scale.config import REPO
+from tnf_scale.launch import TRAIN_SCRIPT, deepspeed_command
 from tnf_scale.metrics import read_metrics
-from tnf_scale.reports.bench import TRAIN_SCRIPT
 from tnf_scale.run_dir import RunDir
 
 FAULTS = ("KILL@rank", "TERM@rank", "INT@rank", "USR1@rank", "KILL@checkpoint", "KILL@launcher", "TERM@launcher")
@@ -61,13 +62,14 @@ TOLERANCE = 1e-5
 
 def launcher_command(run_dir: Path, ranks: int, port: int, flags: list[str], resume: bool) -> list[str]:
     start = ["--resume", "true"] if resume else ["--overwrite", "true"]
-    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
-            TRAIN_SCRIPT, "--output_dir", str(run_dir), *start, *flags]
+    return deepspeed_command(ranks, port, TRAIN_SCRIPT, ["--output_dir", str(run_dir), *start, *flags])
 
 
 def run_to_end(run_dir: Path, ranks: int, port: int, flags: list[str], resume: bool, log: Path) -> int:
     with log.open("a") as out:
-        return subprocess.run(launcher_command(run_dir, ranks, port, flags, resume), cwd=REPO, stdout=out, stderr=subprocess.STDOUT).returncode
+        return subprocess.run(
+            launcher_command(run_dir, ranks, port, flags, resume), cwd=REPO, stdout=out, stderr=subprocess.STDOUT
+        ).returncode
 
 
 def rank_processes(launcher: psutil.Process) -> dict[int, psutil.Process]:
@@ -104,12 +106,19 @@ def checkpoint_in_progress(run_dir: Path) -> bool:
     return root.is_dir() and any(p.is_dir() and not (p / COMPLETE).exists() for p in root.glob("step*"))
 
 
-def inject(trial: Trial, run_dir: Path, ranks: int, port: int, flags: list[str], max_steps: int, rng: random.Random, log: Path) -> None:
+def inject(
+    trial: Trial, run_dir: Path, ranks: int, port: int, flags: list[str], max_steps: int, rng: random.Random, log: Path
+) -> None:
     """Start the run, send the trial's fault, and wait for every process of the run to end."""
     kind, where = trial.fault.split("@")
     with log.open("a") as out:
-        launcher = subprocess.Popen(launcher_command(run_dir, ranks, port, flags, resume=False), cwd=REPO, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+        launcher = subprocess.Popen(
+            launcher_command(run_dir, ranks, port, flags, resume=False),
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     runner = psutil.Process(launcher.pid)
     goal = rng.randint(1, max_steps - 2)
     wait_for(lambda: last_step(run_dir) >= goal or launcher.poll() is not None, 600, 0.05)
@@ -125,10 +134,8 @@ def inject(trial: Trial, run_dir: Path, ranks: int, port: int, flags: list[str],
         target = processes.get(rank)
         trial.target = f"rank {rank}"
     if target is not None:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             target.send_signal(getattr(signal, f"SIG{kind}"))
-        except psutil.NoSuchProcess:
-            pass
     try:
         trial.exit_code = launcher.wait(timeout=RANK_STOP_SECONDS)
     except subprocess.TimeoutExpired:
@@ -137,10 +144,10 @@ def inject(trial: Trial, run_dir: Path, ranks: int, port: int, flags: list[str],
     trial.orphans = len(alive)
     for process in alive:  # ours, started above: never leave them running
         process.kill()
-    try:
-        os.killpg(launcher.pid, signal.SIGKILL)  # and whatever else of this launch is left (an orphaned per-node launcher)
-    except ProcessLookupError:
-        pass
+    with contextlib.suppress(
+        ProcessLookupError
+    ):  # and whatever else of this launch is left (an orphaned node launcher)
+        os.killpg(launcher.pid, signal.SIGKILL)
     launcher.wait()
 
 
@@ -166,20 +173,32 @@ def compare(trial: Trial, run_dir: Path, reference: Path) -> None:
 
 
 def last_words_in(log: Path) -> str:
-    lines = [line.strip() for line in log.read_text(errors="replace").splitlines()
-             if "stopping after a failure" in line or "exiting with" in line]
+    lines = [
+        line.strip()
+        for line in log.read_text(errors="replace").splitlines()
+        if "stopping after a failure" in line or "exiting with" in line
+    ]
     return lines[0][:200] if lines else ""
 
 
-def run_trial(number: int, fault: str, out: Path, reference: Path, ranks: int, port: int, flags: list[str], max_steps: int,
-              rng: random.Random) -> Trial:
+def run_trial(
+    number: int,
+    fault: str,
+    out: Path,
+    reference: Path,
+    ranks: int,
+    port: int,
+    flags: list[str],
+    max_steps: int,
+    rng: random.Random,
+) -> Trial:
     trial = Trial(number, fault)
     run_dir, log = out / f"trial{number:02d}", out / f"trial{number:02d}.log"
     log.unlink(missing_ok=True)
     inject(trial, run_dir, ranks, port, flags, max_steps, rng, log)
     trial.last_words = last_words_in(log)
     done = complete_checkpoints(run_dir)
-    trial.resumed_from = json.loads((done[-1] / COMPLETE).read_text())["step"] if done else None
+    trial.resumed_from = CheckpointMarker.read(done[-1]).step if done else None
     if trial.resumed_from != max_steps or not RunDir(run_dir).notes.is_file():
         run_to_end(run_dir, ranks, port, flags, resume=bool(done), log=log)
     compare(trial, run_dir, reference)
@@ -187,12 +206,17 @@ def run_trial(number: int, fault: str, out: Path, reference: Path, ranks: int, p
 
 
 def table(trials: list[Trial]) -> str:
-    rows = ["| # | fault | target | signalled after step | launcher exit | orphans | resumed from | max rel. loss diff | steps once | notes lost | verdict |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        "| # | fault | target | signalled after step | launcher exit | orphans | resumed from | max rel. loss "
+        "diff | steps once | notes lost | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for t in trials:
-        rows.append(f"| {t.number} | {t.fault} | {t.target} | {t.at_step} | {t.exit_code} | {t.orphans} | "
-                    f"{'fresh start' if t.resumed_from is None else t.resumed_from} | {t.max_rel_diff:.1e} | "
-                    f"{'yes' if t.steps_logged_once else 'NO'} | {t.notes_lost} | {'identical' if t.identical else 'DIFFERS'} |")
+        rows.append(
+            f"| {t.number} | {t.fault} | {t.target} | {t.at_step} | {t.exit_code} | {t.orphans} | "
+            f"{'fresh start' if t.resumed_from is None else t.resumed_from} | {t.max_rel_diff:.1e} | "
+            f"{'yes' if t.steps_logged_once else 'NO'} | {t.notes_lost} | {'identical' if t.identical else 'DIFFERS'} |"
+        )
     return "\n".join(rows)
 
 
@@ -206,5 +230,7 @@ def summary(trials: list[Trial]) -> str:
 def write_report(out: Path, trials: list[Trial], command: str) -> str:
     text = f"# Fault campaign\n\n`{command}`\n\n{table(trials)}\n\n**{summary(trials)}**\n"
     (out / "fault_campaign.md").write_text(text)
-    (out / "fault_campaign.json").write_text(json.dumps([{**asdict(t), "identical": t.identical} for t in trials], indent=1) + "\n")
+    (out / "fault_campaign.json").write_text(
+        json.dumps([{**asdict(t), "identical": t.identical} for t in trials], indent=1) + "\n"
+    )
     return text

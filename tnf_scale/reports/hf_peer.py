@@ -1,6 +1,7 @@
 """The throughput peer: the same BERT, data, global batch and optimizer, trained by the Hugging Face Trainer.
 
-    deepspeed --num_gpus 1 tnf_scale/reports/hf_peer.py --preset bench --max_steps 200 --output_dir runs/bench/hf_trainer
+    deepspeed --num_gpus 1 tnf_scale/reports/hf_peer.py --preset bench --max_steps 200 --output_dir
+    runs/bench/hf_trainer
 
 The Trainer runs through its DeepSpeed integration with the DeepSpeed config train.py builds for
 the same flags (AdamW, WarmupDecayLR, clipping, ZeRO stage, bf16 by accelerator). Samples arrive
@@ -9,15 +10,12 @@ runs on every position (train.py runs it on the masked ones only), and it takes 
 is the baseline's counterpart. It writes run_config.json, model_config.json and metrics.jsonl
 (tokens/s per step) like train.py, so tools/throughput_report.py reads it like any run.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import sys
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script by the deepspeed launcher
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 from deepspeed.accelerator import get_accelerator
@@ -25,7 +23,8 @@ from torch.utils.data import Dataset, SequentialSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from tnf_scale.config import RunConfig
-from tnf_scale.data.sampler import Collator, GlobalBatchSampler
+from tnf_scale.data.collate import Collator
+from tnf_scale.data.sampler import GlobalBatchSampler
 from tnf_scale.metrics import MetricsLogger
 from tnf_scale.model.tnf_bert import build_bert
 from tnf_scale.startup import command, start
@@ -89,8 +88,13 @@ class StepMetrics(TrainerCallback):
         indices, _, _ = self.sampler.step(state.global_step - 1)
         tokens = sum(self.lengths[i] for i in indices)
         self.tokens += tokens
-        self.pending = {"step": state.global_step, "tokens": self.tokens, "wall_time": now - self.start,
-                        "step_seconds": now - self.last, "tokens_per_s": tokens / (now - self.last)}
+        self.pending = {
+            "step": state.global_step,
+            "tokens": self.tokens,
+            "wall_time": now - self.start,
+            "step_seconds": now - self.last,
+            "tokens_per_s": tokens / (now - self.last),
+        }
         self.last = now
         return control
 
@@ -102,8 +106,11 @@ class StepMetrics(TrainerCallback):
 
 def run(cfg: RunConfig) -> int:
     cfg = dataclasses.replace(cfg, tnf="off")
-    started = start(cfg, pipeline_refusal="the Hugging Face Trainer has no pipeline parallelism; "
-                                          "give the peer a DeepSpeed config without pipeline.stages.")
+    started = start(
+        cfg,
+        pipeline_refusal="the Hugging Face Trainer has no pipeline parallelism; "
+        "give the peer a DeepSpeed config without pipeline.stages.",
+    )
     world, ds_config, run_dir, data, log = started.topo, started.ds_config, started.run, started.data, started.log
     model = build_bert(cfg, data.tokenizer)
     if world.is_main:
@@ -112,21 +119,43 @@ def run(cfg: RunConfig) -> int:
     sampler = GlobalBatchSampler(len(data.train), cfg.global_batch_size, cfg.seed)
     optimizer = ds_config["optimizer"]["params"]
     args = TrainingArguments(
-        output_dir=str(run_dir.path / "hf_trainer"), max_steps=cfg.max_steps, seed=cfg.seed,
-        per_device_train_batch_size=cfg.micro_batch_size, gradient_accumulation_steps=ds_config["gradient_accumulation_steps"],
-        learning_rate=cfg.lr, weight_decay=cfg.weight_decay, adam_beta1=optimizer["betas"][0], adam_beta2=optimizer["betas"][1],
-        adam_epsilon=optimizer["eps"], max_grad_norm=cfg.grad_clip, lr_scheduler_type="linear", warmup_steps=cfg.warmup_steps,
-        bf16=ds_config["bf16"]["enabled"], deepspeed=ds_config, logging_steps=cfg.log_interval, save_strategy="no",
-        report_to="none", remove_unused_columns=False, dataloader_drop_last=True, disable_tqdm=not world.is_main,
+        output_dir=str(run_dir.path / "hf_trainer"),
+        max_steps=cfg.max_steps,
+        seed=cfg.seed,
+        per_device_train_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=ds_config["gradient_accumulation_steps"],
+        learning_rate=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=optimizer["betas"][0],
+        adam_beta2=optimizer["betas"][1],
+        adam_epsilon=optimizer["eps"],
+        max_grad_norm=cfg.grad_clip,
+        lr_scheduler_type="linear",
+        warmup_steps=cfg.warmup_steps,
+        bf16=ds_config["bf16"]["enabled"],
+        deepspeed=ds_config,
+        logging_steps=cfg.log_interval,
+        save_strategy="no",
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_drop_last=True,
+        disable_tqdm=not world.is_main,
     )
     metrics = MetricsLogger(run_dir.path, world.is_main)
     lengths = [len(ids) for ids in data.train["input_ids"]]
     trainer = InOrderTrainer(
-        model=model, args=args, train_dataset=OrderPositions(cfg.max_steps * cfg.global_batch_size),
-        data_collator=StreamCollator(data.train, sampler, Collator(data.tokenizer, cfg.max_seq_len, cfg.mlm_probability, cfg.seed)),
+        model=model,
+        args=args,
+        train_dataset=OrderPositions(cfg.max_steps * cfg.global_batch_size),
+        data_collator=StreamCollator(
+            data.train, sampler, Collator(data.tokenizer, cfg.max_seq_len, cfg.mlm_probability, cfg.seed)
+        ),
         callbacks=[StepMetrics(metrics, sampler, lengths)],
     )
-    log(f"Hugging Face Trainer peer: world {world.size} on {get_accelerator().device_name()}, DeepSpeed {trainer.is_deepspeed_enabled}")
+    log(
+        f"Hugging Face Trainer peer: world {world.size} on {get_accelerator().device_name()}, DeepSpeed "
+        f"{trainer.is_deepspeed_enabled}"
+    )
     trainer.train()
     metrics.close()
     log(f"run: {run_dir.path}")

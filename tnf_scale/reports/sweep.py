@@ -6,6 +6,7 @@ every other axis (data, rare band, model, steps) changes the baseline or its rar
 the baseline runs once per value of those. A finished run whose configuration equals the one a
 setting needs is reused instead of trained again.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +14,8 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-from tnf_scale.config import ConfigError, RunConfig, parse_args
+from tnf_scale.config import RunConfig, parse_args
+from tnf_scale.errors import ConfigError
 from tnf_scale.metrics import read_metrics
 from tnf_scale.reports.time_to_loss import YARDSTICKS, Comparison, compare_all
 from tnf_scale.run_dir import RunDir
@@ -46,7 +48,7 @@ class Setting:
 
 
 def parse_axis(text: str) -> list[tuple[tuple[str, str], ...]]:
-    """`note_lambda=0.25,0.5` or `rare_min_count:rare_max_count=5:25,10:50` -> the (field, value) pairs of each value."""
+    """`note_lambda=0.25,0.5` or `rare_min_count:rare_max_count=5:25,10:50` -> (field, value) pairs per value."""
     keys, sep, values = text.partition("=")
     names = keys.split(":")
     fields = {f.name for f in dataclasses.fields(RunConfig)}
@@ -59,14 +61,18 @@ def parse_axis(text: str) -> list[tuple[tuple[str, str], ...]]:
     for value in values.split(","):
         parts = value.split(":")
         if len(parts) != len(names):
-            raise ConfigError(f"--grid {text!r}: value {value!r} has {len(parts)} parts for {len(names)} fields; give one per field.")
+            raise ConfigError(
+                f"--grid {text!r}: value {value!r} has {len(parts)} parts for {len(names)} fields; give one per field."
+            )
         points.append(tuple(zip(names, parts)))
     return points
 
 
 def grid(axes: list[str], preset: str, flags: list[str]) -> list[Setting]:
     """Every setting of the product of `axes`, each checked as train.py would check it."""
-    settings = [Setting(tuple(pair for point in combo for pair in point)) for combo in itertools.product(*map(parse_axis, axes))]
+    settings = [
+        Setting(tuple(pair for point in combo for pair in point)) for combo in itertools.product(*map(parse_axis, axes))
+    ]
     for setting in settings:
         run_config(preset, flags, setting, "on")  # a bad value is refused before anything trains
     return settings
@@ -104,16 +110,28 @@ def cell(result: Comparison | None) -> str:
 
 def table(rows: list[tuple[Setting, Path, Path, list[Comparison]]]) -> str:
     """One row per setting: for each yardstick, TNF - baseline at the last common evaluation and the step saving."""
-    lines = ["| setting | baseline | " + " | ".join(y.name for y in YARDSTICKS) + " |", "| --- | --- |" + " --- |" * len(YARDSTICKS)]
+    lines = [
+        "| setting | baseline | " + " | ".join(y.name for y in YARDSTICKS) + " |",
+        "| --- | --- |" + " --- |" * len(YARDSTICKS),
+    ]
     for setting, baseline, _, results in rows:
         by_id = {r.yardstick.id: r for r in results}
-        lines.append(f"| {setting.name} | `{baseline}` | " + " | ".join(cell(by_id.get(y.id)) for y in YARDSTICKS) + " |")
+        lines.append(
+            f"| {setting.name} | `{baseline}` | " + " | ".join(cell(by_id.get(y.id)) for y in YARDSTICKS) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def summary_json(rows: list[tuple[Setting, Path, Path, list[Comparison]]]) -> list[dict]:
-    return [{"setting": dict(setting.values), "baseline": str(baseline), "tnf": str(tnf), "yardsticks": [r.as_json() for r in results]}
-            for setting, baseline, tnf, results in rows]
+    return [
+        {
+            "setting": dict(setting.values),
+            "baseline": str(baseline),
+            "tnf": str(tnf),
+            "yardsticks": [r.as_json() for r in results],
+        }
+        for setting, baseline, tnf, results in rows
+    ]
 
 
 def compare_runs(baseline: Path, tnf: Path) -> list[Comparison]:

@@ -5,6 +5,7 @@ feed-forward f, sequence s, vocabulary V, and the MLM head run on a fraction p o
   per layer  8 h^2 (Q, K, V, output projections) + 4 h f (feed-forward) + 4 s h (scores, weighted sum)
   head       p (2 h^2 + 2 h V)
 """
+
 from __future__ import annotations
 
 import json
@@ -38,10 +39,14 @@ def electra_flops_per_token(generator: dict, discriminator: dict, seq_len: int, 
     masked positions and the discriminator's head at every position (Hugging Face config fields)."""
     small, width, vocab = generator["hidden_size"], generator["embedding_size"], generator["vocab_size"]
     big = discriminator["hidden_size"]
-    forward = (encoder_flops(generator["num_hidden_layers"], small, generator["intermediate_size"], seq_len)
-               + encoder_flops(discriminator["num_hidden_layers"], big, discriminator["intermediate_size"], seq_len)
-               + (2 * width * small if width != small else 0)
-               + mlm_fraction * (2 * small * width + 2 * width * vocab) + 2 * big**2 + 2 * big)
+    forward = (
+        encoder_flops(generator["num_hidden_layers"], small, generator["intermediate_size"], seq_len)
+        + encoder_flops(discriminator["num_hidden_layers"], big, discriminator["intermediate_size"], seq_len)
+        + (2 * width * small if width != small else 0)
+        + mlm_fraction * (2 * small * width + 2 * width * vocab)
+        + 2 * big**2
+        + 2 * big
+    )
     return 3 * forward
 
 
@@ -51,8 +56,14 @@ def run_flops_per_token(run: Path, config: dict) -> float:
     if RunDir(run).generator_config.is_file():
         generator = json.loads(RunDir(run).generator_config.read_text())
         return electra_flops_per_token(generator, model, config["max_seq_len"], config["mlm_probability"])
-    return flops_per_token(model["num_hidden_layers"], model["hidden_size"], model["intermediate_size"],
-                           config["max_seq_len"], model["vocab_size"], config["mlm_probability"])
+    return flops_per_token(
+        model["num_hidden_layers"],
+        model["hidden_size"],
+        model["intermediate_size"],
+        config["max_seq_len"],
+        model["vocab_size"],
+        config["mlm_probability"],
+    )
 
 
 def measured_matmul_peak(size: int = 2048, repeats: int = 10) -> float:
@@ -79,8 +90,14 @@ def gpu_state() -> dict:
         handle = pynvml.nvmlDeviceGetHandleByIndex(i)
         memory, util = pynvml.nvmlDeviceGetMemoryInfo(handle), pynvml.nvmlDeviceGetUtilizationRates(handle)
         name = pynvml.nvmlDeviceGetName(handle)
-        gpus.append({"name": name if isinstance(name, str) else name.decode(), "memory_used_gb": memory.used / 1e9,
-                     "memory_total_gb": memory.total / 1e9, "utilization_pct": util.gpu})
+        gpus.append(
+            {
+                "name": name if isinstance(name, str) else name.decode(),
+                "memory_used_gb": memory.used / 1e9,
+                "memory_total_gb": memory.total / 1e9,
+                "utilization_pct": util.gpu,
+            }
+        )
     pynvml.nvmlShutdown()
     return {"gpus": gpus, "note": f"{len(gpus)} GPU(s) seen by NVML"}
 
@@ -96,7 +113,11 @@ def summarize(steps: list[dict], samples_per_step: int) -> dict:
     return {
         "steps": len(steps),
         "tokens_per_s": {"median": statistics.median(tokens_per_s), "min": min(tokens_per_s), "max": max(tokens_per_s)},
-        "samples_per_s": {"median": statistics.median(samples_per_s), "min": min(samples_per_s), "max": max(samples_per_s)},
+        "samples_per_s": {
+            "median": statistics.median(samples_per_s),
+            "min": min(samples_per_s),
+            "max": max(samples_per_s),
+        },
         "step_seconds": statistics.median(r["step_seconds"] for r in steps),
         "phase_seconds": {p: statistics.median(r.get(f"time_{p}", 0.0) for r in steps) for p in PHASES},
     }
@@ -107,8 +128,16 @@ def device_peak() -> dict:
     gpus = gpu_state()
     peak = gpu_peak(gpus["gpus"][0]["name"]) if gpus["gpus"] else None
     if peak:
-        return {"peak_flops_per_s": peak * len(gpus["gpus"]), "peak": f"{gpus['gpus'][0]['name']} dense bf16 peak x {len(gpus['gpus'])}", **gpus}
-    return {"peak_flops_per_s": measured_matmul_peak(), "peak": "fp32 matmul peak of this machine, measured now", **gpus}
+        return {
+            "peak_flops_per_s": peak * len(gpus["gpus"]),
+            "peak": f"{gpus['gpus'][0]['name']} dense bf16 peak x {len(gpus['gpus'])}",
+            **gpus,
+        }
+    return {
+        "peak_flops_per_s": measured_matmul_peak(),
+        "peak": "fp32 matmul peak of this machine, measured now",
+        **gpus,
+    }
 
 
 def run_figures(run: Path, warmup: int, peak_flops_per_s: float) -> dict:
@@ -122,9 +151,19 @@ def run_figures(run: Path, warmup: int, peak_flops_per_s: float) -> dict:
     flops = run_flops_per_token(run, config)
     achieved = flops * summary["tokens_per_s"]["median"]
     origin = RunDir(run).read_provenance()
-    return {"run": str(run), "preset": config["preset"], "tnf": config["tnf"], "timed_phases": any("time_forward" in r for r in steps),
-            "commit": origin.get("commit", "unknown"), "world_size": origin.get("world_size"), "machine": origin.get("machine"),
-            **summary, "flops_per_token": flops, "achieved_flops_per_s": achieved, "mfu": achieved / peak_flops_per_s}
+    return {
+        "run": str(run),
+        "preset": config["preset"],
+        "tnf": config["tnf"],
+        "timed_phases": any("time_forward" in r for r in steps),
+        "commit": origin.get("commit", "unknown"),
+        "world_size": origin.get("world_size"),
+        "machine": origin.get("machine"),
+        **summary,
+        "flops_per_token": flops,
+        "achieved_flops_per_s": achieved,
+        "mfu": achieved / peak_flops_per_s,
+    }
 
 
 def render(report: dict) -> str:
@@ -139,26 +178,46 @@ def render(report: dict) -> str:
         return f"{1000 * r['phase_seconds'][name]:.1f} ms" if r["timed_phases"] else "n/a"
 
     machines = sorted({r["machine"] or "unrecorded" for r in columns})
-    lines = [f"Trained on: {'; '.join(machines)}. Median over steady steps (warm-up excluded).", "",
-             "| | " + " | ".join(f"`{r['run']}`" for r in columns) + " |", "| --- |" + " --- |" * len(columns),
-             row("trainer", lambda r: "Hugging Face Trainer" if r is peer else "tnf_scale"),
-             row("preset, TNF", lambda r: f"{r['preset']}, {r['tnf']}"),
-             row("ranks, commit", lambda r: f"{r['world_size'] or '?'}, {r['commit']}"),
-             row("steps timed", lambda r: str(r["steps"])),
-             row("tokens/s", lambda r: f"{r['tokens_per_s']['median']:,.0f} ({r['tokens_per_s']['min']:,.0f}..{r['tokens_per_s']['max']:,.0f})"),
-             row("samples/s", lambda r: f"{r['samples_per_s']['median']:,.1f}"),
-             row("step", lambda r: f"{1000 * r['step_seconds']:.1f} ms"),
-             *(row(name, lambda r, name=name: phase(r, name)) for name in PHASES),
-             row("model FLOPs / token", lambda r: f"{r['flops_per_token'] / 1e6:,.1f} M"),
-             row("achieved", lambda r: f"{r['achieved_flops_per_s'] / 1e9:,.2f} GFLOP/s"),
-             row("MFU", lambda r: f"{100 * r['mfu']:.1f}%")]
+    lines = [
+        f"Trained on: {'; '.join(machines)}. Median over steady steps (warm-up excluded).",
+        "",
+        "| | " + " | ".join(f"`{r['run']}`" for r in columns) + " |",
+        "| --- |" + " --- |" * len(columns),
+        row("trainer", lambda r: "Hugging Face Trainer" if r is peer else "tnf_scale"),
+        row("preset, TNF", lambda r: f"{r['preset']}, {r['tnf']}"),
+        row("ranks, commit", lambda r: f"{r['world_size'] or '?'}, {r['commit']}"),
+        row("steps timed", lambda r: str(r["steps"])),
+        row(
+            "tokens/s",
+            lambda r: (
+                f"{r['tokens_per_s']['median']:,.0f} ({r['tokens_per_s']['min']:,.0f}..{r['tokens_per_s']['max']:,.0f})"
+            ),
+        ),
+        row("samples/s", lambda r: f"{r['samples_per_s']['median']:,.1f}"),
+        row("step", lambda r: f"{1000 * r['step_seconds']:.1f} ms"),
+        *(row(name, lambda r, name=name: phase(r, name)) for name in PHASES),
+        row("model FLOPs / token", lambda r: f"{r['flops_per_token'] / 1e6:,.1f} M"),
+        row("achieved", lambda r: f"{r['achieved_flops_per_s'] / 1e9:,.2f} GFLOP/s"),
+        row("MFU", lambda r: f"{100 * r['mfu']:.1f}%"),
+    ]
     if peer:
-        lines.append(row("tokens/s ÷ HF Trainer", lambda r: f"{r['tokens_per_s']['median'] / peer['tokens_per_s']['median']:.2f}x"))
-    lines += ["", f"MFU is against {report['peak_flops_per_s'] / 1e9:,.1f} GFLOP/s ({report['peak']}) on {report['reported_on']}. "
-                  f"GPUs there: {report['note']}."]
+        lines.append(
+            row(
+                "tokens/s ÷ HF Trainer",
+                lambda r: f"{r['tokens_per_s']['median'] / peer['tokens_per_s']['median']:.2f}x",
+            )
+        )
+    lines += [
+        "",
+        f"MFU is against {report['peak_flops_per_s'] / 1e9:,.1f} GFLOP/s ({report['peak']}) on "
+        f"{report['reported_on']}. "
+        f"GPUs there: {report['note']}.",
+    ]
     if peer:
-        lines.append("The Hugging Face Trainer runs stock BertForMaskedLM, whose MLM head computes logits at every position; "
-                     "tnf_scale computes them at masked positions only. Model FLOPs count the masked positions for both.")
+        lines.append(
+            "The Hugging Face Trainer runs stock BertForMaskedLM, whose MLM head computes logits at every position; "
+            "tnf_scale computes them at masked positions only. Model FLOPs count the masked positions for both."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -167,8 +226,12 @@ def write_report(runs: list[Path], peer: Path | None, out: Path, warmup: int) ->
     runs = [finished_run(r, "--run") for r in runs]
     peer = finished_run(peer, "--peer") if peer else None
     device = device_peak()
-    report = {"reported_on": machine(), **device, "runs": [run_figures(r, warmup, device["peak_flops_per_s"]) for r in runs],
-              "peer": run_figures(peer, warmup, device["peak_flops_per_s"]) if peer else None}
+    report = {
+        "reported_on": machine(),
+        **device,
+        "runs": [run_figures(r, warmup, device["peak_flops_per_s"]) for r in runs],
+        "peer": run_figures(peer, warmup, device["peak_flops_per_s"]) if peer else None,
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "throughput.json").write_text(json.dumps(report, indent=2) + "\n")
     text = render(report)

@@ -10,15 +10,16 @@ time at which its smoothed loss reaches it give the saving in steps and in time.
 headline is a 60% saving. The downstream yardstick (d), fine-tuning scores, is measured by reports/downstream.py;
 its verdict is quoted here when given.
 """
+
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tnf_scale.reports.bench import finished_run
-from tnf_scale.config import ConfigError
+from tnf_scale.errors import ConfigError
 from tnf_scale.metrics import read_metrics
+from tnf_scale.reports.bench import finished_run
 from tnf_scale.run_dir import RunDir
 
 EVAL_KEY = "eval_loss_no_notes"  # held-out loss of the model as exported
@@ -36,7 +37,9 @@ class Yardstick:
     baseline_key: str
 
 
-AS_TRAINED = Yardstick("as_trained", "(a) model as trained: notes read", NOTES_KEY, EVAL_KEY)  # leak-free unless --notes_at_masked
+AS_TRAINED = Yardstick(
+    "as_trained", "(a) model as trained: notes read", NOTES_KEY, EVAL_KEY
+)  # leak-free unless --notes_at_masked
 EXPORTED = Yardstick("exported", "(b) model as exported: no notes", EVAL_KEY, EVAL_KEY)
 EXPORTED_OTHER = Yardstick("exported_other", "(c) exported, non-rare tokens", f"{EVAL_KEY}_other", f"{EVAL_KEY}_other")
 EXPORTED_RARE = Yardstick("exported_rare", "(c) exported, rare-span tokens", f"{EVAL_KEY}_rare", f"{EVAL_KEY}_rare")
@@ -106,25 +109,42 @@ class Comparison:
         if self.step_saving is None:
             return f"{what} the baseline was at its target {self.target:.4f} from step 0: no saving can be measured."
         if self.time_saving is not None and self.time_saving <= 0:
-            return (f"{what} TNF reached {self.target:.4f} at step {self.tnf[0]} (baseline {self.baseline[0]}) "
-                    f"but did not save wall time ({100 * self.time_saving:+.1f}%).")
-        return (f"{what} TNF reached {self.target:.4f} {100 * self.step_saving:.1f}% sooner in steps and "
-                f"{100 * self.time_saving:.1f}% sooner in wall time than the baseline (the paper reports 60%).")
+            return (
+                f"{what} TNF reached {self.target:.4f} at step {self.tnf[0]} (baseline {self.baseline[0]}) "
+                f"but did not save wall time ({100 * self.time_saving:+.1f}%)."
+            )
+        return (
+            f"{what} TNF reached {self.target:.4f} {100 * self.step_saving:.1f}% sooner in steps and "
+            f"{100 * self.time_saving:.1f}% sooner in wall time than the baseline (the paper reports 60%)."
+        )
 
     def as_json(self) -> dict:
-        return {"yardstick": self.yardstick.id, "name": self.yardstick.name, "tnf_key": self.yardstick.tnf_key,
-                "baseline_key": self.yardstick.baseline_key, "target": self.target, "baseline": self.baseline, "tnf": self.tnf,
-                "step_saving": self.step_saving, "time_saving": self.time_saving,
-                "loss_gap_at_equal_steps": self.loss_gap_at_equal_steps, "gap_step": self.gap_step, "verdict": self.verdict()}
+        return {
+            "yardstick": self.yardstick.id,
+            "name": self.yardstick.name,
+            "tnf_key": self.yardstick.tnf_key,
+            "baseline_key": self.yardstick.baseline_key,
+            "target": self.target,
+            "baseline": self.baseline,
+            "tnf": self.tnf,
+            "step_saving": self.step_saving,
+            "time_saving": self.time_saving,
+            "loss_gap_at_equal_steps": self.loss_gap_at_equal_steps,
+            "gap_step": self.gap_step,
+            "verdict": self.verdict(),
+        }
 
 
-def compare(baseline: list[dict], tnf: list[dict], yardstick: Yardstick = EXPORTED, target: float | None = None,
-            window: int = 3) -> Comparison:
+def compare(
+    baseline: list[dict], tnf: list[dict], yardstick: Yardstick = EXPORTED, target: float | None = None, window: int = 3
+) -> Comparison:
     """Compare two runs' metrics records on one yardstick (target: the baseline's final smoothed value unless given)."""
     base_curve, tnf_curve = eval_curve(baseline, yardstick.baseline_key), eval_curve(tnf, yardstick.tnf_key)
     if not base_curve.steps or not tnf_curve.steps:
-        raise ConfigError(f"both runs need {yardstick.baseline_key} / {yardstick.tnf_key} records and one has none; "
-                          "train them with --eval_interval below --max_steps (and TNF with --tnf on).")
+        raise ConfigError(
+            f"both runs need {yardstick.baseline_key} / {yardstick.tnf_key} records and one has none; "
+            "train them with --eval_interval below --max_steps (and TNF with --tnf on)."
+        )
     if target is None:
         target = smooth(base_curve.losses, window)[-1]
     common = sorted(set(base_curve.steps) & set(tnf_curve.steps))
@@ -132,36 +152,63 @@ def compare(baseline: list[dict], tnf: list[dict], yardstick: Yardstick = EXPORT
     if common:
         gap_step = common[-1]
         gap = tnf_curve.losses[tnf_curve.steps.index(gap_step)] - base_curve.losses[base_curve.steps.index(gap_step)]
-    return Comparison(yardstick, target, first_crossing(base_curve, target, window), first_crossing(tnf_curve, target, window),
-                      gap, gap_step)
+    return Comparison(
+        yardstick,
+        target,
+        first_crossing(base_curve, target, window),
+        first_crossing(tnf_curve, target, window),
+        gap,
+        gap_step,
+    )
 
 
 def logs(records: list[dict], key: str) -> bool:
     return any(key in r for r in records)
 
 
-def compare_all(baseline: list[dict], tnf: list[dict], target: float | None = None, window: int = 3) -> list[Comparison]:
+def compare_all(
+    baseline: list[dict], tnf: list[dict], target: float | None = None, window: int = 3
+) -> list[Comparison]:
     """Every yardstick both runs logged (the exported model's always; `target` is its target when given)."""
-    return [compare(baseline, tnf, y, target if y is EXPORTED else None, window) for y in YARDSTICKS
-            if y is EXPORTED or (logs(baseline, y.baseline_key) and logs(tnf, y.tnf_key))]
+    return [
+        compare(baseline, tnf, y, target if y is EXPORTED else None, window)
+        for y in YARDSTICKS
+        if y is EXPORTED or (logs(baseline, y.baseline_key) and logs(tnf, y.tnf_key))
+    ]
 
 
 def split_by_token_kind(baseline: list[dict], tnf: list[dict], step: int) -> list[dict]:
     """Held-out losses at `step` over all predicted tokens, those inside rare spans and the rest: baseline, TNF
     without notes, TNF with notes read."""
+
     def at(records: list[dict], key: str) -> float | None:
         return next((r[key] for r in records if r["step"] == step and key in r), None)
 
     rare, other = at(tnf, "eval_tokens_rare"), at(tnf, "eval_tokens_other")
     tokens = {"": None if rare is None or other is None else rare + other, "_rare": rare, "_other": other}
-    return [{"kind": kind, "tokens": tokens[suffix], "baseline": at(baseline, EVAL_KEY + suffix),
-             "tnf_no_notes": at(tnf, EVAL_KEY + suffix), "tnf_notes": at(tnf, NOTES_KEY + suffix)}
-            for suffix, kind in TOKEN_KINDS if at(tnf, EVAL_KEY + suffix) is not None]
+    return [
+        {
+            "kind": kind,
+            "tokens": tokens[suffix],
+            "baseline": at(baseline, EVAL_KEY + suffix),
+            "tnf_no_notes": at(tnf, EVAL_KEY + suffix),
+            "tnf_notes": at(tnf, NOTES_KEY + suffix),
+        }
+        for suffix, kind in TOKEN_KINDS
+        if at(tnf, EVAL_KEY + suffix) is not None
+    ]
 
 
-def markdown(results: list[Comparison], split: list[dict], split_step: int | None, baseline_dir: str, tnf_dir: str,
-             downstream: str | None = None) -> str:
+def markdown(
+    results: list[Comparison],
+    split: list[dict],
+    split_step: int | None,
+    baseline_dir: str,
+    tnf_dir: str,
+    downstream: str | None = None,
+) -> str:
     """The yardstick table, one verdict per yardstick, and the split by token kind, as markdown."""
+
     def cell(point: tuple[int, float] | None) -> str:
         return "never" if point is None else f"step {point[0]}, {point[1]:.1f} s"
 
@@ -171,31 +218,53 @@ def markdown(results: list[Comparison], split: list[dict], split_step: int | Non
     def num(value: float | None, sign: str = "") -> str:
         return "n/a" if value is None else f"{value:{sign}.4f}"
 
-    lines = [f"Baseline `{baseline_dir}`, TNF `{tnf_dir}`. Target of each yardstick: the baseline's final held-out loss on it "
-             "(trailing mean of the last evaluations); the paper reports 60% less pre-training time.", "",
-             "| yardstick | TNF's loss vs the baseline's | target | baseline reaches | TNF reaches | saving in steps | saving in time | TNF - baseline at equal steps |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"Baseline `{baseline_dir}`, TNF `{tnf_dir}`. Target of each yardstick: the baseline's final held-out "
+        f"loss on it "
+        "(trailing mean of the last evaluations); the paper reports 60% less pre-training time.",
+        "",
+        "| yardstick | TNF's loss vs the baseline's | target | baseline reaches | TNF reaches | saving in "
+        "steps | saving in time | TNF - baseline at equal steps |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in results:
         y = r.yardstick
         gap = "n/a" if r.loss_gap_at_equal_steps is None else f"{r.loss_gap_at_equal_steps:+.4f} at step {r.gap_step}"
-        lines.append(f"| {y.name} | `{y.tnf_key}` vs `{y.baseline_key}` | {r.target:.4f} | {cell(r.baseline)} | {cell(r.tnf)} | "
-                     f"{pct(r.step_saving)} | {pct(r.time_saving)} | {gap} |")
-    lines += ["", *(f"- {r.verdict()}" for r in results), f"- (d) downstream (fine-tuning score): {downstream or DOWNSTREAM_NOTE}", ""]
+        lines.append(
+            f"| {y.name} | `{y.tnf_key}` vs `{y.baseline_key}` | {r.target:.4f} | {cell(r.baseline)} | {cell(r.tnf)} | "
+            f"{pct(r.step_saving)} | {pct(r.time_saving)} | {gap} |"
+        )
+    lines += [
+        "",
+        *(f"- {r.verdict()}" for r in results),
+        f"- (d) downstream (fine-tuning score): {downstream or DOWNSTREAM_NOTE}",
+        "",
+    ]
     if split:
-        lines += [f"Held-out loss at step {split_step}, split by the kind of predicted token:", "",
-                  "| predicted tokens | tokens | baseline | TNF, exported (no notes) | TNF - baseline | TNF, notes read |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            f"Held-out loss at step {split_step}, split by the kind of predicted token:",
+            "",
+            "| predicted tokens | tokens | baseline | TNF, exported (no notes) | TNF - baseline | TNF, notes read |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for row in split:
-            diff = None if row["baseline"] is None or row["tnf_no_notes"] is None else row["tnf_no_notes"] - row["baseline"]
+            diff = (
+                None
+                if row["baseline"] is None or row["tnf_no_notes"] is None
+                else row["tnf_no_notes"] - row["baseline"]
+            )
             tokens = "" if row["tokens"] is None else f"{row['tokens']:,}"
-            lines.append(f"| {row['kind']} | {tokens} | {num(row['baseline'])} | {num(row['tnf_no_notes'])} | {num(diff, '+')} | "
-                         f"{num(row['tnf_notes'])} |")
+            lines.append(
+                f"| {row['kind']} | {tokens} | {num(row['baseline'])} | {num(row['tnf_no_notes'])} | "
+                f"{num(diff, '+')} | "
+                f"{num(row['tnf_notes'])} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
 
 def plot(baseline: list[dict], tnf: list[dict], results: list[Comparison], path: Path) -> Path:
-    """PNG: each yardstick's held-out loss vs steps (target marked), the exported model's vs wall time, training loss."""
+    """PNG: each yardstick's held-out loss vs steps (target marked), the exported model's vs time, training loss."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,9 +275,18 @@ def plot(baseline: list[dict], tnf: list[dict], results: list[Comparison], path:
     panels.append((axes.flat[len(results)], next(r for r in results if r.yardstick is EXPORTED), "wall time (s)"))
     for ax, result, xlabel in panels:
         y = result.yardstick
-        curves = [(eval_curve(baseline, y.baseline_key), y.baseline_key, "baseline"), (eval_curve(tnf, y.tnf_key), y.tnf_key, "TNF")]
+        curves = [
+            (eval_curve(baseline, y.baseline_key), y.baseline_key, "baseline"),
+            (eval_curve(tnf, y.tnf_key), y.tnf_key, "TNF"),
+        ]
         for curve, key, name in curves:
-            ax.plot(curve.steps if xlabel == "step" else curve.times, curve.losses, marker="o", markersize=3, label=f"{name} ({key})")
+            ax.plot(
+                curve.steps if xlabel == "step" else curve.times,
+                curve.losses,
+                marker="o",
+                markersize=3,
+                label=f"{name} ({key})",
+            )
         ax.axhline(result.target, color="grey", linestyle="--", label=f"target {result.target:.3f}")
         # The early fall would flatten the end, where the runs differ: show the second half of training in full.
         tail = [v for curve, _, _ in curves for s, v in zip(curve.steps, curve.losses) if s >= curve.steps[-1] / 2]
@@ -234,13 +312,18 @@ def plot(baseline: list[dict], tnf: list[dict], results: list[Comparison], path:
 
 
 def check_pair(baseline_dir: Path, tnf_dir: Path) -> None:
-    """Refuse a comparison that cannot mean anything: one run given twice, or runs whose TNF setting is the wrong way round."""
+    """Refuse a comparison that cannot mean anything: one run given twice, or the TNF settings the wrong way round."""
     if baseline_dir.resolve() == tnf_dir.resolve():
-        raise ConfigError(f"--baseline and --tnf both name {baseline_dir}; point --tnf at the TNF run and --baseline at the --tnf off run.")
+        raise ConfigError(
+            f"--baseline and --tnf both name {baseline_dir}; point --tnf at the TNF run and --baseline at the "
+            f"--tnf off run."
+        )
     for run, flag, wanted in ((baseline_dir, "--baseline", "off"), (tnf_dir, "--tnf", "on")):
         trained = RunDir(run).read_run_config().get("tnf") if RunDir(run).run_config.is_file() else wanted
         if trained != wanted:
-            raise ConfigError(f"{flag} {run} was trained with --tnf {trained}; {flag} takes a run trained with --tnf {wanted}.")
+            raise ConfigError(
+                f"{flag} {run} was trained with --tnf {trained}; {flag} takes a run trained with --tnf {wanted}."
+            )
 
 
 def check_runs(baseline_dir: Path, tnf_dir: Path) -> None:
@@ -250,9 +333,16 @@ def check_runs(baseline_dir: Path, tnf_dir: Path) -> None:
     check_pair(Path(baseline_dir), Path(tnf_dir))
 
 
-def write_report(baseline_dir: Path, tnf_dir: Path, out: Path, target: float | None = None, window: int = 3,
-                 downstream: str | None = None) -> str:
-    """Compare two finished runs on every yardstick; write time_to_loss.md, .json and .png into `out`; return the markdown.
+def write_report(
+    baseline_dir: Path,
+    tnf_dir: Path,
+    out: Path,
+    target: float | None = None,
+    window: int = 3,
+    downstream: str | None = None,
+) -> str:
+    """Compare two finished runs on every yardstick; write time_to_loss.md, .json and .png into `out`; return the
+    markdown.
     `downstream` is the verdict of the downstream yardstick when it was measured (reports/downstream.py)."""
     check_runs(baseline_dir, tnf_dir)
     baseline, tnf = read_metrics(Path(baseline_dir)), read_metrics(Path(tnf_dir))
@@ -260,13 +350,28 @@ def write_report(baseline_dir: Path, tnf_dir: Path, out: Path, target: float | N
     split_step = next(r.gap_step for r in results if r.yardstick is EXPORTED)
     split = split_by_token_kind(baseline, tnf, split_step) if split_step is not None else []
     out.mkdir(parents=True, exist_ok=True)
-    report = markdown(results, split, split_step, str(baseline_dir), str(tnf_dir), downstream) + "\n![time to loss](time_to_loss.png)\n"
+    report = (
+        markdown(results, split, split_step, str(baseline_dir), str(tnf_dir), downstream)
+        + "\n![time to loss](time_to_loss.png)\n"
+    )
     run = RunDir(baseline_dir)
     if run.run_config.is_file() and run.read_run_config().get("objective") == "electra":
-        report = ("ELECTRA runs: every held-out loss here is the discriminator's (replaced-token detection, binary "
-                  "cross-entropy at every real position), the network that is kept.\n\n" + report)
+        report = (
+            "ELECTRA runs: every held-out loss here is the discriminator's (replaced-token detection, binary "
+            "cross-entropy at every real position), the network that is kept.\n\n" + report
+        )
     (out / "time_to_loss.md").write_text(report)
-    (out / "time_to_loss.json").write_text(json.dumps({"yardsticks": [r.as_json() for r in results], "split_step": split_step,
-                                                       "split": split, "downstream": downstream}, indent=2) + "\n")
+    (out / "time_to_loss.json").write_text(
+        json.dumps(
+            {
+                "yardsticks": [r.as_json() for r in results],
+                "split_step": split_step,
+                "split": split,
+                "downstream": downstream,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     plot(baseline, tnf, results, out / "time_to_loss.png")
     return report

@@ -3,6 +3,7 @@
 The result lives in `<data_cache>/<key>/`, where the key hashes everything that changes
 the output; a second run with the same inputs loads it instead of redoing the work.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -11,7 +12,6 @@ import json
 import os
 import shutil
 import socket
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +20,15 @@ import datasets
 import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerFast
 
-from tnf_scale.config import ConfigError, RunConfig
+from tnf_scale.config import RunConfig
 from tnf_scale.data.corpus import corpus_fingerprint, load_corpus
 from tnf_scale.data.encoding import encode_corpus, word_of_key
 from tnf_scale.data.packing import pack_corpus
 from tnf_scale.data.rare_vocab import RareVocab, band_coverage, choose_band, count_words
 from tnf_scale.data.tokenizer import load_tokenizer, train_wordpiece
+from tnf_scale.errors import ConfigError
 from tnf_scale.run_dir import RunDir
+from tnf_scale.timing import PhaseTimer
 
 FORMAT_VERSION = 4  # 2: the automatic rare band never exceeds --rare_coverage; 3: packing independent of processes;
 # 4: words as the encoder splits them (a literal special token in the text is one word, not three)
@@ -52,10 +54,21 @@ class PreparedData:
 
 def cache_key(cfg: RunConfig) -> str:
     """Hash of every input that changes the prepared data."""
-    tokenizer_spec = str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer else f"wordpiece:{cfg.vocab_size}:{cfg.tokenizer_sample_words}"
+    tokenizer_spec = (
+        str(Path(cfg.tokenizer).resolve())
+        if cfg.tokenizer
+        else f"wordpiece:{cfg.vocab_size}:{cfg.tokenizer_sample_words}"
+    )
     parts = [
-        FORMAT_VERSION, corpus_fingerprint(cfg.corpus), cfg.text_column, tokenizer_spec,
-        cfg.rare_min_count, cfg.rare_max_count, cfg.rare_coverage, cfg.max_seq_len, cfg.eval_fraction,
+        FORMAT_VERSION,
+        corpus_fingerprint(cfg.corpus),
+        cfg.text_column,
+        tokenizer_spec,
+        cfg.rare_min_count,
+        cfg.rare_max_count,
+        cfg.rare_coverage,
+        cfg.max_seq_len,
+        cfg.eval_fraction,
     ]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
@@ -63,19 +76,6 @@ def cache_key(cfg: RunConfig) -> str:
 def is_eval_sequence(index: int, eval_fraction: float, block: int = 16) -> bool:
     """Held-out sequences come in contiguous blocks, one block in every 1/eval_fraction."""
     return (index // block) % round(1 / eval_fraction) == round(1 / eval_fraction) - 1
-
-
-class PhaseClock:
-    """Wall-clock seconds of each preparation phase, in order."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, phase: str) -> None:
-        now = time.perf_counter()
-        self.seconds[phase] = round(now - self._last, 3)
-        self._last = now
 
 
 def preparation_processes(cfg: RunConfig, documents: int) -> int:
@@ -97,7 +97,7 @@ def progress_bars(shown: bool):
 
 
 def _build(cfg: RunConfig, out: Path, log) -> None:
-    clock = PhaseClock()
+    clock = PhaseTimer()
     corpus = load_corpus(cfg.corpus, cfg.text_column, log=log)
     log(f"corpus: {len(corpus)} documents")
     clock.lap("load")
@@ -126,7 +126,10 @@ def _build(cfg: RunConfig, out: Path, log) -> None:
     train = packed.select([i for i, h in enumerate(held_out) if not h])
     evals = packed.select([i for i, h in enumerate(held_out) if h])
     if len(evals) == 0 or len(train) == 0:
-        raise ConfigError(f"corpus {cfg.corpus} packs into only {len(packed)} sequences; give a larger corpus or a shorter --max_seq_len.")
+        raise ConfigError(
+            f"corpus {cfg.corpus} packs into only {len(packed)} sequences; give a larger corpus or a shorter "
+            f"--max_seq_len."
+        )
     train.save_to_disk(str(out / "train"))
     evals.save_to_disk(str(out / "eval"))
     sequences, train_sequences, eval_sequences = len(packed), len(train), len(evals)
@@ -147,12 +150,17 @@ def _build(cfg: RunConfig, out: Path, log) -> None:
         "eval_sequences": eval_sequences,
         "sequences_with_rare_share": with_rare / sequences,
         "max_seq_len": cfg.max_seq_len,
-        "num_proc": num_proc,  # how this preparation ran (these two entries differ between preparations; the data does not)
-        "seconds": clock.seconds,
+        # how this preparation ran (these two entries differ between preparations; the data does not)
+        "num_proc": num_proc,
+        "seconds": {phase: round(seconds, 3) for phase, seconds in clock.seconds.items()},
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    log("prepared in " + ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in clock.seconds.items()) +
-        f" ({num_proc} process{'es' if num_proc > 1 else ''}; {stats['words'] / max(clock.seconds['count'] + clock.seconds['pack'], 1e-9):,.0f} words/s count + pack)")
+    log(
+        "prepared in "
+        + ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in clock.seconds.items())
+        + f" ({num_proc} process{'es' if num_proc > 1 else ''}; "
+        f"{stats['words'] / max(clock.seconds['count'] + clock.seconds['pack'], 1e-9):,.0f} words/s count + pack)"
+    )
 
 
 @contextmanager
@@ -186,7 +194,9 @@ def prepare_data(cfg: RunConfig, log=print, show_progress: bool = True) -> Prepa
         return load_prepared(root, log)
     with entry_lock(root, log):
         if not (root / "stats.json").is_file():  # nobody finished it while we waited
-            for stale in root.parent.glob(f"{root.name}.tmp-*"):  # under the lock, any staging left is a dead preparation's
+            for stale in root.parent.glob(
+                f"{root.name}.tmp-*"
+            ):  # under the lock, any staging left is a dead preparation's
                 shutil.rmtree(stale, ignore_errors=True)
             staging = root.with_name(f"{root.name}.tmp-{os.getpid()}")
             staging.mkdir(parents=True)
