@@ -1,0 +1,125 @@
+"""The docs a user reads: every link resolves inside the repository, and every command in a fenced block names
+files that exist and flags its command line accepts (checked against the command's own --help)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tnf_scale.config import build_parser
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = [
+    REPO / "README.md",
+    *sorted((REPO / "docs").glob("*.md")),
+    REPO / "slurm" / "README.md",
+    REPO / "data" / "README.md",
+]
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+FENCE = re.compile(r"```(?:bash|sh|shell)\n(.*?)```", re.S)
+INLINE = re.compile(r"`((?:python|deepspeed|tnf-|mpirun)[^`\n]*)`")  # a command quoted in the text
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a markdown heading."""
+    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    return {slug(line.lstrip("#")) for line in path.read_text().splitlines() if line.startswith("#")}
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_link_resolves_inside_the_repository(doc):
+    text = doc.read_text()
+    assert "../shared" not in text and "TNF_SPEC" not in text, "users have no ../shared: say it in the docs"
+    for target in LINK.findall(text):
+        if target.startswith(("http://", "https://", "mailto:")):
+            continue
+        file, _, anchor = target.partition("#")
+        path = (doc.parent / file).resolve() if file else doc
+        assert path.exists() and REPO in path.parents or path == REPO, f"{doc.name}: {target} does not exist"
+        if anchor:
+            assert anchor in anchors(path), f"{doc.name}: {target}: no heading with that anchor in {path.name}"
+
+
+def console_scripts() -> dict[str, str]:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+def help_text(module_main: str) -> str:
+    """The --help of a `module:function` command line, run in this process."""
+    module, function = module_main.split(":")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        getattr(importlib.import_module(module), function)(["--help"])
+    return out.getvalue()
+
+
+def passes_training_flags(target: str) -> bool:
+    """Whether a command line hands the flags it does not know to the training runs it launches."""
+    module = importlib.import_module(target.split(":")[0])
+    return "parse_known_args" in Path(module.__file__).read_text()
+
+
+def entry_point(words: list[str]) -> tuple[str, list[str]] | None:
+    """(the command line's `module:function`, its arguments) for a command of this project, or None."""
+    scripts = console_scripts()
+    for i, word in enumerate(words):
+        if word in ("tnf_scale/train.py", "tnf_scale.train"):
+            return "tnf_scale.train:main", words[i + 1 :]
+        if word in scripts:
+            return scripts[word], words[i + 1 :]
+        if match := re.fullmatch(r"tools/([a-z0-9_]+)\.py", word):
+            return f"tnf_scale.cli.{match.group(1)}:main", words[i + 1 :]
+        if match := re.fullmatch(r"tnf_scale\.(cli\.[a-z0-9_]+|preflight)", word):
+            return f"tnf_scale.{match.group(1)}:main", words[i + 1 :]
+    return None
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """(doc, command) for every command line in a fenced shell block of the docs (continuation lines joined) and every
+    command quoted in their text."""
+    commands = []
+    for doc in DOCS:
+        text = doc.read_text()
+        for block in FENCE.findall(text):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split(" # ")[0].strip()
+                if line and not line.startswith("#"):
+                    commands.append((doc.name, line))
+        commands += [(doc.name, command) for command in INLINE.findall(FENCE.sub("", text))]
+    return commands
+
+
+def test_every_documented_command_names_existing_files_and_accepted_flags():
+    helps: dict[str, str] = {"tnf_scale.train:main": build_parser().format_help()}
+    checked = 0
+    for doc, command in documented_commands():
+        words = shlex.split(re.sub(r"\.\.\.|[\[\]]", "", command))  # placeholders and optional parts as plain words
+        for word in words:  # the repository's own files a command names must be there
+            if re.fullmatch(
+                r"(ds_configs|slurm|tools|tnf_scale)/[a-z0-9_./-]+\.(json|sh|py)", word
+            ):  # not a PLACEHOLDER
+                assert (REPO / word).is_file(), f"{doc}: `{command}` names {word}, which does not exist"
+        found = entry_point(words)
+        if found is None:
+            continue
+        target, args = found
+        if target not in helps:
+            helps[target] = help_text(target)
+        accepted = set(re.findall(r"--\w+", helps[target]))
+        if passes_training_flags(target):
+            accepted |= set(re.findall(r"--\w+", helps["tnf_scale.train:main"]))
+        for flag in (a.split("=")[0] for a in args if a.startswith("--")):
+            assert flag in accepted, f"{doc}: `{command}`: {target} has no flag {flag}"
+        checked += 1
+    assert checked >= 20  # the docs' commands were found (a changed fence syntax would silently check nothing)
