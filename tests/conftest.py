@@ -90,6 +90,7 @@ def train_args(cfg: RunConfig, output_dir: Path, **flags) -> list[str]:
         "micro_batch_size": 8,
         "eval_interval": 20,
         "eval_sequences": EVAL_SEQUENCES,
+        "precision": "fp32",  # the invariance tests compare in fp32; the bf16 tests ask for bf16
         **flags,
     }
     return [arg for key, value in values.items() for arg in (f"--{key}", str(value))]

@@ -13,6 +13,9 @@ from tnf_scale.data.prepared import cache_key, prepare_data
 from tnf_scale.ds_config import build_ds_config
 from tnf_scale.errors import ConfigError
 
+NO_BF16 = (False, "a device without native bf16")
+NATIVE_BF16 = (True, "a device with native bf16")
+
 
 def quiet(*_):
     pass
@@ -111,17 +114,17 @@ def test_deepspeed_config_batch_sizes_must_agree_with_the_flags(tmp_path):
     ds_file.write_text(json.dumps({"train_batch_size": 64, "zero_optimization": {"stage": 2}}))
     cfg = RunConfig(deepspeed_config=str(ds_file), global_batch_size=32, micro_batch_size=16)
     with pytest.raises(ConfigError, match="sets train_batch_size=64 but --global_batch_size gives 32"):
-        build_ds_config(cfg, world_size=1, bf16_supported=False)
+        build_ds_config(cfg, world_size=1, native_bf16=NO_BF16)
     ds_file.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": 8}))
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=8 but --micro_batch_size gives 16"):
-        build_ds_config(cfg, world_size=1, bf16_supported=False)
+        build_ds_config(cfg, world_size=1, native_bf16=NO_BF16)
     with pytest.raises(ConfigError, match="not a multiple of --micro_batch_size 16 x 3 data-parallel ranks"):
-        build_ds_config(RunConfig(global_batch_size=32, micro_batch_size=16), world_size=3, bf16_supported=False)
+        build_ds_config(RunConfig(global_batch_size=32, micro_batch_size=16), world_size=3, native_bf16=NO_BF16)
 
 
 def test_deepspeed_config_is_completed_from_the_flags():
-    ds, dims = build_ds_config(
-        RunConfig(global_batch_size=64, micro_batch_size=8, lr=3e-4, max_steps=99), world_size=2, bf16_supported=True
+    ds, dims, precision = build_ds_config(
+        RunConfig(global_batch_size=64, micro_batch_size=8, lr=3e-4, max_steps=99), 2, native_bf16=NATIVE_BF16
     )
     assert (dims.pipeline, dims.data) == (1, 2)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
@@ -130,7 +133,9 @@ def test_deepspeed_config_is_completed_from_the_flags():
         4,
     )
     assert ds["optimizer"]["params"]["lr"] == 3e-4 and ds["scheduler"]["params"]["total_num_steps"] == 99
-    assert ds["bf16"]["enabled"] is True and ds["zero_optimization"]["stage"] == 1
+    assert ds["bf16"]["enabled"] is True and precision.bf16 and ds["zero_optimization"]["stage"] == 1
+    # bf16 compute, fp32 gradient accumulation and reduction
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32" and ds["communication_data_type"] == "fp32"
 
 
 def test_missing_deepspeed_config_file_is_named(tmp_path):
@@ -143,12 +148,12 @@ def test_pipeline_degree_must_fit_the_world_and_the_model(tmp_path):
     ds_file.write_text(json.dumps({"pipeline": {"stages": 2}}))
     cfg = RunConfig(deepspeed_config=str(ds_file), global_batch_size=32, micro_batch_size=4)
     with pytest.raises(ConfigError, match="3 ranks cannot be split into 2 pipeline stages"):
-        build_ds_config(cfg, world_size=3, bf16_supported=False)
-    _, dims = build_ds_config(cfg, world_size=4, bf16_supported=False)
+        build_ds_config(cfg, world_size=3, native_bf16=NO_BF16)
+    _, dims, _ = build_ds_config(cfg, world_size=4, native_bf16=NO_BF16)
     assert (dims.pipeline, dims.data) == (2, 2)
     ds_file.write_text(json.dumps({"pipeline": {"stages": 4}}))
     with pytest.raises(ConfigError, match="asks for 4 pipeline stages but the model has only 2 encoder layers"):
-        build_ds_config(cfg, world_size=4, bf16_supported=False)
+        build_ds_config(cfg, world_size=4, native_bf16=NO_BF16)
 
 
 def test_boolean_flags_take_the_usual_spellings_and_a_bare_flag_means_true(capsys):

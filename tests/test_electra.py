@@ -294,7 +294,7 @@ def test_the_electra_base_deepspeed_config_fills_in_for_eight_ranks():
     from tnf_scale.ds_config import build_ds_config
 
     cfg = parse_args(["--preset", "electra-base", "--deepspeed_config", "ds_configs/electra_base_zero2.json"])
-    ds, dims = build_ds_config(cfg, 8, True, "")
+    ds, dims, _ = build_ds_config(cfg, 8, (True, "a GPU of compute capability 8.0"), "")
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
         256,
         32,

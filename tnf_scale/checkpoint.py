@@ -276,26 +276,22 @@ def plan_resume(
     return ResumePoint(ckpt, marker, rank_files)
 
 
-def universal_checkpoint(point: ResumePoint, rank: int) -> Path:
-    """DeepSpeed's universal form of the checkpoint, which loads on any number of ranks (converted once, by rank 0)."""
-    target = point.ckpt.parent / "universal" / point.ckpt.name
-    if rank == 0 and not (target / COMPLETE).is_file():
+def universal_form(ckpt: Path) -> Path:
+    """DeepSpeed's universal form of `ckpt`, converted once and kept in checkpoints/universal/: it loads on any number
+    of ranks, and holds every parameter's fp32 master weights (zero/NAME/fp32.pt) whatever optimizer wrote them."""
+    target = ckpt.parent / "universal" / ckpt.name
+    if not (target / COMPLETE).is_file():
         shutil.rmtree(target, ignore_errors=True)
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "deepspeed.checkpoint.ds_to_universal",
-                "--input_folder",
-                str(point.ckpt),
-                "--output_folder",
-                str(target),
-            ],
-            check=True,
-            capture_output=True,
-        )
-        (target.parent / "latest").write_text(point.ckpt.name)
-        point.marker.write(target)
+        convert = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt)]
+        subprocess.run([*convert, "--output_folder", str(target)], check=True, capture_output=True)
+        (target.parent / "latest").write_text(ckpt.name)
+        CheckpointMarker.read(ckpt).write(target)
+    return target
+
+
+def universal_checkpoint(point: ResumePoint, rank: int) -> Path:
+    """The universal form of the planned checkpoint, converted by rank 0 while the others wait. Collective."""
+    target = universal_form(point.ckpt) if rank == 0 else point.ckpt.parent / "universal" / point.ckpt.name
     deepspeed.comm.barrier()
     return target
 
@@ -317,8 +313,7 @@ class Checkpointer:
 
     def __init__(self, run: RunDir, topo: Topology, rare_vocab: Path, num_rare: int | None, save_interval: int = 0):
         """`rare_vocab` is the data's rare vocabulary file (checkpoints must match it); `num_rare` is None without
-        notes;
-        `save_interval` 0 saves only when asked with `last`."""
+        notes; `save_interval` 0 saves only when asked with `last`."""
         self.run, self.topo, self.num_rare, self.save_interval = run, topo, num_rare, save_interval
         self.rare_vocab_digest = hashlib.sha256(rare_vocab.read_bytes()).hexdigest()[:16]
         self.point: ResumePoint | None = None

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tnf_scale.errors import ConfigError
+from tnf_scale.precision import PRECISIONS
 
 REPO = Path(__file__).resolve().parent.parent  # the checkout: where launches run from, whose commit runs record
 BUNDLED_CORPUS = str(REPO / "data" / "bundled_corpus.jsonl.xz")
@@ -94,6 +95,7 @@ class RunConfig:
     overwrite: bool = False  # start afresh in an output_dir that holds a run, deleting it
     export: bool = True
     save_notes: bool = True
+    precision: str = "auto"  # auto: bf16 where the device computes it natively, else fp32 (precision.py)
     prefetch: str = (
         "auto"  # collate the next steps in a worker process: on, off, auto (on only when an accelerator computes)
     )
@@ -189,6 +191,8 @@ class RunConfig:
             raise ConfigError(
                 "--corpus is empty: name at least one .txt/.jsonl/.parquet file, folder, or datasets hub name."
             )
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
         if self.prefetch not in PREFETCH:
             raise ConfigError(f"--prefetch must be one of {', '.join(PREFETCH)}, got {self.prefetch!r}.")
         if self.deepspeed_config is not None:
@@ -331,6 +335,8 @@ FLAG_HELP = {
     "notes_in": "ELECTRA: which network reads notes; the discriminator always writes them. discriminator (default, "
     "TNF_SPEC 8; measured leaky: a note marks its span as original, and the exported discriminator is "
     "worse on rare spans), generator (leak-free, recommended) or both",
+    "precision": "auto (default: bf16 where the device computes it natively: GPUs of compute capability 8.0+, CPUs "
+    "with AVX512-BF16 or AMX; fp32 elsewhere), bf16 or fp32; master weights, gradients and notes stay fp32",
     "prefetch": "collate the next steps' micro-batches in a worker process while this one trains: auto (default: on "
     "when an accelerator computes; off on a CPU-only run, where the worker shares the step's cores), on, off",
     "notes_at_masked": "LEAKY ABLATION, default false: also mix notes into rare spans that hold a token the model must "

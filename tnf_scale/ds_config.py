@@ -14,6 +14,7 @@ from typing import Any
 from tnf_scale.config import RunConfig, check_deepspeed_config_path
 from tnf_scale.distributed import ParallelDims
 from tnf_scale.errors import ConfigError
+from tnf_scale.precision import Precision, resolve_precision
 
 DEFAULT_DS_CONFIG: dict[str, Any] = {"zero_optimization": {"stage": 1}}
 
@@ -68,10 +69,11 @@ def parallel_dims(
 
 
 def build_ds_config(
-    cfg: RunConfig, world_size: int, bf16_supported: bool, world_source: str = ""
-) -> tuple[dict[str, Any], ParallelDims]:
-    """A complete DeepSpeed config for this run and world size, and the parallel degrees it implies.
+    cfg: RunConfig, world_size: int, native_bf16: tuple[bool, str], world_source: str = ""
+) -> tuple[dict[str, Any], ParallelDims, Precision]:
+    """A complete DeepSpeed config for this run and world size, the parallel degrees and the precision it implies.
 
+    `native_bf16` says whether the device computes bf16 natively, and why (precision.device_native_bf16);
     `world_source` says where the world size came from, for the messages (e.g. " in the SLURM allocation").
     """
     source = f"--deepspeed_config {cfg.deepspeed_config}" if cfg.deepspeed_config else "the default DeepSpeed config"
@@ -119,8 +121,27 @@ def build_ds_config(
         if ds["scheduler"]["type"] == "WarmupDecayLR" or key in sched:
             _agree(sched, key, value, flag, f"{source} scheduler.params")
 
-    bf16 = ds.setdefault("bf16", {"enabled": "auto"})
-    if bf16.get("enabled", "auto") == "auto":
-        bf16["enabled"] = bf16_supported
+    precision = resolve_precision(cfg.precision, ds.get("bf16", {}).get("enabled", "auto"), native_bf16, source)
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision.bf16}
+    if precision.bf16:
+        set_fp32_gradients(ds, dims, source)
     ds.setdefault("steps_per_print", 10**9)  # progress is ours; DeepSpeed's own step log would repeat it
-    return ds, dims
+    return ds, dims, precision
+
+
+def set_fp32_gradients(ds: dict[str, Any], dims: ParallelDims, source: str) -> None:
+    """bf16 compute with fp32 gradient accumulation and reduction, as large-scale trainers run it.
+
+    Under ZeRO DeepSpeed accumulates into fp32 when `data_types.grad_accum_dtype` says so (stage 1 then runs its
+    BF16_Optimizer, stages 2 and 3 keep fp32 gradient partitions); a pipeline runs the BF16_Optimizer, which
+    accumulates into fp32, at any stage. Data parallelism without ZeRO would accumulate in bf16: refused.
+    """
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage == 0 and dims.pipeline == 1:
+        raise ConfigError(
+            f"bf16 with ZeRO stage 0 ({source}) would accumulate and reduce gradients in bf16; use ZeRO stage 1 or "
+            "more (e.g. ds_configs/zero1.json), or --precision fp32."
+        )
+    if stage >= 1:
+        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+    ds.setdefault("communication_data_type", "fp32")

@@ -4,12 +4,12 @@ say what the run was (run and model configuration, tokenizer with rare vocabular
 Layout of `--output_dir`:
   metrics.jsonl, tensorboard/     per-step records (metrics.py)
   checkpoints/stepNNNNNNNN/       DeepSpeed state, note rows per rank, COMPLETE (checkpoint.py)
-  export/                         the plain Hugging Face model (model/export.py); ELECTRA: the discriminator, generator/
-  in it
+  export/                         the plain Hugging Face model (model/export.py); ELECTRA: the discriminator,
+                                  with the generator in export/generator/
   notes.safetensors               the note dictionary on its own
   tokenizer/ (rare_vocab.tsv)     the run's tokenizer and rare vocabulary; also the layout of a prepared-data entry
-  model_config.json, run_config.json, provenance.json; ELECTRA: model_config.json is the discriminator's, beside
-  generator_config.json
+  model_config.json, run_config.json, provenance.json; ELECTRA: model_config.json is the discriminator's,
+                                  beside generator_config.json
   PREEMPTED                       written when a signal stopped the run after a checkpoint
   LOCK                            held by global rank 0 while a run writes here (run_lock.py)
   failures/                       what each rank saw when a rank failed, for the survivors' last words (failures.py)
@@ -149,11 +149,11 @@ class RunDir:
         deepspeed.comm.barrier()
 
     def write_run_files(
-        self, cfg: RunConfig, model_config, tokenizer_dir: Path, world_size: int, generator_config=None
+        self, cfg: RunConfig, model_config, tokenizer_dir: Path, world_size: int, precision: str, generator_config=None
     ) -> None:
-        """Tokenizer (with rare vocabulary), model config(s), run config and provenance: what the run was, beside its
-        metrics,
-        so that export and the reports need only the run directory."""
+        """Tokenizer (with rare vocabulary), model config(s), run config and provenance (with the precision the run
+        computes in, `bf16` or `fp32`): what the run was, beside its metrics, so that export and the reports need only
+        the run directory."""
         shutil.copytree(tokenizer_dir, self.tokenizer, dirs_exist_ok=True)
         model_config.to_json_file(str(self.model_config))
         if generator_config is not None:
@@ -163,6 +163,7 @@ class RunDir:
             "commit": commit(),
             "machine": machine(),
             "world_size": world_size,
+            "precision": precision,
             "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
         self.provenance.write_text(json.dumps(record, indent=2) + "\n")

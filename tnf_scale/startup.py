@@ -15,6 +15,7 @@ from tnf_scale.data.prepared import PreparedData, prepare_data
 from tnf_scale.distributed import Topology, any_rank, check_master_port, discover, init_distributed
 from tnf_scale.ds_config import build_ds_config
 from tnf_scale.errors import ConfigError, PeerStopped, Refusal, exit_code
+from tnf_scale.precision import Precision, device_native_bf16
 from tnf_scale.run_dir import RunDir
 from tnf_scale.run_lock import RunLock
 
@@ -25,6 +26,7 @@ WORLD_SOURCES = {"slurm": " in the SLURM allocation (SLURM_NTASKS)", "mpi": " st
 class Started:
     topo: Topology
     ds_config: dict[str, Any]
+    precision: Precision
     run: RunDir
     lock: RunLock  # held by global rank 0
     data: PreparedData
@@ -60,11 +62,8 @@ def start(cfg: RunConfig, pipeline_refusal: str | None = None) -> Started:
     `--overwrite` deletes an old run."""
     accelerator = get_accelerator()
     info = discover()
-    ds_config, dims = build_ds_config(
-        cfg,
-        info.world_size,
-        accelerator.device_name() != "cpu" and accelerator.is_bf16_supported(),
-        WORLD_SOURCES.get(info.source, ""),
+    ds_config, dims, precision = build_ds_config(
+        cfg, info.world_size, device_native_bf16(accelerator), WORLD_SOURCES.get(info.source, "")
     )
     if pipeline_refusal and dims.pipeline > 1:
         raise ConfigError(pipeline_refusal)
@@ -77,7 +76,7 @@ def start(cfg: RunConfig, pipeline_refusal: str | None = None) -> Started:
     lock = lock_run_dir(run, topo)
     data = prepare_on_local_rank0(cfg, topo, log)  # a bad corpus stops here, before an old run is deleted
     run.claim(cfg, topo.is_main)
-    return Started(topo, ds_config, run, lock, data, log)
+    return Started(topo, ds_config, precision, run, lock, data, log)
 
 
 def lock_run_dir(run: RunDir, topo: Topology) -> RunLock:

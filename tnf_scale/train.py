@@ -25,6 +25,7 @@ from tnf_scale.model.export import export_hf, save_notes
 from tnf_scale.nonfinite import Diverged, NonfiniteGuard
 from tnf_scale.notes.exchange import ExchangeGroup
 from tnf_scale.notes.store import NoteStore
+from tnf_scale.precision import Precision
 from tnf_scale.run_state import RngStreams, TrainingProgress
 from tnf_scale.startup import Started, command, start
 from tnf_scale.stopping import StopRequest
@@ -43,10 +44,17 @@ def run(cfg: RunConfig) -> int:
 
     objective = build_objective(cfg, data.tokenizer)
     if world.is_main:
-        run_dir.write_run_files(cfg, objective.model_config, data.tokenizer_dir, world.size, objective.generator_config)
+        run_dir.write_run_files(
+            cfg,
+            objective.model_config,
+            data.tokenizer_dir,
+            world.size,
+            started.precision.name,
+            objective.generator_config,
+        )
     store = note_store(cfg, len(data.rare_vocab), objective.model_config.initializer_range, world)
     training = build_training(cfg, objective, ds_config, world, data, store)
-    log(describe(cfg, world, training))
+    log(describe(cfg, started.precision, world, training))
 
     progress = TrainingProgress()
     checkpointer.start(
@@ -84,7 +92,7 @@ def note_store(cfg: RunConfig, num_rare: int, init_std: float, world: Topology) 
     return NoteStore(num_rare, cfg.hidden_size, cfg.seed, init_std, cfg.note_gamma, exchange, world.device)
 
 
-def describe(cfg: RunConfig, world: Topology, training: Training) -> str:
+def describe(cfg: RunConfig, precision: Precision, world: Topology, training: Training) -> str:
     """The start-up line: where the run trains and how."""
     engine, inner = training.engine, getattr(training.optimizer, "optimizer", training.optimizer)
     return (
@@ -92,7 +100,7 @@ def describe(cfg: RunConfig, world: Topology, training: Training) -> str:
         f"{world.dims.data} "
         f"data-parallel); ZeRO stage {engine.zero_optimization_stage()}; optimizer "
         f"{type(inner).__module__}.{type(inner).__name__}; "
-        f"bf16 {engine.bfloat16_enabled()}; TNF {cfg.tnf}"
+        f"precision {precision.describe()}; TNF {cfg.tnf}"
     )
 
 

@@ -7,12 +7,11 @@
 Trains the baseline (--tnf off) and then TNF with the same preset, seed, data and global batch
 (OUT/baseline, OUT/tnf), each checkpointed at --downstream_points even fractions of the run, then
 --peer_steps steps of the same model, data, batch and optimizer through the Hugging Face Trainer
-(OUT/hf_trainer; BERT's masked LM only, so ELECTRA benches have no peer). Every checkpoint of both runs is then exported
-and fine-tuned on the shipped task
-with the same --downstream_seeds (time to score, tnf_scale/reports/downstream.py). Writes
-time_to_loss.{md,json,png}, downstream.{md,json,png}, throughput.{md,json} and report.md (all three,
-with the machine and the command) into OUT. Extra flags go to every run. --reports_only makes the
-reports again from the runs in OUT (reusing fine-tuning results already there).
+(OUT/hf_trainer; BERT's masked LM only, so ELECTRA benches have no peer). Every checkpoint of both
+runs is then exported and fine-tuned on the shipped task with the same --downstream_seeds (time to score,
+tnf_scale/reports/downstream.py). Writes time_to_loss.{md,json,png}, downstream.{md,json,png},
+throughput.{md,json} and report.md (all three, with the machine and the command) into OUT. Extra flags go to
+every run. --reports_only makes the reports again from the runs in OUT (reusing fine-tuning results already there).
 """
 
 from __future__ import annotations

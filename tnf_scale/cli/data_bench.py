@@ -4,12 +4,11 @@
 
 Writes N words of real text (the bundled corpus, repeated) to OUT/corpus.jsonl, then for each --num_proc prepares
 it from scratch with `python -m tnf_scale.cli.prepare` (the bench preset's data flags; a fresh cache in OUT, and a
-fresh `datasets` cache, so nothing is reused) while
-sampling the memory of the whole process tree (the preparer and its workers; PSS, so shared pages count once). Reports
-each phase's
-seconds, the count + pack rate (words as BERT's pre-tokenizer splits them) and two peaks, to data_bench.{md,json}: all
-memory (PSS), and its anonymous part (heap and shared memory), which excludes the clean pages of memory-mapped files
-(Arrow tables, libraries) that the kernel can drop and read again under pressure.
+fresh `datasets` cache, so nothing is reused) while sampling the memory of the whole process tree (the preparer and
+its workers; PSS, so shared pages count once). Reports each phase's seconds, the count + pack rate (words as
+BERT's pre-tokenizer splits them) and two peaks, to data_bench.{md,json}: all memory (PSS), and its anonymous part
+(heap and shared memory), which excludes the clean pages of memory-mapped files (Arrow tables, libraries) that the
+kernel can drop and read again under pressure.
 The repeated corpus has the bundled corpus's vocabulary with every count multiplied: it measures speed and memory,
 not the rare band of a real corpus of that size.
 """

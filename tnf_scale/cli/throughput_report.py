@@ -1,10 +1,10 @@
 """Throughput report: tokens/s and samples/s, the step split into phases, model FLOPs, MFU, GPU state.
 
     python tools/throughput_report.py --run runs/demo                                   # a finished run
-    python tools/throughput_report.py --run runs/bench/baseline runs/bench/tnf --peer runs/bench/hf_trainer --out
-    runs/bench
-    python tools/throughput_report.py --preset tiny --steps 30 --with_peer --out runs/tp   # train first (extra flags go
-    to train.py)
+    python tools/throughput_report.py --run runs/bench/baseline runs/bench/tnf \
+        --peer runs/bench/hf_trainer --out runs/bench
+    python tools/throughput_report.py --preset tiny --steps 30 --with_peer --out runs/tp   # train first
+    (extra flags go to train.py)
 
 Prints a table and writes throughput.md and throughput.json into --out (default: the first run).
 --peer names a run of tnf_scale/reports/hf_peer.py (the same model, data, batch and optimizer through the
@@ -35,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--with_peer", action="store_true", help="with --preset: also run the Hugging Face Trainer peer"
     )
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=("fp32", "bf16"),
+        help="with --preset: one tnf_scale run per precision, side by side (the peer runs in the last one)",
+    )
     parser.add_argument("--out", help="where the report goes (default: the first --run)")
     parser.add_argument("--ranks", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
@@ -45,9 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.preset:
         out = Path(args.out)
         flags = [*timing_flags(args.preset, args.steps), *extra]
-        runs = [launch_training(out / "run", args.ranks, args.master_port, flags)]
+        precisions = {f"run_{p}": ["--precision", p] for p in args.precisions} if args.precisions else {"run": []}
+        runs = [
+            launch_training(out / name, args.ranks, args.master_port, [*flags, *p]) for name, p in precisions.items()
+        ]
+        last = list(precisions.values())[-1]
         peer = (
-            launch_training(out / "hf_trainer", args.ranks, args.master_port, flags, PEER_SCRIPT)
+            launch_training(out / "hf_trainer", args.ranks, args.master_port, [*flags, *last], PEER_SCRIPT)
             if args.with_peer
             else None
         )

@@ -1,10 +1,9 @@
 """Where notes pay: the baseline once, TNF over a grid of settings, one table of the time-to-loss yardsticks.
 
-    python tools/tnf_sweep.py --out runs/sweep --preset bench --grid note_lambda=0.25,0.5 --grid
-    notes_at_masked=false,true
+    python tools/tnf_sweep.py --out runs/sweep --preset bench --grid note_lambda=0.25,0.5 \
+        --grid notes_at_masked=false,true
     python tools/tnf_sweep.py --out runs/sweep --grid rare_min_count:rare_max_count=5:25,10:50 --max_steps 1200
-    ... --reuse runs/bench/baseline runs/bench/tnf      # finished runs trained exactly as a setting needs are not
-    trained again
+    ... --reuse runs/bench/baseline runs/bench/tnf   # finished runs trained as a setting needs: not trained again
 
 Each --grid axis is FIELD=V1,V2 over train.py's flags (FIELD_A:FIELD_B=A1:B1,A2:B2 for fields that go
 together); the settings are their product. The baseline (--tnf off) trains once per value of the axes

@@ -21,9 +21,10 @@ from transformers import (
     ElectraForPreTraining,
 )
 
+from tnf_scale.checkpoint import CheckpointMarker, universal_form
 from tnf_scale.errors import ConfigError
 from tnf_scale.model.electra import SHARED_EMBEDDINGS
-from tnf_scale.model.pipeline import hf_state_dict, is_pipeline_checkpoint
+from tnf_scale.model.pipeline import hf_state_dict, is_pipeline_checkpoint, layer_files, universal_layers
 from tnf_scale.run_dir import RARE_VOCAB_FILE, TOKENIZER_DIR, RunDir
 
 GENERATOR_DIR = "generator"  # inside an ELECTRA export: the generator
@@ -32,9 +33,13 @@ GENERATOR_DIR = "generator"  # inside an ELECTRA export: the generator
 def consolidated_state_dict(ckpt: Path, config: BertConfig) -> dict[str, torch.Tensor]:
     """fp32 weights of a DeepSpeed checkpoint, named as the objective module holds them (`mlm.`, `generator.`,
     `discriminator.`): pipeline or not, any ZeRO stage and rank count."""
-    if is_pipeline_checkpoint(ckpt):
-        return {f"mlm.{k}": v for k, v in hf_state_dict(ckpt, config.num_hidden_layers).items()}
-    if any(ckpt.glob("*optim_states.pt")):
+    if runs_bf16_optimizer(ckpt):  # its fp32 masters are in a layout only DeepSpeed's universal conversion reads
+        state = universal_fp32_state(ckpt)
+        if is_pipeline_checkpoint(ckpt):
+            return {f"mlm.{k}": v for k, v in hf_state_dict(universal_layers(state), config.num_hidden_layers).items()}
+    elif is_pipeline_checkpoint(ckpt):
+        return {f"mlm.{k}": v for k, v in hf_state_dict(layer_files(ckpt), config.num_hidden_layers).items()}
+    elif any(ckpt.glob("*optim_states.pt")):
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     else:  # ZeRO disabled: rank 0's model file holds the whole module; read without running pickled code
         path = ckpt / "mp_rank_00_model_states.pt"
@@ -46,6 +51,22 @@ def consolidated_state_dict(ckpt: Path, config: BertConfig) -> dict[str, torch.T
                 "(a tampered or foreign file): export from a checkpoint this project wrote."
             ) from None
     return {k: v.float() for k, v in state.items()}
+
+
+def runs_bf16_optimizer(ckpt: Path) -> bool:
+    """Whether DeepSpeed's BF16_Optimizer wrote the checkpoint: bf16 under ZeRO-1 or on pipeline stages (its files
+    are named like ZeRO's bf16 ones, which ZeRO-2 and 3 also write and DeepSpeed's zero_to_fp32 reads)."""
+    return any(ckpt.glob("bf16_zero_*optim_states.pt")) and CheckpointMarker.read(ckpt).zero_stage in (0, 1)
+
+
+def universal_fp32_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every parameter's fp32 master weights, by name, from the checkpoint's universal form."""
+    zero = universal_form(ckpt) / "zero"
+    state = {}
+    for folder in sorted(p for p in zero.iterdir() if (p / "fp32.pt").is_file()):
+        saved = torch.load(folder / "fp32.pt", map_location="cpu", weights_only=True)
+        state[folder.name] = saved["param"]
+    return state
 
 
 def networks_of(run: RunDir, out_dir: Path) -> list[tuple[str, torch.nn.Module, Path]]:
@@ -92,8 +113,12 @@ def export_hf(run_dir: Path, ckpt: Path, out_dir: Path) -> Path:
         )
     tokenizer = AutoTokenizer.from_pretrained(str(run.tokenizer), local_files_only=True)
     for prefix, model, folder in networks:
-        missing, unexpected = model.load_state_dict(network_state(state, prefix), strict=False)
-        missing = [m for m in missing if m not in tied_keys(model)]
+        # tie_weights sets the tied weights from their sources: a saved copy (in a bf16 run, the bf16 model weight
+        # rather than the fp32 master) must not overwrite the tensor they share
+        tied = tied_keys(model)
+        own = {k: v for k, v in network_state(state, prefix).items() if k not in tied}
+        missing, unexpected = model.load_state_dict(own, strict=False)
+        missing = [m for m in missing if m not in tied]
         if missing or unexpected:
             raise ConfigError(
                 f"checkpoint {ckpt} does not match {run.model_config} (missing {missing[:3]}, unexpected "

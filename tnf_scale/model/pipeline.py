@@ -14,6 +14,7 @@ context windows for the writes. No note collective runs inside the schedule.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -141,13 +142,29 @@ def build_pipeline(
     )
 
 
-def hf_state_dict(ckpt: Path, num_layers: int) -> dict[str, torch.Tensor]:
-    """A BertForMaskedLM state dict from a pipeline checkpoint's per-layer files (fp32)."""
+def layer_files(ckpt: Path) -> Callable[[int], dict[str, torch.Tensor]]:
+    """Stage layer `index`'s weights as a pipeline checkpoint's per-layer files hold them (the model's dtype)."""
 
     def load(index: int) -> dict[str, torch.Tensor]:
         files = sorted(ckpt.glob(f"layer_{index:02d}-*model_states.pt"))
         return torch.load(files[0], map_location="cpu", weights_only=True)
 
+    return load
+
+
+def universal_layers(state: dict[str, torch.Tensor]) -> Callable[[int], dict[str, torch.Tensor]]:
+    """Stage layer `index`'s weights from a universal checkpoint's parameters, named `INDEX.KEY` (the tied
+    embedding stage `tied_modules.word_embeddings.KEY`)."""
+
+    def load(index: int) -> dict[str, torch.Tensor]:
+        prefix = f"tied_modules.{TIED_KEY}." if index == 0 else f"{index}."
+        return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+    return load
+
+
+def hf_state_dict(load: Callable[[int], dict[str, torch.Tensor]], num_layers: int) -> dict[str, torch.Tensor]:
+    """A BertForMaskedLM state dict (fp32) from the weights of each stage layer, `load(index)`."""
     state = {f"bert.{k}": v for k, v in load(0).items()}
     for i in range(num_layers):
         state.update({f"bert.encoder.layer.{i}.{k.removeprefix('layer.')}": v for k, v in load(i + 1).items()})

@@ -48,12 +48,12 @@ def mix_notes(
     `rows_trainable` gradients flow into them (the fine-tuning variant that learns the notes by back-propagation).
     """
     batch, seq_len, dim = h.shape
-    flat = h.reshape(batch * seq_len, dim)
+    flat = h.reshape(batch * seq_len, dim).float()  # blended in fp32 (a no-op in fp32 runs), cast once at the end
     weight = flat.new_zeros(batch * seq_len, 1).index_fill_(0, token_index, lam)
     notes = flat.new_zeros(batch * seq_len, dim).index_copy(
-        0, token_index, (rows if rows_trainable else rows.detach())[token_occ].to(h.dtype)
+        0, token_index, (rows if rows_trainable else rows.detach())[token_occ].float()
     )
-    return (flat * (1 - weight) + weight * notes).view(batch, seq_len, dim)
+    return (flat * (1 - weight) + weight * notes).to(h.dtype).view(batch, seq_len, dim)
 
 
 def pool_windows(

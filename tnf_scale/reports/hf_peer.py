@@ -1,7 +1,7 @@
 """The throughput peer: the same BERT, data, global batch and optimizer, trained by the Hugging Face Trainer.
 
-    deepspeed --num_gpus 1 tnf_scale/reports/hf_peer.py --preset bench --max_steps 200 --output_dir
-    runs/bench/hf_trainer
+    deepspeed --num_gpus 1 tnf_scale/reports/hf_peer.py --preset bench --max_steps 200 \
+        --output_dir runs/bench/hf_trainer
 
 The Trainer runs through its DeepSpeed integration with the DeepSpeed config train.py builds for
 the same flags (AdamW, WarmupDecayLR, clipping, ZeRO stage, bf16 by accelerator). Samples arrive
@@ -114,7 +114,7 @@ def run(cfg: RunConfig) -> int:
     world, ds_config, run_dir, data, log = started.topo, started.ds_config, started.run, started.data, started.log
     model = build_bert(cfg, data.tokenizer)
     if world.is_main:
-        run_dir.write_run_files(cfg, model.config, data.tokenizer_dir, world.size)
+        run_dir.write_run_files(cfg, model.config, data.tokenizer_dir, world.size, started.precision.name)
 
     sampler = GlobalBatchSampler(len(data.train), cfg.global_batch_size, cfg.seed)
     optimizer = ds_config["optimizer"]["params"]

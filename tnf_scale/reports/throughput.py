@@ -66,9 +66,12 @@ def run_flops_per_token(run: Path, config: dict) -> float:
     )
 
 
-def measured_matmul_peak(size: int = 2048, repeats: int = 10) -> float:
-    """This machine's best fp32 matmul rate (FLOP/s), measured now: the CPU's reference for MFU."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def measured_matmul_peak(precision: str = "fp32", size: int = 2048, repeats: int = 10) -> float:
+    """This machine's best matmul rate (FLOP/s) in `precision`, measured now: the CPU's reference for MFU."""
+    a, b = torch.randn(size, size, dtype=DTYPES[precision]), torch.randn(size, size, dtype=DTYPES[precision])
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -123,24 +126,30 @@ def summarize(steps: list[dict], samples_per_step: int) -> dict:
     }
 
 
-def device_peak() -> dict:
-    """The peak MFU is measured against, and the GPU state: a GPU's table peak x count, else this CPU's matmul peak."""
+def device_peak(precisions: set[str]) -> dict:
+    """The peaks MFU is measured against, by precision, and the GPU state: a GPU's table peak x count, else this
+    CPU's matmul peak in each of `precisions`, measured now."""
     gpus = gpu_state()
     peak = gpu_peak(gpus["gpus"][0]["name"]) if gpus["gpus"] else None
     if peak:
         return {
-            "peak_flops_per_s": peak * len(gpus["gpus"]),
+            "peaks_flops_per_s": dict.fromkeys(precisions, peak * len(gpus["gpus"])),
             "peak": f"{gpus['gpus'][0]['name']} dense bf16 peak x {len(gpus['gpus'])}",
             **gpus,
         }
     return {
-        "peak_flops_per_s": measured_matmul_peak(),
-        "peak": "fp32 matmul peak of this machine, measured now",
+        "peaks_flops_per_s": {p: measured_matmul_peak(p) for p in sorted(precisions)},
+        "peak": "matmul peak of this machine in the run's precision, measured now",
         **gpus,
     }
 
 
-def run_figures(run: Path, warmup: int, peak_flops_per_s: float) -> dict:
+def run_precision(run: Path) -> str:
+    """The precision a run computed in (provenance.json; runs from before it was recorded: fp32)."""
+    return RunDir(run).read_provenance().get("precision", "fp32")
+
+
+def run_figures(run: Path, warmup: int, peaks_flops_per_s: dict[str, float]) -> dict:
     """Throughput figures of one finished run (train.py's or the Hugging Face Trainer peer's).
 
     FLOPs count the MLM head on masked tokens for every trainer: the work the objective needs.
@@ -155,6 +164,7 @@ def run_figures(run: Path, warmup: int, peak_flops_per_s: float) -> dict:
         "run": str(run),
         "preset": config["preset"],
         "tnf": config["tnf"],
+        "precision": run_precision(run),
         "timed_phases": any("time_forward" in r for r in steps),
         "commit": origin.get("commit", "unknown"),
         "world_size": origin.get("world_size"),
@@ -162,7 +172,7 @@ def run_figures(run: Path, warmup: int, peak_flops_per_s: float) -> dict:
         **summary,
         "flops_per_token": flops,
         "achieved_flops_per_s": achieved,
-        "mfu": achieved / peak_flops_per_s,
+        "mfu": achieved / peaks_flops_per_s[run_precision(run)],
     }
 
 
@@ -184,7 +194,7 @@ def render(report: dict) -> str:
         "| | " + " | ".join(f"`{r['run']}`" for r in columns) + " |",
         "| --- |" + " --- |" * len(columns),
         row("trainer", lambda r: "Hugging Face Trainer" if r is peer else "tnf_scale"),
-        row("preset, TNF", lambda r: f"{r['preset']}, {r['tnf']}"),
+        row("preset, TNF, precision", lambda r: f"{r['preset']}, {r['tnf']}, {r['precision']}"),
         row("ranks, commit", lambda r: f"{r['world_size'] or '?'}, {r['commit']}"),
         row("steps timed", lambda r: str(r["steps"])),
         row(
@@ -209,7 +219,9 @@ def render(report: dict) -> str:
         )
     lines += [
         "",
-        f"MFU is against {report['peak_flops_per_s'] / 1e9:,.1f} GFLOP/s ({report['peak']}) on "
+        "MFU is against "
+        + ", ".join(f"{p} {v / 1e9:,.1f} GFLOP/s" for p, v in report["peaks_flops_per_s"].items())
+        + f" ({report['peak']}) on "
         f"{report['reported_on']}. "
         f"GPUs there: {report['note']}.",
     ]
@@ -225,12 +237,12 @@ def write_report(runs: list[Path], peer: Path | None, out: Path, warmup: int) ->
     """Throughput of finished runs (and the peer's, with the ratio); writes throughput.md and .json into `out`."""
     runs = [finished_run(r, "--run") for r in runs]
     peer = finished_run(peer, "--peer") if peer else None
-    device = device_peak()
+    device = device_peak({run_precision(r) for r in [*runs, *([peer] if peer else [])]})
     report = {
         "reported_on": machine(),
         **device,
-        "runs": [run_figures(r, warmup, device["peak_flops_per_s"]) for r in runs],
-        "peer": run_figures(peer, warmup, device["peak_flops_per_s"]) if peer else None,
+        "runs": [run_figures(r, warmup, device["peaks_flops_per_s"]) for r in runs],
+        "peer": run_figures(peer, warmup, device["peaks_flops_per_s"]) if peer else None,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "throughput.json").write_text(json.dumps(report, indent=2) + "\n")

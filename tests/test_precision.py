@@ -1,0 +1,71 @@
+"""The precision rule: bf16 where the device computes it natively, kept consistent with the DeepSpeed config, and
+DeepSpeed set up for fp32 gradient accumulation and reduction whenever it computes in bf16."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tnf_scale.config import RunConfig, parse_args
+from tnf_scale.ds_config import build_ds_config
+from tnf_scale.errors import ConfigError
+from tnf_scale.precision import cpu_native_bf16, cuda_native_bf16, resolve_precision
+
+NATIVE, EMULATED = (True, "native"), (False, "emulated")
+
+
+def cpuinfo(*flags: str) -> str:
+    return "".join(f"processor\t: {i}\nflags\t\t: fpu sse2 avx2 avx512f {' '.join(flags)}\n\n" for i in range(2))
+
+
+@pytest.mark.parametrize(
+    "flags, native", [(("avx512_bf16",), True), (("amx_bf16", "amx_tile"), True), (("avx512vl",), False), ((), False)]
+)
+def test_a_cpu_computes_bf16_natively_with_avx512_bf16_or_amx(flags, native):
+    found, reason = cpu_native_bf16(cpuinfo(*flags))
+    assert found is native and ("AVX512-BF16 or AMX" in reason) is not native
+
+
+@pytest.mark.parametrize(
+    "name, capability, native",
+    [("Tesla V100", (7, 0), False), ("Tesla T4", (7, 5), False), ("A100", (8, 0), True), ("L40S", (8, 9), True),
+     ("H100", (9, 0), True), ("B200", (10, 0), True)],
+)  # fmt: skip
+def test_a_gpu_computes_bf16_natively_from_compute_capability_8_0(name, capability, native):
+    found, reason = cuda_native_bf16(capability, name)
+    assert found is native and name in reason and ("emulated" in reason) is not native
+
+
+def test_auto_follows_the_device_unless_the_deepspeed_config_decides():
+    assert resolve_precision("auto", "auto", NATIVE, "f").bf16 is True
+    assert resolve_precision("auto", "auto", EMULATED, "f").bf16 is False
+    assert resolve_precision("auto", False, NATIVE, "f").bf16 is False
+    chosen = resolve_precision("auto", True, EMULATED, "ds.json")
+    assert chosen.bf16 and "bf16.enabled=true in ds.json" in chosen.describe()
+    assert resolve_precision("bf16", "auto", EMULATED, "f").bf16 is True  # asked for: honoured (slow, but honoured)
+    assert resolve_precision("fp32", "auto", NATIVE, "f").bf16 is False
+
+
+@pytest.mark.parametrize("flag, ds_bf16", [("fp32", True), ("bf16", False)])
+def test_a_precision_flag_that_contradicts_the_deepspeed_config_is_one_sentence(flag, ds_bf16):
+    with pytest.raises(ConfigError, match=f"--precision {flag} contradicts bf16.enabled={str(ds_bf16).lower()}"):
+        resolve_precision(flag, ds_bf16, NATIVE, "ds.json")
+    with pytest.raises(ConfigError, match="--precision must be one of auto, bf16, fp32"):
+        parse_args(["--precision", "fp16"])
+
+
+def test_bf16_runs_accumulate_and_reduce_gradients_in_fp32_on_every_path(tmp_path):
+    ds_file = tmp_path / "ds.json"
+    for stage, stages in ((1, 1), (2, 1), (3, 1), (0, 2), (1, 2)):
+        ds_file.write_text(json.dumps({"zero_optimization": {"stage": stage}, "pipeline": {"stages": stages}}))
+        cfg = RunConfig(deepspeed_config=str(ds_file), precision="bf16", global_batch_size=16, micro_batch_size=4)
+        ds, _, precision = build_ds_config(cfg, world_size=2, native_bf16=NATIVE)
+        assert precision.bf16 and ds["bf16"]["enabled"] is True and ds["communication_data_type"] == "fp32"
+        # a pipeline runs DeepSpeed's BF16_Optimizer, which accumulates in fp32 at any stage (and refuses the flag at 0)
+        assert ds.get("data_types", {}).get("grad_accum_dtype") == ("fp32" if stage else None), (stage, stages)
+    fp32, _, precision = build_ds_config(RunConfig(precision="fp32"), world_size=1, native_bf16=NATIVE)
+    assert not precision.bf16 and fp32["bf16"]["enabled"] is False and "data_types" not in fp32
+    ds_file.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
+    with pytest.raises(ConfigError, match="bf16 with ZeRO stage 0 .* would accumulate and reduce gradients in bf16"):
+        build_ds_config(RunConfig(deepspeed_config=str(ds_file), precision="bf16"), world_size=1, native_bf16=NATIVE)
