@@ -22,6 +22,9 @@ RUN_ROOT=${RUN_ROOT:-runs}
 TRAIN_ARGS=${TRAIN_ARGS:-}
 RUN_DIR="$RUN_ROOT/slurm-$SLURM_JOB_ID"  # a requeued job keeps its id, so it finds its own checkpoints
 
+# DeepSpeed's JIT-built ops (fused Adam), built once into the checkout on the shared file system: `make install`
+# (python -m tnf_scale.ops) fills it, and no job compiles them again
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
 export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
 export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
 

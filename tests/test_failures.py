@@ -325,3 +325,27 @@ def test_bad_data_input_on_two_ranks_is_one_sentence_and_no_traceback(small_conf
         -3000:
     ]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("ending", ["done", "refused", "failed"])
+def test_the_process_group_is_destroyed_on_every_way_out_of_a_command(ending):
+    """A command that started a process group leaves none behind, however it ends (see end_process_groups)."""
+    body = {
+        "done": "return 0",
+        "refused": "raise ConfigError('no')",
+        "failed": "raise RuntimeError('boom')",
+    }[ending]
+    code = (
+        "import atexit, sys, torch\n"
+        "from tnf_scale.distributed import discover, init_distributed\n"
+        "from tnf_scale.errors import ConfigError\n"
+        "from tnf_scale.startup import command\n"
+        "atexit.register(lambda: print('left initialized:', torch.distributed.is_initialized()))\n"
+        "def run(cfg):\n"
+        "    init_distributed(discover())\n"
+        f"    {body}\n"
+        "sys.exit(command(run, []))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=clean_env(), capture_output=True, text=True)
+    assert proc.returncode == {"done": 0, "refused": 2, "failed": 1}[ending], proc.stderr[-2000:]
+    assert "left initialized: False" in proc.stdout

@@ -69,3 +69,37 @@ def test_bf16_runs_accumulate_and_reduce_gradients_in_fp32_on_every_path(tmp_pat
     ds_file.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
     with pytest.raises(ConfigError, match="bf16 with ZeRO stage 0 .* would accumulate and reduce gradients in bf16"):
         build_ds_config(RunConfig(deepspeed_config=str(ds_file), precision="bf16"), world_size=1, native_bf16=NATIVE)
+
+
+class FakeBuilder:
+    def __init__(self, compatible: bool):
+        self.compatible = compatible
+
+    def is_compatible(self) -> bool:
+        return self.compatible
+
+
+class FakeAccelerator:
+    def __init__(self, name: str, builds: bool = True):
+        self.name, self.builds = name, builds
+
+    def device_name(self) -> str:
+        return self.name
+
+    def create_op_builder(self, name: str):
+        return FakeBuilder(self.builds)
+
+
+def test_fused_adam_runs_where_it_is_built_in_or_can_be_built_else_torchs_fused_adamw():
+    from tnf_scale.ops import fused_adam_available
+
+    assert fused_adam_available(FakeAccelerator("cuda"), {"fused_adam": True}, cuda_home=None)[0]  # prebuilt
+    assert fused_adam_available(FakeAccelerator("cuda"), {}, cuda_home="/usr/local/cuda")[0]
+    available, why = fused_adam_available(FakeAccelerator("cuda"), {}, cuda_home=None)
+    assert not available and "no CUDA toolkit (nvcc)" in why
+    assert fused_adam_available(FakeAccelerator("cpu"), {}, cuda_home=None)[0]  # the CPU op builds with g++
+    assert not fused_adam_available(FakeAccelerator("npu", builds=False), {}, cuda_home=None)[0]
+    ds, _, _ = build_ds_config(RunConfig(), 1, NATIVE, "", fused_adam=(False, "no CUDA toolkit"))
+    assert ds["optimizer"]["params"]["torch_adam"] is True and ds["optimizer"]["params"]["fused"] is True
+    ds, _, _ = build_ds_config(RunConfig(), 1, NATIVE, "", fused_adam=(True, "built"))
+    assert "torch_adam" not in ds["optimizer"]["params"]

@@ -70,3 +70,52 @@ def test_a_resume_must_keep_the_configs_shape_fields():
     assert resume_conflict(saved, RunConfig(hidden_size=128, max_steps=900)) is None  # more steps: a longer run
     assert resume_conflict(saved, RunConfig(hidden_size=256)) == "hidden_size"
     assert resume_conflict(saved, RunConfig(seed=1)) == "seed"
+
+
+class FakeAccelerator:
+    """An accelerator's RNG interface, as DeepSpeed's accelerators expose it."""
+
+    def __init__(self):
+        self.state = torch.tensor([1, 2, 3], dtype=torch.uint8)
+
+    def get_rng_state(self) -> torch.Tensor:
+        return self.state.clone()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        self.state = state.clone()
+
+
+def test_rng_streams_keep_the_accelerators_generator_too():
+    accelerator = FakeAccelerator()
+    saved = RngStreams(accelerator).state_dict()
+    assert torch.equal(saved[RngStreams.ACCELERATOR_KEY], torch.tensor([1, 2, 3], dtype=torch.uint8))
+    accelerator.state = torch.tensor([9], dtype=torch.uint8)  # training drew from it
+    RngStreams(accelerator).load_state_dict(saved)
+    assert torch.equal(accelerator.state, torch.tensor([1, 2, 3], dtype=torch.uint8))
+    assert RngStreams.ACCELERATOR_KEY not in RngStreams().state_dict()  # a CPU rank has no device generator
+
+
+def test_the_store_lives_on_the_accelerators_device_by_default():
+    from deepspeed.accelerator import get_accelerator
+
+    store = NoteStore(10, 4, seed=1, init_std=0.02, gamma=0.1)
+    assert store.device == torch.device(get_accelerator().current_device_name())
+    assert store.slot_of.device == store.noted.device == store.device
+
+
+@pytest.mark.parametrize("local_rank, devices, index", [(0, 8, 0), (5, 8, 5), (3, 1, 0), (9, 4, 1)])
+def test_a_rank_takes_its_device_among_those_it_sees(local_rank, devices, index):
+    from tnf_scale.distributed import device_index
+
+    assert device_index(local_rank, devices) == index  # one visible GPU per task (SLURM binding): always 0
+
+
+def test_a_gpu_node_whose_torch_sees_no_gpu_is_refused():
+    from tnf_scale.distributed import check_torch_sees_gpus
+    from tnf_scale.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="this node has 8 NVIDIA GPU.* but torch .* sees none.*TORCH_SPEC=torch"):
+        check_torch_sees_gpus(listed=8, torch_sees=0, visible=None)
+    check_torch_sees_gpus(listed=8, torch_sees=8, visible=None)
+    check_torch_sees_gpus(listed=0, torch_sees=0, visible=None)  # a CPU node
+    check_torch_sees_gpus(listed=8, torch_sees=0, visible="")  # GPUs hidden on purpose: the CPU it is

@@ -95,6 +95,7 @@ class RunConfig:
     overwrite: bool = False  # start afresh in an output_dir that holds a run, deleting it
     export: bool = True
     save_notes: bool = True
+    profile_phases: bool = False  # synchronize the device at each phase boundary so time_* holds device time
     precision: str = "auto"  # auto: bf16 where the device computes it natively, else fp32 (precision.py)
     prefetch: str = (
         "auto"  # collate the next steps in a worker process: on, off, auto (on only when an accelerator computes)
@@ -335,6 +336,9 @@ FLAG_HELP = {
     "notes_in": "ELECTRA: which network reads notes; the discriminator always writes them. discriminator (default, "
     "TNF_SPEC 8; measured leaky: a note marks its span as original, and the exported discriminator is "
     "worse on rare spans), generator (leak-free, recommended) or both",
+    "profile_phases": "synchronize the accelerator at every phase boundary of a step, so that the time_* metrics "
+    "hold each phase's device time; default false: the step never waits on the device for timing (on a GPU the "
+    "time_* phases then show when work was queued, and the step time stays exact)",
     "precision": "auto (default: bf16 where the device computes it natively: GPUs of compute capability 8.0+, CPUs "
     "with AVX512-BF16 or AMX; fp32 elsewhere), bf16 or fp32; master weights, gradients and notes stay fp32",
     "prefetch": "collate the next steps' micro-batches in a worker process while this one trains: auto (default: on "

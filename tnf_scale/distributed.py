@@ -186,6 +186,46 @@ def release_shm_buffer(info: RankInfo) -> None:
     shm_buffer(info).unlink(missing_ok=True)
 
 
+def gpus_listed() -> int:
+    """NVIDIA GPUs the driver lists on this node (0 without a driver)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return 0
+    try:
+        return pynvml.nvmlDeviceGetCount()
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def check_torch_sees_gpus(listed: int, torch_sees: int, visible: str | None) -> None:
+    """Refuse a node whose driver lists GPUs that torch cannot see (a CPU build of torch in a GPU node's
+    environment would otherwise train on the CPU without a word). `visible`: CUDA_VISIBLE_DEVICES; hiding every GPU
+    with it ("" or -1) asks for the CPU on purpose."""
+    if listed and not torch_sees and visible not in ("", "-1"):
+        raise ConfigError(
+            f"this node has {listed} NVIDIA GPU(s) but torch {torch.__version__} sees none (a CPU build, or a CUDA "
+            "build this driver cannot run): install the CUDA build of torch (make install TORCH_SPEC=torch in a "
+            "fresh .venv), or set CUDA_VISIBLE_DEVICES= to train on the CPU on purpose."
+        )
+
+
+def check_this_node() -> None:
+    """check_torch_sees_gpus for this node and this torch."""
+    torch_sees = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    check_torch_sees_gpus(gpus_listed(), torch_sees, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def device_index(local_rank: int, device_count: int) -> int:
+    """This rank's device among those it sees: a node's ranks take them in turn, and a rank bound to its own GPU
+    (SLURM's per-task binding, CUDA_VISIBLE_DEVICES of one) sees one device, index 0, whatever its local rank."""
+    if device_count < 1:
+        raise ConfigError(f"local rank {local_rank} sees no accelerator device; check the job's GPU binding.")
+    return local_rank % device_count
+
+
 def init_distributed(info: RankInfo, dims: ParallelDims | None = None) -> Topology:
     """Start the process group DeepSpeed uses, from the discovered ranks; `dims` default: data parallelism only."""
     os.environ.update(
@@ -199,12 +239,24 @@ def init_distributed(info: RankInfo, dims: ParallelDims | None = None) -> Topolo
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False)
     release_shm_buffer(info)
     if accelerator.device_name() != "cpu":
-        accelerator.set_device(info.local_rank)
-        device = torch.device(accelerator.device_name(info.local_rank))
+        index = device_index(info.local_rank, accelerator.device_count())
+        accelerator.set_device(index)
+        device = torch.device(accelerator.device_name(index))
     else:
         device = torch.device("cpu")
     size = deepspeed.comm.get_world_size()
     return Topology(deepspeed.comm.get_rank(), info.local_rank, size, device, dims or ParallelDims(1, size))
+
+
+def end_process_groups() -> None:
+    """Destroy every process group while the interpreter is still whole.
+
+    Left to interpreter shutdown, gloo's worker threads can outlive the objects they use and the process ends in
+    `terminate called without an active exception` (SIGABRT, exit 134) after a run that finished: a scheduler then
+    marks the job failed. Called on every way out of a command: done, refused, stopped by a signal, failed.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

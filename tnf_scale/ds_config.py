@@ -69,11 +69,17 @@ def parallel_dims(
 
 
 def build_ds_config(
-    cfg: RunConfig, world_size: int, native_bf16: tuple[bool, str], world_source: str = ""
+    cfg: RunConfig,
+    world_size: int,
+    native_bf16: tuple[bool, str],
+    world_source: str = "",
+    fused_adam: tuple[bool, str] = (True, "DeepSpeed's fused Adam"),
 ) -> tuple[dict[str, Any], ParallelDims, Precision]:
     """A complete DeepSpeed config for this run and world size, the parallel degrees and the precision it implies.
 
     `native_bf16` says whether the device computes bf16 natively, and why (precision.device_native_bf16);
+    `fused_adam` whether DeepSpeed's fused Adam runs here (ops.this_nodes_fused_adam): if not, the default optimizer
+    is torch's fused AdamW;
     `world_source` says where the world size came from, for the messages (e.g. " in the SLURM allocation").
     """
     source = f"--deepspeed_config {cfg.deepspeed_config}" if cfg.deepspeed_config else "the default DeepSpeed config"
@@ -98,7 +104,9 @@ def build_ds_config(
     )
     _agree(ds, "gradient_clipping", cfg.grad_clip, "--grad_clip", source)
 
-    ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    ds.setdefault(
+        "optimizer", {"type": "AdamW", "params": {} if fused_adam[0] else {"torch_adam": True, "fused": True}}
+    )
     params = ds["optimizer"].setdefault("params", {})
     for key, value in (("lr", cfg.lr), ("weight_decay", cfg.weight_decay), ("betas", [0.9, 0.999]), ("eps", 1e-6)):
         _agree(

@@ -1,16 +1,44 @@
-"""Build DeepSpeed's JIT ops once, before any multi-rank launch (`python -m tnf_scale.ops`).
+"""Build DeepSpeed's JIT ops once, before any multi-rank launch (`python -m tnf_scale.ops`), and say which optimizer
+a run gets.
 
 Ranks that start together and find an op unbuilt compile it in turn under one lock and
-wait minutes on each other; building first into TORCH_EXTENSIONS_DIR avoids that.
+wait minutes on each other; building first into TORCH_EXTENSIONS_DIR avoids that. DeepSpeed's fused Adam on
+CUDA is compiled with nvcc: on a node without a CUDA toolkit (and without a DeepSpeed built with the op), runs take
+torch's fused AdamW instead and say so.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 from deepspeed.accelerator import get_accelerator
 
+from tnf_scale.distributed import check_this_node
+from tnf_scale.errors import exit_code
+
 OPS = ("FusedAdamBuilder", "ShareMemCommBuilder")  # fused Adam; on CPU also the shared-memory collectives
+
+
+def fused_adam_available(accelerator, installed: dict[str, bool], cuda_home: str | None) -> tuple[bool, str]:
+    """Whether DeepSpeed's FusedAdam runs on `accelerator`, and why: built into the DeepSpeed install (`installed`,
+    deepspeed.git_version_info.installed_ops), or buildable now (on CUDA that needs a toolkit: `cuda_home`)."""
+    if installed.get("fused_adam"):
+        return True, "DeepSpeed's fused Adam, built into the install"
+    builder = accelerator.create_op_builder("FusedAdamBuilder")
+    if builder is None or not builder.is_compatible():
+        return False, f"DeepSpeed's fused Adam does not build for {accelerator.device_name()}"
+    if accelerator.device_name() == "cuda" and cuda_home is None:
+        return False, "no CUDA toolkit (nvcc) on this node to build DeepSpeed's fused Adam"
+    return True, "DeepSpeed's fused Adam"
+
+
+def this_nodes_fused_adam() -> tuple[bool, str]:
+    """fused_adam_available for this process's accelerator and DeepSpeed install."""
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return fused_adam_available(get_accelerator(), installed_ops, CUDA_HOME)
 
 
 def prebuild() -> list[str]:
@@ -18,6 +46,8 @@ def prebuild() -> list[str]:
     accelerator = get_accelerator()
     built = []
     for name in OPS:
+        if name == "FusedAdamBuilder" and not this_nodes_fused_adam()[0]:
+            continue  # runs take torch's fused AdamW
         builder = accelerator.create_op_builder(name)
         if builder is not None and builder.is_compatible():
             builder.load()
@@ -25,10 +55,17 @@ def prebuild() -> list[str]:
     return built
 
 
-if __name__ == "__main__":
+def main() -> int:
+    """Refuse a GPU node whose torch cannot see its GPUs, then build the ops."""
+    check_this_node()
     start = time.perf_counter()
     names = prebuild()
     print(
         f"DeepSpeed ops ready on {get_accelerator().device_name()}: {', '.join(names)} "
         f"({time.perf_counter() - start:.0f} s)"
     )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(exit_code(main))

@@ -45,14 +45,25 @@ class TrainingProgress:
 
 
 class RngStreams:
-    """The random streams a step draws from on this rank: torch's default generator (dropout on the CPU)."""
+    """The random streams a step draws from on this rank: torch's CPU generator, and the accelerator's (dropout on a
+    GPU draws from the device's generator) when the rank computes on one."""
 
     KEY = "torch_rng_state"
+    ACCELERATOR_KEY = "accelerator_rng_state"
+
+    def __init__(self, accelerator=None):
+        """`accelerator`: DeepSpeed's accelerator of this rank's device, or None on the CPU."""
+        self.accelerator = accelerator
 
     def state_dict(self) -> dict[str, Any]:
-        return {self.KEY: torch.get_rng_state()}
+        state = {self.KEY: torch.get_rng_state()}
+        if self.accelerator is not None:
+            state[self.ACCELERATOR_KEY] = self.accelerator.get_rng_state().cpu()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore this rank's streams; a rank the checkpoint did not have (a larger world) keeps its own."""
         if self.KEY in state:
             torch.set_rng_state(state[self.KEY])
+        if self.accelerator is not None and self.ACCELERATOR_KEY in state:
+            self.accelerator.set_rng_state(state[self.ACCELERATOR_KEY])

@@ -12,9 +12,18 @@ from deepspeed.accelerator import get_accelerator
 
 from tnf_scale.config import RunConfig, parse_args
 from tnf_scale.data.prepared import PreparedData, prepare_data
-from tnf_scale.distributed import Topology, any_rank, check_master_port, discover, init_distributed
+from tnf_scale.distributed import (
+    Topology,
+    any_rank,
+    check_master_port,
+    check_this_node,
+    discover,
+    end_process_groups,
+    init_distributed,
+)
 from tnf_scale.ds_config import build_ds_config
 from tnf_scale.errors import ConfigError, PeerStopped, Refusal, exit_code
+from tnf_scale.ops import this_nodes_fused_adam
 from tnf_scale.precision import Precision, device_native_bf16
 from tnf_scale.run_dir import RunDir
 from tnf_scale.run_lock import RunLock
@@ -27,6 +36,7 @@ class Started:
     topo: Topology
     ds_config: dict[str, Any]
     precision: Precision
+    optimizer_note: str  # why the optimizer is not DeepSpeed's fused Adam, if it is not
     run: RunDir
     lock: RunLock  # held by global rank 0
     data: PreparedData
@@ -37,7 +47,10 @@ def command(run: Callable[[RunConfig], int], argv: list[str] | None) -> int:
     """A training command's main: flags parsed into a RunConfig, DeepSpeed's own log held to warnings, and a bad
     input ended in one line on stderr with exit code 2."""
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    return exit_code(lambda: run(parse_args(argv)))
+    try:
+        return exit_code(lambda: run(parse_args(argv)))
+    finally:
+        end_process_groups()
 
 
 def prepare_on_local_rank0(cfg: RunConfig, topo: Topology, log) -> PreparedData:
@@ -60,10 +73,12 @@ def start(cfg: RunConfig, pipeline_refusal: str | None = None) -> Started:
     """Everything up to the model: the DeepSpeed config and the parallel degrees are checked (and, with
     `pipeline_refusal`, a pipeline refused) before any process group starts; the data is prepared before
     `--overwrite` deletes an old run."""
+    check_this_node()
     accelerator = get_accelerator()
     info = discover()
+    fused_adam = this_nodes_fused_adam()
     ds_config, dims, precision = build_ds_config(
-        cfg, info.world_size, device_native_bf16(accelerator), WORLD_SOURCES.get(info.source, "")
+        cfg, info.world_size, device_native_bf16(accelerator), WORLD_SOURCES.get(info.source, ""), fused_adam
     )
     if pipeline_refusal and dims.pipeline > 1:
         raise ConfigError(pipeline_refusal)
@@ -76,7 +91,8 @@ def start(cfg: RunConfig, pipeline_refusal: str | None = None) -> Started:
     lock = lock_run_dir(run, topo)
     data = prepare_on_local_rank0(cfg, topo, log)  # a bad corpus stops here, before an old run is deleted
     run.claim(cfg, topo.is_main)
-    return Started(topo, ds_config, precision, run, lock, data, log)
+    optimizer_note = "" if fused_adam[0] else f"torch's fused AdamW: {fused_adam[1]}"
+    return Started(topo, ds_config, precision, optimizer_note, run, lock, data, log)
 
 
 def lock_run_dir(run: RunDir, topo: Topology) -> RunLock:

@@ -25,7 +25,6 @@ from tnf_scale.model.export import export_hf, save_notes
 from tnf_scale.nonfinite import Diverged, NonfiniteGuard
 from tnf_scale.notes.exchange import ExchangeGroup
 from tnf_scale.notes.store import NoteStore
-from tnf_scale.precision import Precision
 from tnf_scale.run_state import RngStreams, TrainingProgress
 from tnf_scale.startup import Started, command, start
 from tnf_scale.stopping import StopRequest
@@ -54,11 +53,12 @@ def run(cfg: RunConfig) -> int:
         )
     store = note_store(cfg, len(data.rare_vocab), objective.model_config.initializer_range, world)
     training = build_training(cfg, objective, ds_config, world, data, store)
-    log(describe(cfg, started.precision, world, training))
+    log(describe(cfg, started, training))
 
     progress = TrainingProgress()
     checkpointer.start(
-        training.engine, {"progress": progress, "rng": RngStreams(), **({"notes": store} if store else {})}
+        training.engine,
+        {"progress": progress, "rng": RngStreams(on_accelerator(world)), **({"notes": store} if store else {})},
     )
     if checkpointer.point:
         log(
@@ -84,6 +84,11 @@ def run(cfg: RunConfig) -> int:
         training.feeder.close()
 
 
+def on_accelerator(world: Topology):
+    """DeepSpeed's accelerator when this rank computes on a device other than the CPU, else None."""
+    return get_accelerator() if world.device.type != "cpu" else None
+
+
 def note_store(cfg: RunConfig, num_rare: int, init_std: float, world: Topology) -> NoteStore | None:
     """This rank's share of the note dictionary, on its device (None: a run without notes)."""
     if not cfg.tnf_enabled:
@@ -92,15 +97,16 @@ def note_store(cfg: RunConfig, num_rare: int, init_std: float, world: Topology) 
     return NoteStore(num_rare, cfg.hidden_size, cfg.seed, init_std, cfg.note_gamma, exchange, world.device)
 
 
-def describe(cfg: RunConfig, precision: Precision, world: Topology, training: Training) -> str:
+def describe(cfg: RunConfig, started: Started, training: Training) -> str:
     """The start-up line: where the run trains and how."""
-    engine, inner = training.engine, getattr(training.optimizer, "optimizer", training.optimizer)
+    world, engine = started.topo, training.engine
+    inner = getattr(training.optimizer, "optimizer", training.optimizer)
+    note = f" ({started.optimizer_note})" if started.optimizer_note else ""
     return (
         f"world {world.size} on {get_accelerator().device_name()} ({world.dims.pipeline} pipeline stages x "
-        f"{world.dims.data} "
-        f"data-parallel); ZeRO stage {engine.zero_optimization_stage()}; optimizer "
-        f"{type(inner).__module__}.{type(inner).__name__}; "
-        f"precision {precision.describe()}; TNF {cfg.tnf}"
+        f"{world.dims.data} data-parallel); ZeRO stage {engine.zero_optimization_stage()}; "
+        f"optimizer {type(inner).__module__}.{type(inner).__name__}{note}; "
+        f"precision {started.precision.describe()}; TNF {cfg.tnf}"
     )
 
 

@@ -62,16 +62,18 @@ class Trainer:
         feeder: StepFeeder,
         notes: NoteIO | None,
         strategy: StepStrategy,
+        profile_phases: bool = False,
     ):
         self.engine, self.objective, self.world = engine, objective, world
         self.feeder, self.notes, self.strategy = feeder, notes, strategy
         self.grad_accum = engine.gradient_accumulation_steps()
         self.counts_data = world.is_first_stage  # the stage that feeds the inputs counts tokens and loss positions
+        self.sync = get_accelerator().synchronize if profile_phases else None  # a sync stalls a GPU: only when asked
 
     def train_step(self, step: int) -> StepResult:
         """Train global batch `step`; notes read at the start and written once at the end."""
         t0 = time.perf_counter()
-        timer = PhaseTimer(STEP_PHASES, sync=get_accelerator().synchronize)
+        timer = PhaseTimer(STEP_PHASES, sync=self.sync)
         batches = self.feeder.train_batches(step)
         counted = batches if self.counts_data else []
         weights = self.objective.term_weights
@@ -152,7 +154,7 @@ def build_training(
         engine,
         optimizer,
         feeder,
-        Trainer(engine, objective, world, feeder, notes, strategy),
+        Trainer(engine, objective, world, feeder, notes, strategy, cfg.profile_phases),
         Evaluator(feeder, notes, strategy, objective, world.device),
     )
 

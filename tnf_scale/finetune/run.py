@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
+from deepspeed.accelerator import get_accelerator
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -114,7 +114,7 @@ def finetune_seed(
         save_strategy="no",
         logging_strategy="epoch",
         report_to="none",
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=get_accelerator().device_name() == "cpu",
         remove_unused_columns=False,  # tokenize kept only what the model takes
     )
     epochs: list[dict[str, float]] = []

@@ -100,5 +100,7 @@ def ema_closed_form(
     rank = torch.arange(len(ids), device=ids.device) - run_first[run_of] + 1  # i, 1-based within the run
     keep = torch.tensor(1.0 - gamma, dtype=torch.float64, device=ids.device)
     weight = (gamma * keep ** (counts[run_of] - rank)).to(notes.dtype)
-    contribution = notes.new_zeros(len(unique), notes.shape[1]).index_add_(0, run_of, weight.unsqueeze(1) * notes)
+    # One sequential sum per run (the runs are contiguous): deterministic on every device, where CUDA's index_add_
+    # adds with atomics in no fixed order; on the CPU bit for bit what index_add_ gave.
+    contribution = torch.segment_reduce(weight.unsqueeze(1) * notes, "sum", lengths=counts)
     return unique, (keep**counts).to(notes.dtype), contribution

@@ -9,6 +9,7 @@ raw occurrence (id, order key, start, note) to its owner, which applies them in
 from __future__ import annotations
 
 import torch
+from deepspeed.accelerator import get_accelerator
 
 from tnf_scale.notes.exchange import ExchangeGroup
 from tnf_scale.notes.note_math import application_order, ema_closed_form, initial_notes, owner_of
@@ -27,8 +28,11 @@ class NoteStore:
         init_std: float,
         gamma: float,
         exchange: ExchangeGroup | None = None,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = None,
     ):
+        """`device`: where the rows live and the exchange runs (default: this rank's accelerator device, which NCCL
+        needs; the CPU under gloo)."""
+        device = device if device is not None else torch.device(get_accelerator().current_device_name())
         self.num_rare, self.dim, self.gamma = num_rare, dim, gamma
         self.exchange = exchange or ExchangeGroup(rank=0, size=1)
         every = torch.arange(num_rare, dtype=torch.int64)

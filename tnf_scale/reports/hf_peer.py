@@ -133,6 +133,7 @@ def run(cfg: RunConfig) -> int:
         lr_scheduler_type="linear",
         warmup_steps=cfg.warmup_steps,
         bf16=ds_config["bf16"]["enabled"],
+        use_cpu=world.device.type == "cpu",  # the Trainer asks before it computes in bf16 on a CPU
         deepspeed=ds_config,
         logging_steps=cfg.log_interval,
         save_strategy="no",
