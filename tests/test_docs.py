@@ -123,3 +123,12 @@ def test_every_documented_command_names_existing_files_and_accepted_flags():
             assert flag in accepted, f"{doc}: `{command}`: {target} has no flag {flag}"
         checked += 1
     assert checked >= 20  # the docs' commands were found (a changed fence syntax would silently check nothing)
+
+
+@pytest.mark.parametrize("script", ["slurm/pretrain_large.sh", "tools/gpu_check.sh"])
+def test_the_shell_scripts_parse(script):
+    """Scripts that only run on a cluster or a GPU node (their dry runs are in docs/benchmarks.md) parse here."""
+    import subprocess
+
+    proc = subprocess.run(["bash", "-n", str(REPO / script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -62,7 +62,9 @@ def test_sampling_is_inverse_cdf_and_a_sample_equal_to_the_original_counts_as_or
     other = (originals + 1) % objective.discriminator.config.vocab_size
     logits = torch.full((len(originals), objective.discriminator.config.vocab_size), -1e4)
     logits[torch.arange(len(originals)), torch.where(want_same, originals, other)] = 0.0
-    filled, replaced = objective.filled(batch.input_ids, batch.labels, logits, batch.sample_uniform)
+    filled, replaced = objective.filled(
+        batch.input_ids, batch.labels, batch.predicted_index, logits, batch.sample_uniform
+    )
     assert torch.equal(filled[masked], torch.where(want_same, originals, other))
     assert torch.equal(filled[~masked], batch.input_ids[~masked])  # unmasked positions keep their original token
     assert torch.equal(replaced[masked], ~want_same) and not replaced[~masked].any()
@@ -99,7 +101,9 @@ def test_tnf_off_electra_is_the_stock_hugging_face_electra_forward(small_config,
     stock_mlm = stock_gen(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
     torch.testing.assert_close(gen_ce.mean(), stock_mlm.loss, rtol=1e-5, atol=1e-5)
     logits = stock_mlm.logits[masked]
-    filled, replaced = objective.filled(batch.input_ids, batch.labels, logits, batch.sample_uniform)
+    filled, replaced = objective.filled(
+        batch.input_ids, batch.labels, batch.predicted_index, logits, batch.sample_uniform
+    )
     stock_rtd = stock_disc(input_ids=filled, attention_mask=batch.attention_mask, labels=replaced.long())
     torch.testing.assert_close(disc_bce.mean(), stock_rtd.loss, rtol=1e-5, atol=1e-5)
     wrong = ((stock_rtd.logits > 0) != replaced)[real].float()

@@ -40,7 +40,7 @@ def test_idle_hooks_give_the_plain_bert_forward(small_config, prepared):
 def test_objective_gives_the_hugging_face_mlm_loss_per_predicted_token(small_config, prepared):
     tnf, hooks, plain = models(small_config, prepared)
     batch = a_batch(prepared)
-    (per_token,) = MaskedLMObjective(tnf)(batch.input_ids, batch.attention_mask, batch.labels)
+    (per_token,) = MaskedLMObjective(tnf)(**MaskedLMObjective(tnf).inputs(batch))
     assert per_token.shape == ((batch.labels != -100).sum(),)
     summed = per_token.sum()
     mean = plain(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss

@@ -94,7 +94,8 @@ def test_pipeline_export_is_the_model_in_training(pipeline_runs, prepared, small
     batch = Collator(prepared.tokenizer, small_config.max_seq_len, 0.15, seed=1234)(
         prepared.eval, list(range(size)), list(range(size)), [EVAL_EPOCH] * size
     )
-    (ce,) = MaskedLMObjective(model)(batch.input_ids, batch.attention_mask, batch.labels)
+    objective = MaskedLMObjective(model)
+    (ce,) = objective(**objective.inputs(batch))
     ce = ce.sum()
     expected = [r for r in read_metrics(run) if "eval_loss_no_notes" in r][-1]["eval_loss_no_notes"]
     assert float(ce) / int((batch.labels != -100).sum()) == pytest.approx(expected, rel=1e-5)

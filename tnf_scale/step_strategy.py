@@ -45,7 +45,7 @@ class DataParallelStep:
     def train(
         self, batches: list[Batch], rows: NoteRows, scales: list[float], timer: PhaseTimer
     ) -> tuple[list[float], list]:
-        totals, pooled = [0.0] * len(scales), []
+        totals, pooled = None, []
         for batch, batch_rows in zip(batches, rows):
             if self.hooks is not None:
                 self._set_reads(batch, batch_rows)
@@ -56,11 +56,13 @@ class DataParallelStep:
             timer.lap("backward")
             self.engine.step()
             timer.lap("optimizer")
-            totals = [total + float(term.detach()) for total, term in zip(totals, sums)]
+            step_sums = torch.stack([term.detach().double() for term in sums])
+            totals = step_sums if totals is None else totals + step_sums  # in order, in float64: as Python adds
             if self.hooks is not None:
                 pooled.append(self.hooks.pooled)
                 self.hooks.clear()
-        return totals, pooled
+        # each term's sum over the micro-batches: one read back from the device a step
+        return totals.tolist() if totals is not None else [0.0] * len(scales), pooled
 
     def evaluate(self, batches: list[Batch], rows: NoteRows) -> list[LossSums]:
         sums = [LossSums() for _ in self.objective.term_weights]
@@ -68,10 +70,8 @@ class DataParallelStep:
         for batch, batch_rows in zip(batches, rows):
             if batch_rows is not None:
                 self._set_reads(batch, batch_rows)
-            for term_sums, losses, positions in zip(
-                sums, self._term_losses(batch), self.objective.term_positions(batch)
-            ):
-                term_sums.add(losses, batch.in_rare_span[positions])
+            for term_sums, losses, index in zip(sums, self._term_losses(batch), self.objective.term_index(batch)):
+                term_sums.add(losses, batch.in_rare_span.flatten()[index])
             if self.hooks is not None:
                 self.hooks.clear()
         self.engine.train()

@@ -77,12 +77,10 @@ class Trainer:
         batches = self.feeder.train_batches(step)
         counted = batches if self.counts_data else []
         weights = self.objective.term_weights
-        local_counts = [0] * len(weights)
-        for batch in counted:
-            local_counts = [
-                n + int(positions.sum()) for n, positions in zip(local_counts, self.objective.term_positions(batch))
-            ]
-        local_tokens = sum(int(b.lengths.sum()) for b in counted)
+        # sizes the collator fixed on the host: counting them reads nothing back from the device
+        local_counts = [sum(len(index) for index in term) for term in zip(*map(self.objective.term_index, counted))]
+        local_counts = local_counts or [0] * len(weights)
+        local_tokens = sum(b.num_tokens for b in counted)
         counts = [max(n, 1.0) for n in all_reduce_sum(local_counts, self.world.device)]
         scales = [weight * self.world.data_parallel_size * self.grad_accum / n for weight, n in zip(weights, counts)]
         timer.lap("data")

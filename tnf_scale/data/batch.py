@@ -1,4 +1,9 @@
-"""The micro-batch the step consumes: padded tokens, MLM labels, and the rare occurrences it holds."""
+"""The micro-batch the step consumes: padded tokens, MLM labels, and the rare occurrences it holds.
+
+Everything whose size depends on the data (which occurrences read a note, which positions are predicted, which are
+real) arrives as index tensors the collator computed on the host: on a GPU the step then never has to read a mask
+back from the device to learn how much work there is (a boolean mask index or a `.sum()` stalls the queue).
+"""
 
 from __future__ import annotations
 
@@ -28,6 +33,9 @@ class Batch:
     occ_reads: torch.Tensor  # (n,) bool: the occurrence reads its note (no token of its span is predicted)
     in_rare_span: torch.Tensor  # (b, L) bool: the position lies in a rare occurrence's span
     sample_uniform: torch.Tensor  # (b, L) float: ELECTRA's generator samples a replacement with it (inverse CDF)
+    read_index: torch.Tensor  # (r,) the occurrences that read their note, ascending
+    predicted_index: torch.Tensor  # (p,) flat (row-major) positions of the tokens to predict
+    real_index: torch.Tensor  # (t,) flat positions of the real (non-padding) tokens
 
     @property
     def occ_order_key(self) -> torch.Tensor:
@@ -36,12 +44,24 @@ class Batch:
     @property
     def read_spans(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rare id, sample, start, end) of the occurrences that read a note."""
-        reads = self.occ_reads
-        return self.occ_rare[reads], self.occ_sample[reads], self.occ_start[reads], self.occ_end[reads]
+        index = self.read_index
+        return self.occ_rare[index], self.occ_sample[index], self.occ_start[index], self.occ_end[index]
+
+    @property
+    def num_reads(self) -> int:
+        return len(self.read_index)
+
+    @property
+    def num_predicted(self) -> int:
+        return len(self.predicted_index)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.real_index)
 
     def padded(self, rows: int) -> Batch:
         """The micro-batch grown to `rows` rows by copies of its first row that predict nothing and hold no occurrence,
-        for schedules that need equal micro-batches (DeepSpeed's pipeline)."""
+        for schedules that need equal micro-batches (DeepSpeed's pipeline); the indices keep naming the real rows."""
         extra = rows - len(self.input_ids)
         if extra <= 0:
             return self

@@ -89,4 +89,7 @@ class Collator:
             reads,
             span_positions(*spans, (b, self.seq_len)),
             uniform,
+            torch.nonzero(reads).flatten(),
+            torch.nonzero(labels.flatten() != IGNORE_INDEX).flatten(),
+            torch.nonzero(attention_mask.flatten()).flatten(),
         )

@@ -75,7 +75,7 @@ class ElectraObjective(Objective):
     """Generator MLM + rtd_weight x discriminator loss; the discriminator's error and the replaced share ride along
     with weight 0, so that steps and evaluations report them summed over the global batch like the losses.
 
-    Terms (see `term_positions`): generator cross-entropy at masked positions; discriminator binary cross-entropy,
+    Terms (see `term_index`): generator cross-entropy at masked positions; discriminator binary cross-entropy,
     and its error (0/1), at every real position; replaced (0/1) at masked positions. The held-out discriminator
     loss is logged as `eval_loss_no_notes` / `eval_loss_notes` (split into rare-span and other positions), the
     names the reports read, beside `eval_disc_accuracy*` and `eval_gen_loss*`.
@@ -101,8 +101,8 @@ class ElectraObjective(Objective):
     def note_writer(self) -> nn.Module:
         return self.discriminator.electra
 
-    def term_positions(self, batch: Batch) -> list[torch.Tensor]:
-        masked, real = batch.labels != IGNORE_INDEX, batch.attention_mask.bool()
+    def term_index(self, batch: Batch) -> list[torch.Tensor]:
+        masked, real = batch.predicted_index, batch.real_index
         return [masked, real, real, masked]
 
     def inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -111,6 +111,8 @@ class ElectraObjective(Objective):
             "attention_mask": batch.attention_mask,
             "labels": batch.labels,
             "sample_uniform": batch.sample_uniform,
+            "predicted_index": batch.predicted_index,
+            "real_index": batch.real_index,
         }
 
     def step_metrics(self, term_means: list[float]) -> dict[str, float]:
@@ -138,27 +140,34 @@ class ElectraObjective(Objective):
         self,
         input_ids: torch.Tensor,
         labels: torch.Tensor,
+        predicted_index: torch.Tensor,
         generator_logits: torch.Tensor,
         sample_uniform: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The discriminator's input (masked positions filled with samples) and where it differs from the original."""
-        masked = labels != IGNORE_INDEX
-        original = torch.where(masked, labels, input_ids)
-        filled = original.clone()
-        filled[masked] = sample_replacements(generator_logits.detach(), sample_uniform[masked])
+        original = torch.where(labels != IGNORE_INDEX, labels, input_ids)
+        samples = sample_replacements(generator_logits.detach(), sample_uniform.flatten()[predicted_index])
+        filled = original.flatten().index_copy(0, predicted_index, samples).view_as(original)
         return filled, filled != original
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, sample_uniform: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        sample_uniform: torch.Tensor,
+        predicted_index: torch.Tensor,
+        real_index: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        masked, real = labels != IGNORE_INDEX, attention_mask.bool()
         hidden = self.generator.electra(input_ids=input_ids, attention_mask=attention_mask)[0]
-        logits = self.generator.generator_lm_head(self.generator.generator_predictions(hidden[masked]))
-        filled, replaced = self.filled(input_ids, labels, logits, sample_uniform)
-        judged = self.discriminator(input_ids=filled, attention_mask=attention_mask).logits[real]
+        masked_hidden = hidden.flatten(0, 1)[predicted_index]
+        logits = self.generator.generator_lm_head(self.generator.generator_predictions(masked_hidden))
+        filled, replaced = self.filled(input_ids, labels, predicted_index, logits, sample_uniform)
+        judged = self.discriminator(input_ids=filled, attention_mask=attention_mask).logits.flatten()[real_index]
+        replaced = replaced.flatten()
         return (
-            token_cross_entropy(logits, labels[masked]),
-            F.binary_cross_entropy_with_logits(judged.float(), replaced[real].float(), reduction="none"),
-            ((judged > 0) != replaced[real]).float(),
-            replaced[masked].float(),
+            token_cross_entropy(logits, labels.flatten()[predicted_index]),
+            F.binary_cross_entropy_with_logits(judged.float(), replaced[real_index].float(), reduction="none"),
+            ((judged > 0) != replaced[real_index]).float(),
+            replaced[predicted_index].float(),
         )

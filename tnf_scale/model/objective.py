@@ -1,7 +1,7 @@
 """The objective seam: what a pre-training objective tells the trainer, the pipeline path and evaluation.
 
 An objective is the module DeepSpeed wraps. From a micro-batch it computes one or more loss terms, each the loss
-of every position the term averages over (`term_positions`); the training loss is the sum of the terms' means over
+of every position the term averages over (`term_index`); the training loss is the sum of the terms' means over
 the global batch, weighted by `term_weights` (a weight of 0: the term is only reported). It names the networks TNF
 enters (`note_readers` mix notes at their embedding LayerNorm input; `note_writer`'s encoder output is noted: the
 one seam of every path), and turns held-out loss sums, without and with notes, into the metrics a run logs. The
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertForMaskedLM
 
-from tnf_scale.data.batch import IGNORE_INDEX, Batch
+from tnf_scale.data.batch import Batch
 
 
 @dataclass
@@ -78,8 +78,9 @@ class Objective(nn.Module, metaclass=ABCMeta):
         """The Hugging Face base model whose `encoder` output is noted."""
 
     @abstractmethod
-    def term_positions(self, batch: Batch) -> list[torch.Tensor]:
-        """Per loss term, (batch, seq_len) bool: the positions whose losses `forward` returns (row-major)."""
+    def term_index(self, batch: Batch) -> list[torch.Tensor]:
+        """Per loss term, the flat (row-major) positions whose losses `forward` returns, in that order; computed by
+        the collator, so their number is known on the host."""
 
     @abstractmethod
     def inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -127,18 +128,23 @@ class MaskedLMObjective(Objective):
     def note_writer(self) -> nn.Module:
         return self.mlm.bert
 
-    def term_positions(self, batch: Batch) -> list[torch.Tensor]:
-        return [batch.labels != IGNORE_INDEX]
+    def term_index(self, batch: Batch) -> list[torch.Tensor]:
+        return [batch.predicted_index]
 
     def inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels}
+        return {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+            "labels": batch.labels,
+            "predicted_index": batch.predicted_index,
+        }
 
     def eval_metrics(self, plain: list[LossSums], with_notes: list[LossSums] | None) -> dict[str, float]:
         return eval_loss_metrics(plain[0], with_notes[0] if with_notes else None)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, predicted_index: torch.Tensor
     ) -> tuple[torch.Tensor]:
         hidden = self.mlm.bert(input_ids=input_ids, attention_mask=attention_mask)[0]
-        predicted = labels != IGNORE_INDEX
-        return (token_cross_entropy(self.mlm.cls(hidden[predicted]), labels[predicted]),)
+        predicted = hidden.flatten(0, 1)[predicted_index]
+        return (token_cross_entropy(self.mlm.cls(predicted), labels.flatten()[predicted_index]),)

@@ -31,7 +31,7 @@ class NoteIO:
         """The note rows of the reading occurrences (`Batch.read_spans`) of each micro-batch; a rank that feeds no
         inputs
         asks for nothing and gets empty rows. Collective."""
-        counts = [int(b.occ_reads.sum()) for b in batches]
+        counts = [b.num_reads for b in batches]
         ids = torch.cat([b.read_spans[0] for b in batches]) if self.reads else torch.zeros(0, dtype=torch.int64)
         rows = self.store.read(ids)
         if not self.reads:
@@ -52,7 +52,7 @@ class NoteIO:
         """This rank's share of the step's note metrics (summed over ranks by the caller) and its traffic since the last
         call; `batches` are the micro-batches this rank counts (none on a stage that does not feed inputs)."""
         occurrences = sum(len(b.occ_rare) for b in batches)
-        read = sum(int(b.occ_reads.sum()) for b in batches)
+        read = sum(b.num_reads for b in batches)
         counts = dict(zip(STEP_NOTE_METRICS, (read, occurrences - read, occurrences, self.store.distinct_noted())))
         return {**counts, **{f"note_{k}": v for k, v in self.store.take_traffic().items()}}
 

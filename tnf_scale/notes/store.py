@@ -67,33 +67,32 @@ class NoteStore:
         traffic, self.traffic = self.traffic, self._zero_traffic()
         return traffic
 
-    def _off_rank_bytes(self, counts: torch.Tensor, row_bytes: int) -> int:
-        return (int(counts.sum()) - int(counts[self.exchange.rank])) * row_bytes
+    def _off_rank_bytes(self, counts: list[int], row_bytes: int) -> int:
+        return (sum(counts) - counts[self.exchange.rank]) * row_bytes
 
-    def _by_owner(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(permutation grouping `ids` by owner rank, how many go to each rank)."""
+    def _by_owner(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """(permutation grouping `ids` by owner rank, how many go to each rank). Alone, a rank owns every id and
+        nothing is read back from the device; otherwise the counts are all_to_all's split sizes, wanted on the host."""
+        if self.exchange.size == 1:
+            return torch.arange(len(ids), device=ids.device), [len(ids)]
         owners = owner_of(ids, self.exchange.size)
-        return torch.argsort(owners, stable=True), torch.bincount(owners, minlength=self.exchange.size)
+        return torch.argsort(owners, stable=True), torch.bincount(owners, minlength=self.exchange.size).tolist()
 
     def read(self, ids: torch.Tensor) -> torch.Tensor:
         """Note rows for `ids` (duplicates allowed) as they stand now. Collective: every rank calls it."""
         ids = ids.to(self.device)
         unique, inverse = torch.unique(ids, return_inverse=True)
         order, send_counts = self._by_owner(unique)
-        asked, recv_counts = self.exchange.route(unique[order], send_counts.to(self.device))
-        answers = self.exchange.exchange_rows(self.table[self.slot_of[asked]], recv_counts, send_counts.to(self.device))
+        asked, recv_counts = self.exchange.route(unique[order], send_counts)
+        answers = self.exchange.exchange_rows(self.table[self.slot_of[asked]], recv_counts, send_counts)
         rows = torch.empty(len(unique), self.dim, device=self.device)
         rows[order] = answers
         row_bytes = self.dim * self.table.element_size()
         t = self.traffic
         t["ids_requested"] += len(ids)
         t["ids_unique"] += len(unique)
-        t["read_bytes_sent"] += self._off_rank_bytes(send_counts, 8) + self._off_rank_bytes(
-            recv_counts.cpu(), row_bytes
-        )
-        t["read_bytes_received"] += self._off_rank_bytes(recv_counts.cpu(), 8) + self._off_rank_bytes(
-            send_counts, row_bytes
-        )
+        t["read_bytes_sent"] += self._off_rank_bytes(send_counts, 8) + self._off_rank_bytes(recv_counts, row_bytes)
+        t["read_bytes_received"] += self._off_rank_bytes(recv_counts, 8) + self._off_rank_bytes(send_counts, row_bytes)
         return rows[inverse]
 
     def write(self, ids: torch.Tensor, order_key: torch.Tensor, start: torch.Tensor, notes: torch.Tensor) -> None:
@@ -105,12 +104,12 @@ class NoteStore:
         payload = torch.cat(
             [meta.view(torch.int32), notes.to(self.device, torch.float32)[order].contiguous().view(torch.int32)], dim=1
         )
-        received, recv_counts = self.exchange.route(payload, send_counts.to(self.device))
+        received, recv_counts = self.exchange.route(payload, send_counts)
         meta = received[:, : 2 * _META].contiguous().view(torch.int64)
         self._apply(meta[:, 0], meta[:, 1], meta[:, 2], received[:, 2 * _META :].contiguous().view(torch.float32))
         row_bytes = payload.shape[1] * payload.element_size()
         self.traffic["write_bytes_sent"] += self._off_rank_bytes(send_counts, row_bytes)
-        self.traffic["write_bytes_received"] += self._off_rank_bytes(recv_counts.cpu(), row_bytes)
+        self.traffic["write_bytes_received"] += self._off_rank_bytes(recv_counts, row_bytes)
 
     def _apply(self, ids: torch.Tensor, order_key: torch.Tensor, start: torch.Tensor, notes: torch.Tensor) -> None:
         if len(ids) == 0:

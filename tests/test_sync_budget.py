@@ -1,0 +1,58 @@
+"""The step never waits on the device without need: a GPU idles while the host reads a value back from it.
+
+On this CPU nothing waits, so the test counts what would: the operations whose result size or value the host must
+read from the device (a scalar read, nonzero, unique, bincount, repeat_interleave without output_size, a boolean
+mask index), issued by this project's code inside training steps (tests/workers/sync_worker.py). The budget, per
+step, and why each one stays:
+
+- `unique` of the ids a step reads: the de-duplicated ids are what the read exchanges (inherent);
+- `unique_consecutive` of the written ids: the number of distinct words written sizes the EMA update (inherent);
+- a scalar read of the words noted so far (`distinct_noted`, a metric logged every step);
+- with more than one rank, `bincount` of the owners, once for the read and once for the write: all_to_all's split
+  sizes live on the host (inherent).
+Not counted here because a CPU cannot show them: the step's one copy of its loss sums to the host, and with more
+than one rank the split sizes' copies. Known and left: DeepSpeed's and transformers' own reads (listed apart), and
+on the last pipeline stage the loss function's boolean masks and per-micro-batch sums (it computes the decoder at
+every position).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import COMPARED_RUN, launch, train_args
+
+pytestmark = pytest.mark.launcher
+
+OURS = "tnf_scale:"
+BUDGET = {  # layout: (ranks, flags, this project's device reads per step on rank 0)
+    "data parallel": (1, {}, {"unique": 1, "unique_consecutive": 1, "a scalar read (item, int, float, bool)": 1}),
+    "ELECTRA": (1, {"objective": "electra"}, {"unique": 1, "unique_consecutive": 1,
+                                               "a scalar read (item, int, float, bool)": 1}),
+    "pipeline, first stage": (2, {"deepspeed_config": "ds_configs/tiny_pp2.json"},
+                              {"unique": 1, "unique_consecutive": 1, "a scalar read (item, int, float, bool)": 1,
+                               "bincount": 2}),
+}  # fmt: skip
+
+
+def our_reads(step: dict[str, int]) -> dict[str, int]:
+    """This project's counts of one step, by kind of operation."""
+    kinds: dict[str, int] = {}
+    for key, count in step.items():
+        kind, where = key.split(" @ ")
+        if where.startswith(OURS):
+            kinds[kind] = kinds.get(kind, 0) + count
+    return kinds
+
+
+@pytest.mark.parametrize("layout", list(BUDGET))
+def test_a_training_step_reads_back_from_the_device_only_what_it_must(layout, small_config, tmp_path):
+    ranks, flags, budget = BUDGET[layout]
+    out = tmp_path / "syncs"
+    args = train_args(small_config, tmp_path / "run", max_steps=10, **{**COMPARED_RUN, **flags})
+    launch(ranks, ["tests/workers/sync_worker.py", str(out), *args])
+    steps = json.loads(Path(f"{out}.rank0.json").read_text())
+    for step in steps:
+        assert our_reads(step) == budget, json.dumps(step, indent=1)
