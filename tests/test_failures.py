@@ -349,3 +349,23 @@ def test_the_process_group_is_destroyed_on_every_way_out_of_a_command(ending):
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=clean_env(), capture_output=True, text=True)
     assert proc.returncode == {"done": 0, "refused": 2, "failed": 1}[ending], proc.stderr[-2000:]
     assert "left initialized: False" in proc.stdout
+
+
+def test_long_waits_run_on_a_gloo_control_group_and_nccl_errors_raise_in_python():
+    """Waiting for one rank's long work (data preparation, a checkpoint conversion, the export) must not meet NCCL's
+    10-minute watchdog: those waits run on a gloo group with a timeout of hours. And a failed NCCL collective aborts
+    its communicator and raises in Python (TORCH_NCCL_ASYNC_ERROR_HANDLING=2), so the last-words code runs."""
+    code = (
+        "import os, torch\n"
+        "from tnf_scale.distributed import CONTROL_TIMEOUT, any_rank_on_control, discover, init_distributed, "
+        "wait_for_all\n"
+        "topo = init_distributed(discover())\n"
+        "wait_for_all(topo)\n"
+        "print(torch.distributed.get_backend(topo.control), CONTROL_TIMEOUT.total_seconds() >= 3600,\n"
+        "      os.environ['TORCH_NCCL_ASYNC_ERROR_HANDLING'], any_rank_on_control(True, topo))\n"
+        "torch.distributed.destroy_process_group()\n"
+    )
+    env = {k: v for k, v in clean_env().items() if k != "TORCH_NCCL_ASYNC_ERROR_HANDLING"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "gloo True 2 True" in proc.stdout

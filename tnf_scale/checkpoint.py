@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tnf_scale.config import RunConfig, resume_conflict
-from tnf_scale.distributed import Topology
+from tnf_scale.distributed import Topology, wait_for_all
 from tnf_scale.errors import ConfigError, Refusal
 from tnf_scale.run_dir import RunDir
 from tnf_scale.run_state import Stateful
@@ -289,10 +289,10 @@ def universal_form(ckpt: Path) -> Path:
     return target
 
 
-def universal_checkpoint(point: ResumePoint, rank: int) -> Path:
+def universal_checkpoint(point: ResumePoint, topo: Topology) -> Path:
     """The universal form of the planned checkpoint, converted by rank 0 while the others wait. Collective."""
-    target = universal_form(point.ckpt) if rank == 0 else point.ckpt.parent / "universal" / point.ckpt.name
-    deepspeed.comm.barrier()
+    target = universal_form(point.ckpt) if topo.is_main else point.ckpt.parent / "universal" / point.ckpt.name
+    wait_for_all(topo)
     return target
 
 
@@ -371,7 +371,7 @@ class Checkpointer:
                 "resume a pipeline run with the same stages and ranks."
             )
         if ds_config["zero_optimization"].get("stage", 0) > 0:
-            self.source = universal_checkpoint(point, self.topo.rank)
+            self.source = universal_checkpoint(point, self.topo)
             ds_config["checkpoint"] = {"load_universal": True}
 
     def start(self, engine, states: dict[str, Stateful]) -> None:

@@ -10,6 +10,7 @@ Discovery, in one place, for every way users launch:
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from deepspeed.accelerator import get_accelerator
 from tnf_scale.errors import ConfigError
 from tnf_scale.launch import free_port
 
+CONTROL_TIMEOUT = datetime.timedelta(hours=6)  # preparing Wikipedia + BookCorpus, converting a BERT-large checkpoint
 MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 
 
@@ -41,6 +43,8 @@ class Topology:
     - world: every rank (`rank`, `size`); the small collectives of distributed.py run on it.
     - pipeline group: the stages one micro-batch passes through (`pipeline_parallel_rank` of `dims.pipeline`).
     - data-parallel group: the replicas that split a global batch (`data_parallel_rank` of `dims.data`).
+    - control group: every rank again, on gloo with a timeout of hours (`control`): the waits while one rank
+      prepares the data, converts a checkpoint or exports run there, never into NCCL's 10-minute watchdog.
     - note group: the ranks that share one note dictionary: the whole world (`note_group_rank` of
       `note_group_size`); every rank holds a share of the rows, also ranks on inner pipeline stages.
     DeepSpeed orders ranks pipeline-major (its PipeDataParallelTopology): rank = stage x dims.data + replica.
@@ -51,6 +55,7 @@ class Topology:
     size: int
     device: torch.device
     dims: ParallelDims
+    control: object = None  # the control group: gloo with a long timeout, for waits on one rank's long work
 
     @property
     def is_main(self) -> bool:
@@ -235,8 +240,12 @@ def init_distributed(info: RankInfo, dims: ParallelDims | None = None) -> Topolo
         MASTER_ADDR=info.master_addr,
         MASTER_PORT=str(info.master_port),
     )
+    # NCCL: on a failed or timed-out collective, abort the communicator and raise in Python (2), instead of the
+    # default (3) of ending the process from the watchdog thread: the survivors then say their last words and stop
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     accelerator = get_accelerator()
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False)
+    control = torch.distributed.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     release_shm_buffer(info)
     if accelerator.device_name() != "cpu":
         index = device_index(info.local_rank, accelerator.device_count())
@@ -245,7 +254,7 @@ def init_distributed(info: RankInfo, dims: ParallelDims | None = None) -> Topolo
     else:
         device = torch.device("cpu")
     size = deepspeed.comm.get_world_size()
-    return Topology(deepspeed.comm.get_rank(), info.local_rank, size, device, dims or ParallelDims(1, size))
+    return Topology(deepspeed.comm.get_rank(), info.local_rank, size, device, dims or ParallelDims(1, size), control)
 
 
 def end_process_groups() -> None:
@@ -259,9 +268,19 @@ def end_process_groups() -> None:
         torch.distributed.destroy_process_group()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when `flag` is true on at least one (one collective on the world)."""
-    return all_reduce_sum([float(flag)], device)[0] > 0
+def wait_for_all(topo: Topology) -> None:
+    """Every rank waits here for the others, on the control group (a wait of hours is fine)."""
+    if topo.size > 1:
+        torch.distributed.barrier(group=topo.control)
+
+
+def any_rank_on_control(flag: bool, topo: Topology) -> bool:
+    """True on every rank when `flag` is true on at least one, agreed on the control group (hours may pass first)."""
+    if topo.size == 1:
+        return flag
+    t = torch.tensor([float(flag)])
+    torch.distributed.all_reduce(t, group=topo.control)
+    return bool(t.item() > 0)
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

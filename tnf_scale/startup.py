@@ -14,7 +14,7 @@ from tnf_scale.config import RunConfig, parse_args
 from tnf_scale.data.prepared import PreparedData, prepare_data
 from tnf_scale.distributed import (
     Topology,
-    any_rank,
+    any_rank_on_control,
     check_master_port,
     check_this_node,
     discover,
@@ -62,7 +62,7 @@ def prepare_on_local_rank0(cfg: RunConfig, topo: Topology, log) -> PreparedData:
             data = prepare_data(cfg, log=log, show_progress=topo.is_main)
         except Refusal as err:
             refusal = err
-    if any_rank(refusal is not None, topo.device):  # also the barrier the other ranks wait at
+    if any_rank_on_control(refusal is not None, topo):  # also where the other ranks wait, as long as it takes
         raise refusal or PeerStopped()
     if topo.local_rank != 0:
         data = prepare_data(cfg, log=lambda *_: None, show_progress=False)
@@ -104,6 +104,6 @@ def lock_run_dir(run: RunDir, topo: Topology) -> RunLock:
             lock.acquire()
         except Refusal as err:
             refusal = err
-    if any_rank(refusal is not None, topo.device):
+    if any_rank_on_control(refusal is not None, topo):
         raise refusal or PeerStopped()
     return lock

@@ -55,7 +55,7 @@ def launcher_chain() -> list[psutil.Process]:
 
 class StopRequest:
     """Remembers why this rank was asked to stop; `reason` is None until then. The step loop asks every rank at each
-    step boundary (distributed.any_rank) so that all stop together."""
+    step boundary (one all-reduce: `agreed`) so that all stop together."""
 
     def __init__(self, launchers: list[psutil.Process] | None = None):
         """Handles the stop signals from now on and watches `launchers` (default: this rank's launcher chain)."""

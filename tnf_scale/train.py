@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from tnf_scale.checkpoint import Checkpointer, note_rows
 from tnf_scale.config import RunConfig
-from tnf_scale.distributed import Topology
+from tnf_scale.distributed import Topology, wait_for_all
 from tnf_scale.errors import PeerStopped
 from tnf_scale.failures import settle_failure
 from tnf_scale.metrics import MetricsLogger
@@ -176,7 +176,7 @@ def train(
         if cfg.save_notes and cfg.tnf_enabled:
             log(f"notes: {save_notes(run_dir.path, *note_rows(ckpt))}")
         log(f"run: {run_dir.path}\nmetrics: {run_dir.metrics}\nTensorBoard: tensorboard --logdir {run_dir.tensorboard}")
-    deepspeed.comm.barrier()
+    wait_for_all(world)  # rank 0's export of a large model can outlast NCCL's watchdog
     return 0
 
 

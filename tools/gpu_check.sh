@@ -106,6 +106,7 @@ step "ZeRO-3 with activation checkpointing" train 1 "$OUT/zero3" --preset "$BASE
     --deepspeed_config ds_configs/zero3.json --activation_checkpointing true --max_steps "$STEPS"
 step "ELECTRA" train 1 "$OUT/electra" --preset "$ELECTRA" --precision bf16 --max_steps "$STEPS"
 if [ "$RANKS2" -ge 2 ]; then
+    mkdir -p "$OUT/store"
     step "Sharded store on 2 ranks (W = 1 vs 2, bitwise)" "$BIN/deepspeed" --num_gpus 2 \
         --master_port $((PORT++)) tests/workers/store_worker.py "$OUT/store"
     step "2 pipeline stages" train 2 "$OUT/pipeline" --preset tiny --precision bf16 \
