@@ -312,3 +312,23 @@ def test_time_to_score_finds_tnf_s_first_checkpoint_at_the_baseline_s_final_scor
     assert never["gap_at_last_step"] == pytest.approx(-0.005) and never["seed_spread_at_last_step"] == 0.01
     assert "within the spread, so not told from noise" in never["verdict"]  # -0.005 against a std of 0.01
     assert "larger than the spread" in result["verdict"]  # +0.03 against 0.01
+
+
+def test_fine_tuning_outside_a_launch_uses_one_device(tmp_path, monkeypatch):
+    """On a node with several GPUs the Trainer would wrap the model in nn.DataParallel (its n_gpu > 1), splitting the
+    note tensors apart from their samples: a process that is not a rank of a launch fine-tunes on one device."""
+    from transformers import TrainingArguments
+    from transformers.training_args import ParallelMode
+
+    from tnf_scale.finetune.run import on_one_device
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    _ = args.device
+    args._n_gpu = 4  # what the Trainer reads on a 4-GPU node
+    monkeypatch.setattr(TrainingArguments, "parallel_mode", property(lambda self: ParallelMode.NOT_DISTRIBUTED))
+    on_one_device(args)
+    assert args.n_gpu == 1
+    monkeypatch.setattr(TrainingArguments, "parallel_mode", property(lambda self: ParallelMode.DISTRIBUTED))
+    args._n_gpu = 4
+    on_one_device(args)  # a rank of a distributed launch: the launch decides
+    assert args.n_gpu == 4

@@ -48,10 +48,28 @@ def test_summary_takes_medians_and_spread():
     assert summary["phase_seconds"]["forward"] == 1.0 and summary["phase_seconds"]["note_read"] == 0.0
 
 
-def test_gpu_peaks_and_the_no_gpu_note():
+def test_gpu_peaks_by_exact_name_and_the_no_gpu_note():
     assert gpu_peak("NVIDIA A100-SXM4-80GB") == 312e12 and gpu_peak("Some CPU") is None
+    assert gpu_peak("NVIDIA H200") == 989e12  # matched no entry before: fell back to a CPU peak
+    assert gpu_peak("NVIDIA L40S") == 362e12 and gpu_peak("NVIDIA L4") == 121e12  # "L40S" contains "L4"
+    assert gpu_peak("NVIDIA H100 PCIe") == 756e12 < gpu_peak("NVIDIA H100 80GB HBM3")  # PCIe is not SXM
+    assert gpu_peak("Tesla V100-SXM2-32GB") is None  # no native bf16: no bf16 peak to measure against
     state = gpu_state()
     assert state["gpus"] or state["note"].startswith("no GPU")
+
+
+def test_mfu_is_against_the_runs_own_gpus_times_its_ranks(tmp_path):
+    import json
+
+    from tnf_scale.reports.throughput import run_peak
+
+    (tmp_path / "provenance.json").write_text(json.dumps({"world_size": 16, "device": "NVIDIA H100 80GB HBM3"}))
+    assert run_peak(tmp_path, {"bf16": 1.0}) == (16 * 989e12, "NVIDIA H100 80GB HBM3 dense bf16 peak x 16")
+    (tmp_path / "provenance.json").write_text(json.dumps({"world_size": 2, "device": "NVIDIA RTX 9999"}))
+    peak, why = run_peak(tmp_path, {"bf16": 1.0})
+    assert peak is None and "no peak known for 'NVIDIA RTX 9999'" in why
+    (tmp_path / "provenance.json").write_text(json.dumps({"world_size": 2, "device": "cpu", "precision": "bf16"}))
+    assert run_peak(tmp_path, {"bf16": 5.0, "fp32": 1.0})[0] == 5.0  # a CPU run: this machine's peak in its precision
 
 
 def test_throughput_report_refuses_a_folder_without_a_run(tmp_path):

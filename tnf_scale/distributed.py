@@ -223,6 +223,14 @@ def check_this_node() -> None:
     check_torch_sees_gpus(gpus_listed(), torch_sees, os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
+def device_name(device: torch.device) -> str:
+    """The device a rank computes on, as the throughput report looks its peak up: a CUDA GPU's exact name (as NVML
+    gives it), else the device type."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
 def device_index(local_rank: int, device_count: int) -> int:
     """This rank's device among those it sees: a node's ranks take them in turn, and a rank bound to its own GPU
     (SLURM's per-task binding, CUDA_VISIBLE_DEVICES of one) sees one device, index 0, whatever its local rank."""

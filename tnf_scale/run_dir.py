@@ -149,11 +149,11 @@ class RunDir:
         deepspeed.comm.barrier()
 
     def write_run_files(
-        self, cfg: RunConfig, model_config, tokenizer_dir: Path, world_size: int, precision: str, generator_config=None
+        self, cfg: RunConfig, model_config, tokenizer_dir: Path, world_size: int, details: dict, generator_config=None
     ) -> None:
-        """Tokenizer (with rare vocabulary), model config(s), run config and provenance (with the precision the run
-        computes in, `bf16` or `fp32`): what the run was, beside its metrics, so that export and the reports need only
-        the run directory."""
+        """Tokenizer (with rare vocabulary), model config(s), run config and provenance (with `details`: the precision
+        the run computes in and the device it runs on): what the run was, beside its metrics, so that export and the
+        reports need only the run directory."""
         shutil.copytree(tokenizer_dir, self.tokenizer, dirs_exist_ok=True)
         model_config.to_json_file(str(self.model_config))
         if generator_config is not None:
@@ -163,7 +163,7 @@ class RunDir:
             "commit": commit(),
             "machine": machine(),
             "world_size": world_size,
-            "precision": precision,
+            **details,
             "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
         self.provenance.write_text(json.dumps(record, indent=2) + "\n")

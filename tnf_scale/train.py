@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from tnf_scale.checkpoint import Checkpointer, note_rows
 from tnf_scale.config import RunConfig
-from tnf_scale.distributed import Topology, wait_for_all
+from tnf_scale.distributed import Topology, device_name, wait_for_all
 from tnf_scale.errors import PeerStopped
 from tnf_scale.failures import settle_failure
 from tnf_scale.metrics import MetricsLogger
@@ -48,7 +48,7 @@ def run(cfg: RunConfig) -> int:
             objective.model_config,
             data.tokenizer_dir,
             world.size,
-            started.precision.name,
+            run_details(started),
             objective.generator_config,
         )
     store = note_store(cfg, len(data.rare_vocab), objective.model_config.initializer_range, world)
@@ -82,6 +82,11 @@ def run(cfg: RunConfig) -> int:
         return 1
     finally:
         training.feeder.close()
+
+
+def run_details(started: Started) -> dict[str, str]:
+    """What provenance.json records of how the run computes: its precision and its device (a GPU's exact name)."""
+    return {"precision": started.precision.name, "device": device_name(started.topo.device)}
 
 
 def on_accelerator(world: Topology):
@@ -191,6 +196,7 @@ def step_record(progress: TrainingProgress, result: StepResult, lr: float, nonfi
         "step_seconds": result.seconds,
         "tokens_per_s": result.tokens / result.seconds,
         "nonfinite_steps": nonfinite_steps,
+        "memory_max_rank_gib": result.memory_max_rank_gib,
         **result.terms,
         **result.notes,
         **{f"time_{phase}": seconds for phase, seconds in result.phases.items()},

@@ -49,6 +49,7 @@ class StepResult:
     seconds: float
     notes: dict[str, float]  # occurrences, distinct words noted, note traffic (STEP_NOTE_METRICS at 0 without notes)
     phases: dict[str, float]  # seconds this rank spent in each of STEP_PHASES
+    memory_max_rank_gib: float  # the largest peak memory allocated so far on any rank (GiB)
 
 
 class Trainer:
@@ -92,15 +93,18 @@ class Trainer:
             self.notes.write(batches, pooled)
             local_notes = self.notes.step_counts(counted)
         timer.lap("note_write")
-        tokens, *sums = all_reduce_sum([local_tokens, *term_totals, *local_notes.values()], self.world.device)
+        memory = [0.0] * self.world.size  # each rank's peak memory so far, in its own slot
+        memory[self.world.rank] = get_accelerator().max_memory_allocated() / 2**30
+        tokens, *sums = all_reduce_sum([local_tokens, *term_totals, *local_notes.values(), *memory], self.world.device)
+        sums, memory = sums[: len(sums) - len(memory)], sums[len(sums) - len(memory) :]
         means = [total / n for total, n in zip(sums[: len(weights)], counts)]
         notes = {**dict.fromkeys(STEP_NOTE_METRICS, 0), **dict(zip(local_notes, sums[len(weights) :]))}
         if self.notes is not None:
             notes.update(self.notes.balance())
         loss = sum(weight * mean for weight, mean in zip(weights, means))
-        return StepResult(
-            loss, self.objective.step_metrics(means), int(tokens), time.perf_counter() - t0, notes, timer.seconds
-        )
+        step_metrics = self.objective.step_metrics(means)
+        seconds = time.perf_counter() - t0
+        return StepResult(loss, step_metrics, int(tokens), seconds, notes, timer.seconds, max(memory))
 
 
 @dataclass

@@ -20,6 +20,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.training_args import ParallelMode
 
 from tnf_scale.errors import ConfigError
 from tnf_scale.finetune.notes import (
@@ -117,6 +118,7 @@ def finetune_seed(
         use_cpu=get_accelerator().device_name() == "cpu",
         remove_unused_columns=False,  # tokenize kept only what the model takes
     )
+    on_one_device(training)
     epochs: list[dict[str, float]] = []
 
     def compute_metrics(prediction) -> dict[str, float]:
@@ -139,6 +141,16 @@ def finetune_seed(
         model.save(folder) if source is not None else model.save_pretrained(str(folder))
         tokenizer.save_pretrained(str(folder))
     return epochs
+
+
+def on_one_device(training: TrainingArguments) -> None:
+    """Fine-tune on one device when the process is not one rank of a distributed launch. On a node with several GPUs
+    the Trainer would otherwise wrap the model in nn.DataParallel, which splits the per-occurrence note tensors of a
+    batch apart from its samples and runs the note hooks concurrently; several GPUs are for `deepspeed`/`torchrun`
+    launches, where each rank has its own. (`_n_gpu` is the count the Trainer consults; transformers has no public
+    setting for it.)"""
+    if training.n_gpu > 1 and training.parallel_mode == ParallelMode.NOT_DISTRIBUTED:
+        training._n_gpu = 1
 
 
 def summarize(task: TaskData, per_seed: dict[int, list[dict[str, float]]]) -> dict:

@@ -19,8 +19,27 @@ from tnf_scale.reports.bench import finished_run, steady_steps
 from tnf_scale.run_dir import RunDir, machine
 
 PHASES = ("data", "note_read", "forward", "backward", "optimizer", "note_write")
-# Dense bf16/fp16 tensor-core peaks (FLOP/s) by the NVML device name's model; MFU is left out for others.
-GPU_PEAK_FLOPS = {"H100": 989e12, "A100": 312e12, "L4": 121e12, "V100": 125e12}
+# Dense (no sparsity) bf16 tensor-core peaks per GPU (FLOP/s), from NVIDIA's datasheets, by the exact name NVML and
+# torch report. A name that is not here gets no MFU (the report says so), never a near miss: "L40S" is not "L4", an
+# H100 PCIe is not an H100 SXM. GPUs without native bf16 (V100, T4) have no entry: auto trains them in fp32.
+GPU_PEAK_FLOPS = {
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A10": 125e12,
+    "NVIDIA A40": 149.7e12,
+    "NVIDIA L4": 121e12,
+    "NVIDIA L40": 181e12,
+    "NVIDIA L40S": 362e12,
+    "NVIDIA H100 80GB HBM3": 989e12,  # SXM5
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA GH200 480GB": 989e12,
+    "NVIDIA B200": 2250e12,
+}
 
 
 def encoder_flops(layers: int, hidden: int, ffn: int, seq_len: int) -> float:
@@ -106,7 +125,8 @@ def gpu_state() -> dict:
 
 
 def gpu_peak(name: str) -> float | None:
-    return next((peak for model, peak in GPU_PEAK_FLOPS.items() if model in name), None)
+    """The dense bf16 peak of one GPU of this exact name, or None."""
+    return GPU_PEAK_FLOPS.get(name)
 
 
 def summarize(steps: list[dict], samples_per_step: int) -> dict:
@@ -127,21 +147,25 @@ def summarize(steps: list[dict], samples_per_step: int) -> dict:
 
 
 def device_peak(precisions: set[str]) -> dict:
-    """The peaks MFU is measured against, by precision, and the GPU state: a GPU's table peak x count, else this
-    CPU's matmul peak in each of `precisions`, measured now."""
-    gpus = gpu_state()
-    peak = gpu_peak(gpus["gpus"][0]["name"]) if gpus["gpus"] else None
-    if peak:
-        return {
-            "peaks_flops_per_s": dict.fromkeys(precisions, peak * len(gpus["gpus"])),
-            "peak": f"{gpus['gpus'][0]['name']} dense bf16 peak x {len(gpus['gpus'])}",
-            **gpus,
-        }
+    """This machine's CPU matmul peak in each of `precisions`, measured now (for runs on a CPU), and the GPU state."""
     return {
         "peaks_flops_per_s": {p: measured_matmul_peak(p) for p in sorted(precisions)},
-        "peak": "matmul peak of this machine in the run's precision, measured now",
-        **gpus,
+        "peak": "CPU runs: the matmul peak of this machine in the run's precision, measured now",
+        **gpu_state(),
     }
+
+
+def run_peak(run: Path, cpu_peaks: dict[str, float]) -> tuple[float | None, str]:
+    """The peak a run's MFU is against, and what it is: its GPUs' table peak x the run's ranks (the device the run
+    recorded), or this machine's CPU peak for a CPU run."""
+    origin = RunDir(run).read_provenance()
+    device, ranks = origin.get("device", "cpu"), origin.get("world_size") or 1
+    if device == "cpu":
+        return cpu_peaks[run_precision(run)], "CPU matmul peak, measured now"
+    peak = gpu_peak(device)
+    if peak is None:
+        return None, f"no peak known for {device!r}: add it to GPU_PEAK_FLOPS"
+    return peak * ranks, f"{device} dense bf16 peak x {ranks}"
 
 
 def run_precision(run: Path) -> str:
@@ -149,7 +173,7 @@ def run_precision(run: Path) -> str:
     return RunDir(run).read_provenance().get("precision", "fp32")
 
 
-def run_figures(run: Path, warmup: int, peaks_flops_per_s: dict[str, float]) -> dict:
+def run_figures(run: Path, warmup: int, cpu_peaks: dict[str, float]) -> dict:
     """Throughput figures of one finished run (train.py's or the Hugging Face Trainer peer's).
 
     FLOPs count the MLM head on masked tokens for every trainer: the work the objective needs.
@@ -160,6 +184,7 @@ def run_figures(run: Path, warmup: int, peaks_flops_per_s: dict[str, float]) -> 
     flops = run_flops_per_token(run, config)
     achieved = flops * summary["tokens_per_s"]["median"]
     origin = RunDir(run).read_provenance()
+    peak, peak_source = run_peak(run, cpu_peaks)
     return {
         "run": str(run),
         "preset": config["preset"],
@@ -172,7 +197,11 @@ def run_figures(run: Path, warmup: int, peaks_flops_per_s: dict[str, float]) -> 
         **summary,
         "flops_per_token": flops,
         "achieved_flops_per_s": achieved,
-        "mfu": achieved / peaks_flops_per_s[run_precision(run)],
+        "device": origin.get("device", "cpu"),
+        "peak_flops_per_s": peak,
+        "peak": peak_source,
+        "mfu": achieved / peak if peak else None,
+        "memory_max_rank_gib": max((r.get("memory_max_rank_gib", 0.0) for r in steps), default=None),
     }
 
 
@@ -208,7 +237,12 @@ def render(report: dict) -> str:
         *(row(name, lambda r, name=name: phase(r, name)) for name in PHASES),
         row("model FLOPs / token", lambda r: f"{r['flops_per_token'] / 1e6:,.1f} M"),
         row("achieved", lambda r: f"{r['achieved_flops_per_s'] / 1e9:,.2f} GFLOP/s"),
-        row("MFU", lambda r: f"{100 * r['mfu']:.1f}%"),
+        row("MFU", lambda r: f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"),
+        row("MFU against", lambda r: r["peak"]),
+        row(
+            "peak memory, largest rank",
+            lambda r: f"{r['memory_max_rank_gib']:.2f} GiB" if r["memory_max_rank_gib"] else "n/a",
+        ),
     ]
     if peer:
         lines.append(
@@ -219,11 +253,9 @@ def render(report: dict) -> str:
         )
     lines += [
         "",
-        "MFU is against "
+        "CPU peaks measured now: "
         + ", ".join(f"{p} {v / 1e9:,.1f} GFLOP/s" for p, v in report["peaks_flops_per_s"].items())
-        + f" ({report['peak']}) on "
-        f"{report['reported_on']}. "
-        f"GPUs there: {report['note']}.",
+        + f" on {report['reported_on']}. GPUs there: {report['note']}.",
     ]
     if peer:
         lines.append(
