@@ -150,7 +150,7 @@ def train(
         last = step + 1 == cfg.max_steps
         record = {}
         if (step + 1) % cfg.log_interval == 0 or last or not guard.healthy:
-            record = step_record(progress, result, engine.get_lr()[0], guard.total)
+            record = step_record(progress, result, engine.get_lr()[0], guard.total, trainer.distinct_noted())
         if guard.healthy and ((step + 1) % cfg.eval_interval == 0 or last):
             started_eval = time.perf_counter()
             record = {"step": step + 1, **record, **evaluator.metrics()}
@@ -185,7 +185,9 @@ def train(
     return 0
 
 
-def step_record(progress: TrainingProgress, result: StepResult, lr: float, nonfinite_steps: int) -> dict:
+def step_record(
+    progress: TrainingProgress, result: StepResult, lr: float, nonfinite_steps: int, distinct_noted: int
+) -> dict:
     """The metrics record of a logged step."""
     return {
         "step": progress.step,
@@ -199,6 +201,7 @@ def step_record(progress: TrainingProgress, result: StepResult, lr: float, nonfi
         "memory_max_rank_gib": result.memory_max_rank_gib,
         **result.terms,
         **result.notes,
+        "distinct_noted": distinct_noted,
         **{f"time_{phase}": seconds for phase, seconds in result.phases.items()},
     }
 

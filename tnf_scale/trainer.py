@@ -71,6 +71,10 @@ class Trainer:
         self.counts_data = world.is_first_stage  # the stage that feeds the inputs counts tokens and loss positions
         self.sync = get_accelerator().synchronize if profile_phases else None  # a sync stalls a GPU: only when asked
 
+    def distinct_noted(self) -> int:
+        """Words noted at least once so far (0 without notes). Collective: every rank calls it at a logged step."""
+        return self.notes.distinct_noted() if self.notes is not None else 0
+
     def train_step(self, step: int) -> StepResult:
         """Train global batch `step`; notes read at the start and written once at the end."""
         t0 = time.perf_counter()

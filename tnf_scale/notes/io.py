@@ -14,7 +14,7 @@ from tnf_scale.distributed import Topology, all_reduce_sum
 from tnf_scale.notes.store import NoteStore
 
 # What a step reports of notes; a run without notes reports them as 0, so that every run's metrics share one schema.
-STEP_NOTE_METRICS = ("occurrences_read", "occurrences_skipped_masked", "notes_written", "distinct_noted")
+STEP_NOTE_METRICS = ("occurrences_read", "occurrences_skipped_masked", "notes_written")
 
 
 class NoteIO:
@@ -53,8 +53,13 @@ class NoteIO:
         call; `batches` are the micro-batches this rank counts (none on a stage that does not feed inputs)."""
         occurrences = sum(len(b.occ_rare) for b in batches)
         read = sum(b.num_reads for b in batches)
-        counts = dict(zip(STEP_NOTE_METRICS, (read, occurrences - read, occurrences, self.store.distinct_noted())))
+        counts = dict(zip(STEP_NOTE_METRICS, (read, occurrences - read, occurrences)))
         return {**counts, **{f"note_{k}": v for k, v in self.store.take_traffic().items()}}
+
+    def distinct_noted(self) -> int:
+        """Words noted at least once so far, over the whole dictionary: a metric read only when a step is logged (it
+        reads a count back from the device). Collective."""
+        return int(all_reduce_sum([self.store.distinct_noted()], self.device)[0])
 
     def balance(self) -> dict[str, int]:
         """How evenly the dictionary's rows are spread: the most and fewest rows a rank holds."""
