@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 
 import pytest
 
@@ -12,6 +13,7 @@ from tnf_scale.data.corpus import load_corpus
 from tnf_scale.data.prepared import cache_key, prepare_data
 from tnf_scale.ds_config import build_ds_config
 from tnf_scale.errors import ConfigError
+from tnf_scale.run_dir import RunDir
 
 NO_BF16 = (False, "a device without native bf16")
 NATIVE_BF16 = (True, "a device with native bf16")
@@ -270,3 +272,36 @@ def test_a_tokenizer_that_is_missing_or_not_wordpiece_is_named(tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=bpe, **specials).save_pretrained(tmp_path / "bpe")
     with pytest.raises(ConfigError, match="is a BPE tokenizer; .* give a WordPiece tokenizer"):
         load_tokenizer(tmp_path / "bpe")
+
+
+def test_overwrite_never_deletes_what_another_tool_wrote(tmp_path):
+    """A folder with a `checkpoints/` of another trainer's is no run of ours: --overwrite refuses rather than delete."""
+    target = tmp_path / "lightning"
+    (target / "checkpoints").mkdir(parents=True)
+    (target / "checkpoints" / "epoch=0-step=100.ckpt").write_bytes(b"theirs")
+    with pytest.raises(ConfigError, match=r"holds checkpoints but no run of this project .* will not delete them"):
+        RunDir(target).check(RunConfig(output_dir=str(target), overwrite=True))
+    (target / "run_config.json").write_text("{}")  # a run of ours: --overwrite replaces it
+    RunDir(target).check(RunConfig(output_dir=str(target), overwrite=True))
+
+
+def test_fewer_held_out_sequences_than_replicas_is_refused_before_anything_is_deleted(small_config, tmp_path):
+    """On 2 ranks with --eval_sequences 1 the refusal used to come at the first evaluation, after --overwrite had
+    deleted the old run; now every rank refuses before the run directory is claimed."""
+    from conftest import DEEPSPEED, REPO, clean_env, free_port, train_args
+
+    from tnf_scale.startup import check_eval_split
+
+    with pytest.raises(ConfigError, match="--eval_sequences 1 .* is fewer than the 2 data-parallel replicas"):
+        check_eval_split(held_out=30, eval_sequences=1, replicas=2)
+    check_eval_split(held_out=30, eval_sequences=2, replicas=2)
+    run = tmp_path / "run"
+    run.mkdir()
+    for name, text in (("run_config.json", "{}"), ("metrics.jsonl", '{"step": 0}\n')):
+        (run / name).write_text(text)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    args = train_args(small_config, run, max_steps=2, eval_sequences=1, overwrite="true")
+    command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "tnf_scale/train.py", *args]
+    proc = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "is fewer than the 2 data-parallel replicas" in proc.stdout + proc.stderr
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before

@@ -355,7 +355,10 @@ class Checkpointer:
     def adapt(self, ds_config: dict[str, Any]) -> None:
         """Make `ds_config` able to load the planned checkpoint when it was saved on another topology."""
         point = self.point
-        saved_stage, stage = point.marker.zero_stage if point else None, ds_config["zero_optimization"].get("stage", 0)
+        saved_stage, stage = (
+            point.marker.zero_stage if point else None,
+            ds_config.get("zero_optimization", {}).get("stage", 0),
+        )
         if saved_stage is not None and saved_stage != stage and 3 in (saved_stage, stage):
             raise CheckpointError(
                 f"checkpoint {point.ckpt} was saved with ZeRO stage {saved_stage} and this run uses stage {stage}; "
@@ -370,7 +373,7 @@ class Checkpointer:
                 f"checkpoint {point.ckpt} was saved with {saved[0]} pipeline stages on {saved[1]} ranks; "
                 "resume a pipeline run with the same stages and ranks."
             )
-        if ds_config["zero_optimization"].get("stage", 0) > 0:
+        if ds_config.get("zero_optimization", {}).get("stage", 0) > 0:
             self.source = universal_checkpoint(point, self.topo)
             ds_config["checkpoint"] = {"load_universal": True}
 

@@ -12,7 +12,6 @@ from tnf_scale.data.collate import EVAL_EPOCH, Collator
 from tnf_scale.data.prefetch import StepPrefetcher
 from tnf_scale.data.sampler import GlobalBatchSampler, local_share
 from tnf_scale.distributed import Topology
-from tnf_scale.errors import ConfigError
 
 
 class StepFeeder:
@@ -55,12 +54,7 @@ class StepFeeder:
 
     def eval_batches(self) -> list[Batch]:
         """This rank's share of the held-out set: the first --eval_sequences, whatever the ranks and stages."""
-        size = min(len(self.eval_set), self.eval_sequences)
-        if size < self.data_size:
-            raise ConfigError(
-                f"--eval_sequences {size} (the held-out set's size, if smaller) is fewer than the {self.data_size} "
-                "data-parallel replicas; pass at least one sequence per replica."
-            )
+        size = min(len(self.eval_set), self.eval_sequences)  # at least one per replica: startup.check_eval_split
         mine = local_share(list(range(size)), self.data_rank, self.data_size)
         batches = [b.to(self.device) for b in self._micro_batches(self.eval_set, mine, mine, [EVAL_EPOCH] * len(mine))]
         return [b.padded(self.micro_batch_size) for b in batches] if self.pad_eval else batches

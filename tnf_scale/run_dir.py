@@ -124,9 +124,20 @@ class RunDir:
     def _trained(self) -> list[str]:
         return [name for name in TRAINED if (self.path / name).exists()]
 
+    def _ours(self) -> bool:
+        """Whether this project wrote the directory's run: its run files are there (a run that started training has
+        written them before any metric, checkpoint or export)."""
+        return self.run_config.is_file() or self.provenance.is_file()
+
     def check(self, cfg: RunConfig) -> None:
-        """Refuse to mix a new run into an old one unless --resume or --overwrite says what to do. Touches nothing."""
+        """Refuse to mix a new run into an old one unless --resume or --overwrite says what to do, and refuse to
+        overwrite what another tool wrote. Touches nothing."""
         existing = self._trained()
+        if existing and cfg.overwrite and not cfg.resume and not self._ours():
+            raise ConfigError(
+                f"--output_dir {self.path} holds {', '.join(existing)} but no run of this project (no "
+                f"{RUN_CONFIG} or {PROVENANCE_FILE}), so --overwrite will not delete them; choose another directory."
+            )
         if existing and not cfg.resume and not cfg.overwrite:
             raise ConfigError(
                 f"--output_dir {self.path} already holds a run ({existing[0]}); pass --resume to continue it, "

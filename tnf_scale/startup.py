@@ -90,9 +90,20 @@ def start(cfg: RunConfig, pipeline_refusal: str | None = None) -> Started:
     run.check(cfg)
     lock = lock_run_dir(run, topo)
     data = prepare_on_local_rank0(cfg, topo, log)  # a bad corpus stops here, before an old run is deleted
+    check_eval_split(len(data.eval), cfg.eval_sequences, dims.data)  # every rank alike, before anything is deleted
     run.claim(cfg, topo.is_main)
     optimizer_note = "" if fused_adam[0] else f"torch's fused AdamW: {fused_adam[1]}"
     return Started(topo, ds_config, precision, optimizer_note, run, lock, data, log)
+
+
+def check_eval_split(held_out: int, eval_sequences: int, replicas: int) -> None:
+    """Each data-parallel replica scores at least one held-out sequence."""
+    size = min(held_out, eval_sequences)
+    if size < replicas:
+        raise ConfigError(
+            f"--eval_sequences {size} (the held-out set's size, if smaller) is fewer than the {replicas} "
+            "data-parallel replicas; pass at least one sequence per replica."
+        )
 
 
 def lock_run_dir(run: RunDir, topo: Topology) -> RunLock:

@@ -42,15 +42,6 @@ def run(cfg: RunConfig) -> int:
     checkpointer.adapt(ds_config)  # a checkpoint this config cannot load is refused before any run file is rewritten
 
     objective = build_objective(cfg, data.tokenizer)
-    if world.is_main:
-        run_dir.write_run_files(
-            cfg,
-            objective.model_config,
-            data.tokenizer_dir,
-            world.size,
-            run_details(started),
-            objective.generator_config,
-        )
     store = note_store(cfg, len(data.rare_vocab), objective.model_config.initializer_range, world)
     training = build_training(cfg, objective, ds_config, world, data, store)
     log(describe(cfg, started, training))
@@ -60,6 +51,16 @@ def run(cfg: RunConfig) -> int:
         training.engine,
         {"progress": progress, "rng": RngStreams(on_accelerator(world)), **({"notes": store} if store else {})},
     )
+    # the run files are (re)written once the model, the engine and the checkpoint to resume from are known good
+    if world.is_main:
+        run_dir.write_run_files(
+            cfg,
+            objective.model_config,
+            data.tokenizer_dir,
+            world.size,
+            run_details(started),
+            objective.generator_config,
+        )
     if checkpointer.point:
         log(
             f"resumed from {checkpointer.point.ckpt} (saved on {checkpointer.point.world_size} ranks) at step "
