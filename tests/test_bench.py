@@ -23,8 +23,8 @@ def step_records(run) -> dict[int, dict]:
 def test_bench_writes_both_reports_and_the_peer_trains_like_the_baseline(small_config, tmp_path, capsys):
     out = tmp_path / "bench"
     # One micro-batch a step, so both trainers average the loss over the same masked tokens.
-    # --log_interval 50, beyond the run (as bert-base's 100 is beyond a timing run): the tool's runs still log every
-    # step.
+    # --log_interval 50 lies beyond the run (as bert-base's 100 is beyond a timing run): the tool's runs still log
+    # every step.
     args = train_args(
         small_config,
         out,
@@ -89,8 +89,8 @@ def test_bench_writes_both_reports_and_the_peer_trains_like_the_baseline(small_c
         "inside a rare span",
         "all other",
     ] and time_to_loss["split_step"] == 6
-    # Time to score: both runs' last checkpoints exported and fine-tuned (several points: test_finetune.py's time to
-    # score).
+    # Time to score: both runs' last checkpoints exported and fine-tuned (several points are tested in
+    # test_finetune.py).
     downstream = json.loads((out / "downstream.json").read_text())
     assert [r["step"] for r in downstream["baseline"]] == [r["step"] for r in downstream["tnf"]] == [6]
     assert all(

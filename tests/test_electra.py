@@ -283,8 +283,8 @@ def test_electra_exports_load_with_stock_transformers_and_hold_no_notes(electra_
     assert type(classifier).__name__ == "ElectraForSequenceClassification"
     tokenizer = AutoTokenizer.from_pretrained(str(export))
     assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(str(electra_run / "tokenizer")).get_vocab()
-    # The export is the model in training: rebuilt from it, the objective gives the run's last held-out discriminator
-    # loss.
+    # The export is the model in training: rebuilt from it, the objective gives the run's last held-out
+    # discriminator loss.
     objective = ElectraObjective(generator.eval(), discriminator.eval(), rtd_weight=50.0, notes_in="discriminator")
     batch = Collator(prepared.tokenizer, small_config.max_seq_len, 0.15, seed=1234)(
         prepared.eval, list(range(EVAL_SEQUENCES)), list(range(EVAL_SEQUENCES)), [EVAL_EPOCH] * EVAL_SEQUENCES

@@ -35,8 +35,8 @@ def test_metrics_match_hand_computed_values():
     assert score("f1", predictions, labels) == pytest.approx(2 * 3 / (4 + 4))
     assert score("matthews", predictions, labels) == pytest.approx((3 * 1 - 1 * 1) / np.sqrt(4 * 4 * 2 * 2))
     x, y = np.array([1.0, 2.0, 3.0, 4.0]), np.array([2.0, 4.0, 5.0, 4.0])
-    # Pearson: cov 2.5/3... by hand: dx = -1.5,-.5,.5,1.5; dy = -1.75,.25,1.25,.25; sum dxdy = 3.5; sum dx2 = 5; sum dy2
-    # = 4.75
+    # Pearson by hand: dx = -1.5,-.5,.5,1.5; dy = -1.75,.25,1.25,.25;
+    # sum dxdy = 3.5; sum dx2 = 5; sum dy2 = 4.75
     assert score("pearson", x, y) == pytest.approx(3.5 / np.sqrt(5 * 4.75))
     # Spearman: ranks of y with the tie at 4 -> 1, 2.5, 4, 2.5
     assert score("spearman", x, y) == pytest.approx(

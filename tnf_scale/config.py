@@ -221,7 +221,7 @@ class RunConfig:
 
 
 # What a checkpoint's tensors and data order depend on: a resume must keep them (the rest, e.g. --max_steps, may
-# change).
+# change)
 RESUME_MUST_MATCH = (
     "objective",
     "vocab_size",

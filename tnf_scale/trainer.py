@@ -23,7 +23,7 @@ from deepspeed.checkpoint.constants import (
 from tnf_scale.config import RunConfig
 from tnf_scale.data.collate import Collator
 from tnf_scale.data.prepared import PreparedData
-from tnf_scale.distributed import Topology, all_reduce_sum
+from tnf_scale.distributed import Topology, all_reduce_sum, in_own_slot
 from tnf_scale.evaluator import Evaluator
 from tnf_scale.feeder import StepFeeder
 from tnf_scale.model.objective import Objective
@@ -97,8 +97,9 @@ class Trainer:
             self.notes.write(batches, pooled)
             local_notes = self.notes.step_counts(counted)
         timer.lap("note_write")
-        memory = [0.0] * self.world.size  # each rank's peak memory so far, in its own slot
-        memory[self.world.rank] = get_accelerator().max_memory_allocated() / 2**30
+        memory = in_own_slot(  # each rank's peak memory so far
+            get_accelerator().max_memory_allocated() / 2**30, self.world.rank, self.world.size
+        )
         tokens, *sums = all_reduce_sum([local_tokens, *term_totals, *local_notes.values(), *memory], self.world.device)
         sums, memory = sums[: len(sums) - len(memory)], sums[len(sums) - len(memory) :]
         means = [total / n for total, n in zip(sums[: len(weights)], counts)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from tnf_scale.data.batch import Batch
-from tnf_scale.distributed import Topology, all_reduce_sum
+from tnf_scale.distributed import Topology, all_reduce_sum, in_own_slot
 from tnf_scale.notes.store import NoteStore
 
 # What a step reports of notes; a run without notes reports them as 0, so that every run's metrics share one schema.
@@ -23,14 +23,12 @@ class NoteIO:
     def __init__(self, store: NoteStore, world: Topology, hidden_size: int):
         self.store, self.device, self.hidden_size = store, world.device, hidden_size
         self.reads, self.writes = world.is_first_stage, world.is_last_stage
-        one_hot = [0.0] * world.note_group_size  # rows held by each rank of the note group
-        one_hot[world.note_group_rank] = len(store.ids)
-        self.rows_per_rank = [int(n) for n in all_reduce_sum(one_hot, world.device)]
+        held = in_own_slot(len(store.ids), world.note_group_rank, world.note_group_size)  # rows of each rank
+        self.rows_per_rank = [int(n) for n in all_reduce_sum(held, world.device)]
 
     def read(self, batches: list[Batch]) -> list[torch.Tensor]:
         """The note rows of the reading occurrences (`Batch.read_spans`) of each micro-batch; a rank that feeds no
-        inputs
-        asks for nothing and gets empty rows. Collective."""
+        inputs asks for nothing and gets empty rows. Collective."""
         counts = [b.num_reads for b in batches]
         ids = torch.cat([b.read_spans[0] for b in batches]) if self.reads else torch.zeros(0, dtype=torch.int64)
         rows = self.store.read(ids)

@@ -155,22 +155,21 @@ def device_peak(precisions: set[str]) -> dict:
     }
 
 
-def run_peak(run: Path, cpu_peaks: dict[str, float]) -> tuple[float | None, str]:
-    """The peak a run's MFU is against, and what it is: its GPUs' table peak x the run's ranks (the device the run
-    recorded), or this machine's CPU peak for a CPU run."""
-    origin = RunDir(run).read_provenance()
+def run_peak(origin: dict, cpu_peaks: dict[str, float]) -> tuple[float | None, str]:
+    """The peak a run's MFU is against, and what it is, from its provenance (`origin`): its GPUs' table peak x the
+    run's ranks (the device the run recorded), or this machine's CPU peak for a CPU run."""
     device, ranks = origin.get("device", "cpu"), origin.get("world_size") or 1
     if device == "cpu":
-        return cpu_peaks[run_precision(run)], "CPU matmul peak, measured now"
+        return cpu_peaks[precision_of(origin)], "CPU matmul peak, measured now"
     peak = gpu_peak(device)
     if peak is None:
         return None, f"no peak known for {device!r}: add it to GPU_PEAK_FLOPS"
     return peak * ranks, f"{device} dense bf16 peak x {ranks}"
 
 
-def run_precision(run: Path) -> str:
-    """The precision a run computed in (provenance.json; runs from before it was recorded: fp32)."""
-    return RunDir(run).read_provenance().get("precision", "fp32")
+def precision_of(origin: dict) -> str:
+    """The precision a run computed in, from its provenance (runs from before it was recorded: fp32)."""
+    return origin.get("precision", "fp32")
 
 
 def run_figures(run: Path, warmup: int, cpu_peaks: dict[str, float]) -> dict:
@@ -184,12 +183,12 @@ def run_figures(run: Path, warmup: int, cpu_peaks: dict[str, float]) -> dict:
     flops = run_flops_per_token(run, config)
     achieved = flops * summary["tokens_per_s"]["median"]
     origin = RunDir(run).read_provenance()
-    peak, peak_source = run_peak(run, cpu_peaks)
+    peak, peak_source = run_peak(origin, cpu_peaks)
     return {
         "run": str(run),
         "preset": config["preset"],
         "tnf": config["tnf"],
-        "precision": run_precision(run),
+        "precision": precision_of(origin),
         "timed_phases": any("time_forward" in r for r in steps),
         "commit": origin.get("commit", "unknown"),
         "world_size": origin.get("world_size"),
@@ -269,7 +268,7 @@ def write_report(runs: list[Path], peer: Path | None, out: Path, warmup: int) ->
     """Throughput of finished runs (and the peer's, with the ratio); writes throughput.md and .json into `out`."""
     runs = [finished_run(r, "--run") for r in runs]
     peer = finished_run(peer, "--peer") if peer else None
-    device = device_peak({run_precision(r) for r in [*runs, *([peer] if peer else [])]})
+    device = device_peak({precision_of(RunDir(r).read_provenance()) for r in [*runs, *([peer] if peer else [])]})
     report = {
         "reported_on": machine(),
         **device,
