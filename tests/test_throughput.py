@@ -67,3 +67,12 @@ def test_mfu_is_against_the_runs_own_gpus_times_its_ranks():
     assert peak is None and "no peak known for 'NVIDIA RTX 9999'" in why
     cpu = {"world_size": 2, "device": "cpu", "precision": "bf16"}
     assert run_peak(cpu, {"bf16": 5.0, "fp32": 1.0})[0] == 5.0  # a CPU run: this machine's peak in its precision
+
+
+def test_throughput_report_refuses_a_folder_without_a_run(tmp_path):
+    from tnf_scale.errors import ConfigError
+    from tnf_scale.reports.throughput import write_report
+
+    with pytest.raises(ConfigError, match=r"--peer .*nothing holds no run \(metrics.jsonl is missing\)"):
+        write_report([], tmp_path / "nothing", tmp_path / "out", warmup=5)
+    assert not (tmp_path / "out").exists()
