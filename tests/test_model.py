@@ -8,7 +8,7 @@ import torch
 from transformers import BertForMaskedLM
 
 from tnf_scale.data.collate import Collator
-from tnf_scale.model.objective import LossSums, MaskedLMObjective
+from tnf_scale.model.objective import LossSums, MaskedLMObjective, loss_parts
 from tnf_scale.model.tnf_bert import TnfHooks, build_bert
 from tnf_scale.notes.note_math import pool_windows
 
@@ -127,10 +127,10 @@ def test_the_leaky_ablation_mixes_notes_at_masked_spans_again(small_config, prep
 
 def test_split_losses_recombine_into_the_overall_loss():
     torch.manual_seed(3)
-    sums = LossSums()
-    for _ in range(3):
-        token_ce = torch.rand(50) * 8
-        sums.add(token_ce, torch.rand(50) < 0.1)
+    token_ce = torch.rand(3, 50) * 8
+    in_rare = torch.rand(3, 50) < 0.1
+    sums = LossSums.from_parts(sum(loss_parts(ce, rare) for ce, rare in zip(token_ce, in_rare)))
+    assert sums.tokens_rare == int(in_rare.sum()) and abs(sums.ce_rare - float(token_ce[in_rare].sum())) < 1e-4
     losses = sums.losses("loss")
     assert sums.tokens_rare > 0 and sums.tokens_other > 0
     recombined = (sums.tokens_rare * losses["loss_rare"] + sums.tokens_other * losses["loss_other"]) / (

@@ -9,7 +9,7 @@ from typing import Protocol
 import torch
 
 from tnf_scale.data.batch import Batch
-from tnf_scale.model.objective import LossSums, Objective
+from tnf_scale.model.objective import LossSums, Objective, loss_parts
 from tnf_scale.model.pipeline import PipelineObjective
 from tnf_scale.model.tnf_bert import TnfHooks
 from tnf_scale.spans import expand_spans
@@ -65,17 +65,17 @@ class DataParallelStep:
         return totals.tolist() if totals is not None else [0.0] * len(scales), pooled
 
     def evaluate(self, batches: list[Batch], rows: NoteRows) -> list[LossSums]:
-        sums = [LossSums() for _ in self.objective.term_weights]
+        parts = [0] * len(self.objective.term_weights)
         self.engine.eval()
         for batch, batch_rows in zip(batches, rows):
             if batch_rows is not None:
                 self._set_reads(batch, batch_rows)
-            for term_sums, losses, index in zip(sums, self._term_losses(batch), self.objective.term_index(batch)):
-                term_sums.add(losses, batch.in_rare_span.flatten()[index])
+            for term, (losses, index) in enumerate(zip(self._term_losses(batch), self.objective.term_index(batch))):
+                parts[term] = parts[term] + loss_parts(losses, batch.in_rare_span.flatten()[index])
             if self.hooks is not None:
                 self.hooks.clear()
         self.engine.train()
-        return sums
+        return [LossSums.from_parts(term) if batches else LossSums() for term in parts]
 
 
 class PipelineStep:
@@ -95,7 +95,15 @@ class PipelineStep:
                 token_index, token_occ = expand_spans(*batch.read_spans[1:], batch.input_ids.shape[1])
             yield (
                 (batch.input_ids, batch.attention_mask, token_index, token_occ, batch_rows),
-                (batch.labels, batch.occ_sample, batch.occ_start, batch.occ_end, batch.lengths, batch.in_rare_span),
+                (
+                    batch.predicted_index,
+                    batch.labels.flatten()[batch.predicted_index],
+                    batch.in_rare_span.flatten()[batch.predicted_index],
+                    batch.occ_sample,
+                    batch.occ_start,
+                    batch.occ_end,
+                    batch.lengths,
+                ),
             )
 
     def train(
@@ -105,11 +113,11 @@ class PipelineStep:
         self.stage_loss.start(scale, self.take_notes)
         self.engine.train_batch(iter(self._items(batches, rows)))
         timer.lap("forward")  # the schedule interleaves forward, backward and the step: all counted here
-        return [self.stage_loss.sums.ce], self.stage_loss.pooled
+        return [self.stage_loss.sums().ce], self.stage_loss.pooled
 
     def evaluate(self, batches: list[Batch], rows: NoteRows) -> list[LossSums]:
         self.stage_loss.start(1.0, take_notes=False)
         self.engine.eval()
         self.engine.eval_batch(iter(self._items(batches, rows)), num_micro_batches=len(batches))
         self.engine.train()
-        return [self.stage_loss.sums]
+        return [self.stage_loss.sums()]

@@ -31,13 +31,11 @@ class LossSums:
     tokens_rare: int = 0
     tokens_other: int = 0
 
-    def add(self, token_ce: torch.Tensor, in_rare: torch.Tensor) -> None:
-        """Add the losses of predicted tokens; `in_rare` (bool, same length) marks those inside a rare span."""
-        token_ce = token_ce.detach().float()
-        self.ce_rare += float(token_ce[in_rare].sum())
-        self.ce_other += float(token_ce[~in_rare].sum())
-        self.tokens_rare += int(in_rare.sum())
-        self.tokens_other += int((~in_rare).sum())
+    @classmethod
+    def from_parts(cls, parts: torch.Tensor) -> LossSums:
+        """The sums from `loss_parts` (or a sum of them): the one read back from the device."""
+        ce_rare, ce_other, tokens_rare, tokens_other = parts.tolist()
+        return cls(ce_rare, ce_other, int(tokens_rare), int(tokens_other))
 
     @property
     def ce(self) -> float:
@@ -55,6 +53,15 @@ class LossSums:
             f"{name}_other": (self.ce_other, self.tokens_other),
         }
         return {key: ce / tokens for key, (ce, tokens) in parts.items() if tokens}
+
+
+def loss_parts(token_ce: torch.Tensor, in_rare: torch.Tensor) -> torch.Tensor:
+    """(ce_rare, ce_other, tokens_rare, tokens_other) of predicted tokens' losses, `in_rare` (bool, same length)
+    marking those inside a rare span, as one float64 tensor on their device: micro-batches add up there and are read
+    back once (`LossSums.from_parts`), where a boolean mask or a `float()` per micro-batch would make the host wait."""
+    token_ce = token_ce.detach().float()
+    rare = in_rare.to(token_ce.dtype)
+    return torch.stack([(token_ce * rare).sum(), (token_ce * (1 - rare)).sum(), rare.sum(), (1 - rare).sum()]).double()
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

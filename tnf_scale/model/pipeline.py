@@ -3,13 +3,16 @@
 Layers, in order (TNF_SPEC section 6):
   0        EmbeddingStage  HF BertEmbeddings; the note mix at its LayerNorm input (the same seam as
                            the data-parallel path); tied with the decoder through TiedLayerSpec
-  1..N     EncoderStage    HF BertLayer, attention mask rebuilt from the integer mask that travels
-  N+1      HeadTransform   HF BertPredictionHeadTransform; passes the last encoder output on for notes
-  N+2      (tied)          decoder: transformed @ word_embeddings^T
-  N+3      DecoderBias     cls.predictions.bias
-Between stages travels (hidden float, attention mask int); the notes read for a micro-batch
-enter the first stage with its inputs, and the loss function on the last stage pools the
-context windows for the writes. No note collective runs inside the schedule.
+  1..N     EncoderStage    HF BertLayer; the attention mask is built from the integer mask that travels,
+                           once per micro-batch and stage (`StageMask`)
+  N+1      HeadTransform   holds HF BertPredictionHeadTransform
+  N+2      (tied)          holds the word embeddings: the decoder's weight on the last stage
+  N+3      DecoderBias     holds cls.predictions.bias
+Between stages travels (hidden float, attention mask int); the notes read for a micro-batch enter the first stage
+with its inputs. The last three layers pass the last encoder output on unchanged: the loss function on the last stage
+runs the prediction head (`PredictionHead`, their modules) on the predicted positions only, which the collator
+listed, and pools the context windows for the writes. They stay three layers so that checkpoints keep their layout.
+No note collective runs inside the schedule, and the last stage reads nothing back from the device per micro-batch.
 """
 
 from __future__ import annotations
@@ -24,8 +27,7 @@ from torch import nn
 from transformers import BertForMaskedLM
 from transformers.masking_utils import create_bidirectional_mask
 
-from tnf_scale.data.batch import IGNORE_INDEX
-from tnf_scale.model.objective import LossSums, token_cross_entropy
+from tnf_scale.model.objective import LossSums, loss_parts, token_cross_entropy
 from tnf_scale.model.tnf_bert import NoteMixer
 from tnf_scale.notes.note_math import pool_windows
 
@@ -48,22 +50,37 @@ class EmbeddingStage(nn.Module):
         return hidden, attention_mask
 
 
-def decode(stage: EmbeddingStage, inputs):
-    """The tied decoder on the last stage: logits without bias from the shared word embeddings."""
-    transformed, hidden = inputs
-    return F.linear(transformed, stage.embeddings.word_embeddings.weight), hidden
+def pass_on(_, inputs):
+    """The tied layer's forward on the last stage: the decoder runs in the loss function (`PredictionHead`)."""
+    return inputs
+
+
+class StageMask:
+    """The attention mask of a stage's encoder layers, built from the integer mask of the micro-batch they run: once,
+    not once per layer (building it reads whether the micro-batch holds padding back from the device)."""
+
+    def __init__(self, config):
+        self.config = config
+        self.source = self.mask = None
+
+    def __call__(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
+        if attention_mask is not self.source:  # the same tensor object travels through the stage's layers
+            self.source = attention_mask
+            self.mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden, attention_mask=attention_mask
+            )
+        return self.mask
 
 
 class EncoderStage(nn.Module):
-    def __init__(self, model: BertForMaskedLM, index: int):
+    def __init__(self, model: BertForMaskedLM, index: int, stage_mask: StageMask):
         super().__init__()
-        self.config = model.config
         self.layer = model.bert.encoder.layer[index]
+        self.stage_mask = stage_mask
 
     def forward(self, inputs):
         hidden, attention_mask = inputs
-        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
-        return self.layer(hidden, attention_mask=mask), attention_mask
+        return self.layer(hidden, attention_mask=self.stage_mask(hidden, attention_mask)), attention_mask
 
 
 class HeadTransform(nn.Module):
@@ -73,7 +90,7 @@ class HeadTransform(nn.Module):
 
     def forward(self, inputs):
         hidden, _ = inputs
-        return self.transform(hidden), hidden
+        return hidden
 
 
 class DecoderBias(nn.Module):
@@ -81,34 +98,50 @@ class DecoderBias(nn.Module):
         super().__init__()
         self.bias = model.cls.predictions.bias
 
-    def forward(self, inputs):
-        logits, hidden = inputs
-        return logits + self.bias, hidden
+    def forward(self, hidden):
+        return hidden
+
+
+class PredictionHead:
+    """BERT's masked-LM head on given rows of the last encoder output, run by the loss function with the last stage's
+    own layers: the transform, the decoder tied to the word embeddings, the bias."""
+
+    def __init__(self, pipeline: PipelineModule):
+        (self.transform,) = (m.transform for m in pipeline.modules() if isinstance(m, HeadTransform))
+        (self.bias,) = (m.bias for m in pipeline.modules() if isinstance(m, DecoderBias))
+        self.tied = pipeline.tied_modules[TIED_KEY]
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.transform(rows), self.tied.embeddings.word_embeddings.weight, self.bias)
 
 
 class PipelineObjective:
     """The masked-LM objective on the last stage (the loss function): summed predicted-token cross-entropy x `scale`;
     also pools notes.
 
-    Labels travel as (labels, occ_sample, occ_start, occ_end, lengths, in_rare_span). The step calls `start` before a
-    batch and reads `sums` (LossSums) and `pooled` after it.
+    Labels travel as (predicted_index, predicted labels, predicted in a rare span, occ_sample, occ_start, occ_end,
+    lengths). The step calls `start` before a batch and reads `sums()` and `pooled` after it.
     """
 
     def __init__(self, window: int):
         self.window = window
+        self.head: PredictionHead | None = None  # set on the last stage, once the pipeline is built
         self.start(1.0, take_notes=False)
 
     def start(self, scale: float, take_notes: bool) -> None:
         """Begin a batch: its losses are scaled by `scale`; with `take_notes` its occurrences' notes are pooled."""
         self.scale, self.take_notes = scale, take_notes
-        self.sums, self.pooled = LossSums(), []
+        self.parts, self.pooled = None, []
 
-    def __call__(self, outputs, labels):
-        logits, hidden = outputs
-        labels, occ_sample, occ_start, occ_end, lengths, in_rare_span = labels
-        predicted = labels != IGNORE_INDEX
-        token_ce = token_cross_entropy(logits[predicted], labels[predicted])
-        self.sums.add(token_ce, in_rare_span[predicted])
+    def sums(self) -> LossSums:
+        """The batch's losses so far (zero on stages other than the last): one read back from the device."""
+        return LossSums.from_parts(self.parts) if self.parts is not None else LossSums()
+
+    def __call__(self, hidden, labels):
+        predicted_index, predicted_labels, predicted_in_rare, occ_sample, occ_start, occ_end, lengths = labels
+        token_ce = token_cross_entropy(self.head(hidden.flatten(0, 1)[predicted_index]), predicted_labels)
+        parts = loss_parts(token_ce, predicted_in_rare)
+        self.parts = parts if self.parts is None else self.parts + parts
         if self.take_notes:
             self.pooled.append(pool_windows(hidden, occ_sample, occ_start, occ_end, lengths, self.window))
         return token_ce.sum() * self.scale
@@ -117,29 +150,35 @@ class PipelineObjective:
 def build_pipeline(
     model: BertForMaskedLM, num_stages: int, lam: float, objective: PipelineObjective, activation_checkpointing: bool
 ) -> PipelineModule:
-    """The pipeline of `model`'s own modules (each rank keeps only its stage's layers)."""
+    """The pipeline of `model`'s own modules (each rank keeps only its stage's layers); on the last stage `objective`
+    gets the prediction head."""
     n = model.config.num_hidden_layers
+    stage_mask = StageMask(model.config)
     layers = [
         TiedLayerSpec(TIED_KEY, EmbeddingStage, model, lam, tied_weight_attr="embeddings.word_embeddings.weight"),
-        *(LayerSpec(EncoderStage, model, i) for i in range(n)),
+        *(LayerSpec(EncoderStage, model, i, stage_mask) for i in range(n)),
         LayerSpec(HeadTransform, model),
         TiedLayerSpec(
             TIED_KEY,
             EmbeddingStage,
             model,
             lam,
-            forward_fn=decode,
+            forward_fn=pass_on,
             tied_weight_attr="embeddings.word_embeddings.weight",
         ),
         LayerSpec(DecoderBias, model),
     ]
-    return PipelineModule(
+    pipeline = PipelineModule(
         layers=layers,
         num_stages=num_stages,
         loss_fn=objective,
         partition_method="type:EncoderStage",
+        checkpointable_layers=["EncoderStage"],  # the head's layers pass their input on: nothing to recompute
         activation_checkpoint_interval=1 if activation_checkpointing else 0,
     )
+    if pipeline.stage_id == num_stages - 1:
+        objective.head = PredictionHead(pipeline)
+    return pipeline
 
 
 def layer_files(ckpt: Path) -> Callable[[int], dict[str, torch.Tensor]]:
