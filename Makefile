@@ -3,6 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN_DIR ?= runs/demo
 BENCH_DIR ?= runs/bench
+# make bench OVERWRITE=true replaces the runs of an earlier bench (without it, the bench refuses to)
+OVERWRITE ?= false
 # No GPU: the CPU build of torch (on this kind of machine it lies on local disk). With a GPU,
 # set TORCH_SPEC=torch to take the CUDA build.
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
@@ -43,7 +45,7 @@ demo: install
 # (every quarter-run checkpoint fine-tuned on the shipped task, 3 seeds); the reports are copied to
 # tools/results/, which the README's Results section shows.
 bench: install
-	$(VENV)/bin/tnf-bench --out $(BENCH_DIR)
+	$(VENV)/bin/tnf-bench --out $(BENCH_DIR) --overwrite $(OVERWRITE)
 	mkdir -p tools/results
 	cp $(addprefix $(BENCH_DIR)/,report.md time_to_loss.png time_to_loss.json downstream.png downstream.json throughput.json) tools/results/
 

@@ -140,6 +140,36 @@ def test_deepspeed_config_is_completed_from_the_flags():
     assert ds["data_types"]["grad_accum_dtype"] == "fp32" and ds["communication_data_type"] == "fp32"
 
 
+@pytest.mark.parametrize(
+    "ds, message",
+    [
+        ({"zero_optimization": {"stage": 4}}, r"DeepSpeed rejects .*zero_optimization\.stage"),
+        ({"zero_optimization": {"stage": "two"}}, r"DeepSpeed rejects .*zero_optimization\.stage = 'two'"),
+        ({"zero_optimization": 2}, r'sets "zero_optimization" to 2; it must be a JSON object'),
+        ({"zero_optimization": {"stage": 1, "overlap_comm": "sometimes"}}, r"DeepSpeed rejects .*overlap_comm"),
+        ({"zero_optimization": {"stage": 1, "stagee": 2}}, r"DeepSpeed rejects .*stagee"),
+        ({"zero_optimisation": {"stage": 2}}, r'section "zero_optimisation" .* did you mean "zero_optimization"'),
+        ({"optimizer": {"type": "Adamm"}}, r'optimizer "Adamm", which is neither one of DeepSpeed'),
+        ({"scheduler": {"type": "WarmupDecay"}}, r'scheduler "WarmupDecay", which is neither one of DeepSpeed'),
+        ({"zero_optimization": {"stage": 2, "overlap_comm": True}, "optimizer": {"type": "SGD"}}, None),
+        ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, r"--precision fp32 contradicts bf16\.enabled=true"),
+        ({"pipeline": {"stages": 2}, "zero_optimization": {"stage": 2}}, r"ZeRO stage 2 under a pipeline"),
+    ],
+)
+def test_a_deepspeed_config_deepspeed_would_reject_is_one_sentence_before_any_rank_starts(ds, message, tmp_path):
+    """DeepSpeed's own config model reads the config the project builds, before any process group: what it (or its
+    engine, later) would reject is refused here, while nothing has been written."""
+    ds_file = tmp_path / "ds.json"
+    ds_file.write_text(json.dumps(ds))
+    cfg = RunConfig(deepspeed_config=str(ds_file), global_batch_size=32, micro_batch_size=8, precision="fp32")
+    if message is None:  # the control: a config DeepSpeed accepts passes, and SGD gets no Adam betas
+        built, _, _ = build_ds_config(cfg, world_size=2, native_bf16=NO_BF16)
+        assert built["optimizer"]["params"] == {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+        return
+    with pytest.raises(ConfigError, match=message):
+        build_ds_config(cfg, world_size=2, native_bf16=NO_BF16)
+
+
 def test_missing_deepspeed_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"--deepspeed_config .*nope\.json does not exist"):
         parse_args(["--deepspeed_config", str(tmp_path / "nope.json")])
@@ -192,11 +222,13 @@ def test_boolean_flags_take_the_usual_spellings_and_a_bare_flag_means_true(capsy
         ("--lr", "0", "--lr must be above 0"),
         ("--mlm_probability", "0", "--mlm_probability must lie strictly between 0 and 1"),
         ("--prefetch", "yes", "--prefetch must be one of auto, on, off, got 'yes'"),
+        ("--seed", "-1", r"--seed must be a whole number from 0 to 2\*\*32 - 1"),
+        ("--corpus", "data/README.md data/./README.md", "--corpus names data/README.md more than once"),
     ],
 )
 def test_values_that_would_train_nothing_or_nonsense_are_refused(flag, value, message):
     with pytest.raises(ConfigError, match=message):
-        parse_args([flag, value])
+        parse_args([flag, *value.split()])
 
 
 def test_a_config_file_value_of_the_wrong_type_is_named(tmp_path):
@@ -305,3 +337,127 @@ def test_fewer_held_out_sequences_than_replicas_is_refused_before_anything_is_de
     proc = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "is fewer than the 2 data-parallel replicas" in proc.stdout + proc.stderr
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def finished_looking_run(path) -> dict:
+    """A folder that holds a run of ours (run files and metrics); returns its files' bytes."""
+    path.mkdir(parents=True)
+    (path / "run_config.json").write_text("{}")
+    (path / "metrics.jsonl").write_text('{"step": 0}\n')
+    return {p.name: p.read_bytes() for p in path.iterdir()}
+
+
+@pytest.mark.parametrize(
+    "tool, argv, target",
+    [
+        ("time_to_loss", ["--preset", "tiny"], "tnf"),
+        ("throughput_report", ["--preset", "tiny", "--steps", "3"], "run"),
+        ("pipeline_bench", ["--steps", "3"], "data_2"),
+        ("note_bench", ["--steps", "3"], "baseline"),
+        ("bench_tnf", ["--preset", "tiny"], "hf_trainer"),
+        ("tnf_sweep", ["--preset", "tiny", "--grid", "note_lambda=0.3"], "tnf-note_lambda-0.3"),
+    ],
+)
+def test_tools_that_train_never_replace_a_run_unless_their_own_overwrite_says_so(tool, argv, target, tmp_path):
+    """They used to pass --overwrite true to train.py on the user's behalf: a finished run in their output folder was
+    deleted silently. Now the tool refuses before it trains anything, and the run is byte for byte unchanged."""
+    import importlib
+
+    main = importlib.import_module(f"tnf_scale.cli.{tool}").main
+    before = finished_looking_run(tmp_path / target)
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    assert {p.name: p.read_bytes() for p in (tmp_path / target).iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target]  # nothing else was trained or written
+
+
+def test_a_sweep_refuses_a_reused_run_that_does_not_exist(tmp_path):
+    from tnf_scale.cli.tnf_sweep import main
+
+    assert main(["--preset", "tiny", "--grid", "note_lambda=0.3", "--out", str(tmp_path / "sweep"), "--reuse",
+                 str(tmp_path / "nowhere")]) == 2  # fmt: skip
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize(
+    "tool, argv",
+    [
+        ("time_to_loss", ["--baseline", "b", "--tnf", "t"]),
+        ("throughput_report", ["--run", "r"]),
+        ("finetune", ["--model", "{model}", "--task", "rotten_tomatoes"]),
+        ("export", ["--run", "{run}"]),
+        ("tnf_sweep", ["--grid", "note_lambda=0.3"]),
+        ("fault_campaign", []),
+        ("bench_tnf", []),
+        ("note_bench", []),
+        ("pipeline_bench", []),
+    ],
+)
+def test_every_tool_names_an_output_folder_that_is_a_file_before_it_writes_anything(tool, argv, tmp_path, capsys):
+    import importlib
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")
+    run = tmp_path / "run"
+    finished_looking_run(run)
+    (tmp_path / "afile").write_text("mine")
+    argv = [a.format(model=model, run=run) for a in argv]
+    main = importlib.import_module(f"tnf_scale.cli.{tool}").main
+    assert main([*argv, "--out", str(tmp_path / "afile" / "sub")]) == 2
+    assert "afile is a file; name a directory" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_report_options_out_of_range_are_one_sentence():
+    from tnf_scale.reports.throughput import check_warmup
+    from tnf_scale.reports.time_to_loss import check_options
+
+    for target, window, message in ((float("nan"), 3, "--target nan is not a loss"), (None, 0, "--window 0")):
+        with pytest.raises(ConfigError, match=message):
+            check_options(target, window)
+    check_options(2.5, 1)
+    with pytest.raises(ConfigError, match="--warmup -1"):
+        check_warmup(-1)
+
+
+def test_a_comparison_of_runs_trained_differently_beyond_tnf_names_the_field():
+    from tnf_scale.config import comparison_conflict
+
+    baseline = dataclasses.asdict(RunConfig(preset="tiny", tnf="off"))
+    assert comparison_conflict(baseline, {**baseline, "tnf": "on", "note_lambda": 0.3, "output_dir": "x"}) is None
+    assert comparison_conflict(baseline, {**baseline, "tnf": "on", "hidden_size": 256}) == "hidden_size"
+    assert comparison_conflict(baseline, {**baseline, "tnf": "on", "seed": 7}) == "seed"
+
+
+def test_a_half_written_metrics_file_is_read_up_to_its_last_whole_record(tmp_path, capsys):
+    """A run killed mid-line used to make every report (and a resume) fail on a JSON error."""
+    from tnf_scale.metrics import read_metrics
+
+    records = [{"step": i, "loss": 1.0 / (i + 1)} for i in range(3)]
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    (tmp_path / "metrics.jsonl").write_text(text + '{"step": 3, "lo')
+    assert read_metrics(tmp_path) == records
+    assert "skipped 1 line(s)" in capsys.readouterr().err
+
+
+def test_preparation_uses_no_more_processes_than_groups_of_documents():
+    from tnf_scale.data.encoding import GROUP
+    from tnf_scale.data.prepared import preparation_processes
+
+    assert preparation_processes(RunConfig(num_proc=40), documents=GROUP) == 1
+    assert preparation_processes(RunConfig(num_proc=3), documents=10 * GROUP) == 3
+    assert preparation_processes(RunConfig(), documents=100) == 1
+
+
+def test_fine_tuning_refuses_a_model_without_weights_and_an_empty_training_set(tmp_path, capsys):
+    from tnf_scale.cli.finetune import main
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    argv = ["--model", str(model), "--task", "rotten_tomatoes", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2 and "has a config.json but no weights" in capsys.readouterr().err
+    assert main([*argv, "--max_train_examples", "0"]) == 2
+    assert "--max_train_examples must be positive, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -190,6 +190,53 @@ def test_a_damaged_checkpoint_is_refused_by_file_and_the_previous_one_offered(tm
         plan_resume(tmp_path, "d", num_rare=4)
 
 
+def test_doing_what_the_damaged_checkpoint_message_says_resumes_from_the_previous_one(tmp_path):
+    """`mv stepN stepN.damaged` used to be refused again: the moved folder still matched `step*`."""
+    fake_checkpoint(tmp_path, 3)
+    newest = fake_checkpoint(tmp_path, 6)
+    newest.rename(newest.with_name(f"{newest.name}.damaged"))
+    assert plan_resume(tmp_path, "d", num_rare=4).step == 3
+
+
+def test_a_checkpoint_without_its_manifest_is_damaged_not_a_different_vocabulary(tmp_path):
+    """A folder holding only COMPLETE used to be called "a different rare vocabulary"; without MANIFEST.json nothing
+    was checked, and a truncated file then failed deep inside DeepSpeed."""
+    fake_checkpoint(tmp_path, 3)
+    bare = tmp_path / "checkpoints" / "step00000006"
+    bare.mkdir()
+    (bare / COMPLETE).write_text(json.dumps({"step": 6, "world_size": 1, "notes": True}))
+    with pytest.raises(CheckpointError, match="MANIFEST.json is missing.*previous complete checkpoint is step00000003"):
+        plan_resume(tmp_path, "d", num_rare=4)
+
+
+def test_a_resume_checks_the_flags_the_checkpoint_records_when_run_config_json_is_gone(tmp_path):
+    """A resume with another --hidden_size in a run without run_config.json used to end in DeepSpeed's size-mismatch
+    traceback; the checkpoint now records the flags that shape it, and a checkpoint recording none (written before
+    it did) is refused in one sentence when run_config.json is gone."""
+    from types import SimpleNamespace
+
+    from tnf_scale.checkpoint import Checkpointer
+    from tnf_scale.config import RunConfig
+    from tnf_scale.run_dir import RunDir
+
+    ckpt = fake_checkpoint(tmp_path, 6)
+    (tmp_path / "rare_vocab.tsv").write_text("word\t3\n")
+    checkpointer = Checkpointer(RunDir(tmp_path), SimpleNamespace(rank=0, size=1), tmp_path / "rare_vocab.tsv", 4)
+    checkpointer.rare_vocab_digest = "d"
+    with pytest.raises(
+        CheckpointError, match="does not record the flags it was trained with and .*run_config.json is missing"
+    ):
+        checkpointer.plan(RunConfig(resume=True, max_steps=9))
+    marker = json.loads((ckpt / COMPLETE).read_text())
+    trained = RunConfig(hidden_size=128)
+    marker["trained_with"] = {"hidden_size": trained.hidden_size, "seed": trained.seed}
+    (ckpt / COMPLETE).write_text(json.dumps(marker))
+    with pytest.raises(CheckpointError, match="trained with --hidden_size 128, not 256"):
+        checkpointer.plan(RunConfig(resume=True, max_steps=9, hidden_size=256))
+    checkpointer.plan(RunConfig(resume=True, max_steps=9, hidden_size=128))
+    assert checkpointer.point.step == 6
+
+
 def test_the_guard_stops_after_consecutive_non_finite_steps_only():
     guard = NonfiniteGuard(limit=2)
     guard.observe(float("nan"), 1.0)

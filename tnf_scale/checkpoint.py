@@ -13,6 +13,7 @@ import dataclasses
 import errno
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tnf_scale.config import RunConfig, resume_conflict
+from tnf_scale.config import RESUME_MUST_MATCH, RunConfig, resume_conflict
 from tnf_scale.distributed import Topology, wait_for_all
 from tnf_scale.errors import ConfigError, Refusal
 from tnf_scale.run_dir import RunDir
@@ -48,6 +49,17 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
+def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
+    """The checkpoint directories of a run, complete or not, oldest first: `stepNNNNNNNN` only, so that one moved
+    aside (`step00000004.damaged`) is no longer one."""
+    root = checkpoint_root(output_dir)
+    return (
+        sorted(p for p in root.glob("step*") if p.is_dir() and re.fullmatch(r"step\d+", p.name))
+        if root.is_dir()
+        else []
+    )
+
+
 def rank_file(ckpt_dir: Path, rank: int) -> Path:
     """The file of one rank's own state: its note rows with their ids and its random streams."""
     return ckpt_dir / f"notes_rank{rank:05d}.safetensors"
@@ -65,6 +77,7 @@ class CheckpointMarker:
     rare_vocab_digest: str | None = None
     pipeline_stages: int = 1
     zero_stage: int | None = None
+    trained_with: dict[str, Any] | None = None  # the RESUME_MUST_MATCH flags of the run that saved it
 
     @classmethod
     def read(cls, ckpt: Path) -> CheckpointMarker:
@@ -79,8 +92,7 @@ class CheckpointMarker:
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     """The checkpoint directories that hold a COMPLETE marker, oldest first."""
-    root = checkpoint_root(output_dir)
-    return sorted(p for p in root.glob("step*") if p.is_dir() and (p / COMPLETE).is_file()) if root.is_dir() else []
+    return [p for p in checkpoint_dirs(output_dir) if (p / COMPLETE).is_file()]
 
 
 def latest_complete(output_dir: str | Path) -> Path | None:
@@ -129,9 +141,11 @@ def write_manifest(ckpt: Path, rank: int, world_size: int) -> None:
 
 def manifest_problems(ckpt: Path, rank: int, world_size: int) -> list[str]:
     """What differs between a checkpoint's files and its manifest (checked in parallel: entry i by rank i mod world),
-    on every rank; empty for a checkpoint written before manifests existed. Collective."""
+    on every rank. Collective."""
     path = ckpt / MANIFEST
-    entries = sorted(json.loads(path.read_text()).items()) if path.is_file() else []
+    if not path.is_file():  # written before COMPLETE: without it the checkpoint's files cannot be trusted
+        return [f"{MANIFEST} is missing"]
+    entries = sorted(json.loads(path.read_text()).items())
     mine = []
     for i, (name, entry) in enumerate(entries):
         if i % world_size != rank:
@@ -321,6 +335,7 @@ class Checkpointer:
         self.last_saved: int | None = None
         self.engine = None
         self.states: dict[str, Stateful] = {}
+        self.trained_with: dict[str, Any] | None = None
 
     def plan(self, cfg: RunConfig) -> None:
         """With --resume, choose and validate the newest complete checkpoint against `cfg`; nothing is loaded and no run
@@ -331,6 +346,7 @@ class Checkpointer:
             else None
         )
         self.source = self.point.ckpt if self.point else None
+        self.trained_with = {name: getattr(cfg, name) for name in RESUME_MUST_MATCH}
         if self.point is None:
             return
         if cfg.max_steps < self.point.step:
@@ -338,7 +354,15 @@ class Checkpointer:
                 f"checkpoint {self.point.ckpt} is at step {self.point.step}, beyond --max_steps {cfg.max_steps}; "
                 f"pass --max_steps {self.point.step} or more to continue it."
             )
-        saved = self.run.read_run_config() if self.run.run_config.is_file() else {}
+        saved = self.point.marker.trained_with or (
+            self.run.read_run_config() if self.run.run_config.is_file() else None
+        )
+        if saved is None:
+            raise CheckpointError(
+                f"checkpoint {self.point.ckpt} does not record the flags it was trained with and {self.run.run_config} "
+                "is missing, so the resume cannot check that the model matches it; restore run_config.json or start "
+                "a new run elsewhere."
+            )
         name = resume_conflict(saved, cfg)
         if name is not None:
             raise CheckpointError(
@@ -415,6 +439,7 @@ class Checkpointer:
             rare_vocab_digest=self.rare_vocab_digest,
             pipeline_stages=self.topo.dims.pipeline,
             zero_stage=self.engine.zero_optimization_stage(),
+            trained_with=self.trained_with,
             **plain,
         )
         ckpt = save_checkpoint(self.engine, self.run.path, marker, self.topo.rank, rank_state)

@@ -171,6 +171,8 @@ class RunConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"--seed must be a whole number from 0 to 2**32 - 1 (numpy's range), got {self.seed}.")
         if self.num_proc is not None and self.num_proc < 1:
             raise ConfigError(f"--num_proc must be at least 1, got {self.num_proc}.")
         if self.save_interval < 0:
@@ -191,6 +193,12 @@ class RunConfig:
         if not self.corpus:
             raise ConfigError(
                 "--corpus is empty: name at least one .txt/.jsonl/.parquet file, folder, or datasets hub name."
+            )
+        named = [str(Path(c).resolve()) if Path(c).exists() else c for c in self.corpus]
+        twice = next((c for c, n in zip(self.corpus, named) if named.count(n) > 1), None)
+        if twice is not None:
+            raise ConfigError(
+                f"--corpus names {twice} more than once, which would count its words twice; name it once."
             )
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
@@ -235,6 +243,23 @@ RESUME_MUST_MATCH = (
     "global_batch_size",
     "seed",
 )
+
+
+TNF_ONLY = ("note_lambda", "note_gamma", "note_window", "notes_at_masked")  # what notes do; not the baseline
+RUN_ONLY = ("output_dir", "overwrite", "resume")  # where and how a run is started, not what it trains
+# What a baseline and a TNF run may differ in and still be compared at equal steps: TNF itself, where and how the
+# runs were started, logged and laid out over ranks, and how long they ran (compared over their common steps).
+COMPARISON_MAY_DIFFER = (
+    "tnf", "notes_in", *TNF_ONLY, *RUN_ONLY, "preset", "data_cache", "num_proc", "prefetch", "log_interval",
+    "eval_interval", "save_interval", "export", "save_notes", "profile_phases", "deepspeed_config",
+    "micro_batch_size", "activation_checkpointing", "max_nonfinite_steps", "max_steps",
+)  # fmt: skip
+
+
+def comparison_conflict(baseline: dict[str, Any], tnf: dict[str, Any]) -> str | None:
+    """The first field outside COMPARISON_MAY_DIFFER in which two runs' saved configs differ, or None."""
+    fields = sorted((set(baseline) | set(tnf)) - set(COMPARISON_MAY_DIFFER))
+    return next((name for name in fields if baseline.get(name) != tnf.get(name)), None)
 
 
 def resume_conflict(saved: dict[str, Any], cfg: RunConfig) -> str | None:

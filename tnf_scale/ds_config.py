@@ -1,15 +1,22 @@
 """The DeepSpeed config of a run: the user's JSON file, with "auto" and missing values filled from the flags.
 
 Values the file states explicitly must agree with the flags; a disagreement is one sentence
-naming both, never a silent override.
+naming both, never a silent override. The config built is then read by DeepSpeed's own config model, before any
+process group starts, so that what DeepSpeed would reject is refused in one sentence while nothing has been touched.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 from pathlib import Path
 from typing import Any
+
+import pydantic
+import torch
+from deepspeed.runtime import lr_schedules
+from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS, DeepSpeedConfig
 
 from tnf_scale.config import RunConfig, check_deepspeed_config_path
 from tnf_scale.distributed import ParallelDims
@@ -17,6 +24,7 @@ from tnf_scale.errors import ConfigError
 from tnf_scale.precision import Precision, resolve_precision
 
 DEFAULT_DS_CONFIG: dict[str, Any] = {"zero_optimization": {"stage": 1}}
+ADAM_FAMILY = ("adam", "adamw", "lamb")
 
 
 def load_ds_file(path: str | None) -> dict[str, Any]:
@@ -31,6 +39,9 @@ def load_ds_file(path: str | None) -> dict[str, Any]:
         ) from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"--deepspeed_config {path} must hold a JSON object.")
+    for key in ("zero_optimization", "pipeline", "bf16", "fp16", "optimizer", "scheduler", "data_types"):
+        if key in loaded and not isinstance(loaded[key], dict):
+            raise ConfigError(f'--deepspeed_config {path} sets "{key}" to {loaded[key]!r}; it must be a JSON object.')
     return loaded
 
 
@@ -108,7 +119,10 @@ def build_ds_config(
         "optimizer", {"type": "AdamW", "params": {} if fused_adam[0] else {"torch_adam": True, "fused": True}}
     )
     params = ds["optimizer"].setdefault("params", {})
-    for key, value in (("lr", cfg.lr), ("weight_decay", cfg.weight_decay), ("betas", [0.9, 0.999]), ("eps", 1e-6)):
+    defaults = [("lr", cfg.lr), ("weight_decay", cfg.weight_decay)]
+    if str(ds["optimizer"].get("type", "")).lower() in ADAM_FAMILY:  # other optimizers take no betas or eps
+        defaults += [("betas", [0.9, 0.999]), ("eps", 1e-6)]
+    for key, value in defaults:
         _agree(
             params,
             key,
@@ -134,6 +148,7 @@ def build_ds_config(
     if precision.bf16:
         set_fp32_gradients(ds, dims, source)
     ds.setdefault("steps_per_print", 10**9)  # progress is ours; DeepSpeed's own step log would repeat it
+    check_with_deepspeed(ds, dims, source)
     return ds, dims, precision
 
 
@@ -145,6 +160,8 @@ def set_fp32_gradients(ds: dict[str, Any], dims: ParallelDims, source: str) -> N
     accumulates into fp32, at any stage. Data parallelism without ZeRO would accumulate in bf16: refused.
     """
     stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if not isinstance(stage, int) or isinstance(stage, bool):
+        raise ConfigError(f"{source} sets zero_optimization.stage to {stage!r}; use a whole number from 0 to 3.")
     if stage == 0 and dims.pipeline == 1:
         raise ConfigError(
             f"bf16 with ZeRO stage 0 ({source}) would accumulate and reduce gradients in bf16; use ZeRO stage 1 or "
@@ -153,3 +170,75 @@ def set_fp32_gradients(ds: dict[str, Any], dims: ParallelDims, source: str) -> N
     if stage >= 1:
         ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     ds.setdefault("communication_data_type", "fp32")
+
+
+class _ReadKeys(dict):
+    """A dict that remembers which keys were looked up (present or not), through every shallow copy of it."""
+
+    def __init__(self, *args, read: set[str]):
+        super().__init__(*args)
+        self.read = read
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key):
+        self.read.add(key)
+        return super().__contains__(key)
+
+
+def check_with_deepspeed(ds: dict[str, Any], dims: ParallelDims, source: str) -> None:
+    """Refuse, in one sentence, what DeepSpeed would reject once the ranks are up: its config model and sanity
+    checks (read here for one rank, so the batch size is the per-replica one), a top-level section DeepSpeed does not
+    read whose name is close to one it does (a misspelling DeepSpeed would silently ignore), and the engine's own
+    rules on the optimizer, the scheduler and ZeRO under a pipeline."""
+    read: set[str] = set()
+    one_replica = _ReadKeys(
+        {**ds, "train_batch_size": ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]},
+        read=read,
+    )
+    try:
+        parsed = DeepSpeedConfig(one_replica)
+    except pydantic.ValidationError as err:
+        first = err.errors()[0]
+        loc = [str(part) for part in first["loc"]]
+        # DeepSpeed validates each section with its own model, so the location starts inside the section
+        section = [key for key, value in ds.items() if isinstance(value, dict) and loc and loc[0] in value][:1]
+        where = ".".join(section + loc)
+        raise ConfigError(
+            f"DeepSpeed rejects {source}: {where} = {first['input']!r}: {first['msg']}; fix the file."
+        ) from None
+    except (AssertionError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"DeepSpeed rejects {source}: {str(err) or type(err).__name__}; fix the file.") from None
+    for key in ds:
+        close = difflib.get_close_matches(key, read, n=1, cutoff=0.8) if key not in read else []
+        if close:
+            raise ConfigError(
+                f'{source} has a section "{key}" that DeepSpeed does not read; did you mean "{close[0]}"?'
+            )
+    optimizer = parsed.optimizer_name
+    if optimizer is not None and optimizer not in DEEPSPEED_OPTIMIZERS and not hasattr(torch.optim, optimizer):
+        raise ConfigError(
+            f'{source} names optimizer "{optimizer}", which is neither one of DeepSpeed\'s '
+            f"({', '.join(DEEPSPEED_OPTIMIZERS)}) nor in torch.optim; fix optimizer.type."
+        )
+    scheduler = parsed.scheduler_name
+    if (
+        scheduler is not None
+        and not hasattr(lr_schedules, scheduler)
+        and not hasattr(torch.optim.lr_scheduler, scheduler)
+    ):
+        raise ConfigError(
+            f'{source} names scheduler "{scheduler}", which is neither one of DeepSpeed\'s '
+            f"({', '.join(lr_schedules.VALID_LR_SCHEDULES)}) nor in torch.optim.lr_scheduler; fix scheduler.type."
+        )
+    if dims.pipeline > 1 and parsed.zero_optimization_stage >= 2:
+        raise ConfigError(
+            f"{source} runs ZeRO stage {parsed.zero_optimization_stage} under a pipeline, which DeepSpeed does not "
+            "support (its gradients are partitioned); use ZeRO stage 0 or 1 with pipeline stages."
+        )

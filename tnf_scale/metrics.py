@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,26 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All records of a run's metrics.jsonl, in order."""
+    """All whole records of a run's metrics.jsonl, in order. A line that is not one (a run killed while writing it)
+    is skipped and said once on stderr, so that reports and a resume read what was written whole."""
     path = RunDir(run_dir).metrics
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, skipped = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            record = None
+            skipped.append(number)
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+        elif record is not None:
+            skipped.append(number)
+    if skipped:
+        say_once(f"warning: skipped {len(skipped)} line(s) of {path} that are not whole records (line {skipped[0]}"
+                 f"{' and on' if len(skipped) > 1 else ''}): a run killed while writing, or an edit.")  # fmt: skip
+    return records
+
+
+@functools.cache
+def say_once(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

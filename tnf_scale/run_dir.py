@@ -13,6 +13,7 @@ Layout of `--output_dir`:
   PREEMPTED                       written when a signal stopped the run after a checkpoint
   LOCK                            held by global rank 0 while a run writes here (run_lock.py)
   failures/                       what each rank saw when a rank failed, for the survivors' last words (failures.py)
+  hf_trainer/                     only in a run of the Hugging Face Trainer peer (reports/hf_peer.py): its own output
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ PROVENANCE_FILE = "provenance.json"
 PREEMPTED_MARKER = "PREEMPTED"
 LOCK_FILE = "LOCK"
 FAILURES_DIR = "failures"
+HF_TRAINER_DIR = "hf_trainer"
 TRAINED = (
     METRICS_FILE,
     TENSORBOARD_DIR,
@@ -54,6 +56,18 @@ TRAINED = (
     EXPORT_DIR,
     NOTES_FILE,
 )  # any of them: the directory holds a run
+
+
+def check_out_dir(path: str | Path, flag: str) -> Path:
+    """`path` as a folder to write into, refused in one sentence when it, or the nearest part of it that exists, is a
+    file or cannot be written: checked before anything is written there."""
+    path = Path(path)
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {path}: {existing} is a file; name a directory.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: {existing} is not writable; choose a folder you can write to.")
+    return path
 
 
 class RunDir:
@@ -121,8 +135,16 @@ class RunDir:
     def rare_vocab(self) -> Path:
         return self.tokenizer / RARE_VOCAB_FILE
 
+    @property
+    def hf_trainer(self) -> Path:
+        return self.path / HF_TRAINER_DIR
+
     def _trained(self) -> list[str]:
         return [name for name in TRAINED if (self.path / name).exists()]
+
+    def holds_run(self) -> bool:
+        """Whether a run has trained here (metrics, checkpoints, export or notes exist)."""
+        return bool(self._trained())
 
     def _ours(self) -> bool:
         """Whether this project wrote the directory's run: its run files are there (a run that started training has
@@ -143,8 +165,7 @@ class RunDir:
                 f"--output_dir {self.path} already holds a run ({existing[0]}); pass --resume to continue it, "
                 "--overwrite to replace it, or choose another directory."
             )
-        if self.path.exists() and not self.path.is_dir():
-            raise ConfigError(f"--output_dir {self.path} is a file; name a directory.")
+        check_out_dir(self.path, "--output_dir")
 
     def claim(self, cfg: RunConfig, is_main: bool) -> None:
         """Create the directory; with --overwrite (and not --resume), delete the old run first. Call it only once every

@@ -20,19 +20,18 @@ import argparse
 import datetime
 import shlex
 import sys
-from pathlib import Path
 
 from tnf_scale.config import parse_args
 from tnf_scale.errors import ConfigError, command_line
 from tnf_scale.finetune.run import FinetuneArgs
 from tnf_scale.finetune.shipped import build as build_shipped_task
 from tnf_scale.launch import PEER_SCRIPT
-from tnf_scale.reports.bench import launch_pair, launch_training
+from tnf_scale.reports.bench import add_overwrite_flag, check_replaceable, launch_pair, launch_training, pair_dirs
 from tnf_scale.reports.downstream import write_report as write_downstream
 from tnf_scale.reports.throughput import write_report as write_throughput
 from tnf_scale.reports.time_to_loss import check_runs
 from tnf_scale.reports.time_to_loss import write_report as write_time_to_loss
-from tnf_scale.run_dir import RunDir
+from tnf_scale.run_dir import RunDir, check_out_dir
 
 
 @command_line
@@ -46,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--warmup", type=int, default=20, help="steps left out of the throughput timing")
     parser.add_argument("--master_port", type=int, default=29697)
+    add_overwrite_flag(parser)
     parser.add_argument(
         "--reports_only", action="store_true", help="make the reports again from the runs already in --out"
     )
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--downstream_cache", default=".cache/tnf_data", help="where the set-up put the shipped task")
     args, train_flags = parser.parse_known_args(argv)
-    out = Path(args.out)
+    out = check_out_dir(args.out, "--out")
     if args.downstream_points < 1:
         raise ConfigError("--downstream_points must be at least 1 (the end of each run).")
     run_cfg = parse_args(["--preset", args.preset, *train_flags])
@@ -83,13 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.reports_only:
         baseline, tnf, peer = out / "baseline", out / "tnf", out / "hf_trainer" if with_peer else None
     else:
-        baseline, tnf = launch_pair(out, args.ranks, args.master_port, flags)
+        check_replaceable([*pair_dirs(out), out / "hf_trainer"], args.overwrite)
+        baseline, tnf = launch_pair(out, args.ranks, args.master_port, flags, args.overwrite)
         peer = (
             launch_training(
                 out / "hf_trainer",
                 args.ranks,
                 args.master_port,
                 [*flags, "--max_steps", str(args.peer_steps)],
+                args.overwrite,
                 PEER_SCRIPT,
             )
             if with_peer

@@ -31,7 +31,7 @@ from tnf_scale.config import BUNDLED_CORPUS
 from tnf_scale.data.encoding import encode_texts
 from tnf_scale.data.tokenizer import load_tokenizer
 from tnf_scale.errors import ConfigError, command_line
-from tnf_scale.run_dir import machine
+from tnf_scale.run_dir import check_out_dir, machine
 
 
 def write_corpus(path: Path, words: int) -> int:
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     args, flags = parser.parse_known_args(argv)
     if args.words < 1 or min(args.num_proc) < 1:
         raise ConfigError("--words and every --num_proc must be at least 1.")
-    out = Path(args.out)
+    out = check_out_dir(args.out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     corpus = out / "corpus.jsonl"
     words = write_corpus(corpus, args.words)

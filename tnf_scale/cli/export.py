@@ -14,7 +14,7 @@ from pathlib import Path
 from tnf_scale.checkpoint import check_manifest, complete_checkpoints
 from tnf_scale.errors import ConfigError, exit_code
 from tnf_scale.model.export import export_hf
-from tnf_scale.run_dir import RunDir
+from tnf_scale.run_dir import RunDir, check_out_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,9 +28,19 @@ def main(argv: list[str] | None = None) -> int:
     run = Path(args.run)
 
     def export() -> int:
+        if args.out:
+            check_out_dir(args.out, "--out")
+        if not RunDir(run).holds_run():
+            raise ConfigError(
+                f"--run {run} is not a run's output directory (no metrics, checkpoints or export in it); point it at "
+                "the --output_dir of a training run."
+            )
         done = complete_checkpoints(run)
         if not done:
-            raise ConfigError(f"{run} holds no complete checkpoint; train with --output_dir {run} first.")
+            raise ConfigError(
+                f"{run} holds no complete checkpoint yet; export once the run has saved one (every --save_interval "
+                "steps and at its end)."
+            )
         named = [c for c in done if c.name == args.checkpoint]
         if args.checkpoint and not named:
             raise ConfigError(

@@ -20,6 +20,7 @@ from pathlib import Path
 from tnf_scale.errors import ConfigError, exit_code
 from tnf_scale.reports.bench import finished_run
 from tnf_scale.reports.faults import FAULTS, run_to_end, run_trial, write_report
+from tnf_scale.run_dir import check_out_dir
 
 
 def campaign(argv: list[str] | None) -> int:
@@ -55,7 +56,7 @@ def campaign(argv: list[str] | None) -> int:
         raise ConfigError(
             "--trials must be at least 1, --max_steps at least 4, and --save_interval between 1 and --max_steps - 1."
         )
-    out = Path(args.out)
+    out = check_out_dir(args.out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     flags = [
         "--preset",

@@ -20,6 +20,20 @@ from tnf_scale.finetune.run import FinetuneArgs, finetune, markdown
 from tnf_scale.finetune.shipped import TASK as SHIPPED
 from tnf_scale.finetune.shipped import task_dir
 from tnf_scale.finetune.tasks import GLUE, file_task, glue_task
+from tnf_scale.run_dir import check_out_dir
+
+
+def check_model_dir(model: Path) -> None:
+    """A Hugging Face model directory with its weights, as `tools/export.py` writes one."""
+    if not (model / "config.json").is_file():
+        raise ConfigError(f"--model {model} holds no config.json; point it at an export (RUN/export).")
+    if not any((model / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")) and not any(
+        model.glob("*.safetensors.index.json")
+    ):
+        raise ConfigError(
+            f"--model {model} has a config.json but no weights (model.safetensors); export the run again "
+            "(python tools/export.py --run RUN)."
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         if bool(args.task) == bool(args.train or args.validation) or bool(args.train) != bool(args.validation):
             raise ConfigError("give --task NAME, or --train FILE with --validation FILE (and the column flags).")
+        for flag in ("epochs", "lr", "batch_size", "max_seq_len", "max_train_examples", "max_eval_examples"):
+            value = getattr(args, flag)
+            if value is not None and not value > 0:
+                raise ConfigError(f"--{flag} must be positive, got {value}.")
+        check_model_dir(Path(args.model))
+        check_out_dir(args.out, "--out")
         if args.task in GLUE:
             task = glue_task(args.task)
         else:

@@ -17,15 +17,23 @@ import argparse
 import json
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from tnf_scale.config import PRESETS, RunConfig, resolve
+from tnf_scale.errors import command_line
 from tnf_scale.model.tnf_bert import bert_config
-from tnf_scale.reports.bench import launch_pair, median_of, steady_steps, timing_flags
-from tnf_scale.run_dir import RunDir
+from tnf_scale.reports.bench import (
+    add_overwrite_flag,
+    check_replaceable,
+    launch_pair,
+    median_of,
+    pair_dirs,
+    steady_steps,
+    timing_flags,
+)
+from tnf_scale.run_dir import RunDir, check_out_dir
 
 
 def note_bytes(reads: float, writes: float, world: int, dim: int) -> tuple[float, float]:
@@ -39,6 +47,7 @@ def gradient_bytes(params: int, world: int, bytes_per_grad: int) -> float:
     return 2 * (world - 1) * params * bytes_per_grad
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=2)
@@ -53,12 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         help="rare occurrences per 128-token sequence assumed for BERT-large on Wikipedia + BookCorpus "
         "(the paper: about 20%% of sentences hold a rare word; a 128-token sequence holds about five)",
     )
+    add_overwrite_flag(parser)
     args, extra = parser.parse_known_args(argv)
-    out = Path(args.out)
+    out = check_out_dir(args.out, "--out")
+    check_replaceable(list(pair_dirs(out)), args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
 
     flags = [*timing_flags("tiny", args.steps), *extra]
-    runs = dict(zip(("off", "on"), launch_pair(out, args.ranks, args.master_port, flags)))
+    runs = dict(zip(("off", "on"), launch_pair(out, args.ranks, args.master_port, flags, args.overwrite)))
     step_s = {tnf: median_of(steady_steps(d, args.warmup), "step_seconds") for tnf, d in runs.items()}
     on = steady_steps(runs["on"], args.warmup)
     phases = {

@@ -11,9 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from tnf_scale.reports.bench import launch_training, median_of, steady_steps, timing_flags
+from tnf_scale.errors import command_line
+from tnf_scale.reports.bench import (
+    add_overwrite_flag,
+    check_replaceable,
+    launch_training,
+    median_of,
+    steady_steps,
+    timing_flags,
+)
+from tnf_scale.run_dir import check_out_dir
 
 
 def bubble_fraction(stages: int, micro_batches: int) -> float:
@@ -21,6 +29,7 @@ def bubble_fraction(stages: int, micro_batches: int) -> float:
     return (stages - 1) / (micro_batches + stages - 1)
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -29,17 +38,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro_batch_size", type=int, default=4)
     parser.add_argument("--out", default="runs/pipeline_bench")
     parser.add_argument("--master_port", type=int, default=29675)
+    add_overwrite_flag(parser)
     args = parser.parse_args(argv)
-    out = Path(args.out)
+    out = check_out_dir(args.out, "--out")
     flags = [
         *timing_flags("tiny", args.steps),
         *("--global_batch_size", str(args.global_batch_size), "--micro_batch_size", str(args.micro_batch_size)),
     ]
     layouts = {"pipeline 2 x data 1": "ds_configs/tiny_pp2.json", "data 2": "ds_configs/zero1.json"}
+    check_replaceable([out / name.replace(" ", "_") for name in layouts], args.overwrite)
     rows = []
     for i, (name, ds_config) in enumerate(layouts.items()):
         run = launch_training(
-            out / name.replace(" ", "_"), 2, args.master_port + i, [*flags, "--deepspeed_config", ds_config]
+            out / name.replace(" ", "_"),
+            2,
+            args.master_port + i,
+            [*flags, "--deepspeed_config", ds_config],
+            args.overwrite,
         )
         steps = steady_steps(run, args.warmup)
         rows.append(

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from tnf_scale.errors import command_line
 from tnf_scale.launch import PEER_SCRIPT
-from tnf_scale.reports.bench import launch_training, timing_flags
-from tnf_scale.reports.throughput import write_report
+from tnf_scale.reports.bench import add_overwrite_flag, check_replaceable, launch_training, timing_flags
+from tnf_scale.reports.throughput import check_warmup, write_report
+from tnf_scale.run_dir import check_out_dir
 
 
 @command_line
@@ -45,25 +46,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
     parser.add_argument("--master_port", type=int, default=29691)
+    add_overwrite_flag(parser)
     args, extra = parser.parse_known_args(argv)
     if (args.run is None) == (args.preset is None) or (args.preset and not args.out) or (args.run and extra):
         parser.error("give --run RUN_DIR [...] (and --peer), or --preset P with --steps and --out (and train.py flags)")
+    check_warmup(args.warmup)  # before anything is trained
     if args.preset:
-        out = Path(args.out)
+        out = check_out_dir(args.out, "--out")
         flags = [*timing_flags(args.preset, args.steps), *extra]
         precisions = {f"run_{p}": ["--precision", p] for p in args.precisions} if args.precisions else {"run": []}
+        check_replaceable([out / name for name in precisions] + [out / "hf_trainer"] * args.with_peer, args.overwrite)
         runs = [
-            launch_training(out / name, args.ranks, args.master_port, [*flags, *p]) for name, p in precisions.items()
+            launch_training(out / name, args.ranks, args.master_port, [*flags, *p], args.overwrite)
+            for name, p in precisions.items()
         ]
         last = list(precisions.values())[-1]
         peer = (
-            launch_training(out / "hf_trainer", args.ranks, args.master_port, [*flags, *last], PEER_SCRIPT)
+            launch_training(
+                out / "hf_trainer", args.ranks, args.master_port, [*flags, *last], args.overwrite, PEER_SCRIPT
+            )
             if args.with_peer
             else None
         )
     else:
         runs, peer = [Path(r) for r in args.run], Path(args.peer) if args.peer else None
-        out = Path(args.out) if args.out else runs[0]
+        out = check_out_dir(args.out or runs[0], "--out")
     print(write_report(runs, peer, out, args.warmup))
     return 0
 

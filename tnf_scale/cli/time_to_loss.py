@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 from tnf_scale.errors import command_line
-from tnf_scale.reports.bench import launch_pair
-from tnf_scale.reports.time_to_loss import write_report
+from tnf_scale.reports.bench import add_overwrite_flag, launch_pair
+from tnf_scale.reports.time_to_loss import check_options, write_report
+from tnf_scale.run_dir import check_out_dir
 
 
 @command_line
@@ -30,12 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=3, help="evaluations in the trailing mean")
     parser.add_argument("--ranks", type=int, default=1)
     parser.add_argument("--master_port", type=int, default=29695)
+    add_overwrite_flag(parser)
     args, train_flags = parser.parse_known_args(argv)
     if args.preset is None and (args.baseline is None or args.tnf is None or train_flags):
         parser.error("give --baseline and --tnf (finished runs), or --preset P and train.py flags to train both")
-    out = Path(args.out)
+    out = check_out_dir(args.out, "--out")
+    check_options(args.target, args.window)  # before anything is trained
     if args.preset:
-        baseline, tnf = launch_pair(out, args.ranks, args.master_port, ["--preset", args.preset, *train_flags])
+        baseline, tnf = launch_pair(
+            out, args.ranks, args.master_port, ["--preset", args.preset, *train_flags], args.overwrite
+        )
     else:
         baseline, tnf = Path(args.baseline), Path(args.tnf)
     print(write_report(baseline, tnf, out, args.target, args.window))

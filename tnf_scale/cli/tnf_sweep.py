@@ -23,10 +23,10 @@ from pathlib import Path
 
 from tnf_scale.config import RunConfig
 from tnf_scale.errors import command_line
-from tnf_scale.reports.bench import launch_training
+from tnf_scale.reports.bench import add_overwrite_flag, check_replaceable, finished_run, launch_training
 from tnf_scale.reports.sweep import Setting, compare_runs, finished_run_of, grid, run_config, summary_json, table
 from tnf_scale.reports.time_to_loss import write_report
-from tnf_scale.run_dir import RunDir
+from tnf_scale.run_dir import RunDir, check_out_dir
 
 
 @command_line
@@ -42,25 +42,43 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--ranks", type=int, default=1)
     parser.add_argument("--master_port", type=int, default=29699)
+    add_overwrite_flag(parser)
     args, flags = parser.parse_known_args(argv)
-    out = Path(args.out)
+    out = check_out_dir(args.out, "--out")
+
+    def target(setting: Setting, tnf: str) -> Path:
+        return out / f"{'baseline' if tnf == 'off' else 'tnf'}-{setting.tag}"
+
     settings = grid(args.grid, args.preset, flags)  # every setting is checked before the first run starts
     command = shlex.join(["python", "tools/tnf_sweep.py", *(argv if argv is not None else sys.argv[1:])])
 
-    def obtain(setting: Setting, tnf: str, run_dir: Path) -> Path:
-        cfg: RunConfig = run_config(args.preset, flags, setting, tnf)
-        found = finished_run_of(cfg, [run_dir, *map(Path, args.reuse)])
+    for reused in args.reuse:
+        finished_run(reused, "--reuse")
+    plan = {}  # (setting, --tnf) -> the finished run to reuse, or None: train it
+    for setting in settings:
+        for trained, tnf in ((setting.shared(), "off"), (setting, "on")):
+            cfg: RunConfig = run_config(args.preset, flags, trained, tnf)
+            plan[trained, tnf] = finished_run_of(cfg, [target(trained, tnf), *map(Path, args.reuse)])
+    check_replaceable([target(s, tnf) for (s, tnf), found in plan.items() if found is None], args.overwrite)
+
+    def obtain(setting: Setting, tnf: str) -> Path:
+        found = plan[setting, tnf]
         if found:
             print(f"reusing {found} for {setting.name} (--tnf {tnf})", flush=True)
             return found
-        return launch_training(
-            run_dir, args.ranks, args.master_port, ["--preset", args.preset, *flags, *setting.flags(), "--tnf", tnf]
+        plan[setting, tnf] = launch_training(  # trained once, then reused by the settings sharing it
+            target(setting, tnf),
+            args.ranks,
+            args.master_port,
+            ["--preset", args.preset, *flags, *setting.flags(), "--tnf", tnf],
+            args.overwrite,
         )
+        return plan[setting, tnf]
 
     rows = []
     for setting in settings:
-        baseline = obtain(setting.shared(), "off", out / f"baseline-{setting.shared().tag}")
-        tnf = obtain(setting, "on", out / f"tnf-{setting.tag}")
+        baseline = obtain(setting.shared(), "off")
+        tnf = obtain(setting, "on")
         write_report(baseline, tnf, out / f"report-{setting.tag}")
         rows.append((setting, baseline, tnf, compare_runs(baseline, tnf)))
         origins = [RunDir(run).read_provenance() for _, *runs, _ in rows for run in runs]

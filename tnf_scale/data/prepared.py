@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -22,7 +23,7 @@ from transformers import PreTrainedTokenizerFast
 
 from tnf_scale.config import RunConfig
 from tnf_scale.data.corpus import corpus_fingerprint, load_corpus
-from tnf_scale.data.encoding import encode_corpus, word_of_key
+from tnf_scale.data.encoding import GROUP, encode_corpus, word_of_key
 from tnf_scale.data.packing import pack_corpus
 from tnf_scale.data.rare_vocab import RareVocab, band_coverage, choose_band, count_words
 from tnf_scale.data.tokenizer import load_tokenizer, train_wordpiece
@@ -79,10 +80,10 @@ def is_eval_sequence(index: int, eval_fraction: float, block: int = 16) -> bool:
 
 
 def preparation_processes(cfg: RunConfig, documents: int) -> int:
-    """Processes that count and pack: --num_proc, or every core for a corpus large enough to repay starting them."""
-    if cfg.num_proc is not None:
-        return cfg.num_proc
-    return (os.cpu_count() or 1) if documents >= 20_000 else 1
+    """Processes that count and pack: --num_proc, or every core for a corpus large enough to repay starting them; at
+    most one per group of GROUP documents (the unit of work)."""
+    wanted = cfg.num_proc if cfg.num_proc is not None else (os.cpu_count() or 1) if documents >= 20_000 else 1
+    return min(wanted, max(1, math.ceil(documents / GROUP)))
 
 
 @contextmanager
@@ -107,6 +108,9 @@ def _build(cfg: RunConfig, out: Path, log) -> None:
         tokenizer = train_wordpiece(corpus, cfg.vocab_size, cfg.max_seq_len, cfg.tokenizer_sample_words)
     clock.lap("tokenizer")
     num_proc = preparation_processes(cfg, len(corpus))
+    if cfg.num_proc is not None and num_proc < cfg.num_proc:
+        log(f"--num_proc {cfg.num_proc}: {num_proc} process{'es' if num_proc > 1 else ''} used, one per group of "
+            f"{GROUP} documents")  # fmt: skip
     scratch = out / "scratch"
     encoded = encode_corpus(corpus, tokenizer, num_proc, scratch)
     word_counts = count_words(encoded)

@@ -25,7 +25,7 @@ from tnf_scale.checkpoint import CheckpointMarker, universal_form
 from tnf_scale.errors import ConfigError
 from tnf_scale.model.electra import SHARED_EMBEDDINGS
 from tnf_scale.model.pipeline import hf_state_dict, is_pipeline_checkpoint, layer_files, universal_layers
-from tnf_scale.run_dir import RARE_VOCAB_FILE, TOKENIZER_DIR, RunDir
+from tnf_scale.run_dir import RARE_VOCAB_FILE, TOKENIZER_DIR, RunDir, check_out_dir
 
 GENERATOR_DIR = "generator"  # inside an ELECTRA export: the generator
 
@@ -98,8 +98,7 @@ def network_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torc
 def export_hf(run_dir: Path, ckpt: Path, out_dir: Path) -> Path:
     """Write `out_dir` as Hugging Face model directories with the tokenizer, which stock transformers loads."""
     run = RunDir(run_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"the export directory {out_dir} is a file; name a directory (or move the file away).")
+    check_out_dir(out_dir, "the export directory")
     if not run.model_config.is_file():
         raise ConfigError(f"{run_dir} has no {run.model_config.name}; point --run at a tnf_scale output directory.")
     networks = networks_of(run, out_dir)

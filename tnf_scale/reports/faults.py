@@ -26,7 +26,7 @@ import psutil
 import torch
 from safetensors.torch import load_file
 
-from tnf_scale.checkpoint import COMPLETE, CheckpointMarker, complete_checkpoints
+from tnf_scale.checkpoint import COMPLETE, CheckpointMarker, checkpoint_dirs, complete_checkpoints
 from tnf_scale.config import REPO
 from tnf_scale.launch import TRAIN_SCRIPT, deepspeed_command
 from tnf_scale.metrics import read_metrics
@@ -102,8 +102,7 @@ def wait_for(condition, timeout: float, interval: float) -> bool:
 
 
 def checkpoint_in_progress(run_dir: Path) -> bool:
-    root = RunDir(run_dir).checkpoints
-    return root.is_dir() and any(p.is_dir() and not (p / COMPLETE).exists() for p in root.glob("step*"))
+    return any(not (p / COMPLETE).exists() for p in checkpoint_dirs(run_dir))
 
 
 def inject(

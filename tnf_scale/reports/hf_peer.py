@@ -120,7 +120,7 @@ def run(cfg: RunConfig) -> int:
     sampler = GlobalBatchSampler(len(data.train), cfg.global_batch_size, cfg.seed)
     optimizer = ds_config["optimizer"]["params"]
     args = TrainingArguments(
-        output_dir=str(run_dir.path / "hf_trainer"),
+        output_dir=str(run_dir.hf_trainer),
         max_steps=cfg.max_steps,
         seed=cfg.seed,
         per_device_train_batch_size=cfg.micro_batch_size,

@@ -14,14 +14,11 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-from tnf_scale.config import RunConfig, parse_args
+from tnf_scale.config import RUN_ONLY, TNF_ONLY, RunConfig, parse_args
 from tnf_scale.errors import ConfigError
 from tnf_scale.metrics import read_metrics
 from tnf_scale.reports.time_to_loss import YARDSTICKS, Comparison, compare_all
 from tnf_scale.run_dir import RunDir
-
-TNF_ONLY = ("note_lambda", "note_gamma", "note_window", "notes_at_masked")
-RUN_ONLY = ("output_dir", "overwrite", "resume")  # where and how a run is started, not what it trains
 
 
 @dataclass(frozen=True)

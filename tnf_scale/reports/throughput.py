@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from tnf_scale.errors import ConfigError
 from tnf_scale.reports.bench import finished_run, steady_steps
 from tnf_scale.run_dir import RunDir, machine
 
@@ -178,7 +179,13 @@ def run_figures(run: Path, warmup: int, cpu_peaks: dict[str, float]) -> dict:
     FLOPs count the MLM head on masked tokens for every trainer: the work the objective needs.
     """
     config = RunDir(run).read_run_config()
-    steps = steady_steps(run, warmup) or steady_steps(run, 0)
+    steps = steady_steps(run, warmup)
+    if not steps:
+        logged = len(steady_steps(run, 0))
+        raise ConfigError(
+            f"--warmup {warmup} leaves none of the {logged} logged steps of {run} to time; "
+            + (f"use a warmup below {logged}." if logged else "the run logged no training step yet.")
+        )
     summary = summarize(steps, config["global_batch_size"])
     flops = run_flops_per_token(run, config)
     achieved = flops * summary["tokens_per_s"]["median"]
@@ -264,10 +271,21 @@ def render(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_warmup(warmup: int) -> None:
+    if warmup < 0:
+        raise ConfigError(f"--warmup {warmup}: give the number of first steps to leave out of the timing (0 or more).")
+
+
 def write_report(runs: list[Path], peer: Path | None, out: Path, warmup: int) -> str:
     """Throughput of finished runs (and the peer's, with the ratio); writes throughput.md and .json into `out`."""
+    check_warmup(warmup)
     runs = [finished_run(r, "--run") for r in runs]
     peer = finished_run(peer, "--peer") if peer else None
+    if peer is not None and not RunDir(peer).hf_trainer.is_dir():
+        raise ConfigError(
+            f"--peer {peer} is a run of tnf_scale's own trainer, not of the Hugging Face Trainer peer; give it with "
+            "--run, or train the peer (tnf_scale/reports/hf_peer.py, or --with_peer)."
+        )
     device = device_peak({precision_of(RunDir(r).read_provenance()) for r in [*runs, *([peer] if peer else [])]})
     report = {
         "reported_on": machine(),

@@ -14,9 +14,11 @@ its verdict is quoted here when given.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from tnf_scale.config import comparison_conflict
 from tnf_scale.errors import ConfigError
 from tnf_scale.metrics import read_metrics
 from tnf_scale.reports.bench import finished_run
@@ -312,7 +314,9 @@ def plot(baseline: list[dict], tnf: list[dict], results: list[Comparison], path:
 
 
 def check_pair(baseline_dir: Path, tnf_dir: Path) -> None:
-    """Refuse a comparison that cannot mean anything: one run given twice, or the TNF settings the wrong way round."""
+    """Refuse a comparison that cannot mean anything: one run given twice, the TNF settings the wrong way round, or
+    runs trained differently beyond TNF (config.COMPARISON_MAY_DIFFER)."""
+    pair = (baseline_dir, tnf_dir)
     if baseline_dir.resolve() == tnf_dir.resolve():
         raise ConfigError(
             f"--baseline and --tnf both name {baseline_dir}; point --tnf at the TNF run and --baseline at the "
@@ -324,6 +328,31 @@ def check_pair(baseline_dir: Path, tnf_dir: Path) -> None:
             raise ConfigError(
                 f"{flag} {run} was trained with --tnf {trained}; {flag} takes a run trained with --tnf {wanted}."
             )
+    # the precision each computed in (provenance.json), not the flag: --precision auto is bf16 or fp32 by device
+    saved = [
+        {
+            **RunDir(run).read_run_config(),
+            **{k: v for k, v in RunDir(run).read_provenance().items() if k == "precision"},
+        }
+        if RunDir(run).run_config.is_file()
+        else None
+        for run in pair
+    ]
+    name = comparison_conflict(*saved) if None not in saved else None
+    if name is not None:
+        raise ConfigError(
+            f"--baseline {baseline_dir} was trained with --{name} {saved[0].get(name)} and --tnf {tnf_dir} with "
+            f"--{name} {saved[1].get(name)}; compare runs that differ only in TNF's settings (same preset, data, "
+            "model, batch, schedule, precision and seed)."
+        )
+
+
+def check_options(target: float | None, window: int) -> None:
+    """The report's own options: a finite target loss, a trailing mean of at least one evaluation."""
+    if target is not None and not math.isfinite(target):
+        raise ConfigError(f"--target {target} is not a loss; give a finite held-out loss, or leave it out.")
+    if window < 1:
+        raise ConfigError(f"--window {window}: the trailing mean needs at least 1 evaluation.")
 
 
 def check_runs(baseline_dir: Path, tnf_dir: Path) -> None:
@@ -344,6 +373,7 @@ def write_report(
     """Compare two finished runs on every yardstick; write time_to_loss.md, .json and .png into `out`; return the
     markdown.
     `downstream` is the verdict of the downstream yardstick when it was measured (reports/downstream.py)."""
+    check_options(target, window)
     check_runs(baseline_dir, tnf_dir)
     baseline, tnf = read_metrics(Path(baseline_dir)), read_metrics(Path(tnf_dir))
     results = compare_all(baseline, tnf, target, window)
