@@ -14,6 +14,11 @@
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 
+if [ ! -f tnf_scale/train.py ]; then  # the batch shell runs where sbatch was called; every task would fail
+    echo "error: submitted from $PWD, which is not the tnf_scale checkout; cd to the repository root and submit again." >&2
+    exit 2
+fi
+
 : "${CORPUS:?set CORPUS to your corpus files or folders (see README)}"
 PRESET=${PRESET:-bert-large}
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero1.json}

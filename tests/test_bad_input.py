@@ -422,12 +422,16 @@ def test_report_options_out_of_range_are_one_sentence():
 
 
 def test_a_comparison_of_runs_trained_differently_beyond_tnf_names_the_field():
-    from tnf_scale.config import comparison_conflict
+    from tnf_scale.config import COMPARISON_MAY_DIFFER, HOW_RUN, config_conflict
 
     baseline = dataclasses.asdict(RunConfig(preset="tiny", tnf="off"))
-    assert comparison_conflict(baseline, {**baseline, "tnf": "on", "note_lambda": 0.3, "output_dir": "x"}) is None
-    assert comparison_conflict(baseline, {**baseline, "tnf": "on", "hidden_size": 256}) == "hidden_size"
-    assert comparison_conflict(baseline, {**baseline, "tnf": "on", "seed": 7}) == "seed"
+    tnf = {**baseline, "tnf": "on", "note_lambda": 0.3, "output_dir": "x"}
+    assert config_conflict(baseline, tnf, COMPARISON_MAY_DIFFER) is None
+    assert config_conflict(baseline, {**tnf, "hidden_size": 256}, COMPARISON_MAY_DIFFER) == "hidden_size"
+    assert config_conflict(baseline, {**tnf, "seed": 7}, COMPARISON_MAY_DIFFER) == "seed"
+    # a fault campaign's reference: only how it was run may differ, TNF's settings and its length may not
+    assert config_conflict(baseline, {**baseline, "save_interval": 7, "output_dir": "y"}, HOW_RUN) is None
+    assert config_conflict(baseline, tnf, HOW_RUN) == "note_lambda"
 
 
 def test_a_half_written_metrics_file_is_read_up_to_its_last_whole_record(tmp_path, capsys):
@@ -461,3 +465,127 @@ def test_fine_tuning_refuses_a_model_without_weights_and_an_empty_training_set(t
     assert main([*argv, "--max_train_examples", "0"]) == 2
     assert "--max_train_examples must be positive, got 0" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def write_bytes(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def truncated_gzip() -> bytes:
+    """JSON lines of varied text, gzip-compressed and cut in half (a download that stopped)."""
+    import gzip
+
+    lines = "".join(json.dumps({"text": f"document {i} says {i * i} and {i % 7}"}) + "\n" for i in range(3000))
+    packed = gzip.compress(lines.encode())
+    return packed[: len(packed) // 2]
+
+
+CORPUS_FILES = {
+    "numbers.jsonl": (lambda: "\n".join(json.dumps({"text": i}) for i in range(20)).encode(), "holds Value"),
+    "lists.jsonl": (lambda: "\n".join(json.dumps({"text": ["a", "b"]}) for _ in range(20)).encode(), "holds List"),
+    "malformed.jsonl": (lambda: b'{"text": "fine"}\n{"text": "cut', "cannot be read as json"),
+    "fake.parquet": (lambda: b"PAR1" + bytes(range(256)) * 4, "cannot be read as parquet"),
+    "truncated.jsonl.gz": (lambda: truncated_gzip(), "EOFError"),
+    "packed.jsonl.zst": (lambda: b"(\xb5/\xfd" + bytes(64), "is zstd-compressed"),
+    "random.txt": (lambda: bytes((i * 151 + 7) % 256 for i in range(20000)), "not valid UTF-8 \\(it is not text\\)"),
+}
+
+
+@pytest.mark.parametrize("name", list(CORPUS_FILES))
+def test_a_corpus_file_that_is_not_text_is_one_sentence_naming_it(name, tmp_path):
+    """Numbers or lists in the text column, malformed JSON lines, fake or truncated archives, zstd, random bytes: each
+    used to end in a traceback deep in datasets or the tokenizer, or to be prepared as noise."""
+    data, message = CORPUS_FILES[name]
+    path = write_bytes(tmp_path / name, data())
+    with pytest.raises(ConfigError, match=f"corpus file {path}.*{message}"):
+        load_corpus([str(path)], "text", log=quiet)
+
+
+def test_a_data_cache_that_is_a_file_or_damaged_is_one_sentence(small_config, prepared, tmp_path):
+    import shutil
+
+    cache_file = write_bytes(tmp_path / "cache", b"not a folder")
+    with pytest.raises(ConfigError, match="--data_cache .*cache is a file; name a directory"):
+        prepare_data(dataclasses.replace(small_config, data_cache=str(cache_file)), log=quiet)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(prepared.path, damaged / prepared.path.name)
+    for shard in (damaged / prepared.path.name / "train").glob("*.arrow"):
+        shard.unlink()
+    with pytest.raises(ConfigError, match="is damaged .*delete that folder and run again"):
+        prepare_data(dataclasses.replace(small_config, data_cache=str(damaged)), log=quiet)
+
+
+def test_a_megabyte_long_word_is_left_out_of_the_tokenizers_training_and_said(capsys):
+    """A 5 MB token without spaces used to keep the WordPiece trainer busy with no output."""
+    import datasets
+
+    from tnf_scale.data.tokenizer import train_wordpiece
+
+    texts = [f"the quick brown fox jumps over the lazy dog {i}" for i in range(200)] + ["x" * 5_000_000]
+    said = []
+    train_wordpiece(datasets.Dataset.from_dict({"text": texts}), 300, 64, 100_000, log=said.append)
+    assert said == ["tokenizer: 1 words longer than 100 characters left out of its training sample (WordPiece reads "
+                    "them as [UNK])"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"vocab_size": 5}, r"--vocab_size 5 is below the \d+ tokens this corpus's characters"),
+        ({"rare_min_count": 1, "rare_max_count": 10**9}, r"the rare band 1\.\.1000000000 .* covers 100% of"),
+    ],
+)
+def test_preparation_refuses_a_vocabulary_it_cannot_honour_and_a_band_of_common_words(flags, message, small_config,
+                                                                                     tmp_path):  # fmt: skip
+    """Both used to be accepted silently: a 197-token model recorded as --vocab_size 5; notes for every word."""
+    cfg = dataclasses.replace(small_config, data_cache=str(tmp_path), **flags)
+    with pytest.raises(ConfigError, match=message):
+        prepare_data(cfg, log=quiet, show_progress=False)
+
+
+def test_a_global_batch_larger_than_the_training_set_is_refused():
+    from tnf_scale.startup import check_train_split
+
+    with pytest.raises(ConfigError, match="--global_batch_size 64 exceeds the 40 training sequences"):
+        check_train_split(train=40, global_batch_size=64)
+    check_train_split(train=64, global_batch_size=64)
+
+
+def test_fine_tuning_labels_that_are_missing_or_not_numbers_for_a_regression_are_named(monkeypatch):
+    """Null labels used to become a class "None"; string labels under a regression metric, a traceback; a GLUE task
+    offline, a traceback from the hub client."""
+    import datasets
+
+    from tnf_scale.finetune import tasks
+
+    texts = [f"example {i}" for i in range(6)]
+    spec = tasks.TaskSpec("t", "text", None, "label", ("accuracy",))
+    with_nulls = datasets.Dataset.from_dict({"text": texts, "label": [0, 1, None, 0, 1, 0]})
+    with pytest.raises(ConfigError, match="1 examples of the train split have no label"):
+        tasks.load_task(spec, with_nulls, with_nulls)
+    words = datasets.Dataset.from_dict({"text": texts, "label": ["pos", "neg"] * 3})
+    regression = tasks.TaskSpec("t", "text", None, "label", ("pearson", "spearman"))
+    with pytest.raises(ConfigError, match="--metric pearson scores a regression, but the train split's label 'pos'"):
+        tasks.load_task(regression, words, words)
+
+    def offline(*_, **__):
+        raise ConnectionError("Couldn't reach the hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(
+        ConfigError, match="GLUE task rte could not be loaded .* fetch it once on a machine with network"
+    ):
+        tasks.glue_task("rte")
+
+
+def test_a_report_on_a_run_still_training_says_so(tmp_path, capsys):
+    from tnf_scale.reports.bench import finished_run
+    from tnf_scale.run_lock import this_holder
+
+    run = tmp_path / "run"
+    finished_looking_run(run)
+    assert finished_run(run, "--run") == run and "still training" not in capsys.readouterr().err
+    (run / "LOCK").write_text(json.dumps(this_holder()))  # this live process holds it
+    finished_run(run, "--run")
+    assert f"warning: {run} is still training (PID" in capsys.readouterr().err

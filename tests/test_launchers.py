@@ -184,11 +184,19 @@ def test_usr1_checkpoints_requeues_and_resumes_without_losing_a_note(slurm, smal
     torch.testing.assert_close(notes_of(run), notes_of(electra_run), rtol=1e-5, atol=1e-6)
 
 
-def test_preflight_names_a_malformed_hostfile_line(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("127.0.0.2 slots=1\n127.0.0.3 slots = 2\n", "line 2 '127.0.0.3 slots = 2' is not '<host> slots=<N>'"),
+        ("127.0.0.2 slots=1\n127.0.0.3 slots=0\n", "line 2 gives 127.0.0.3 no slots"),  # the launcher rejects both
+        ("127.0.0.2 slots=1\n127.0.0.2 slots=1\n", "names 127.0.0.2 twice (line 2)"),
+    ],
+)
+def test_preflight_names_a_hostfile_line_the_launcher_would_reject(text, message, tmp_path, capsys):
     hosts = tmp_path / "hosts"
-    hosts.write_text("127.0.0.2 slots=1\n127.0.0.3 slots = 2\n")
+    hosts.write_text(text)
     assert preflight_main(["--hostfile", str(hosts)]) == 2
-    assert "line 2 '127.0.0.3 slots = 2' is not '<host> slots=<N>'" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_preflight_names_a_host_that_does_not_resolve(tmp_path, capsys):
@@ -251,3 +259,31 @@ def test_a_master_port_in_use_is_named(small_config, tmp_path):
         )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"master port {port} is already in use" in proc.stderr
+
+
+class FakeRunner:
+    """A launcher process as psutil shows it: its command line and working directory."""
+
+    def __init__(self, cmdline: list[str], cwd: str):
+        self._cmdline, self._cwd = cmdline, cwd
+
+    def cmdline(self) -> list[str]:
+        return self._cmdline
+
+    def cwd(self) -> str:
+        return self._cwd
+
+
+@pytest.mark.parametrize("spelling", [["--hostfile", "hosts"], ["--hostfile=hosts"], ["-H", "hosts"]])
+def test_a_runner_given_a_missing_hostfile_is_refused_instead_of_training_on_one_node(spelling, tmp_path,
+                                                                                      monkeypatch):  # fmt: skip
+    """deepspeed warns and starts only the local ranks when its hostfile does not exist; every rank now refuses."""
+    from tnf_scale import preflight
+    from tnf_scale.errors import ConfigError
+
+    runner = FakeRunner(["/venv/bin/python", "/venv/bin/deepspeed", *spelling, "train.py"], str(tmp_path))
+    monkeypatch.setattr(preflight, "launcher_chain", lambda: [runner])
+    with pytest.raises(ConfigError, match="deepspeed was given --hostfile hosts, which does not exist"):
+        preflight.check_runner_hostfile()
+    (tmp_path / "hosts").write_text("127.0.0.2 slots=1\n")  # relative to the runner's directory, as it reads it
+    preflight.check_runner_hostfile()

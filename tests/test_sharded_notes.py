@@ -21,6 +21,7 @@ from tnf_scale.checkpoint import (
     plan_resume,
     rank_file,
     read_rank_files,
+    write_manifest,
 )
 from tnf_scale.config import RunConfig
 from tnf_scale.distributed import ParallelDims, Topology
@@ -183,17 +184,22 @@ def fake_checkpoint(root: Path, rows: list[torch.Tensor], digest: str = "d") -> 
             }
         )
     )
+    write_manifest(ckpt, rank=0, world_size=1)
     return ckpt
 
 
 def test_a_missing_or_truncated_note_shard_is_refused_by_name(tmp_path):
+    """Behind the manifest check (which names any file changed since it was written), the note shards are checked
+    themselves: here a manifest that agrees with shards a faulty writer left missing or cut."""
     ckpt = fake_checkpoint(tmp_path / "missing", [torch.tensor([0, 2]), torch.tensor([1, 3])])
     rank_file(ckpt, 1).unlink()
+    write_manifest(ckpt, rank=0, world_size=1)
     with pytest.raises(CheckpointError, match=r"is missing notes_rank00001\.safetensors"):
         plan_resume(tmp_path / "missing", "d", num_rare=4)
     ckpt = fake_checkpoint(tmp_path / "cut", [torch.tensor([0, 2]), torch.tensor([1, 3])])
     data = rank_file(ckpt, 0).read_bytes()
     rank_file(ckpt, 0).write_bytes(data[: len(data) // 2])
+    write_manifest(ckpt, rank=0, world_size=1)
     with pytest.raises(CheckpointError, match=r"notes_rank00000\.safetensors is truncated or corrupt"):
         plan_resume(tmp_path / "cut", "d", num_rare=4)
 

@@ -169,7 +169,11 @@ def test_export_tool_rebuilds_the_export_and_names_a_run_without_checkpoints(tnf
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert export_tool.main(["--run", str(tmp_path / "empty")]) == 2
-    assert "holds no complete checkpoint" in capsys.readouterr().err
+    assert "is not a run's output directory" in capsys.readouterr().err
+    (tmp_path / "young").mkdir()
+    (tmp_path / "young" / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')  # a run before its 1st checkpoint
+    assert export_tool.main(["--run", str(tmp_path / "young")]) == 2
+    assert "holds no complete checkpoint yet" in capsys.readouterr().err
     (tmp_path / "a_file").write_text("keep me")
     assert export_tool.main(["--run", str(tnf_run), "--out", str(tmp_path / "a_file")]) == 2
     assert "is a file; name a directory" in capsys.readouterr().err and (tmp_path / "a_file").read_text() == "keep me"

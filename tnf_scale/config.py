@@ -247,19 +247,21 @@ RESUME_MUST_MATCH = (
 
 TNF_ONLY = ("note_lambda", "note_gamma", "note_window", "notes_at_masked")  # what notes do; not the baseline
 RUN_ONLY = ("output_dir", "overwrite", "resume")  # where and how a run is started, not what it trains
-# What a baseline and a TNF run may differ in and still be compared at equal steps: TNF itself, where and how the
-# runs were started, logged and laid out over ranks, and how long they ran (compared over their common steps).
-COMPARISON_MAY_DIFFER = (
-    "tnf", "notes_in", *TNF_ONLY, *RUN_ONLY, "preset", "data_cache", "num_proc", "prefetch", "log_interval",
-    "eval_interval", "save_interval", "export", "save_notes", "profile_phases", "deepspeed_config",
-    "micro_batch_size", "activation_checkpointing", "max_nonfinite_steps", "max_steps",
+# How a run was started, logged and laid out over ranks: not what it computes.
+HOW_RUN = (
+    *RUN_ONLY, "preset", "data_cache", "num_proc", "prefetch", "log_interval", "eval_interval", "save_interval",
+    "export", "save_notes", "profile_phases", "deepspeed_config", "micro_batch_size", "activation_checkpointing",
+    "max_nonfinite_steps",
 )  # fmt: skip
+# What a baseline and a TNF run may differ in and still be compared at equal steps: TNF itself, how they were run, and
+# how long (they are compared over their common steps).
+COMPARISON_MAY_DIFFER = ("tnf", "notes_in", *TNF_ONLY, *HOW_RUN, "max_steps")
 
 
-def comparison_conflict(baseline: dict[str, Any], tnf: dict[str, Any]) -> str | None:
-    """The first field outside COMPARISON_MAY_DIFFER in which two runs' saved configs differ, or None."""
-    fields = sorted((set(baseline) | set(tnf)) - set(COMPARISON_MAY_DIFFER))
-    return next((name for name in fields if baseline.get(name) != tnf.get(name)), None)
+def config_conflict(a: dict[str, Any], b: dict[str, Any], may_differ: tuple[str, ...]) -> str | None:
+    """The first field outside `may_differ` in which two runs' saved configs differ, or None."""
+    fields = sorted((set(a) | set(b)) - set(may_differ))
+    return next((name for name in fields if a.get(name) != b.get(name)), None)
 
 
 def resume_conflict(saved: dict[str, Any], cfg: RunConfig) -> str | None:

@@ -74,6 +74,11 @@ class RunLock:
         except (OSError, ValueError):
             return {}
 
+    def live_holder(self) -> dict | None:
+        """Who holds the lock, when a run that may still be running does (None: free, or its holder is gone)."""
+        holder = self._read() if self.path.exists() else {}
+        return holder if holder and not holder_is_gone(holder) else None
+
     def acquire(self) -> None:
         """Take the lock, or raise RunDirLocked naming the live holder. Released by `release` or at interpreter exit."""
         directory = self.path.parent

@@ -25,6 +25,7 @@ from tnf_scale.ds_config import build_ds_config
 from tnf_scale.errors import ConfigError, PeerStopped, Refusal, exit_code
 from tnf_scale.ops import this_nodes_fused_adam
 from tnf_scale.precision import Precision, device_native_bf16
+from tnf_scale.preflight import check_runner_hostfile
 from tnf_scale.run_dir import RunDir
 from tnf_scale.run_lock import RunLock
 
@@ -74,6 +75,7 @@ def start(cfg: RunConfig, pipeline_refusal: str | None = None) -> Started:
     `pipeline_refusal`, a pipeline refused) before any process group starts; the data is prepared before
     `--overwrite` deletes an old run."""
     check_this_node()
+    check_runner_hostfile()
     accelerator = get_accelerator()
     info = discover()
     fused_adam = this_nodes_fused_adam()
@@ -91,6 +93,7 @@ def start(cfg: RunConfig, pipeline_refusal: str | None = None) -> Started:
     lock = lock_run_dir(run, topo)
     data = prepare_on_local_rank0(cfg, topo, log)  # a bad corpus stops here, before an old run is deleted
     check_eval_split(len(data.eval), cfg.eval_sequences, dims.data)  # every rank alike, before anything is deleted
+    check_train_split(len(data.train), cfg.global_batch_size)
     run.claim(cfg, topo.is_main)
     optimizer_note = "" if fused_adam[0] else f"torch's fused AdamW: {fused_adam[1]}"
     return Started(topo, ds_config, precision, optimizer_note, run, lock, data, log)
@@ -103,6 +106,15 @@ def check_eval_split(held_out: int, eval_sequences: int, replicas: int) -> None:
         raise ConfigError(
             f"--eval_sequences {size} (the held-out set's size, if smaller) is fewer than the {replicas} "
             "data-parallel replicas; pass at least one sequence per replica."
+        )
+
+
+def check_train_split(train: int, global_batch_size: int) -> None:
+    """A step's global batch fits in the training set."""
+    if global_batch_size > train:
+        raise ConfigError(
+            f"--global_batch_size {global_batch_size} exceeds the {train} training sequences; use a smaller batch or "
+            "a larger corpus."
         )
 
 

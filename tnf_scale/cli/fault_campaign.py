@@ -13,14 +13,16 @@ Flags it does not know go to train.py (e.g. --corpus, --data_cache).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import sys
 from pathlib import Path
 
+from tnf_scale.config import HOW_RUN, config_conflict, parse_args
 from tnf_scale.errors import ConfigError, exit_code
 from tnf_scale.reports.bench import finished_run
 from tnf_scale.reports.faults import FAULTS, run_to_end, run_trial, write_report
-from tnf_scale.run_dir import check_out_dir
+from tnf_scale.run_dir import RunDir, check_out_dir
 
 
 def campaign(argv: list[str] | None) -> int:
@@ -74,6 +76,14 @@ def campaign(argv: list[str] | None) -> int:
     reference = Path(args.reference) if args.reference else out / "reference"
     if args.reference:
         finished_run(reference, "--reference")
+        wanted = dataclasses.asdict(parse_args(flags))
+        trained = RunDir(reference).read_run_config() if RunDir(reference).run_config.is_file() else wanted
+        name = config_conflict(trained, wanted, HOW_RUN)
+        if name is not None:
+            raise ConfigError(
+                f"--reference {reference} was trained with --{name} {trained.get(name)}, the campaign trains with "
+                f"--{name} {wanted.get(name)}; give a reference trained with the campaign's flags (or none)."
+            )
     elif run_to_end(reference, args.ranks, args.master_port, flags, resume=False, log=out / "reference.log") != 0:
         raise ConfigError(f"the uninterrupted reference run failed; see {out / 'reference.log'}.")
     rng = random.Random(args.seed)

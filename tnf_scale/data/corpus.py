@@ -1,7 +1,7 @@
 """Load a pre-training corpus as one `datasets.Dataset` with a single `text` column.
 
-Accepted entries: local .txt / .jsonl / .json / .parquet files (optionally .gz, .xz, .bz2,
-.zst compressed), folders holding them, or a `datasets` hub name such as
+Accepted entries: local .txt / .jsonl / .json / .parquet files (optionally .gz, .xz or .bz2
+compressed), folders holding them, or a `datasets` hub name such as
 `wikimedia/wikipedia:20231101.en` (name, then an optional `:config`).
 """
 
@@ -15,16 +15,26 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import datasets
+import pyarrow
 
 from tnf_scale.errors import ConfigError
 
 COMPRESSIONS = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
+# What reading a damaged or mislabelled file raises, from the decompressors, the JSON and Parquet readers and datasets
+UNREADABLE = (
+    datasets.exceptions.DatasetGenerationError,
+    pyarrow.ArrowException,
+    EOFError,
+    OSError,
+    lzma.LZMAError,
+    ValueError,
+)
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 def _builder_for(path: Path) -> str | None:
     suffixes = path.suffixes
-    if suffixes and suffixes[-1] in (*COMPRESSIONS, ".zst"):
+    if suffixes and suffixes[-1] in COMPRESSIONS:
         suffixes = suffixes[:-1]
     return BUILDERS.get(suffixes[-1]) if suffixes else None
 
@@ -41,6 +51,11 @@ def _expand(entry: str) -> list[Path] | None:
             )
         return files
     if path.is_file():
+        if path.suffix == ".zst":
+            raise ConfigError(
+                f"corpus file {entry} is zstd-compressed, which is not read here; decompress it (zstd -d) or "
+                "compress it with xz, gzip or bzip2."
+            )
         if _builder_for(path) is None:
             raise ConfigError(
                 f"corpus file {entry} has an unknown type; use .txt, .jsonl, .json or .parquet (optionally "
@@ -52,17 +67,18 @@ def _expand(entry: str) -> list[Path] | None:
     return None
 
 
-def count_undecodable_lines(path: Path) -> int:
-    """How many lines of a text or JSON-lines file are not valid UTF-8."""
+def count_undecodable_lines(path: Path) -> tuple[int, int]:
+    """How many lines of a text or JSON-lines file are not valid UTF-8, and how many lines it has."""
     opener = COMPRESSIONS.get(path.suffix, open)
-    bad = 0
+    bad = lines = 0
     with opener(path, "rb") as f:
         for line in f:
+            lines += 1
             try:
                 line.decode("utf-8")
             except UnicodeDecodeError:
                 bad += 1
-    return bad
+    return bad, lines
 
 
 def is_blank(path: Path) -> bool:
@@ -75,35 +91,57 @@ def is_blank(path: Path) -> bool:
 def _load_files(files: list[Path], text_column: str, log) -> list[datasets.Dataset]:
     parts = []
     for path in files:
-        builder = _builder_for(path)
-        if builder in ("text", "json") and is_blank(path):
-            log(f"corpus file {path} is empty; skipped")
-            continue
-        kwargs = {}
-        if builder in ("text", "json"):
-            bad = count_undecodable_lines(path)
-            if bad:
-                if builder == "json":
-                    raise ConfigError(
-                        f"corpus file {path} has {bad} lines that are not valid UTF-8; re-encode it as UTF-8 "
-                        f"(e.g. iconv -f latin1 -t utf-8)."
-                    )
-                log(
-                    f"corpus file {path}: {bad} lines are not valid UTF-8 and were decoded with U+FFFD "
-                    f"replacement characters"
-                )
-                kwargs["encoding_errors"] = "replace"
-        if builder == "text":
-            kwargs["sample_by"] = "paragraph"
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
-        if builder != "text" and text_column not in ds.column_names:
+        try:
+            part = _load_file(path, text_column, log)
+        except UNREADABLE as err:
+            cause = err.__cause__ or err  # datasets wraps the reader's error
+            detail = str(cause).strip().splitlines()[0][:160] if str(cause).strip() else ""
             raise ConfigError(
-                f"corpus file {path} has no column {text_column!r} (it has {ds.column_names}); pass --text_column."
-            )
-        column = "text" if builder == "text" else text_column
-        ds = ds.select_columns([column])
-        parts.append(ds.rename_column(column, "text") if column != "text" else ds)
+                f"corpus file {path} cannot be read as {_builder_for(path)} ({type(cause).__name__}"
+                f"{': ' + detail if detail else ''}); fix or remove the file."
+            ) from None
+        if part is not None:
+            parts.append(part)
     return parts
+
+
+def _load_file(path: Path, text_column: str, log) -> datasets.Dataset | None:
+    """One corpus file as a Dataset of its text column named `text` (None: a blank file, skipped)."""
+    builder = _builder_for(path)
+    if builder in ("text", "json") and is_blank(path):
+        log(f"corpus file {path} is empty; skipped")
+        return None
+    kwargs = {}
+    if builder in ("text", "json"):
+        bad, lines = count_undecodable_lines(path)
+        if bad and (builder == "json" or bad > lines // 2):
+            raise ConfigError(
+                f"corpus file {path} has {bad} of {lines} lines that are not valid UTF-8"
+                + (" (it is not text)" if bad > lines // 2 else "")
+                + "; re-encode it as UTF-8 (e.g. iconv -f latin1 -t utf-8) or leave it out."
+            )
+        if bad:
+            log(
+                f"corpus file {path}: {bad} of {lines} lines are not valid UTF-8 and were decoded with U+FFFD "
+                f"replacement characters"
+            )
+            kwargs["encoding_errors"] = "replace"
+    if builder == "text":
+        kwargs["sample_by"] = "paragraph"
+    ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    column = "text" if builder == "text" else text_column
+    if column not in ds.column_names:
+        raise ConfigError(
+            f"corpus file {path} has no column {text_column!r} (it has {ds.column_names}); pass --text_column."
+        )
+    feature = ds.features[column]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        raise ConfigError(
+            f"corpus file {path}: column {column!r} holds {feature}, not text; pass --text_column naming a column "
+            "of strings."
+        )
+    ds = ds.select_columns([column])
+    return ds.rename_column(column, "text") if column != "text" else ds
 
 
 def _load_hub(name: str, text_column: str) -> datasets.Dataset:

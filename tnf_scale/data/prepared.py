@@ -28,7 +28,7 @@ from tnf_scale.data.packing import pack_corpus
 from tnf_scale.data.rare_vocab import RareVocab, band_coverage, choose_band, count_words
 from tnf_scale.data.tokenizer import load_tokenizer, train_wordpiece
 from tnf_scale.errors import ConfigError
-from tnf_scale.run_dir import RunDir
+from tnf_scale.run_dir import RunDir, check_out_dir
 from tnf_scale.timing import PhaseTimer
 
 FORMAT_VERSION = 4  # 2: the automatic rare band never exceeds --rare_coverage; 3: packing independent of processes;
@@ -79,6 +79,9 @@ def is_eval_sequence(index: int, eval_fraction: float, block: int = 16) -> bool:
     return (index // block) % round(1 / eval_fraction) == round(1 / eval_fraction) - 1
 
 
+MAX_RARE_SHARE = 0.5  # a band covering more is not rare words (the paper's covers about 20% of sentences)
+
+
 def preparation_processes(cfg: RunConfig, documents: int) -> int:
     """Processes that count and pack: --num_proc, or every core for a corpus large enough to repay starting them; at
     most one per group of GROUP documents (the unit of work)."""
@@ -105,7 +108,12 @@ def _build(cfg: RunConfig, out: Path, log) -> None:
     if cfg.tokenizer:
         tokenizer = load_tokenizer(cfg.tokenizer)
     else:
-        tokenizer = train_wordpiece(corpus, cfg.vocab_size, cfg.max_seq_len, cfg.tokenizer_sample_words)
+        tokenizer = train_wordpiece(corpus, cfg.vocab_size, cfg.max_seq_len, cfg.tokenizer_sample_words, log)
+        if len(tokenizer) > cfg.vocab_size:  # the trainer keeps every character and special token whatever it is asked
+            raise ConfigError(
+                f"--vocab_size {cfg.vocab_size} is below the {len(tokenizer)} tokens this corpus's characters and "
+                f"BERT's special tokens need; use --vocab_size {len(tokenizer)} or more."
+            )
     clock.lap("tokenizer")
     num_proc = preparation_processes(cfg, len(corpus))
     if cfg.num_proc is not None and num_proc < cfg.num_proc:
@@ -120,6 +128,12 @@ def _build(cfg: RunConfig, out: Path, log) -> None:
         lo, hi = choose_band(counts, cfg.rare_coverage)
     else:
         lo, hi = cfg.rare_min_count, cfg.rare_max_count
+        if band_coverage(counts, lo, hi) > MAX_RARE_SHARE:
+            raise ConfigError(
+                f"the rare band {lo}..{hi} (--rare_min_count, --rare_max_count) covers "
+                f"{100 * band_coverage(counts, lo, hi):.0f}% of this corpus's word occurrences: notes would stand in "
+                f"for most words, not rare ones; choose a band of rarer words (or --rare_coverage, e.g. 0.02)."
+            )
     rare, rare_keys = RareVocab.from_counts(word_counts, lo, hi, lambda key: word_of_key(key, tokenizer))
     tokenizer.save_pretrained(str(RunDir(out).tokenizer))
     rare.save(RunDir(out).rare_vocab)
@@ -192,7 +206,7 @@ def prepare_data(cfg: RunConfig, log=print, show_progress: bool = True) -> Prepa
     The entry is built in a staging directory and renamed into place complete (stats.json marks it), under a lock:
     a preparation killed part way leaves only its staging directory, which the next preparation removes and redoes.
     """
-    root = Path(cfg.data_cache) / cache_key(cfg)
+    root = check_out_dir(cfg.data_cache, "--data_cache") / cache_key(cfg)
     if (root / "stats.json").is_file():
         log(f"prepared data: reusing {root}")
         return load_prepared(root, log)
@@ -216,7 +230,18 @@ def prepare_data(cfg: RunConfig, log=print, show_progress: bool = True) -> Prepa
 
 
 def load_prepared(root: Path, log=print) -> PreparedData:
-    """Load a prepared-data directory written by `prepare_data`."""
+    """Load a prepared-data directory written by `prepare_data`; one written whole but damaged since is refused in
+    one sentence that says how to rebuild it."""
+    try:
+        return _load_prepared(root, log)
+    except (OSError, ValueError, KeyError) as err:  # datasets raises FileNotFoundError subclasses, pyarrow OSError
+        raise ConfigError(
+            f"prepared data {root} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:160]}); delete that "
+            "folder and run again to prepare it anew."
+        ) from None
+
+
+def _load_prepared(root: Path, log) -> PreparedData:
     stats = json.loads((root / "stats.json").read_text())
     lo, hi = stats["rare_band"]
     log(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,19 +16,27 @@ from tnf_scale.errors import ConfigError
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def _batches(corpus: datasets.Dataset, max_words: int, size: int = 1000) -> Iterator[list[str]]:
+MAX_WORD_CHARS = 100  # BERT's WordPiece reads a longer word as [UNK] (max_input_chars_per_word)
+LONG_WORD = re.compile(rf"\S{{{MAX_WORD_CHARS + 1},}}")
+
+
+def _batches(corpus: datasets.Dataset, max_words: int, left_out: list[int], size: int = 1000) -> Iterator[list[str]]:
     """Every k-th document of the corpus, in batches, k chosen (from the first documents' lengths) so that about
-    `max_words` whitespace-separated words are given: a bounded sample spread over the whole corpus."""
+    `max_words` whitespace-separated words are given: a bounded sample spread over the whole corpus. Words longer
+    than MAX_WORD_CHARS are left out (counted in `left_out[0]`): WordPiece reads them as [UNK] anyway, and a
+    megabyte-long one would keep the trainer busy for hours."""
     head = corpus[:size]["text"]
     words_per_document = sum(len(text.split()) for text in head) / max(len(head), 1)
     stride = max(1, math.ceil(len(corpus) * words_per_document / max_words))
     sample = corpus.select(range(0, len(corpus), stride)) if stride > 1 else corpus
     for start in range(0, len(sample), size):
-        yield sample[start : start + size]["text"]
+        texts = sample[start : start + size]["text"]
+        left_out[0] += sum(len(LONG_WORD.findall(text)) for text in texts)
+        yield [LONG_WORD.sub(" ", text) for text in texts]
 
 
 def train_wordpiece(
-    corpus: datasets.Dataset, vocab_size: int, max_seq_len: int, sample_words: int
+    corpus: datasets.Dataset, vocab_size: int, max_seq_len: int, sample_words: int, log=print
 ) -> BertTokenizerFast:
     """An uncased WordPiece tokenizer with BERT's normalizer, pre-tokenizer and special tokens, trained on a sample
     of the corpus of about `sample_words` words (the whole corpus when it is smaller)."""
@@ -38,7 +47,13 @@ def train_wordpiece(
     trainer = trainers.WordPieceTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2, show_progress=True
     )
-    tok.train_from_iterator(_batches(corpus, sample_words), trainer=trainer)
+    left_out = [0]
+    tok.train_from_iterator(_batches(corpus, sample_words, left_out), trainer=trainer)
+    if left_out[0]:
+        log(
+            f"tokenizer: {left_out[0]} words longer than {MAX_WORD_CHARS} characters left out of its training "
+            "sample (WordPiece reads them as [UNK])"
+        )
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]

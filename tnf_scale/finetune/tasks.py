@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,13 +97,34 @@ def check_columns(split: datasets.Dataset, spec: TaskSpec, where: str) -> None:
             )
 
 
+def is_number(value) -> bool:
+    """A label a regression can take: a number, or a string holding one."""
+    try:
+        return not isinstance(value, bool) and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
 def encode_labels(
     train: datasets.Dataset, validation: datasets.Dataset, spec: TaskSpec
 ) -> tuple[datasets.Dataset, datasets.Dataset, list[str] | None]:
     """Labels as the model wants them: floats for regression; else class ids, from the train split's sorted label set
     (strings or numbers), which the validation split must not exceed."""
     column = spec.label_column
+    for split, where in ((train, "train"), (validation, "validation")):
+        missing = sum(v is None for v in split[column])
+        if missing:
+            raise ConfigError(
+                f"{missing} examples of the {where} split have no label (null in {column!r}); drop them or label them."
+            )
     if spec.regression:
+        for split, where in ((train, "train"), (validation, "validation")):
+            bad = next((v for v in split[column] if not is_number(v)), None)
+            if bad is not None:
+                raise ConfigError(
+                    f"--metric {spec.metrics[0]} scores a regression, but the {where} split's label {bad!r} is not a "
+                    "number; use --metric accuracy (or f1, matthews) for classes."
+                )
 
         def as_float(batch):
             return {"labels": [float(v) for v in batch[column]]}
@@ -138,7 +160,14 @@ def load_task(spec: TaskSpec, train: datasets.Dataset, validation: datasets.Data
 def glue_task(name: str) -> TaskData:
     """A GLUE task from the hub (needs the network, or a datasets cache that holds it)."""
     spec = GLUE[name]
-    glue = datasets.load_dataset(GLUE_HUB, name)
+    try:
+        glue = datasets.load_dataset(GLUE_HUB, name)
+    except (OSError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:
+        raise ConfigError(
+            f"GLUE task {name} could not be loaded from the hub ({type(err).__name__}: offline?); fetch it once on a "
+            f"machine with network (python -c \"import datasets; datasets.load_dataset('{GLUE_HUB}', '{name}')\"), "
+            "which fills the datasets cache this run reads, or give --train and --validation files."
+        ) from None
     return load_task(spec, glue["train"], glue[spec.validation_split])
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 from tnf_scale.config import REPO, parse_bool
 from tnf_scale.errors import ConfigError, Refusal
 from tnf_scale.launch import TRAIN_SCRIPT, deepspeed_command
-from tnf_scale.metrics import read_metrics
+from tnf_scale.metrics import read_metrics, say_once
 from tnf_scale.run_dir import RunDir
+from tnf_scale.run_lock import RunLock, describe
 
 
 class TrainingFailed(Refusal):
@@ -85,6 +86,9 @@ def finished_run(run_dir: str | Path, flag: str) -> Path:
             f"{flag} {path} holds no run ({RunDir(path).metrics.name} is missing); point it at the "
             f"--output_dir of a training run."
         )
+    holder = RunLock(RunDir(path).lock_file).live_holder()
+    if holder is not None:
+        say_once(f"warning: {path} is still training ({describe(holder)}); this covers the steps it has logged so far.")
     return path
 
 

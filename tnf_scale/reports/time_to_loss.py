@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from tnf_scale.config import comparison_conflict
+from tnf_scale.config import COMPARISON_MAY_DIFFER, config_conflict
 from tnf_scale.errors import ConfigError
 from tnf_scale.metrics import read_metrics
 from tnf_scale.reports.bench import finished_run
@@ -338,7 +338,7 @@ def check_pair(baseline_dir: Path, tnf_dir: Path) -> None:
         else None
         for run in pair
     ]
-    name = comparison_conflict(*saved) if None not in saved else None
+    name = config_conflict(*saved, COMPARISON_MAY_DIFFER) if None not in saved else None
     if name is not None:
         raise ConfigError(
             f"--baseline {baseline_dir} was trained with --{name} {saved[0].get(name)} and --tnf {tnf_dir} with "
