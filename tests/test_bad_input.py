@@ -46,7 +46,7 @@ def test_non_utf8_text_file_is_decoded_with_replacement_and_reported(tmp_path):
     path.write_bytes("caf\xe9 au lait\n\nplain line\n\nna\xefve\n".encode("latin-1"))
     said = []
     ds = load_corpus([str(path)], log=said.append)
-    assert len(said) == 1 and str(path) in said[0] and "2 lines are not valid UTF-8" in said[0]
+    assert len(said) == 1 and str(path) in said[0] and "2 of 5 lines are not valid UTF-8" in said[0]
     assert "caf\ufffd au lait" in ds["text"][0]
     assert len(ds) == 3
 
@@ -54,7 +54,7 @@ def test_non_utf8_text_file_is_decoded_with_replacement_and_reported(tmp_path):
 def test_non_utf8_jsonl_is_refused_with_the_file_named(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
-    with pytest.raises(ConfigError, match=r"bad\.jsonl has 1 lines that are not valid UTF-8"):
+    with pytest.raises(ConfigError, match=r"bad\.jsonl has 1 of 2 lines that are not valid UTF-8"):
         load_corpus([str(path)], log=quiet)
 
 
@@ -397,7 +397,7 @@ def test_every_tool_names_an_output_folder_that_is_a_file_before_it_writes_anyth
 
     model = tmp_path / "model"
     model.mkdir()
-    (model / "config.json").write_text("{}")
+    (model / "config.json").write_text(json.dumps({"model_type": "bert"}))
     (model / "model.safetensors").write_bytes(b"")
     run = tmp_path / "run"
     finished_looking_run(run)
@@ -459,7 +459,7 @@ def test_fine_tuning_refuses_a_model_without_weights_and_an_empty_training_set(t
 
     model = tmp_path / "model"
     model.mkdir()
-    (model / "config.json").write_text("{}")
+    (model / "config.json").write_text(json.dumps({"model_type": "bert"}))
     argv = ["--model", str(model), "--task", "rotten_tomatoes", "--out", str(tmp_path / "o")]
     assert main(argv) == 2 and "has a config.json but no weights" in capsys.readouterr().err
     assert main([*argv, "--max_train_examples", "0"]) == 2

@@ -170,6 +170,21 @@ def test_bad_electra_settings_are_one_sentence_each():
     assert parse_args(["--preset", "electra-base"]).generator_shape == (256, 4, 1024)  # ELECTRA-Base's generator
 
 
+def test_the_generator_reads_notes_by_default_and_discriminator_reads_are_warned_of():
+    from tnf_scale.model.electra import discriminator_reads_warning
+
+    default = parse_args(["--preset", "electra-tiny"])
+    assert default.notes_in == "generator" and discriminator_reads_warning(default) is None
+    for notes_in in ("discriminator", "both"):
+        chosen = parse_args(["--preset", "electra-tiny", "--notes_in", notes_in])
+        assert f"warning: --notes_in {notes_in}: the discriminator reads notes" in discriminator_reads_warning(chosen)
+    assert discriminator_reads_warning(parse_args(["--preset", "electra-tiny", "--notes_in", "both", "--tnf", "off"]))\
+        is None  # fmt: skip
+    assert parse_args([]).notes_in is None  # BERT has one network
+    with pytest.raises(ConfigError, match="--notes_in generator applies to ELECTRA"):
+        parse_args(["--notes_in", "generator"])
+
+
 def test_electra_on_pipeline_stages_is_refused_before_any_process_group(small_config, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
@@ -306,3 +321,34 @@ def test_the_electra_base_deepspeed_config_fills_in_for_eight_ranks():
     )
     assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["overlap_comm"] and ds["bf16"]["enabled"]
     assert (dims.pipeline, dims.data) == (1, 8)
+
+
+@pytest.mark.parametrize("variant", ["ema", "learned"])
+def test_an_electra_export_fine_tunes_with_its_notes_kept(variant, electra_run, tmp_path):
+    """TNF-F (ema) and TNF-U (learned) on the exported discriminator: its rare words' notes are read from the run,
+    mixed into the discriminator's embedding LayerNorm input, and move while fine-tuning (only the words read)."""
+    from tnf_scale.finetune.notes import FINETUNED_NOTES_FILE
+    from tnf_scale.finetune.run import FinetuneArgs, finetune
+    from tnf_scale.finetune.tasks import file_task
+
+    words = [line.split("\t")[0] for line in (electra_run / "tokenizer" / "rare_vocab.tsv").read_text().splitlines()
+             if line and not line.startswith(("#", "word\t"))][:4]  # fmt: skip
+    rows = [[f"the {w} is here", i % 2] for i, w in enumerate(words * 4)]
+    for name in ("train", "validation"):
+        (tmp_path / f"{name}.tsv").write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
+    task = file_task(str(tmp_path / "train.tsv"), str(tmp_path / "validation.tsv"), "text", None, "label", "accuracy")
+    args = FinetuneArgs(str(electra_run / "export"), str(tmp_path / "ft"), seeds=[1], lr=1e-3, epochs=1,
+                        batch_size=4, notes=variant, save_models=True)  # fmt: skip
+    result = finetune(task, args)
+    assert 0.0 <= result["final"][1]["accuracy"] <= 1.0
+    saved = load_file(str(tmp_path / "ft" / "seed1" / "model" / FINETUNED_NOTES_FILE))["vectors"]
+    pretrained = load_file(str(electra_run / "notes.safetensors"))["vectors"]
+    change = (saved - pretrained).norm(dim=1)  # rare ids follow the file's order: the words read come first
+    read, unread = change[: len(words)], change[len(words) :]
+    assert read.min() > 0
+    if variant == "ema":
+        assert unread.max() == 0  # written only where read
+    else:  # back-propagation moves the rows read; the others only shrink by the optimizer's weight decay
+        assert unread.max() < read.min()
+    loaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "ft" / "seed1" / "model"))
+    assert type(loaded).__name__ == "ElectraForSequenceClassification"

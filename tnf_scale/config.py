@@ -82,7 +82,7 @@ class RunConfig:
     notes_at_masked: bool = (
         False  # leaky ablation: notes mixed into spans that hold a predicted token (TNF_SPEC 3 forbids it)
     )
-    notes_in: str = "discriminator"  # ELECTRA: which network reads notes (the discriminator always writes them)
+    notes_in: str | None = None  # ELECTRA: which network reads notes (default generator); None for the masked LM
     # run control
     deepspeed_config: str | None = None
     output_dir: str = "runs/demo"
@@ -115,6 +115,10 @@ class RunConfig:
             max(1, round(self.intermediate_size * fraction)),
         )
 
+    def __post_init__(self) -> None:
+        if self.objective == "electra" and self.notes_in is None:
+            self.notes_in = ELECTRA_NOTES_IN  # recorded in run_config.json as what the run did
+
     def validate(self) -> None:
         """Raise ConfigError with one clear sentence for the first bad value found."""
         if self.tnf not in ("on", "off"):
@@ -123,6 +127,11 @@ class RunConfig:
             raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}.")
         if self.objective == "electra":
             self._validate_electra()
+        elif self.notes_in is not None:
+            raise ConfigError(
+                f"--notes_in {self.notes_in} applies to ELECTRA (--objective electra); BERT's masked LM has one "
+                "network, which reads notes: drop the flag."
+            )
         for name in ("note_lambda", "note_gamma"):
             value = getattr(self, name)
             if not 0.0 < value < 1.0:
@@ -271,6 +280,7 @@ def resume_conflict(saved: dict[str, Any], cfg: RunConfig) -> str | None:
 
 OBJECTIVES = ("mlm", "electra")
 NOTES_IN = ("discriminator", "generator", "both")
+ELECTRA_NOTES_IN = "generator"  # leak-free; discriminator reads lean on the notes (docs/electra.md)
 PREFETCH = ("auto", "on", "off")
 
 # The paper's setting at scale, shared by the BERT and ELECTRA presets: phase-1 sequence length, the paper's rare band
@@ -360,9 +370,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 FLAG_HELP = {
     "objective": "mlm (BERT's masked LM, default) or electra (replaced-token detection: generator + discriminator)",
-    "notes_in": "ELECTRA: which network reads notes; the discriminator always writes them. discriminator (default, "
-    "TNF_SPEC 8; measured leaky: a note marks its span as original, and the exported discriminator is "
-    "worse on rare spans), generator (leak-free, recommended) or both",
+    "notes_in": "ELECTRA only: which network reads notes; the discriminator always writes them. generator (default: "
+    "leak-free), discriminator or both (the discriminator leans on its notes, and the exported model, which has "
+    "none, is worse on rare spans than the baseline: for runs whose notes stay at fine-tuning, finetune.py --notes "
+    "ema|learned)",
     "profile_phases": "synchronize the accelerator at every phase boundary of a step, so that the time_* metrics "
     "hold each phase's device time; default false: the step never waits on the device for timing (on a GPU the "
     "time_* phases then show when work was queued, and the step time stays exact)",

@@ -41,8 +41,9 @@ def exit_code(action: Callable[[], int]) -> int:
     try:
         return action()
     except Refusal as err:
-        if str(err):
-            print(f"error: {err}", file=sys.stderr)
+        if str(err):  # one write: the same sentence from several ranks never shares a line
+            sys.stderr.write(f"error: {err}\n")
+            sys.stderr.flush()
         return err.exit_status
 
 

@@ -21,6 +21,7 @@ from tnf_scale.errors import PeerStopped
 from tnf_scale.failures import settle_failure
 from tnf_scale.metrics import MetricsLogger
 from tnf_scale.model.build import build_objective, pipeline_refusal
+from tnf_scale.model.electra import discriminator_reads_warning
 from tnf_scale.model.export import export_hf, save_notes
 from tnf_scale.nonfinite import Diverged, NonfiniteGuard
 from tnf_scale.notes.exchange import ExchangeGroup
@@ -45,6 +46,9 @@ def run(cfg: RunConfig) -> int:
     store = note_store(cfg, len(data.rare_vocab), objective.model_config.initializer_range, world)
     training = build_training(cfg, objective, ds_config, world, data, store)
     log(describe(cfg, started, training))
+    warning = discriminator_reads_warning(cfg)
+    if warning:
+        log(warning)
 
     progress = TrainingProgress()
     checkpointer.start(

@@ -16,24 +16,11 @@ import sys
 from pathlib import Path
 
 from tnf_scale.errors import ConfigError, exit_code
-from tnf_scale.finetune.run import FinetuneArgs, finetune, markdown
+from tnf_scale.finetune.run import FinetuneArgs, check_model_dir, finetune, markdown
 from tnf_scale.finetune.shipped import TASK as SHIPPED
 from tnf_scale.finetune.shipped import task_dir
 from tnf_scale.finetune.tasks import GLUE, file_task, glue_task
 from tnf_scale.run_dir import check_out_dir
-
-
-def check_model_dir(model: Path) -> None:
-    """A Hugging Face model directory with its weights, as `tools/export.py` writes one."""
-    if not (model / "config.json").is_file():
-        raise ConfigError(f"--model {model} holds no config.json; point it at an export (RUN/export).")
-    if not any((model / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")) and not any(
-        model.glob("*.safetensors.index.json")
-    ):
-        raise ConfigError(
-            f"--model {model} has a config.json but no weights (model.safetensors); export the run again "
-            "(python tools/export.py --run RUN)."
-        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             value = getattr(args, flag)
             if value is not None and not value > 0:
                 raise ConfigError(f"--{flag} must be positive, got {value}.")
-        check_model_dir(Path(args.model))
+        check_model_dir(args.model)
         check_out_dir(args.out, "--out")
         if args.task in GLUE:
             task = glue_task(args.task)

@@ -69,6 +69,12 @@ def check_model_dir(path: str) -> None:
         raise ConfigError(
             f"--model {folder} is not a transformers model directory ({err}); point it at a run's export/."
         ) from None
+    weights = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+    if not any((folder / name).is_file() for name in weights):
+        raise ConfigError(
+            f"--model {folder} has a config.json but no weights (model.safetensors); export the run again "
+            "(python tools/export.py --run RUN)."
+        )
 
 
 def tokenize(task: TaskData, tokenizer, max_seq_len: int, source: NoteSource | None):
