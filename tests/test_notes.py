@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pytest
 import torch
 
 from tnf_scale.notes.note_math import (
@@ -153,3 +156,28 @@ def test_initial_notes_in_torch_equal_the_numpy_reference_bit_for_bit():
     ids = torch.cat([torch.arange(0, 60_000, dtype=torch.int64), torch.tensor([2**40 + 3, 2**62 + 11, 2**63 - 1])])
     got = initial_notes(ids, 64, seed=1234, std=0.02, chunk=5000)  # several chunks, the last one short
     assert torch.equal(got, torch.from_numpy(numpy_initial_notes(ids.numpy(), 64, 1234, 0.02)))
+
+
+@pytest.mark.launcher
+def test_inspect_notes_reports_what_a_runs_notes_learned(dp_reference_run, tmp_path, capsys):
+    """tools/inspect_notes.py on a tiny TNF run: nearest tokens to notes and to the words' embeddings, norms, movement
+    between the last two checkpoints, the per-step read share and its plot; bad requests are one sentence."""
+    from tnf_scale.cli.inspect_notes import main
+
+    out = tmp_path / "inspect"
+    assert main([str(dp_reference_run), "--sample", "3", "--neighbours", "4", "--out", str(out)]) == 0
+    report = json.loads((out / "inspect_notes.json").read_text())
+    assert report["checkpoints"] == [10, 20] and 0 < report["noted_words"] <= report["rare_words"]
+    assert len(report["words"]) == 3
+    for word in report["words"]:
+        assert len(word["note_neighbours"]) == len(word["embedding_neighbours"]) == 4
+        assert all(-1.0 <= c <= 1.0 for _, c in word["note_neighbours"] + word["embedding_neighbours"])
+        assert word["note_norm"] > 0 and word["moved"] >= 0
+    assert report["read_share"] and all(0.0 <= share <= 1.0 for _, share in report["read_share"])
+    assert (out / "read_share.png").stat().st_size > 0 and "| word (count) |" in (out / "inspect_notes.md").read_text()
+    chosen = report["words"][1]["word"]
+    assert main([str(dp_reference_run), "--words", chosen, "--out", str(tmp_path / "one")]) == 0
+    assert [w["word"] for w in json.loads((tmp_path / "one" / "inspect_notes.json").read_text())["words"]] == [chosen]
+    capsys.readouterr()
+    assert main([str(dp_reference_run), "--words", "notarareword", "--out", str(tmp_path / "two")]) == 2
+    assert "'notarareword' is not one of the run's rare words" in capsys.readouterr().err
