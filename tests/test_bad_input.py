@@ -223,7 +223,6 @@ def test_boolean_flags_take_the_usual_spellings_and_a_bare_flag_means_true(capsy
         ("--mlm_probability", "0", "--mlm_probability must lie strictly between 0 and 1"),
         ("--prefetch", "yes", "--prefetch must be one of auto, on, off, got 'yes'"),
         ("--seed", "-1", r"--seed must be a whole number from 0 to 2\*\*32 - 1"),
-        ("--corpus", "data/README.md data/./README.md", "--corpus names data/README.md more than once"),
     ],
 )
 def test_values_that_would_train_nothing_or_nonsense_are_refused(flag, value, message):
@@ -589,3 +588,41 @@ def test_a_report_on_a_run_still_training_says_so(tmp_path, capsys):
     (run / "LOCK").write_text(json.dumps(this_holder()))  # this live process holds it
     finished_run(run, "--run")
     assert f"warning: {run} is still training (PID" in capsys.readouterr().err
+
+
+def test_a_corpus_file_named_twice_is_refused_rather_than_counted_twice(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("alpha beta gamma\n")
+    for entries in ([folder / "a.txt", folder / "./a.txt"], [folder, folder / "a.txt"], [folder / "a.txt", folder]):
+        with pytest.raises(ConfigError, match=r"--corpus names .*a\.txt twice"):
+            load_corpus([str(e) for e in entries], log=quiet)
+
+
+@pytest.mark.parametrize(
+    "ds, message",
+    [
+        ({"optimizer": {"type": "Adamax2"}}, 'names optimizer "Adamax2"'),
+        ({"gradient_clippping": 1.0}, 'section "gradient_clippping" .* did you mean "gradient_clipping"'),
+    ],
+)
+def test_a_misnamed_deepspeed_setting_is_named_before_what_follows_from_it(ds, message, tmp_path):
+    """Without a zero_optimization section bf16 would be refused for ZeRO stage 0; the misnamed setting is the
+    problem to name first."""
+    ds_file = tmp_path / "ds.json"
+    ds_file.write_text(json.dumps(ds))
+    with pytest.raises(ConfigError, match=message):
+        build_ds_config(RunConfig(deepspeed_config=str(ds_file)), world_size=1, native_bf16=NATIVE_BF16)
+
+
+def test_a_report_on_a_run_that_logged_nothing_or_is_not_ours_is_one_sentence(tmp_path, capsys):
+    from tnf_scale.cli.throughput_report import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text("")
+    assert main(["--run", str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert "has logged nothing yet" in capsys.readouterr().err
+    (empty / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0, "tokens_per_s": 5.0, "step_seconds": 1.0}\n')
+    assert main(["--run", str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert "has no run_config.json, which says what it trained" in capsys.readouterr().err

@@ -203,12 +203,6 @@ class RunConfig:
             raise ConfigError(
                 "--corpus is empty: name at least one .txt/.jsonl/.parquet file, folder, or datasets hub name."
             )
-        named = [str(Path(c).resolve()) if Path(c).exists() else c for c in self.corpus]
-        twice = next((c for c, n in zip(self.corpus, named) if named.count(n) > 1), None)
-        if twice is not None:
-            raise ConfigError(
-                f"--corpus names {twice} more than once, which would count its words twice; name it once."
-            )
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
         if self.prefetch not in PREFETCH:

@@ -1,14 +1,16 @@
 """The DeepSpeed config of a run: the user's JSON file, with "auto" and missing values filled from the flags.
 
 Values the file states explicitly must agree with the flags; a disagreement is one sentence
-naming both, never a silent override. The config built is then read by DeepSpeed's own config model, before any
-process group starts, so that what DeepSpeed would reject is refused in one sentence while nothing has been touched.
+naming both, never a silent override. The names in the file (sections, optimizer, scheduler) are checked against
+what DeepSpeed reads first, and the config built is then read by DeepSpeed's own config model, before any process
+group starts, so that what DeepSpeed would reject is refused in one sentence while nothing has been touched.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -95,6 +97,7 @@ def build_ds_config(
     """
     source = f"--deepspeed_config {cfg.deepspeed_config}" if cfg.deepspeed_config else "the default DeepSpeed config"
     ds = load_ds_file(cfg.deepspeed_config)
+    check_names(ds, source)
     dims = parallel_dims(ds, cfg, world_size, source, world_source)
     data_parallel_size = dims.data
     per_step = cfg.micro_batch_size * data_parallel_size
@@ -192,16 +195,46 @@ class _ReadKeys(dict):
         return super().__contains__(key)
 
 
+@functools.cache
+def deepspeed_sections() -> frozenset[str]:
+    """The top-level keys DeepSpeed's config reader looks up (present or not), found by letting it read a minimal
+    config through a dict that remembers every lookup."""
+    read: set[str] = set()
+    minimal = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1}
+    DeepSpeedConfig(_ReadKeys(minimal, read=read))
+    return frozenset(read)
+
+
+def check_names(ds: dict[str, Any], source: str) -> None:
+    """Refuse what the user's config names that DeepSpeed would not recognise: a top-level section it does not read
+    whose name is close to one it does (a misspelling it would silently ignore), or an optimizer or scheduler type
+    that is neither DeepSpeed's nor torch's (the engine's own rule, applied once the ranks are up)."""
+    sections = deepspeed_sections()
+    for key in ds:
+        close = difflib.get_close_matches(key, sections, n=1, cutoff=0.8) if key not in sections else []
+        if close:
+            raise ConfigError(
+                f'{source} has a section "{key}" that DeepSpeed does not read; did you mean "{close[0]}"?'
+            )
+    optimizer = str(ds.get("optimizer", {}).get("type", "AdamW"))
+    if optimizer.lower() not in DEEPSPEED_OPTIMIZERS and not hasattr(torch.optim, optimizer):
+        raise ConfigError(
+            f'{source} names optimizer "{optimizer}", which is neither one of DeepSpeed\'s '
+            f"({', '.join(DEEPSPEED_OPTIMIZERS)}) nor in torch.optim; fix optimizer.type."
+        )
+    scheduler = str(ds.get("scheduler", {}).get("type", "WarmupDecayLR"))
+    if not hasattr(lr_schedules, scheduler) and not hasattr(torch.optim.lr_scheduler, scheduler):
+        raise ConfigError(
+            f'{source} names scheduler "{scheduler}", which is neither one of DeepSpeed\'s '
+            f"({', '.join(lr_schedules.VALID_LR_SCHEDULES)}) nor in torch.optim.lr_scheduler; fix scheduler.type."
+        )
+
+
 def check_with_deepspeed(ds: dict[str, Any], dims: ParallelDims, source: str) -> None:
     """Refuse, in one sentence, what DeepSpeed would reject once the ranks are up: its config model and sanity
-    checks (read here for one rank, so the batch size is the per-replica one), a top-level section DeepSpeed does not
-    read whose name is close to one it does (a misspelling DeepSpeed would silently ignore), and the engine's own
-    rules on the optimizer, the scheduler and ZeRO under a pipeline."""
-    read: set[str] = set()
-    one_replica = _ReadKeys(
-        {**ds, "train_batch_size": ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]},
-        read=read,
-    )
+    checks on the config built (read here for one rank, so the batch size is the per-replica one), and the pipeline
+    engine's rule on ZeRO."""
+    one_replica = {**ds, "train_batch_size": ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]}
     try:
         parsed = DeepSpeedConfig(one_replica)
     except pydantic.ValidationError as err:
@@ -215,28 +248,6 @@ def check_with_deepspeed(ds: dict[str, Any], dims: ParallelDims, source: str) ->
         ) from None
     except (AssertionError, ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"DeepSpeed rejects {source}: {str(err) or type(err).__name__}; fix the file.") from None
-    for key in ds:
-        close = difflib.get_close_matches(key, read, n=1, cutoff=0.8) if key not in read else []
-        if close:
-            raise ConfigError(
-                f'{source} has a section "{key}" that DeepSpeed does not read; did you mean "{close[0]}"?'
-            )
-    optimizer = parsed.optimizer_name
-    if optimizer is not None and optimizer not in DEEPSPEED_OPTIMIZERS and not hasattr(torch.optim, optimizer):
-        raise ConfigError(
-            f'{source} names optimizer "{optimizer}", which is neither one of DeepSpeed\'s '
-            f"({', '.join(DEEPSPEED_OPTIMIZERS)}) nor in torch.optim; fix optimizer.type."
-        )
-    scheduler = parsed.scheduler_name
-    if (
-        scheduler is not None
-        and not hasattr(lr_schedules, scheduler)
-        and not hasattr(torch.optim.lr_scheduler, scheduler)
-    ):
-        raise ConfigError(
-            f'{source} names scheduler "{scheduler}", which is neither one of DeepSpeed\'s '
-            f"({', '.join(lr_schedules.VALID_LR_SCHEDULES)}) nor in torch.optim.lr_scheduler; fix scheduler.type."
-        )
     if dims.pipeline > 1 and parsed.zero_optimization_stage >= 2:
         raise ConfigError(
             f"{source} runs ZeRO stage {parsed.zero_optimization_stage} under a pipeline, which DeepSpeed does not "

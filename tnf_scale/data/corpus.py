@@ -166,9 +166,17 @@ def _load_hub(name: str, text_column: str) -> datasets.Dataset:
 
 def load_corpus(entries: Iterable[str], text_column: str = "text", log=print) -> datasets.Dataset:
     """All entries as one Dataset of non-empty documents in column `text`."""
-    parts = []
+    parts, seen = [], {}
     for entry in entries:
         files = _expand(entry)
+        for path in files or []:
+            first = seen.get(path.resolve())
+            seen[path.resolve()] = entry
+            if first is not None:
+                raise ConfigError(
+                    f"--corpus names {path} twice ({first} and {entry}), which would count its words twice; name "
+                    "each file once."
+                )
         parts.extend(_load_files(files, text_column, log) if files is not None else [_load_hub(entry, text_column)])
     ds = datasets.concatenate_datasets(parts) if parts else None
     if ds is not None:

@@ -79,13 +79,16 @@ def launch_pair(out: Path, ranks: int, port: int, flags: list[str], overwrite: b
 
 
 def finished_run(run_dir: str | Path, flag: str) -> Path:
-    """`run_dir` if it holds a run's metrics; otherwise one sentence naming the flag and the fix."""
+    """`run_dir` if it holds a run's metrics with at least one record; otherwise one sentence naming the flag and the
+    fix."""
     path = Path(run_dir)
     if not RunDir(path).metrics.is_file():
         raise ConfigError(
             f"{flag} {path} holds no run ({RunDir(path).metrics.name} is missing); point it at the "
             f"--output_dir of a training run."
         )
+    if not read_metrics(path):
+        raise ConfigError(f"{flag} {path} has logged nothing yet; report on it once it has trained a step.")
     holder = RunLock(RunDir(path).lock_file).live_holder()
     if holder is not None:
         say_once(f"warning: {path} is still training ({describe(holder)}); this covers the steps it has logged so far.")

@@ -178,6 +178,10 @@ def run_figures(run: Path, warmup: int, cpu_peaks: dict[str, float]) -> dict:
 
     FLOPs count the MLM head on masked tokens for every trainer: the work the objective needs.
     """
+    if not RunDir(run).run_config.is_file():
+        raise ConfigError(
+            f"{run} has no {RunDir(run).run_config.name}, which says what it trained; time a run of ours."
+        )
     config = RunDir(run).read_run_config()
     steps = steady_steps(run, warmup)
     if not steps:
