@@ -375,14 +375,16 @@ def test_the_tokenizer_sample_is_bounded_and_spread_over_the_corpus(small_corpus
 
     corpus = load_corpus([str(small_corpus)], log=lambda *_: None)
     total = sum(len(t.split()) for t in corpus["text"])
-    sample = [text for batch in _batches(corpus, total // 4) for text in batch]
+    left_out = [0]
+    sample = [text for batch in _batches(corpus, total // 4, left_out) for text in batch]
     words = sum(len(t.split()) for t in sample)
     assert total // 8 < words < total // 2  # about a quarter
     texts = corpus["text"]
     assert texts.index(sample[0]) == 0 and texts.index(sample[-1]) >= len(texts) - len(texts) // len(
         sample
     )  # to the end
-    assert [t for batch in _batches(corpus, 10 * total) for t in batch] == corpus[
+    assert left_out == [0]  # no word of the small corpus is over 100 characters
+    assert [t for batch in _batches(corpus, 10 * total, left_out) for t in batch] == corpus[
         "text"
     ]  # a small corpus is used whole
 
