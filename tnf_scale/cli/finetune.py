@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from tnf_scale.errors import ConfigError, exit_code
-from tnf_scale.finetune.run import FinetuneArgs, check_model_dir, finetune, markdown
+from tnf_scale.finetune.run import FinetuneArgs, check_settings, finetune, markdown
 from tnf_scale.finetune.shipped import TASK as SHIPPED
 from tnf_scale.finetune.shipped import task_dir
 from tnf_scale.finetune.tasks import GLUE, file_task, glue_task
@@ -70,11 +70,21 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         if bool(args.task) == bool(args.train or args.validation) or bool(args.train) != bool(args.validation):
             raise ConfigError("give --task NAME, or --train FILE with --validation FILE (and the column flags).")
-        for flag in ("epochs", "lr", "batch_size", "max_seq_len", "max_train_examples", "max_eval_examples"):
-            value = getattr(args, flag)
-            if value is not None and not value > 0:
-                raise ConfigError(f"--{flag} must be positive, got {value}.")
-        check_model_dir(args.model)
+        settings = FinetuneArgs(
+            args.model,
+            args.out,
+            args.seeds,
+            args.lr,
+            args.epochs,
+            args.batch_size,
+            args.max_seq_len,
+            max_train_examples=args.max_train_examples,
+            max_eval_examples=args.max_eval_examples,
+            notes=args.notes,
+            run=args.run,
+            save_models=args.save_models,
+        )
+        check_settings(settings)  # before a task is loaded
         check_out_dir(args.out, "--out")
         if args.task in GLUE:
             task = glue_task(args.task)
@@ -95,20 +105,6 @@ def main(argv: list[str] | None = None) -> int:
             task = file_task(
                 train, validation, args.text_column, args.text_pair_column, args.label_column, args.metric, args.task
             )
-        settings = FinetuneArgs(
-            args.model,
-            args.out,
-            args.seeds,
-            args.lr,
-            args.epochs,
-            args.batch_size,
-            args.max_seq_len,
-            max_train_examples=args.max_train_examples,
-            max_eval_examples=args.max_eval_examples,
-            notes=args.notes,
-            run=args.run,
-            save_models=args.save_models,
-        )
         print(markdown(finetune(task, settings), settings))
         return 0
 

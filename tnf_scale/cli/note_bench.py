@@ -26,10 +26,8 @@ from tnf_scale.errors import command_line
 from tnf_scale.model.tnf_bert import bert_config
 from tnf_scale.reports.bench import (
     add_overwrite_flag,
-    check_replaceable,
     launch_pair,
     median_of,
-    pair_dirs,
     steady_steps,
     timing_flags,
 )
@@ -65,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     add_overwrite_flag(parser)
     args, extra = parser.parse_known_args(argv)
     out = check_out_dir(args.out, "--out")
-    check_replaceable(list(pair_dirs(out)), args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
 
     flags = [*timing_flags("tiny", args.steps), *extra]

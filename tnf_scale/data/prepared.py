@@ -128,12 +128,13 @@ def _build(cfg: RunConfig, out: Path, log) -> None:
         lo, hi = choose_band(counts, cfg.rare_coverage)
     else:
         lo, hi = cfg.rare_min_count, cfg.rare_max_count
-        if band_coverage(counts, lo, hi) > MAX_RARE_SHARE:
-            raise ConfigError(
-                f"the rare band {lo}..{hi} (--rare_min_count, --rare_max_count) covers "
-                f"{100 * band_coverage(counts, lo, hi):.0f}% of this corpus's word occurrences: notes would stand in "
-                f"for most words, not rare ones; choose a band of rarer words (or --rare_coverage, e.g. 0.02)."
-            )
+    rare_share = band_coverage(counts, lo, hi)
+    if cfg.rare_min_count is not None and rare_share > MAX_RARE_SHARE:  # a band given, not chosen by --rare_coverage
+        raise ConfigError(
+            f"the rare band {lo}..{hi} (--rare_min_count, --rare_max_count) covers "
+            f"{100 * rare_share:.0f}% of this corpus's word occurrences: notes would stand in "
+            f"for most words, not rare ones; choose a band of rarer words (or --rare_coverage, e.g. 0.02)."
+        )
     rare, rare_keys = RareVocab.from_counts(word_counts, lo, hi, lambda key: word_of_key(key, tokenizer))
     tokenizer.save_pretrained(str(RunDir(out).tokenizer))
     rare.save(RunDir(out).rare_vocab)
@@ -162,7 +163,7 @@ def _build(cfg: RunConfig, out: Path, log) -> None:
         "distinct_words": len(counts),
         "rare_band": [lo, hi],
         "rare_types": len(rare),
-        "rare_word_share": band_coverage(counts, lo, hi),
+        "rare_word_share": rare_share,
         "sequences": sequences,
         "train_sequences": train_sequences,
         "eval_sequences": eval_sequences,

@@ -222,20 +222,27 @@ def len_note(args: FinetuneArgs) -> str:
     return f"{' and '.join(parts)} only; " if parts else ""
 
 
+def check_settings(args: FinetuneArgs) -> None:
+    """Every setting that can be checked before a task is loaded: at least one seed, positive finite rates and sizes,
+    a note variant, the model directory."""
+    if not args.seeds:
+        raise ConfigError("fine-tuning needs at least one --seeds value.")
+    for flag in ("epochs", "lr", "batch_size", "max_seq_len", "max_train_examples", "max_eval_examples"):
+        value = getattr(args, flag)
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"--{flag} must be positive, got {value}.")
+    if args.notes not in VARIANTS:
+        raise ConfigError(f"--notes {args.notes} is not a variant; choose one of {', '.join(VARIANTS)}.")
+    check_model_dir(args.model)
+
+
 def finetune(task: TaskData, args: FinetuneArgs) -> dict:
     """Fine-tune `args.model` on `task` once per seed; writes finetune.json and finetune.md into `args.out`."""
-    check_model_dir(args.model)
-    if not args.seeds or args.lr <= 0 or not math.isfinite(args.lr) or args.epochs <= 0 or args.batch_size < 1:
-        raise ConfigError(
-            "fine-tuning needs at least one --seeds value, --lr above 0, --epochs above 0 and --batch_size of "
-            "1 or more."
-        )
+    check_settings(args)
     if args.max_train_examples is not None:
         task.train = task.train.select(range(min(args.max_train_examples, len(task.train))))
     if args.max_eval_examples is not None:
         task.validation = task.validation.select(range(min(args.max_eval_examples, len(task.validation))))
-    if args.notes not in VARIANTS:
-        raise ConfigError(f"--notes {args.notes} is not a variant; choose one of {', '.join(VARIANTS)}.")
     source = NoteSource.from_run(args.run or Path(args.model).parent) if args.notes != "none" else None
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     positions = AutoConfig.from_pretrained(
