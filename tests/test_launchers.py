@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from cluster import job_state, local_slurm, loopback_sshd, require, wait_for_job
-from conftest import DEEPSPEED, ELECTRA_RUN, REPO, check_ok, clean_env, free_port, train_args
+from conftest import DEEPSPEED, ELECTRA_RUN, ELECTRA_ZERO, REPO, check_ok, clean_env, free_port, train_args
 from safetensors.torch import load_file
 
 from tnf_scale.metrics import read_metrics
@@ -53,7 +53,7 @@ def test_hostfile_launch_over_pdsh_on_two_loopback_nodes(small_config, electra_r
                 "--master_port",
                 str(free_port()),
                 "tnf_scale/train.py",
-                *train_args(small_config, out, **ELECTRA_RUN),
+                *train_args(small_config, out, deepspeed_config=ELECTRA_ZERO, **ELECTRA_RUN),
             ],
             cwd=REPO,
             env=env,
@@ -95,7 +95,7 @@ def test_mpirun_trains_tnf_through_mpi4py_discovery(small_config, electra_run, t
         ),
         sys.executable,
         "tnf_scale/train.py",
-        *train_args(small_config, out, **ELECTRA_RUN),
+        *train_args(small_config, out, deepspeed_config=ELECTRA_ZERO, **ELECTRA_RUN),
     ]
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     # Guards the teardown: without it, gloo's threads outlived the process group at interpreter exit and a run
@@ -127,6 +127,7 @@ def sbatch(slurm_env: dict, small_config, run_root: Path) -> str:
         "PYTHON": sys.executable,
         "CORPUS": small_config.corpus[0],
         "PRESET": "tiny",
+        "DS_CONFIG": ELECTRA_ZERO,
         "RUN_ROOT": str(run_root),
         "TRAIN_ARGS": " ".join(flags),
     }
