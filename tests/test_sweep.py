@@ -73,7 +73,9 @@ def test_sweep_tool_shares_the_baseline_and_tables_every_yardstick(tmp_path, cap
         eval_loss_no_notes_other=[8.9, 7.9, 6.9],
     )
     runs = [base]
-    for lam, losses in (("0.25", [9.0, 7.5, 6.9]), ("0.5", [9.0, 8.1, 7.2])):
+    # lambda 0.25 logs its note writes: 60 rare occurrences of 20 noted words, each seen 3 times on average
+    writes = {"notes_written": [0.0, 30.0, 30.0], "distinct_noted": [0.0, 10.0, 20.0]}
+    for lam, losses, logged in (("0.25", [9.0, 7.5, 6.9], writes), ("0.5", [9.0, 8.1, 7.2], {})):
         cfg = run_config("tiny", flags, Setting((("note_lambda", lam),)), "on")
         runs.append(
             fake_run(
@@ -85,6 +87,7 @@ def test_sweep_tool_shares_the_baseline_and_tables_every_yardstick(tmp_path, cap
                 eval_loss_notes=[9.0, 7.0, 6.5],
                 eval_loss_no_notes_rare=[10.0, 9.6, 9.5],
                 eval_loss_no_notes_other=[8.9, 7.4, 6.8],
+                **logged,
             )
         )
     out = tmp_path / "sweep"
@@ -95,12 +98,13 @@ def test_sweep_tool_shares_the_baseline_and_tables_every_yardstick(tmp_path, cap
     # Trailing means of 3: the baseline's target is 8.0 (exported), 7.9 (other), 9.63 (rare); TNF with notes reaches 8.0
     # at step 10 (mean 8.0), exported and other only at step 20, rare never.
     assert (
-        f"| note_lambda=0.25 | `{base}` | -0.5000, saves 50% | -0.1000, saves 0% | -0.1000, saves 0% | +0.1000, never |"
-        in text
+        f"| note_lambda=0.25 | `{base}` | 3.0 | -0.5000, saves 50% | -0.1000, saves 0% | -0.1000, saves 0% | "
+        "+0.1000, never |" in text
     )
-    assert "| note_lambda=0.5 | " in text and "+0.2000, never" in text
+    assert f"| note_lambda=0.5 | `{base}` | n/a | " in text and "+0.2000, never" in text
     summary = json.loads((out / "sweep.json").read_text())
     assert [row["baseline"] for row in summary["rows"]] == [str(base)] * 2
+    assert [row["rare_exposure"] for row in summary["rows"]] == [3.0, None]
     assert (out / "report-note_lambda-0.25" / "time_to_loss.png").is_file()
     assert exit_code(lambda: tnf_sweep.main(["--out", str(out), "--grid", "note_gamma=3"])) == 2
     assert "note_gamma must lie strictly between 0 and 1" in capsys.readouterr().err

@@ -8,8 +8,9 @@
 Each --grid axis is FIELD=V1,V2 over train.py's flags (FIELD_A:FIELD_B=A1:B1,A2:B2 for fields that go
 together); the settings are their product. The baseline (--tnf off) trains once per value of the axes
 it depends on (everything but note_lambda, note_gamma, note_window and notes_at_masked). Extra flags go
-to every run. Writes OUT/sweep.md and OUT/sweep.json (one row per setting: TNF - baseline at equal
-steps and the step saving, on each yardstick) and each setting's full time-to-loss report in OUT/report-TAG/.
+to every run. Writes OUT/sweep.md and OUT/sweep.json (one row per setting: how many times a noted rare
+word occurred during the TNF run on average, then TNF - baseline at equal steps and the step saving,
+on each yardstick) and each setting's full time-to-loss report in OUT/report-TAG/.
 """
 
 from __future__ import annotations

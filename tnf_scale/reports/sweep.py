@@ -105,16 +105,30 @@ def cell(result: Comparison | None) -> str:
     return f"{gap}, saves {100 * result.step_saving:.0f}%" if result.step_saving is not None else f"{gap}, n/a"
 
 
+def rare_exposure(tnf: Path) -> float | None:
+    """How often a noted rare word occurred during the TNF run, on average: notes written / words noted."""
+    records = read_metrics(tnf)
+    noted = [r["distinct_noted"] for r in records if "distinct_noted" in r]
+    if not noted or not noted[-1]:
+        return None
+    return sum(r.get("notes_written", 0.0) for r in records) / noted[-1]
+
+
 def table(rows: list[tuple[Setting, Path, Path, list[Comparison]]]) -> str:
-    """One row per setting: for each yardstick, TNF - baseline at the last common evaluation and the step saving."""
+    """One row per setting: how often a rare word recurred, then for each yardstick TNF - baseline at the last common
+    evaluation and the step saving."""
     lines = [
-        "| setting | baseline | " + " | ".join(y.name for y in YARDSTICKS) + " |",
-        "| --- | --- |" + " --- |" * len(YARDSTICKS),
+        "| setting | baseline | rare word seen (mean times) | " + " | ".join(y.name for y in YARDSTICKS) + " |",
+        "| --- | --- | --- |" + " --- |" * len(YARDSTICKS),
     ]
-    for setting, baseline, _, results in rows:
+    for setting, baseline, tnf, results in rows:
         by_id = {r.yardstick.id: r for r in results}
+        exposure = rare_exposure(tnf)
+        seen = "n/a" if exposure is None else f"{exposure:.1f}"
         lines.append(
-            f"| {setting.name} | `{baseline}` | " + " | ".join(cell(by_id.get(y.id)) for y in YARDSTICKS) + " |"
+            f"| {setting.name} | `{baseline}` | {seen} | "
+            + " | ".join(cell(by_id.get(y.id)) for y in YARDSTICKS)
+            + " |"
         )
     return "\n".join(lines) + "\n"
 
@@ -125,6 +139,7 @@ def summary_json(rows: list[tuple[Setting, Path, Path, list[Comparison]]]) -> li
             "setting": dict(setting.values),
             "baseline": str(baseline),
             "tnf": str(tnf),
+            "rare_exposure": rare_exposure(tnf),
             "yardsticks": [r.as_json() for r in results],
         }
         for setting, baseline, tnf, results in rows
