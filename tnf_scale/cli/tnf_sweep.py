@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         baseline = obtain(setting.shared(), "off")
         tnf = obtain(setting, "on")
         write_report(baseline, tnf, out / f"report-{setting.tag}")
-        rows.append((setting, baseline, tnf, compare_runs(baseline, tnf)))
-        origins = [RunDir(run).read_provenance() for _, *runs, _ in rows for run in runs]
+        rows.append(compare_runs(setting, baseline, tnf))
+        origins = [RunDir(run).read_provenance() for row in rows for run in (row.baseline, row.tnf)]
         commits, machines = (sorted({o.get(key, "unknown") for o in origins}) for key in ("commit", "machine"))
         text = "\n".join(
             [

@@ -105,46 +105,59 @@ def cell(result: Comparison | None) -> str:
     return f"{gap}, saves {100 * result.step_saving:.0f}%" if result.step_saving is not None else f"{gap}, n/a"
 
 
-def rare_exposure(tnf: Path) -> float | None:
-    """How often a noted rare word occurred during the TNF run, on average: notes written / words noted."""
-    records = read_metrics(tnf)
+def rare_exposure(records: list[dict]) -> float | None:
+    """How often a noted rare word occurred during a TNF run, on average: notes written / words noted."""
     noted = [r["distinct_noted"] for r in records if "distinct_noted" in r]
     if not noted or not noted[-1]:
         return None
     return sum(r.get("notes_written", 0.0) for r in records) / noted[-1]
 
 
-def table(rows: list[tuple[Setting, Path, Path, list[Comparison]]]) -> str:
+@dataclass(frozen=True)
+class SweepRow:
+    """One setting's outcome: its two runs, each yardstick's comparison and how often a noted rare word recurred."""
+
+    setting: Setting
+    baseline: Path
+    tnf: Path
+    results: list[Comparison]
+    exposure: float | None
+
+
+def compare_runs(setting: Setting, baseline: Path, tnf: Path) -> SweepRow:
+    """Each run's metrics read once: the yardsticks' comparisons and the TNF run's rare-word exposure."""
+    tnf_records = read_metrics(tnf)
+    return SweepRow(
+        setting, baseline, tnf, compare_all(read_metrics(baseline), tnf_records), rare_exposure(tnf_records)
+    )
+
+
+def table(rows: list[SweepRow]) -> str:
     """One row per setting: how often a rare word recurred, then for each yardstick TNF - baseline at the last common
     evaluation and the step saving."""
     lines = [
         "| setting | baseline | rare word seen (mean times) | " + " | ".join(y.name for y in YARDSTICKS) + " |",
         "| --- | --- | --- |" + " --- |" * len(YARDSTICKS),
     ]
-    for setting, baseline, tnf, results in rows:
-        by_id = {r.yardstick.id: r for r in results}
-        exposure = rare_exposure(tnf)
-        seen = "n/a" if exposure is None else f"{exposure:.1f}"
+    for row in rows:
+        by_id = {r.yardstick.id: r for r in row.results}
+        seen = "n/a" if row.exposure is None else f"{row.exposure:.1f}"
         lines.append(
-            f"| {setting.name} | `{baseline}` | {seen} | "
+            f"| {row.setting.name} | `{row.baseline}` | {seen} | "
             + " | ".join(cell(by_id.get(y.id)) for y in YARDSTICKS)
             + " |"
         )
     return "\n".join(lines) + "\n"
 
 
-def summary_json(rows: list[tuple[Setting, Path, Path, list[Comparison]]]) -> list[dict]:
+def summary_json(rows: list[SweepRow]) -> list[dict]:
     return [
         {
-            "setting": dict(setting.values),
-            "baseline": str(baseline),
-            "tnf": str(tnf),
-            "rare_exposure": rare_exposure(tnf),
-            "yardsticks": [r.as_json() for r in results],
+            "setting": dict(row.setting.values),
+            "baseline": str(row.baseline),
+            "tnf": str(row.tnf),
+            "rare_exposure": row.exposure,
+            "yardsticks": [r.as_json() for r in row.results],
         }
-        for setting, baseline, tnf, results in rows
+        for row in rows
     ]
-
-
-def compare_runs(baseline: Path, tnf: Path) -> list[Comparison]:
-    return compare_all(read_metrics(baseline), read_metrics(tnf))
