@@ -119,3 +119,30 @@ def test_a_gpu_node_whose_torch_sees_no_gpu_is_refused():
     check_torch_sees_gpus(listed=8, torch_sees=8, visible=None)
     check_torch_sees_gpus(listed=0, torch_sees=0, visible=None)  # a CPU node
     check_torch_sees_gpus(listed=8, torch_sees=0, visible="")  # GPUs hidden on purpose: the CPU it is
+
+
+@pytest.mark.parametrize(
+    "requested, ranks_on_node, omp, node_cores, usable, expected",
+    [
+        (None, 2, None, 2, 1, (1, "2 cores / 2 ranks on the node")),  # mpirun -np 2: each rank bound to one core
+        (None, 2, None, 2, 2, (1, "2 cores / 2 ranks on the node")),  # the deepspeed launcher: no binding, same count
+        (None, 1, None, 2, 2, (2, "2 cores / 1 rank on the node")),
+        (None, 8, None, 64, 4, (4, "64 cores / 8 ranks on the node, bound to 4")),  # srun --cpus-per-task=4
+        (None, 8, "6", 64, 64, (6, "OMP_NUM_THREADS")),  # the user's (or torchrun's) choice
+        (None, 2, "junk", 2, 2, (1, "2 cores / 2 ranks on the node")),
+        (3, 2, "6", 2, 2, (3, "--intra_op_threads")),
+        (None, 3, None, 2, 2, (1, "2 cores / 3 ranks on the node")),  # more ranks than cores: still one thread
+    ],
+)
+def test_every_launcher_gives_a_rank_the_same_intra_op_threads(requested, ranks_on_node, omp, node_cores, usable,
+                                                               expected):  # fmt: skip
+    from tnf_scale.threads import threads_for
+
+    assert threads_for(requested, ranks_on_node, omp, node_cores, usable) == expected
+
+
+@pytest.mark.parametrize("listed, node, tasks", [("2", 0, 2), ("4(x2),3", 1, 4), ("4(x2),3", 2, 3), ("2(x3)", 5, 1)])
+def test_slurms_tasks_per_node_list_gives_this_nodes_ranks(listed, node, tasks):
+    from tnf_scale.distributed import slurm_tasks_on_node
+
+    assert slurm_tasks_on_node(listed, node) == tasks

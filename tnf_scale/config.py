@@ -100,6 +100,7 @@ class RunConfig:
     prefetch: str = (
         "auto"  # collate the next steps in a worker process: on, off, auto (on only when an accelerator computes)
     )
+    intra_op_threads: int | None = None  # torch's CPU threads per rank; None: the node's cores shared by its ranks
 
     @property
     def tnf_enabled(self) -> bool:
@@ -182,8 +183,9 @@ class RunConfig:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"--seed must be a whole number from 0 to 2**32 - 1 (numpy's range), got {self.seed}.")
-        if self.num_proc is not None and self.num_proc < 1:
-            raise ConfigError(f"--num_proc must be at least 1, got {self.num_proc}.")
+        for name in ("num_proc", "intra_op_threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if self.save_interval < 0:
             raise ConfigError(f"--save_interval must be 0 or more, got {self.save_interval}.")
         if self.warmup_steps < 1:
@@ -254,7 +256,7 @@ RUN_ONLY = ("output_dir", "overwrite", "resume")  # where and how a run is start
 HOW_RUN = (
     *RUN_ONLY, "preset", "data_cache", "num_proc", "prefetch", "log_interval", "eval_interval", "save_interval",
     "export", "save_notes", "profile_phases", "deepspeed_config", "micro_batch_size", "activation_checkpointing",
-    "max_nonfinite_steps",
+    "max_nonfinite_steps", "intra_op_threads",
 )  # fmt: skip
 # What a baseline and a TNF run may differ in and still be compared at equal steps: TNF itself, how they were run, and
 # how long (they are compared over their common steps).
@@ -375,6 +377,9 @@ FLAG_HELP = {
     "with AVX512-BF16 or AMX; fp32 elsewhere), bf16 or fp32; master weights, gradients and notes stay fp32",
     "prefetch": "collate the next steps' micro-batches in a worker process while this one trains: auto (default: on "
     "when an accelerator computes; off on a CPU-only run, where the worker shares the step's cores), on, off",
+    "intra_op_threads": "CPU threads each rank's torch operations use (set on every launch path, said in each rank's "
+    "start-up line); default: OMP_NUM_THREADS when set, else the node's cores shared among its ranks (never more "
+    "than the cores a rank is bound to)",
     "notes_at_masked": "LEAKY ABLATION, default false: also mix notes into rare spans that hold a token the model must "
     "predict; the note then gives the masked word away and the exported model learns less",
 }

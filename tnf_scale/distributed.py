@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -102,12 +103,24 @@ class RankInfo:
     master_addr: str
     master_port: int
     source: str  # env | slurm | mpi | single
+    local_size: int = 1  # ranks on this node
 
     def describe(self) -> str:
         return (
             f"rank {self.rank}/{self.world_size} local {self.local_rank} node {socket.gethostname()} "
             f"master {self.master_addr}:{self.master_port} (from {self.source})"
         )
+
+
+def slurm_tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """This node's task count from SLURM's compressed list (SLURM_STEP_TASKS_PER_NODE, e.g. "4(x2),3": 4, 4, 3)."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if match is None:
+            return 1
+        counts += [int(match[1])] * int(match[2] or 1)
+    return counts[node_id] if 0 <= node_id < len(counts) else 1
 
 
 def _slurm_master() -> str:
@@ -136,6 +149,7 @@ def discover() -> RankInfo:
             env.get("MASTER_ADDR", "127.0.0.1"),
             int(env.get("MASTER_PORT", 29500)),
             "env",
+            int(env.get("LOCAL_SIZE") or env.get("LOCAL_WORLD_SIZE") or 1),  # the deepspeed launcher's, torchrun's
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_ID" in env:
         return RankInfo(
@@ -145,6 +159,10 @@ def discover() -> RankInfo:
             env.get("MASTER_ADDR") or _slurm_master(),
             int(env.get("MASTER_PORT") or 20000 + int(env["SLURM_JOB_ID"]) % 10000),
             "slurm",
+            slurm_tasks_on_node(
+                env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "1"),
+                int(env.get("SLURM_NODEID", 0)),
+            ),
         )
     if any(v in env for v in MPI_RANK_VARS):
         from mpi4py import MPI
@@ -153,7 +171,7 @@ def discover() -> RankInfo:
         local = comm.Split_type(MPI.COMM_TYPE_SHARED)
         master = comm.bcast(env.get("MASTER_ADDR") or socket.gethostname(), root=0)
         port = comm.bcast(int(env.get("MASTER_PORT") or 29500), root=0)
-        return RankInfo(comm.Get_rank(), local.Get_rank(), comm.Get_size(), master, port, "mpi")
+        return RankInfo(comm.Get_rank(), local.Get_rank(), comm.Get_size(), master, port, "mpi", local.Get_size())
     return RankInfo(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT") or free_port()), "single")
 
 

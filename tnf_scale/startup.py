@@ -28,6 +28,7 @@ from tnf_scale.precision import Precision, device_native_bf16
 from tnf_scale.preflight import check_runner_hostfile
 from tnf_scale.run_dir import RunDir
 from tnf_scale.run_lock import RunLock
+from tnf_scale.threads import set_intra_op_threads
 
 WORLD_SOURCES = {"slurm": " in the SLURM allocation (SLURM_NTASKS)", "mpi": " started by MPI"}
 
@@ -84,9 +85,10 @@ def start(cfg: RunConfig, pipeline_refusal: str | None = None) -> Started:
     )
     if pipeline_refusal and dims.pipeline > 1:
         raise ConfigError(pipeline_refusal)
+    threads = set_intra_op_threads(cfg.intra_op_threads, info.local_size)  # before anything computes
     check_master_port(info)
     topo = init_distributed(info, dims)
-    print(info.describe(), flush=True)  # one line per rank
+    print(f"{info.describe()}; {threads}", flush=True)  # one line per rank
     log = print if topo.is_main else (lambda *_: None)
     run = RunDir(cfg.output_dir)
     run.check(cfg)
