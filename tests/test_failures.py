@@ -315,10 +315,12 @@ def test_a_diverging_run_stops_in_one_sentence_and_exports_nothing(small_config,
 
 
 @pytest.mark.launcher
-def test_fault_campaign_a_killed_rank_is_named_and_the_resume_is_identical(small_config, dp_reference_run, tmp_path):
-    """One trial of tools/fault_campaign.py against the shared 1-rank reference (the same training on 2 ranks agrees
-    within 1e-5): SIGKILL to a rank; the survivor names it and the resume step, and the resumed run matches. (The
-    dead-launcher stop is tested in-process above; the campaign's KILL@launcher and other faults in the README.)"""
+def test_fault_campaign_a_killed_rank_or_runner_loses_nothing_and_the_resume_is_identical(
+    small_config, dp_reference_run, tmp_path
+):
+    """Two trials of tools/fault_campaign.py against the shared 1-rank reference (the same training on 2 ranks agrees
+    within 1e-5): SIGKILL to a rank, whose survivor names it and the resume step; SIGKILL to the real `deepspeed`
+    runner, after which every rank says it stopped at the checkpointed step with exit 86. Both resumed runs match."""
     out = tmp_path / "faults"
     flags = [
         a for a in train_args(small_config, out, max_steps=20, deepspeed_config="ds_configs/zero1.json", **COMPARED_RUN)
@@ -334,10 +336,10 @@ def test_fault_campaign_a_killed_rank_is_named_and_the_resume_is_identical(small
             sys.executable,
             "tools/fault_campaign.py",
             "--trials",
-            "1",
+            "2",
             "--in_order",
             "--faults",
-            "KILL@rank",
+            "KILL@rank,KILL@launcher",
             "--max_steps",
             "20",
             "--save_interval",
@@ -353,12 +355,19 @@ def test_fault_campaign_a_killed_rank_is_named_and_the_resume_is_identical(small
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "1/1 identical within 1e-05, 0 notes lost, 0 orphaned ranks" in proc.stdout
-    (killed_rank,) = json.loads((out / "fault_campaign.json").read_text())
+    assert "2/2 identical within 1e-05, 0 notes lost, 0 orphaned ranks" in proc.stdout
+    killed_rank, killed_runner = json.loads((out / "fault_campaign.json").read_text())
     victim = killed_rank["target"].split()[-1]
     assert (
         f"rank {victim} died first without a word" in killed_rank["last_words"]
         and "it continues from step" in killed_rank["last_words"]
+    )
+    assert killed_runner["target"].startswith("launcher PID") and killed_runner["stopped_together"] is True
+    step = killed_runner["resumed_from"]
+    assert sorted(killed_runner["stops"]) == [[0, step, 86], [1, step, 86]]
+    assert (
+        "its launcher (deepspeed, PID" in killed_runner["last_words"]
+        and f"checkpointed step {step}" in killed_runner["last_words"]
     )
 
 

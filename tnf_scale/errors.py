@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from typing import TextIO
 
 BAD_INPUT_EXIT = 2  # a refusal: nothing was lost, fix the input and rerun
 DIVERGED_EXIT = 3  # the loss or gradient norm stopped being finite; the last good checkpoint is kept
@@ -36,14 +37,21 @@ class PeerStopped(Refusal):
         self.exit_status = exit_status
 
 
+def rank_line(text: str, stream: TextIO | None = None) -> None:
+    """`text` and its newline in one write (default: stdout): under `python -u`, as the launchers start ranks, print
+    writes them apart, and the lines of ranks sharing a pipe then run into each other."""
+    stream = stream or sys.stdout
+    stream.write(f"{text}\n")
+    stream.flush()
+
+
 def exit_code(action: Callable[[], int]) -> int:
     """Run a command's body: a Refusal becomes one line on stderr and its exit status, not a traceback."""
     try:
         return action()
     except Refusal as err:
-        if str(err):  # one write: the same sentence from several ranks never shares a line
-            sys.stderr.write(f"error: {err}\n")
-            sys.stderr.flush()
+        if str(err):
+            rank_line(f"error: {err}", sys.stderr)
         return err.exit_status
 
 

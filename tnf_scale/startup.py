@@ -22,7 +22,7 @@ from tnf_scale.distributed import (
     init_distributed,
 )
 from tnf_scale.ds_config import build_ds_config
-from tnf_scale.errors import ConfigError, PeerStopped, Refusal, exit_code
+from tnf_scale.errors import ConfigError, PeerStopped, Refusal, exit_code, rank_line
 from tnf_scale.ops import this_nodes_fused_adam
 from tnf_scale.precision import Precision, device_native_bf16
 from tnf_scale.preflight import check_runner_hostfile
@@ -88,7 +88,7 @@ def start(cfg: RunConfig, pipeline_refusal: str | None = None) -> Started:
     threads = set_intra_op_threads(cfg.intra_op_threads, info.local_size)  # before anything computes
     check_master_port(info)
     topo = init_distributed(info, dims)
-    print(f"{info.describe()}; {threads}", flush=True)  # one line per rank
+    rank_line(f"{info.describe()}; {threads}")  # one line per rank
     log = print if topo.is_main else (lambda *_: None)
     run = RunDir(cfg.output_dir)
     run.check(cfg)

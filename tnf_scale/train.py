@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from tnf_scale.checkpoint import Checkpointer, note_rows
 from tnf_scale.config import RunConfig
 from tnf_scale.distributed import Topology, device_name, wait_for_all
-from tnf_scale.errors import PeerStopped
+from tnf_scale.errors import PeerStopped, rank_line
 from tnf_scale.failures import settle_failure
 from tnf_scale.metrics import MetricsLogger
 from tnf_scale.model.build import build_objective, pipeline_refusal
@@ -81,7 +81,7 @@ def run(cfg: RunConfig) -> int:
             run_dir, world.rank, world.size, err, lambda: checkpointer.last_complete_step
         )
         if words:
-            print(f"rank {world.rank}: stopping after a failure: {words}", file=sys.stderr, flush=True)
+            rank_line(f"rank {world.rank}: stopping after a failure: {words}", sys.stderr)
         if failed_first:
             raise
         return 1
@@ -238,6 +238,8 @@ def stop_cleanly(
             else "rerun the launch command with --resume true to continue"
         )
     )
+    # every rank's own word (the per-node launcher reports only the first exit code it sees)
+    rank_line(f"rank {world.rank}: stopped at step {progress.step}, exit {stop.exit_code}", sys.stderr)
     deepspeed.comm.barrier()
     return stop.exit_code
 

@@ -5,9 +5,10 @@ A fault is a signal sent to one process at one moment:
   KILL@checkpoint                             SIGKILL to a random rank while the first checkpoint after a random step
                                               is being written
   KILL@launcher, TERM@launcher                to the `deepspeed` runner: the ranks must stop, not train on as orphans
-After the fault the launcher must end with no rank left running; the run is then resumed to the end (from its newest
-complete checkpoint; afresh when none was completed), and its per-step losses and final note dictionary must match
-the reference within the tolerance, with every step logged exactly once.
+After the fault the launcher must end with no rank left running, and after a stop signal or the launcher's death
+every rank must say it stopped at the checkpointed step with the stop's exit code; the run is then resumed to the end
+(from its newest complete checkpoint; afresh when none was completed), and its per-step losses and final note
+dictionary must match the reference within the tolerance, with every step logged exactly once.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
@@ -28,6 +30,7 @@ from safetensors.torch import load_file
 
 from tnf_scale.checkpoint import COMPLETE, CheckpointMarker, checkpoint_dirs, complete_checkpoints
 from tnf_scale.config import REPO
+from tnf_scale.errors import PREEMPTED_EXIT, STOPPED_EXIT
 from tnf_scale.launch import TRAIN_SCRIPT, deepspeed_command
 from tnf_scale.metrics import read_metrics
 from tnf_scale.run_dir import RunDir
@@ -42,6 +45,7 @@ class Trial:
 
     number: int
     fault: str
+    ranks: int
     target: str = ""
     at_step: int = 0  # the last step logged when the signal was sent
     exit_code: int | None = None  # the launcher's
@@ -51,10 +55,26 @@ class Trial:
     steps_logged_once: bool = False
     notes_lost: int = -1  # rare ids missing from, or differing in, the final note dictionary
     last_words: str = ""
+    stops: list[list[int]] = field(default_factory=list)  # [rank, step, exit code] each rank said it stopped with
+
+    @property
+    def stopped_together(self) -> bool | None:
+        """A stop signal or a dead launcher: whether every rank said it stopped at the checkpointed step with the
+        stop's exit code (None: a fault that kills a rank, which cannot say so)."""
+        if self.fault.startswith("KILL@") and self.fault != "KILL@launcher":
+            return None
+        code = PREEMPTED_EXIT if self.fault.startswith("USR1") else STOPPED_EXIT
+        return sorted(self.stops) == [[rank, self.resumed_from, code] for rank in range(self.ranks)]
 
     @property
     def identical(self) -> bool:
-        return self.orphans == 0 and self.steps_logged_once and self.notes_lost == 0 and self.max_rel_diff <= TOLERANCE
+        return (
+            self.orphans == 0
+            and self.steps_logged_once
+            and self.notes_lost == 0
+            and self.max_rel_diff <= TOLERANCE
+            and self.stopped_together is not False
+        )
 
 
 TOLERANCE = 1e-5
@@ -180,6 +200,15 @@ def last_words_in(log: Path) -> str:
     return lines[0][:200] if lines else ""
 
 
+STOP_LINE = re.compile(r"rank (\d+): stopped at step (\d+), exit (\d+)$")
+
+
+def stops_in(log: Path) -> list[list[int]]:
+    """[rank, step, exit code] of every rank's stop line in a launch's log (train.stop_cleanly)."""
+    lines = log.read_text(errors="replace").splitlines()
+    return [[int(n) for n in match.groups()] for match in map(STOP_LINE.search, lines) if match]
+
+
 def run_trial(
     number: int,
     fault: str,
@@ -191,11 +220,11 @@ def run_trial(
     max_steps: int,
     rng: random.Random,
 ) -> Trial:
-    trial = Trial(number, fault)
+    trial = Trial(number, fault, ranks)
     run_dir, log = out / f"trial{number:02d}", out / f"trial{number:02d}.log"
     log.unlink(missing_ok=True)
     inject(trial, run_dir, ranks, port, flags, max_steps, rng, log)
-    trial.last_words = last_words_in(log)
+    trial.last_words, trial.stops = last_words_in(log), stops_in(log)
     done = complete_checkpoints(run_dir)
     trial.resumed_from = CheckpointMarker.read(done[-1]).step if done else None
     if trial.resumed_from != max_steps or not RunDir(run_dir).notes.is_file():
@@ -206,13 +235,14 @@ def run_trial(
 
 def table(trials: list[Trial]) -> str:
     rows = [
-        "| # | fault | target | signalled after step | launcher exit | orphans | resumed from | max rel. loss "
-        "diff | steps once | notes lost | verdict |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| # | fault | target | signalled after step | launcher exit | every rank stopped there | orphans | "
+        "resumed from | max rel. loss diff | steps once | notes lost | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for t in trials:
+        together = {None: "n/a", True: "yes", False: "NO"}[t.stopped_together]
         rows.append(
-            f"| {t.number} | {t.fault} | {t.target} | {t.at_step} | {t.exit_code} | {t.orphans} | "
+            f"| {t.number} | {t.fault} | {t.target} | {t.at_step} | {t.exit_code} | {together} | {t.orphans} | "
             f"{'fresh start' if t.resumed_from is None else t.resumed_from} | {t.max_rel_diff:.1e} | "
             f"{'yes' if t.steps_logged_once else 'NO'} | {t.notes_lost} | {'identical' if t.identical else 'DIFFERS'} |"
         )
@@ -230,6 +260,9 @@ def write_report(out: Path, trials: list[Trial], command: str) -> str:
     text = f"# Fault campaign\n\n`{command}`\n\n{table(trials)}\n\n**{summary(trials)}**\n"
     (out / "fault_campaign.md").write_text(text)
     (out / "fault_campaign.json").write_text(
-        json.dumps([{**asdict(t), "identical": t.identical} for t in trials], indent=1) + "\n"
+        json.dumps(
+            [{**asdict(t), "stopped_together": t.stopped_together, "identical": t.identical} for t in trials], indent=1
+        )
+        + "\n"
     )
     return text
