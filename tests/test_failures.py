@@ -263,8 +263,8 @@ def stop_handlers():
 
 
 def test_a_dead_launcher_stops_the_ranks_like_sigterm(monkeypatch, stop_handlers):
-    """The watch the fault campaign's KILL@launcher trial exercised end to end (20/20 in the README's campaign): a
-    watched launcher that dies, even by SIGKILL, is named and the ranks stop at the next boundary with exit 86."""
+    """The launcher watch in-process (the KILL@launcher trial below runs it end to end): a watched launcher that dies,
+    even by SIGKILL, is named and the ranks stop at the next boundary with exit 86."""
     import psutil
 
     from tnf_scale import stopping

@@ -18,7 +18,7 @@ import psutil
 import torch
 
 from tnf_scale.distributed import all_reduce_sum
-from tnf_scale.errors import PREEMPTED_EXIT, STOPPED_EXIT
+from tnf_scale.errors import PREEMPTED_EXIT, STOPPED_EXIT, rank_line
 
 LAUNCHER_MARKS = (
     "deepspeed",
@@ -74,10 +74,8 @@ class StopRequest:
         self.preempted = self.preempted or signum == signal.SIGUSR1
         self.reason = self.reason or signal.Signals(signum).name
         again = "" if signum == signal.SIGUSR1 else "; send it again to stop at once, without a checkpoint"
-        print(
-            f"{signal.Signals(signum).name}: stopping after a checkpoint at the next step boundary{again}",
-            file=sys.stderr,
-            flush=True,
+        rank_line(
+            f"{signal.Signals(signum).name}: stopping after a checkpoint at the next step boundary{again}", sys.stderr
         )
 
     def _watch_launcher(self) -> None:
