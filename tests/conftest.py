@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tnf_scale.config import BUNDLED_CORPUS, RunConfig
 from tnf_scale.launch import deepspeed_command, deepspeed_launcher, free_port
@@ -132,6 +133,33 @@ def assert_same_evaluations(run: Path, reference: Path, steps: list[int]) -> Non
         assert got[step].keys() == expected[step].keys(), step
         for key, value in expected[step].items():
             assert got[step][key] == pytest.approx(value, rel=1e-5), (step, key)
+
+
+@torch.no_grad()
+def assert_export_is_the_model_in_training(
+    run: Path, prepared, cfg: RunConfig, dtype: torch.dtype = torch.float32, rel: float = 1e-5
+) -> None:
+    """The exported Hugging Face BertForMaskedLM loads with no key missing or unexpected, has the run's vocabulary,
+    and, computing in `dtype` (the run's precision), scores the held-out batch as the run's last evaluation did
+    (`eval_loss_no_notes`, within `rel`)."""
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    from tnf_scale.data.collate import EVAL_EPOCH, Collator
+    from tnf_scale.metrics import read_metrics
+    from tnf_scale.model.objective import MaskedLMObjective
+
+    model, loading = BertForMaskedLM.from_pretrained(str(run / "export"), output_loading_info=True)
+    assert not any(loading.values()), loading
+    assert AutoTokenizer.from_pretrained(str(run / "export")).get_vocab() == prepared.tokenizer.get_vocab()
+    size = EVAL_SEQUENCES
+    batch = Collator(prepared.tokenizer, cfg.max_seq_len, 0.15, seed=1234)(
+        prepared.eval, list(range(size)), list(range(size)), [EVAL_EPOCH] * size
+    )
+    objective = MaskedLMObjective(model.to(dtype).eval())
+    (ce,) = objective(**objective.inputs(batch))
+    expected = [r for r in read_metrics(run) if "eval_loss_no_notes" in r][-1]["eval_loss_no_notes"]
+    got = float(ce.double().sum()) / int((batch.labels != -100).sum())
+    assert got == pytest.approx(expected, rel=rel)
 
 
 # Runs compared across parallel layouts: dropout 0, global batch 16, micro-batch 4, warmup longer than the run.

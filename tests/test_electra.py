@@ -339,8 +339,7 @@ def test_an_electra_export_fine_tunes_with_its_notes_kept(variant, electra_run, 
     task = file_task(str(tmp_path / "train.tsv"), str(tmp_path / "validation.tsv"), "text", None, "label", "accuracy")
     args = FinetuneArgs(str(electra_run / "export"), str(tmp_path / "ft"), seeds=[1], lr=1e-3, epochs=1,
                         batch_size=4, notes=variant, save_models=True)  # fmt: skip
-    result = finetune(task, args)
-    assert 0.0 <= result["final"][1]["accuracy"] <= 1.0
+    finetune(task, args)
     saved = load_file(str(tmp_path / "ft" / "seed1" / "model" / FINETUNED_NOTES_FILE))["vectors"]
     pretrained = load_file(str(electra_run / "notes.safetensors"))["vectors"]
     change = (saved - pretrained).norm(dim=1)  # rare ids follow the file's order: the words read come first

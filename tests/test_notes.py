@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,26 +159,61 @@ def test_initial_notes_in_torch_equal_the_numpy_reference_bit_for_bit():
     assert torch.equal(got, torch.from_numpy(numpy_initial_notes(ids.numpy(), 64, 1234, 0.02)))
 
 
+def plant_note(run: Path, rare_id: int, rows: dict[int, torch.Tensor]) -> None:
+    """Set rare id `rare_id`'s note to `rows[step]` in the checkpoint of each step (a 1-rank run)."""
+    from safetensors.torch import load_file, save_file
+
+    from tnf_scale.checkpoint import rank_file
+
+    for step, row in rows.items():
+        path = rank_file(run / "checkpoints" / f"step{step:08d}", 0)
+        state = load_file(str(path))
+        state["vectors"][int((state["ids"] == rare_id).nonzero())] = row
+        save_file(state, str(path))
+
+
 @pytest.mark.launcher
-def test_inspect_notes_reports_what_a_runs_notes_learned(dp_reference_run, tmp_path, capsys):
-    """tools/inspect_notes.py on a tiny TNF run: nearest tokens to notes and to the words' embeddings, norms, movement
-    between the last two checkpoints, the per-step read share and its plot; bad requests are one sentence."""
+def test_inspect_notes_names_the_tokens_nearest_to_a_planted_note(dp_reference_run, tmp_path, capsys):
+    """tools/inspect_notes.py on a copy of a tiny TNF run whose note for one rare word is planted at the embedding of
+    a known token (step 10) and twice it (step 20): that token is the note's nearest at cosine 1, the note moved by
+    exactly its own length, the word's own single-piece token is nearest to its embedding; the per-step read share
+    is the metrics' own; bad requests are one sentence."""
+    import shutil
+
+    from transformers import AutoModel, AutoTokenizer
+
     from tnf_scale.cli.inspect_notes import main
+    from tnf_scale.data.rare_vocab import RareVocab
+    from tnf_scale.metrics import read_metrics
+
+    run = tmp_path / "run"
+    shutil.copytree(dp_reference_run, run, ignore=shutil.ignore_patterns("LOCK"))
+    tokenizer = AutoTokenizer.from_pretrained(str(run / "export"))
+    table = AutoModel.from_pretrained(str(run / "export")).get_input_embeddings().weight.detach().float()
+    rare = RareVocab.load(run / "tokenizer" / "rare_vocab.tsv")
+    rare_id = next(i for i, w in enumerate(rare.words) if len(tokenizer(w, add_special_tokens=False)["input_ids"]) == 1)
+    word, target = rare.words[rare_id], tokenizer.convert_tokens_to_ids("the")
+    plant_note(run, rare_id, {10: table[target], 20: 2 * table[target]})
 
     out = tmp_path / "inspect"
-    assert main([str(dp_reference_run), "--sample", "3", "--neighbours", "4", "--out", str(out)]) == 0
+    assert main([str(run), "--words", word, "--neighbours", "3", "--out", str(out)]) == 0
     report = json.loads((out / "inspect_notes.json").read_text())
     assert report["checkpoints"] == [10, 20] and 0 < report["noted_words"] <= report["rare_words"]
-    assert len(report["words"]) == 3
-    for word in report["words"]:
-        assert len(word["note_neighbours"]) == len(word["embedding_neighbours"]) == 4
-        assert all(-1.0 <= c <= 1.0 for _, c in word["note_neighbours"] + word["embedding_neighbours"])
-        assert word["note_norm"] > 0 and word["moved"] >= 0
-    assert report["read_share"] and all(0.0 <= share <= 1.0 for _, share in report["read_share"])
-    assert (out / "read_share.png").stat().st_size > 0 and "| word (count) |" in (out / "inspect_notes.md").read_text()
-    chosen = report["words"][1]["word"]
-    assert main([str(dp_reference_run), "--words", chosen, "--out", str(tmp_path / "one")]) == 0
-    assert [w["word"] for w in json.loads((tmp_path / "one" / "inspect_notes.json").read_text())["words"]] == [chosen]
+    (got,) = report["words"]
+    assert got["word"] == word and got["rare_id"] == rare_id and got["count"] == rare.counts[rare_id]
+    assert got["note_neighbours"][0] == ["the", 1.0] and len(got["note_neighbours"]) == 3
+    assert got["embedding_neighbours"][0] == [word, 1.0]  # the word's one piece is its own embedding
+    assert got["moved"] == 1.0 and got["note_norm"] == pytest.approx(2 * float(table[target].norm()), abs=1e-4)
+    steps = [r for r in read_metrics(run) if "occurrences_read" in r]
+    assert report["read_share"] == [
+        [r["step"], r["occurrences_read"] / (r["occurrences_read"] + r["occurrences_skipped_masked"])] for r in steps
+    ]
+    assert (out / "read_share.png").stat().st_size > 0 and f"| {word} ({got['count']}) |" in (
+        out / "inspect_notes.md"
+    ).read_text()
+    assert main([str(run), "--sample", "2", "--out", str(tmp_path / "sample")]) == 0
+    sampled = json.loads((tmp_path / "sample" / "inspect_notes.json").read_text())["words"]
+    assert len(sampled) == 2 and all(w["rare_id"] < len(rare.words) for w in sampled)
     capsys.readouterr()
-    assert main([str(dp_reference_run), "--words", "notarareword", "--out", str(tmp_path / "two")]) == 2
+    assert main([str(run), "--words", "notarareword", "--out", str(tmp_path / "two")]) == 2
     assert "'notarareword' is not one of the run's rare words" in capsys.readouterr().err

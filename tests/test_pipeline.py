@@ -8,14 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import COMPARED_RUN, EVAL_SEQUENCES, assert_same_evaluations, launch, run_cmd, train_args
+from conftest import (
+    COMPARED_RUN,
+    assert_export_is_the_model_in_training,
+    assert_same_evaluations,
+    launch,
+    run_cmd,
+    train_args,
+)
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, BertForMaskedLM
 
 from tnf_scale.checkpoint import read_rank_files
-from tnf_scale.data.collate import EVAL_EPOCH, Collator
 from tnf_scale.metrics import read_metrics
-from tnf_scale.model.objective import MaskedLMObjective
 
 pytestmark = pytest.mark.launcher
 # shorter than the warm-up, so the learning rate matches the 20-step reference step for step; it checkpointed here
@@ -83,22 +87,9 @@ def test_pipeline_notes_equal_the_data_parallel_notes(pipeline_runs, dp_referenc
         torch.testing.assert_close(load_file(str(run / "notes.safetensors"))["vectors"], expected, rtol=1e-5, atol=1e-6)
 
 
-@torch.no_grad()
 def test_pipeline_export_is_the_model_in_training(pipeline_runs, prepared, small_config):
     """The exported HF model's held-out loss equals the one the pipeline measured at its last step."""
-    run = pipeline_runs[4]
-    model = BertForMaskedLM.from_pretrained(str(run / "export")).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(run / "export"))
-    assert tokenizer.get_vocab() == prepared.tokenizer.get_vocab()
-    size = EVAL_SEQUENCES
-    batch = Collator(prepared.tokenizer, small_config.max_seq_len, 0.15, seed=1234)(
-        prepared.eval, list(range(size)), list(range(size)), [EVAL_EPOCH] * size
-    )
-    objective = MaskedLMObjective(model)
-    (ce,) = objective(**objective.inputs(batch))
-    ce = ce.sum()
-    expected = [r for r in read_metrics(run) if "eval_loss_no_notes" in r][-1]["eval_loss_no_notes"]
-    assert float(ce) / int((batch.labels != -100).sum()) == pytest.approx(expected, rel=1e-5)
+    assert_export_is_the_model_in_training(pipeline_runs[4], prepared, small_config)
 
 
 def test_a_pipeline_degree_that_does_not_divide_the_world_stops_before_training(small_config, tmp_path):

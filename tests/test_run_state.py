@@ -95,12 +95,16 @@ def test_rng_streams_keep_the_accelerators_generator_too():
     assert RngStreams.ACCELERATOR_KEY not in RngStreams().state_dict()  # a CPU rank has no device generator
 
 
-def test_the_store_lives_on_the_accelerators_device_by_default():
-    from deepspeed.accelerator import get_accelerator
+def test_the_store_lives_on_the_accelerators_device_by_default(monkeypatch):
+    """An accelerator whose device is torch's shape-only `meta` device: every tensor of the store goes there (a store
+    that kept its rows on the CPU would make a GPU step copy them across every step)."""
+    from types import SimpleNamespace
 
+    from tnf_scale.notes import store as store_module
+
+    monkeypatch.setattr(store_module, "get_accelerator", lambda: SimpleNamespace(current_device_name=lambda: "meta"))
     store = NoteStore(10, 4, seed=1, init_std=0.02, gamma=0.1)
-    assert store.device == torch.device(get_accelerator().current_device_name())
-    assert store.slot_of.device == store.noted.device == store.device
+    assert store.device == store.slot_of.device == store.noted.device == torch.device("meta")
 
 
 @pytest.mark.parametrize("local_rank, devices, index", [(0, 8, 0), (5, 8, 5), (3, 1, 0), (9, 4, 1)])

@@ -54,8 +54,14 @@ def test_gpu_peaks_by_exact_name_and_the_no_gpu_note():
     assert gpu_peak("NVIDIA L40S") == 362e12 and gpu_peak("NVIDIA L4") == 121e12  # "L40S" contains "L4"
     assert gpu_peak("NVIDIA H100 PCIe") == 756e12 < gpu_peak("NVIDIA H100 80GB HBM3")  # PCIe is not SXM
     assert gpu_peak("Tesla V100-SXM2-32GB") is None  # no native bf16: no bf16 peak to measure against
-    state = gpu_state()
-    assert state["gpus"] or state["note"].startswith("no GPU")
+    from tnf_scale.distributed import gpus_listed
+
+    state = gpu_state()  # as many GPUs as the driver lists (none here), each named, or the note that there are none
+    assert len(state["gpus"]) == gpus_listed() and all(gpu["name"] for gpu in state["gpus"])
+    if state["gpus"]:
+        assert state["note"] == f"{len(state['gpus'])} GPU(s) seen by NVML"
+    else:
+        assert state["note"].startswith("no GPU: NVML is not available (")
 
 
 def test_mfu_is_against_the_runs_own_gpus_times_its_ranks():

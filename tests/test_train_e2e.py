@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import check_ok, launch, run_cmd, train_args
+from conftest import assert_export_is_the_model_in_training, check_ok, launch, run_cmd, train_args
 from safetensors.torch import load_file
 from transformers import BertForMaskedLM, pipeline
 
@@ -81,14 +81,15 @@ def test_tnf_run_under_the_deepspeed_launcher_learns_and_takes_notes(tnf_run, pr
     assert (tnf_run / "tensorboard").is_dir() and any((tnf_run / "tensorboard").iterdir())
 
 
-def test_export_is_a_stock_bert_with_no_notes_that_fills_masks(tnf_run):
+def test_export_is_the_model_in_training_as_a_stock_bert_with_no_notes(tnf_run, prepared, small_config):
+    """No note tensor in the export, every key of a stock BertForMaskedLM present, and the held-out loss the run
+    measured at its last step; the fill-mask pipeline runs on it."""
     export = tnf_run / "export"
     weights = load_file(str(export / "model.safetensors"))
     assert not [name for name in weights if "note" in name.lower()]
-    model = BertForMaskedLM.from_pretrained(str(export))
-    fill = pipeline("fill-mask", model=model, tokenizer=str(export))
-    guesses = fill("in the beginning god created the [MASK] and the earth.")
-    assert len(guesses) == 5 and all(0.0 <= g["score"] <= 1.0 for g in guesses)
+    assert_export_is_the_model_in_training(tnf_run, prepared, small_config)
+    fill = pipeline("fill-mask", model=BertForMaskedLM.from_pretrained(str(export)), tokenizer=str(export))
+    assert len(fill("in the beginning god created the [MASK] and the earth.")) == 5
 
 
 def test_resume_continues_exactly_where_the_checkpoint_left_off(tnf_run, small_config, tmp_path):
