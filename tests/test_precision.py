@@ -97,8 +97,7 @@ def test_fused_adam_runs_where_it_is_built_in_or_can_be_built_else_torchs_fused_
     assert fused_adam_available(FakeAccelerator("cuda"), {}, cuda_home="/usr/local/cuda")[0]
     available, why = fused_adam_available(FakeAccelerator("cuda"), {}, cuda_home=None)
     assert not available and "no CUDA toolkit (nvcc)" in why
-    available, why = fused_adam_available(FakeAccelerator("cpu"), {"fused_adam": True}, cuda_home=None)
-    assert not available and "would not resume exactly" in why  # see test_bf16's same-ranks resume
+    assert fused_adam_available(FakeAccelerator("cpu"), {}, cuda_home=None)[0]  # the CPU op builds with g++
     assert not fused_adam_available(FakeAccelerator("npu", builds=False), {}, cuda_home=None)[0]
     ds, _, _ = build_ds_config(RunConfig(), 1, NATIVE, "", fused_adam=(False, "no CUDA toolkit"))
     assert ds["optimizer"]["params"]["torch_adam"] is True and ds["optimizer"]["params"]["fused"] is True

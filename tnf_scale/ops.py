@@ -4,7 +4,7 @@ a run gets.
 Ranks that start together and find an op unbuilt compile it in turn under one lock and
 wait minutes on each other; building first into TORCH_EXTENSIONS_DIR avoids that. DeepSpeed's fused Adam on
 CUDA is compiled with nvcc: on a node without a CUDA toolkit (and without a DeepSpeed built with the op), runs take
-torch's fused AdamW instead and say so; so do CPU runs (`fused_adam_available`).
+torch's fused AdamW instead and say so.
 """
 
 from __future__ import annotations
@@ -22,12 +22,7 @@ OPS = ("FusedAdamBuilder", "ShareMemCommBuilder")  # fused Adam; on CPU also the
 
 def fused_adam_available(accelerator, installed: dict[str, bool], cuda_home: str | None) -> tuple[bool, str]:
     """Whether DeepSpeed's FusedAdam runs on `accelerator`, and why: built into the DeepSpeed install (`installed`,
-    deepspeed.git_version_info.installed_ops), or buildable now (on CUDA that needs a toolkit: `cuda_home`). Never on
-    the CPU: DeepSpeed's CPU Adam keeps beta^t as a running float product in C++ state that no checkpoint holds, and a
-    resumed process computes it afresh, so its updates differ by an ulp on about half the weights (seen in bf16 as
-    resumes that were not exact); torch's fused AdamW computes it from the saved step."""
-    if accelerator.device_name() == "cpu":
-        return False, "DeepSpeed's CPU Adam would not resume exactly (its beta^t lives outside the checkpoint)"
+    deepspeed.git_version_info.installed_ops), or buildable now (on CUDA that needs a toolkit: `cuda_home`)."""
     if installed.get("fused_adam"):
         return True, "DeepSpeed's fused Adam, built into the install"
     builder = accelerator.create_op_builder("FusedAdamBuilder")
