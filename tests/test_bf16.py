@@ -108,3 +108,19 @@ def test_a_bf16_checkpoint_resumes_on_another_world_size(bf16_runs, small_config
     row_diff = (got - expected).abs().amax(dim=1) / expected.abs().amax(dim=1)
     assert float(row_diff.max()) <= LAYOUT_TOLERANCE, float(row_diff.max())
     assert (resumed / "checkpoints" / "universal" / "step00000006").is_dir()
+
+
+def test_a_bf16_checkpoint_resumes_on_the_same_ranks_bit_for_bit(small_config, tmp_path):
+    """The same ranks and precision resume exactly: every loss, held-out metric and note as the uninterrupted run.
+    Resumed after step 18, the first update is one whose bias correction the CPU Adam computes differently afresh
+    (cpu_adam.py): without the replay of its steps, the losses from step 20 on differed."""
+    source, resumed = tmp_path / "source", tmp_path / "resumed"
+    flags = dict(BF16_RUN, max_steps=20, save_interval=18, eval_interval=20, deepspeed_config="ds_configs/zero1.json")
+    launch(1, ["tnf_scale/train.py", *train_args(small_config, source, **flags)])
+    shutil.copytree(source, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step00000020")
+    launch(1, ["tnf_scale/train.py", *train_args(small_config, resumed, **flags, resume="true")])
+    assert step_losses(resumed) == step_losses(source)
+    assert evaluations(resumed)[20] == evaluations(source)[20]
+    notes = [load_file(str(run / "notes.safetensors"))["vectors"] for run in (source, resumed)]
+    assert torch.equal(*notes)

@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tnf_scale.config import RESUME_MUST_MATCH, RunConfig, resume_conflict
+from tnf_scale.cpu_adam import replay_cpu_adam_steps
 from tnf_scale.distributed import Topology, wait_for_all
 from tnf_scale.errors import ConfigError, Refusal
 from tnf_scale.run_dir import RunDir
@@ -419,6 +420,7 @@ class Checkpointer:
             raise CheckpointError(
                 f"DeepSpeed could not load checkpoint {self.source}; its model or optimizer files are missing."
             )
+        replay_cpu_adam_steps(engine.optimizer, self.topo.device)  # DeepSpeed's CPU Adam keeps state outside it
         self.last_saved = point.step
 
     def save(self, step: int, last: bool = False) -> Path | None:

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from tnf_scale.checkpoint import Checkpointer, note_rows
 from tnf_scale.config import RunConfig
+from tnf_scale.cpu_adam import inner_optimizer
 from tnf_scale.distributed import Topology, device_name, wait_for_all
 from tnf_scale.errors import PeerStopped, rank_line
 from tnf_scale.failures import settle_failure
@@ -110,7 +111,7 @@ def note_store(cfg: RunConfig, num_rare: int, init_std: float, world: Topology) 
 def describe(cfg: RunConfig, started: Started, training: Training) -> str:
     """The start-up line: where the run trains and how."""
     world, engine = started.topo, training.engine
-    inner = getattr(training.optimizer, "optimizer", training.optimizer)
+    inner = inner_optimizer(training.optimizer)
     note = f" ({started.optimizer_note})" if started.optimizer_note else ""
     return (
         f"world {world.size} on {get_accelerator().device_name()} ({world.dims.pipeline} pipeline stages x "
