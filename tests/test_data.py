@@ -186,6 +186,27 @@ def test_a_padded_micro_batch_adds_rows_that_predict_nothing_and_read_nothing(pr
     assert batch.padded(3) is batch
 
 
+def test_the_collator_lists_every_token_of_the_reading_spans_and_whether_a_micro_batch_holds_padding(prepared):
+    """The step mixes notes at `read_token_index` (no repeat_interleave on the device) and hands the model no attention
+    mask for a micro-batch without padding: both decided on the host, from the collated spans and lengths."""
+    collate = Collator(prepared.tokenizer, 64, 0.15, seed=7)
+    batch = collate(prepared.train, list(range(8)), list(range(8)), [0] * 8)
+    assert batch.num_reads > 0
+    expected = [
+        (int(sample) * 64 + position, read)
+        for read, (sample, start, end) in enumerate(zip(*(span.tolist() for span in batch.read_spans[1:])))
+        for position in range(start, end + 1)
+    ]
+    assert list(zip(batch.read_token_index.tolist(), batch.read_token_occ.tolist())) == expected
+    lengths = batch.lengths.tolist()
+    assert batch.has_padding == (min(lengths) < 64) and (batch.model_attention_mask is None) == (min(lengths) == 64)
+    full = [i for i in range(len(prepared.train)) if len(prepared.train[i]["input_ids"]) == 64][:2]
+    short = [i for i in range(len(prepared.train)) if len(prepared.train[i]["input_ids"]) < 64][:1]
+    assert collate(prepared.train, full, full, [0, 0]).model_attention_mask is None
+    padded = collate(prepared.train, full + short, full + short, [0, 0, 0])
+    assert torch.equal(padded.model_attention_mask, padded.attention_mask) and padded.has_padding
+
+
 def test_masks_do_not_depend_on_position_in_the_micro_batch(prepared):
     collate = Collator(prepared.tokenizer, 64, 0.15, seed=7)
     indices, keys, epochs = [5, 9, 13, 2], [40, 41, 42, 43], [0, 0, 0, 0]

@@ -139,7 +139,7 @@ def test_notes_are_mixed_only_at_spans_without_a_masked_or_replaced_token(small_
             )
         )
     rows = torch.randn(int(batch.occ_reads.sum()), small_config.hidden_size)
-    hooks.set_reads(*batch.read_spans[1:], rows, batch.input_ids.shape[1])
+    hooks.set_reads(batch.read_token_index, batch.read_token_occ, rows)
     hooks.set_capture(batch.occ_sample, batch.occ_start, batch.occ_end, batch.lengths)
     objective(**objective.inputs(batch))
     assert hooks.pooled.shape == (len(batch.occ_rare), small_config.hidden_size)  # every occurrence writes

@@ -11,6 +11,7 @@ from tnf_scale.data.collate import Collator
 from tnf_scale.model.objective import LossSums, MaskedLMObjective, loss_parts
 from tnf_scale.model.tnf_bert import TnfHooks, build_bert
 from tnf_scale.notes.note_math import pool_windows
+from tnf_scale.spans import expand_spans
 
 
 def models(small_config, prepared):
@@ -52,7 +53,7 @@ def test_reads_change_the_forward_and_captures_pool_the_last_layer(small_config,
     tnf, hooks, plain = models(small_config, prepared)
     batch = a_batch(prepared)
     rows = torch.randn(len(batch.occ_rare), tnf.config.hidden_size)
-    hooks.set_reads(batch.occ_sample, batch.occ_start, batch.occ_end, rows, batch.input_ids.shape[1])
+    hooks.set_reads(*expand_spans(batch.occ_sample, batch.occ_start, batch.occ_end, batch.input_ids.shape[1]), rows)
     hooks.set_capture(batch.occ_sample, batch.occ_start, batch.occ_end, batch.lengths)
     mixed = tnf.bert(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
     pooled = hooks.pooled
@@ -72,7 +73,7 @@ def test_reads_change_the_forward_and_captures_pool_the_last_layer(small_config,
 def embedded(model, hooks, batch, rows=None):
     """The embedding output (after LayerNorm) of `batch`, notes mixed in at reading occurrences when `rows` is given."""
     if rows is not None:
-        hooks.set_reads(*batch.read_spans[1:], rows, batch.input_ids.shape[1])
+        hooks.set_reads(batch.read_token_index, batch.read_token_occ, rows)
     try:
         return model.bert.embeddings(input_ids=batch.input_ids)
     finally:

@@ -12,7 +12,6 @@ from tnf_scale.data.batch import Batch
 from tnf_scale.model.objective import LossSums, Objective, loss_parts
 from tnf_scale.model.pipeline import PipelineObjective
 from tnf_scale.model.tnf_bert import TnfHooks
-from tnf_scale.spans import expand_spans
 from tnf_scale.timing import PhaseTimer
 
 NoteRows = list[torch.Tensor | None]  # per micro-batch, the note rows of its reading occurrences (None: no notes)
@@ -36,7 +35,7 @@ class DataParallelStep:
         self.engine, self.objective, self.hooks = engine, objective, hooks
 
     def _set_reads(self, batch: Batch, rows: torch.Tensor) -> None:
-        self.hooks.set_reads(*batch.read_spans[1:], rows, batch.input_ids.shape[1])
+        self.hooks.set_reads(batch.read_token_index, batch.read_token_occ, rows)
 
     def _term_losses(self, batch: Batch) -> tuple[torch.Tensor, ...]:
         """Per loss term, the loss of every position it averages over (row-major order)."""
@@ -92,7 +91,7 @@ class PipelineStep:
                 batch_rows = torch.zeros(0, self.hidden_size, device=self.device)
                 token_index = token_occ = torch.zeros(0, dtype=torch.int64, device=self.device)
             else:
-                token_index, token_occ = expand_spans(*batch.read_spans[1:], batch.input_ids.shape[1])
+                token_index, token_occ = batch.read_token_index, batch.read_token_occ
             yield (
                 (batch.input_ids, batch.attention_mask, token_index, token_occ, batch_rows),
                 (

@@ -36,6 +36,8 @@ class Batch:
     read_index: torch.Tensor  # (r,) the occurrences that read their note, ascending
     predicted_index: torch.Tensor  # (p,) flat (row-major) positions of the tokens to predict
     real_index: torch.Tensor  # (t,) flat positions of the real (non-padding) tokens
+    read_token_index: torch.Tensor  # (s,) flat positions of every token of the spans that read a note
+    read_token_occ: torch.Tensor  # (s,) which reading occurrence (a place in read_index) each of them belongs to
 
     @property
     def occ_order_key(self) -> torch.Tensor:
@@ -58,6 +60,17 @@ class Batch:
     @property
     def num_tokens(self) -> int:
         return len(self.real_index)
+
+    @property
+    def has_padding(self) -> bool:
+        """Whether any position is padding (from the shapes the collator fixed: nothing is read from the device)."""
+        return self.num_tokens < self.input_ids.numel()
+
+    @property
+    def model_attention_mask(self) -> torch.Tensor | None:
+        """The attention mask to hand the model: None for a micro-batch without padding, which means the same and spares
+        transformers' check whether the mask holds padding (a read from the device per forward)."""
+        return self.attention_mask if self.has_padding else None
 
     def padded(self, rows: int) -> Batch:
         """The micro-batch grown to `rows` rows by copies of its first row that predict nothing and hold no occurrence,

@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 from tnf_scale.data.batch import IGNORE_INDEX, Batch
 from tnf_scale.seeding import seeded_generator
-from tnf_scale.spans import span_positions, spans_holding
+from tnf_scale.spans import expand_spans, span_positions, spans_holding
 
 EVAL_EPOCH = 2**32 - 1  # masks of held-out sequences come from a stream no training epoch uses
 
@@ -76,6 +76,7 @@ class Collator:
             if self.notes_at_masked
             else ~spans_holding(labels != IGNORE_INDEX, *spans)
         )
+        read_index = torch.nonzero(reads).flatten()
         return Batch(
             input_ids,
             attention_mask,
@@ -89,7 +90,8 @@ class Collator:
             reads,
             span_positions(*spans, (b, self.seq_len)),
             uniform,
-            torch.nonzero(reads).flatten(),
+            read_index,
             torch.nonzero(labels.flatten() != IGNORE_INDEX).flatten(),
             torch.nonzero(attention_mask.flatten()).flatten(),
+            *expand_spans(*(span[read_index] for span in spans), self.seq_len),
         )

@@ -25,6 +25,7 @@ from tnf_scale.errors import ConfigError
 from tnf_scale.model.tnf_bert import TnfHooks
 from tnf_scale.notes.store import NoteStore
 from tnf_scale.run_dir import RARE_VOCAB_FILE, RunDir
+from tnf_scale.spans import expand_spans
 
 VARIANTS = ("none", "ema", "learned")
 FINETUNED_NOTES_FILE = "tnf_notes.safetensors"  # beside a fine-tuned model: the note rows and how to use them
@@ -138,7 +139,7 @@ class NotedClassifier(nn.Module):
         occ_end=None,
     ):
         rows = self.notes[occ_rare] if self.variant == "learned" else self.store.read(occ_rare)
-        self.hooks.set_reads(occ_sample, occ_start, occ_end, rows, input_ids.shape[1])
+        self.hooks.set_reads(*expand_spans(occ_sample, occ_start, occ_end, input_ids.shape[1]), rows)
         writes = self.variant == "ema" and self.training
         if writes:
             self.hooks.set_capture(occ_sample, occ_start, occ_end, attention_mask.sum(1))

@@ -122,7 +122,7 @@ class ElectraObjective(Objective):
     def inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
         return {
             "input_ids": batch.input_ids,
-            "attention_mask": batch.attention_mask,
+            "attention_mask": batch.model_attention_mask,
             "labels": batch.labels,
             "sample_uniform": batch.sample_uniform,
             "predicted_index": batch.predicted_index,
@@ -167,7 +167,7 @@ class ElectraObjective(Objective):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         labels: torch.Tensor,
         sample_uniform: torch.Tensor,
         predicted_index: torch.Tensor,

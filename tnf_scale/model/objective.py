@@ -141,7 +141,7 @@ class MaskedLMObjective(Objective):
     def inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
         return {
             "input_ids": batch.input_ids,
-            "attention_mask": batch.attention_mask,
+            "attention_mask": batch.model_attention_mask,
             "labels": batch.labels,
             "predicted_index": batch.predicted_index,
         }
@@ -150,7 +150,11 @@ class MaskedLMObjective(Objective):
         return eval_loss_metrics(plain[0], with_notes[0] if with_notes else None)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, predicted_index: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor,
+        predicted_index: torch.Tensor,
     ) -> tuple[torch.Tensor]:
         hidden = self.mlm.bert(input_ids=input_ids, attention_mask=attention_mask)[0]
         predicted = hidden.flatten(0, 1)[predicted_index]

@@ -14,7 +14,6 @@ from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
 
 from tnf_scale.config import RunConfig
 from tnf_scale.notes.note_math import mix_notes, pool_windows
-from tnf_scale.spans import expand_spans
 
 
 def bert_config(cfg: RunConfig, vocab_size: int, pad_token_id: int = 0) -> BertConfig:
@@ -79,11 +78,9 @@ class TnfHooks:
         self.pooled: torch.Tensor | None = None
         writer.encoder.register_forward_hook(self._take_notes)
 
-    def set_reads(
-        self, sample: torch.Tensor, start: torch.Tensor, end: torch.Tensor, rows: torch.Tensor, seq_len: int
-    ) -> None:
-        """Mix `rows` (one note per occurrence) into the spans of the next forward of every reader."""
-        token_index, token_occ = expand_spans(sample, start, end, seq_len)
+    def set_reads(self, token_index: torch.Tensor, token_occ: torch.Tensor, rows: torch.Tensor) -> None:
+        """Mix `rows` (one note per occurrence) into the next forward of every reader, at the flat token positions
+        `token_index` of the occurrences `token_occ` (`spans.expand_spans`)."""
         for mixer in self.mixers:
             mixer.set_reads(token_index, token_occ, rows)
 

@@ -98,9 +98,9 @@ def ema_closed_form(
     unique, run_of, counts = torch.unique_consecutive(ids, return_inverse=True, return_counts=True)
     run_first = torch.cumsum(counts, 0) - counts
     rank = torch.arange(len(ids), device=ids.device) - run_first[run_of] + 1  # i, 1-based within the run
-    keep = torch.tensor(1.0 - gamma, dtype=torch.float64, device=ids.device)
-    weight = (gamma * keep ** (counts[run_of] - rank)).to(notes.dtype)
+    keep = 1.0 - gamma  # a Python float: a device scalar made of it would be a blocking copy to the device
+    weight = (gamma * torch.pow(keep, (counts[run_of] - rank).double())).to(notes.dtype)
     # One sequential sum per run (the runs are contiguous): deterministic on every device, where CUDA's index_add_
     # adds with atomics in no fixed order; on the CPU bit for bit what index_add_ gave.
     contribution = torch.segment_reduce(weight.unsqueeze(1) * notes, "sum", lengths=counts)
-    return unique, (keep**counts).to(notes.dtype), contribution
+    return unique, torch.pow(keep, counts.double()).to(notes.dtype), contribution
