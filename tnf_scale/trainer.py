@@ -9,12 +9,14 @@ batch), which DeepSpeed's own 1/accumulation and 1/ranks averaging turn back int
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
 import deepspeed
 from deepspeed.accelerator import get_accelerator
 from deepspeed.checkpoint.constants import (
+    PIPELINE_REPLICATED_PARAMETER_PATTERNS,
     UNIVERSAL_CHECKPOINT_INFO,
     UNIVERSAL_CHECKPOINT_VERSION_KEY,
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
@@ -27,7 +29,7 @@ from tnf_scale.distributed import Topology, all_reduce_sum, in_own_slot
 from tnf_scale.evaluator import Evaluator
 from tnf_scale.feeder import StepFeeder
 from tnf_scale.model.objective import Objective
-from tnf_scale.model.pipeline import PipelineObjective, build_pipeline
+from tnf_scale.model.pipeline import TIED_KEY, PipelineObjective, build_pipeline
 from tnf_scale.model.tnf_bert import TnfHooks
 from tnf_scale.notes.io import STEP_NOTE_METRICS, NoteIO
 from tnf_scale.notes.store import NoteStore
@@ -135,7 +137,11 @@ def build_training(
         module = build_pipeline(
             objective.mlm, world.dims.pipeline, cfg.note_lambda, stage_loss, cfg.activation_checkpointing
         )
-        setattr(module, UNIVERSAL_CHECKPOINT_INFO, universal_info)
+        # the tied embedding module has a copy on the last stage too, whose position and token-type embeddings and
+        # LayerNorm are never trained there (only the word embeddings' gradients are tied): the universal conversion
+        # takes stage 0's copy of each, where it would otherwise keep whichever stage's it wrote last
+        replicated = {PIPELINE_REPLICATED_PARAMETER_PATTERNS: [rf"tied_modules\.{re.escape(TIED_KEY)}\."]}
+        setattr(module, UNIVERSAL_CHECKPOINT_INFO, {**universal_info, **replicated})
         engine, optimizer, _, _ = deepspeed.initialize(
             model=module, model_parameters=[p for p in module.parameters() if p.requires_grad], config=ds_config
         )
