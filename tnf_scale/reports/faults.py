@@ -56,12 +56,15 @@ class Trial:
     notes_lost: int = -1  # rare ids missing from, or differing in, the final note dictionary
     last_words: str = ""
     stops: list[list[int]] = field(default_factory=list)  # [rank, step, exit code] each rank said it stopped with
+    finished_first: bool = False  # the run had trained every step and exported before the fault reached its ranks
 
     @property
     def stopped_together(self) -> bool | None:
         """A stop signal or a dead launcher: whether every rank said it stopped at the checkpointed step with the
-        stop's exit code (None: a fault that kills a rank, which cannot say so)."""
-        if self.fault.startswith("KILL@") and self.fault != "KILL@launcher":
+        stop's exit code (None: a fault that kills a rank, which cannot say so, or a run that had finished)."""
+        if (self.fault.startswith("KILL@") and self.fault != "KILL@launcher") or (
+            self.finished_first and not self.stops
+        ):
             return None
         code = PREEMPTED_EXIT if self.fault.startswith("USR1") else STOPPED_EXIT
         return sorted(self.stops) == [[rank, self.resumed_from, code] for rank in range(self.ranks)]
@@ -227,7 +230,8 @@ def run_trial(
     trial.last_words, trial.stops = last_words_in(log), stops_in(log)
     done = complete_checkpoints(run_dir)
     trial.resumed_from = CheckpointMarker.read(done[-1]).step if done else None
-    if trial.resumed_from != max_steps or not RunDir(run_dir).notes.is_file():
+    trial.finished_first = trial.resumed_from == max_steps and RunDir(run_dir).notes.is_file()
+    if not trial.finished_first:
         run_to_end(run_dir, ranks, port, flags, resume=bool(done), log=log)
     compare(trial, run_dir, reference)
     return trial
