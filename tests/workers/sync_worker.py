@@ -27,7 +27,8 @@ from tnf_scale.feeder import StepFeeder
 from tnf_scale.stopping import StopRequest
 from tnf_scale.trainer import Trainer
 
-LOOP = ["--max_steps", "6", "--log_interval", "2", "--eval_interval", "1000", "--save_interval", "0"]
+LOOP = ["--max_steps", "6", "--log_interval", "2", "--eval_interval", "1000", "--save_interval", "0",
+        "--export", "false", "--save_notes", "false"]  # fmt: skip
 COUNTED = {2: "unlogged", 3: "logged", 4: "planted"}  # step index -> name
 
 
