@@ -113,17 +113,16 @@ def test_a_bf16_checkpoint_resumes_on_another_world_size(bf16_runs, small_config
     assert (resumed / "checkpoints" / "universal" / "step00000006").is_dir()
 
 
-def test_a_bf16_checkpoint_resumes_on_the_same_ranks_bit_for_bit(small_config, tmp_path):
-    """The same ranks and precision resume exactly: every loss, held-out metric and note as the uninterrupted run.
-    Resumed after step 18, the first update is one whose bias correction the CPU Adam computes differently afresh
-    (cpu_adam.py): without the replay of its steps, the losses from step 20 on differed."""
-    source, resumed = tmp_path / "source", tmp_path / "resumed"
-    flags = dict(BF16_RUN, max_steps=20, save_interval=18, eval_interval=20, deepspeed_config="ds_configs/zero1.json")
-    launch(1, ["tnf_scale/train.py", *train_args(small_config, source, **flags)])
+def test_a_bf16_checkpoint_resumes_on_the_same_ranks_bit_for_bit(bf16_runs, small_config, tmp_path):
+    """The same ranks and precision resume exactly: every loss, held-out metric and note as the uninterrupted run
+    (test_train_e2e's resume, from a step after which DeepSpeed's CPU Adam would differ afresh, checks its replay)."""
+    source = bf16_runs["zero1_w2"]
+    resumed = tmp_path / "resumed"
     shutil.copytree(source, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step00000020")
-    launch(1, ["tnf_scale/train.py", *train_args(small_config, resumed, **flags, resume="true")])
+    shutil.rmtree(resumed / "checkpoints" / "step00000012")
+    flags = dict(deepspeed_config="ds_configs/zero1.json", resume="true")
+    launch(2, ["tnf_scale/train.py", *train_args(small_config, resumed, **BF16_RUN, **flags)])
     assert step_losses(resumed) == step_losses(source)
-    assert evaluations(resumed)[20] == evaluations(source)[20]
+    assert evaluations(resumed)[12] == evaluations(source)[12]
     notes = [load_file(str(run / "notes.safetensors"))["vectors"] for run in (source, resumed)]
     assert torch.equal(*notes)

@@ -108,11 +108,13 @@ def test_resume_continues_exactly_where_the_checkpoint_left_off(tnf_run, small_c
     original = {r["step"]: r for r in read_metrics(tnf_run)}
     again = read_metrics(resumed)
     assert [r["step"] for r in again] == [r["step"] for r in read_metrics(tnf_run)]  # no step logged twice
+    # bit for bit: the first update after step 20 is one whose Adam bias correction DeepSpeed's CPU op computes
+    # otherwise in a fresh process (beta2^21), which the resume's replay of its steps undoes (cpu_adam.py)
     for r in again:
         if r["step"] > 20 and "loss" in r:
-            assert r["loss"] == pytest.approx(original[r["step"]]["loss"], rel=1e-5)
+            assert r["loss"] == original[r["step"]]["loss"], r["step"]
     a, b = load_file(str(tnf_run / "notes.safetensors")), load_file(str(resumed / "notes.safetensors"))
-    torch.testing.assert_close(b["vectors"], a["vectors"], rtol=1e-5, atol=1e-6)
+    assert torch.equal(b["vectors"], a["vectors"])
     assert CheckpointMarker.read(resumed / "checkpoints" / "step00000040").step == 40
 
 
