@@ -103,3 +103,21 @@ def test_fused_adam_runs_where_it_is_built_in_or_can_be_built_else_torchs_fused_
     assert ds["optimizer"]["params"]["torch_adam"] is True and ds["optimizer"]["params"]["fused"] is True
     ds, _, _ = build_ds_config(RunConfig(), 1, NATIVE, "", fused_adam=(True, "built"))
     assert "torch_adam" not in ds["optimizer"]["params"]
+
+
+def test_deepspeeds_cpu_ops_ask_py_cpuinfo_once_per_process(monkeypatch):
+    """DeepSpeed's CPU op builders ask py-cpuinfo for the -march and SIMD flags of an op each time they load one, and
+    each answer is a Python subprocess (about a second): a rank asks once (planted: without the cache, twice)."""
+    import cpuinfo
+    from deepspeed.accelerator import get_accelerator
+
+    from tnf_scale.ops import OPS, ask_for_the_cpu_once
+
+    if get_accelerator().device_name() != "cpu":
+        pytest.skip("the CPU op builders' question")
+    asked = []
+    monkeypatch.setattr(cpuinfo, "get_cpu_info", lambda: asked.append(1) or {"arch": "X86_64", "flags": ["avx2"]})
+    ask_for_the_cpu_once()
+    for name in OPS:
+        get_accelerator().create_op_builder(name).cxx_args()
+    assert len(asked) == 1

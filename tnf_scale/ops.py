@@ -9,15 +9,25 @@ torch's fused AdamW instead and say so.
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 
+import cpuinfo
 from deepspeed.accelerator import get_accelerator
 
 from tnf_scale.distributed import check_this_node
 from tnf_scale.errors import exit_code
 
 OPS = ("FusedAdamBuilder", "ShareMemCommBuilder")  # fused Adam; on CPU also the shared-memory collectives
+
+
+def ask_for_the_cpu_once() -> None:
+    """Answer py-cpuinfo's question once per process. DeepSpeed's CPU op builders ask it for the -march and SIMD flags
+    that key an op's build each time they load one, even a built one, and each answer runs a Python subprocess:
+    about a second per call on a 2-core VM, two calls at every rank's start on a CPU."""
+    if not hasattr(cpuinfo.get_cpu_info, "cache_info"):
+        cpuinfo.get_cpu_info = functools.cache(cpuinfo.get_cpu_info)
 
 
 def fused_adam_available(accelerator, installed: dict[str, bool], cuda_home: str | None) -> tuple[bool, str]:
@@ -58,6 +68,7 @@ def prebuild() -> list[str]:
 def main() -> int:
     """Refuse a GPU node whose torch cannot see its GPUs, then build the ops."""
     check_this_node()
+    ask_for_the_cpu_once()
     start = time.perf_counter()
     names = prebuild()
     print(
