@@ -121,7 +121,7 @@ def test_words_cut_by_truncation_get_no_occurrence(prepared):
 
 def test_words_are_counted_as_the_pre_tokenizer_splits_them_and_unspellable_ones_by_their_text(prepared, small_corpus):
     """Counting keys words by their WordPiece ids (no Python object per word); the counts must be exactly those of the
-    normalized, pre-tokenized words of TNF_SPEC section 1, counted in Python. Words the vocabulary spells as [UNK]
+    normalized, pre-tokenized words of docs/design.md, counted in Python. Words the vocabulary spells as [UNK]
     (unseen characters) are told apart by their text; a special token written in the text is not a word."""
     tok = prepared.tokenizer
     texts = [json.loads(line)["text"] for line in small_corpus.read_text().splitlines()[:40]]

@@ -1,4 +1,4 @@
-"""ELECTRA's replaced-token detection with notes (TNF_SPEC section 8): the objective in-process, then launched runs."""
+"""ELECTRA's replaced-token detection with notes (docs/electra.md): the objective in-process, then launched runs."""
 
 from __future__ import annotations
 

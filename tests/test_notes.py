@@ -1,4 +1,4 @@
-"""Note math and the one-rank store (TNF_SPEC sections 3 and 4)."""
+"""Note math and the one-rank store (docs/design.md: "Read", "Write")."""
 
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def test_owner_of_on_the_device_equals_the_numpy_reference_over_a_large_id_range
 
 
 def numpy_initial_notes(ids: np.ndarray, dim: int, seed: int, std: float) -> np.ndarray:
-    """The reference: TNF_SPEC's initial rows as first written, in numpy uint64 and float64."""
+    """The reference: the initial rows of docs/design.md as first written, in numpy uint64 and float64."""
     from tnf_scale.seeding import GOLDEN
 
     row_key = mix64(mix64(np.uint64(seed)) ^ ids.astype(np.uint64))

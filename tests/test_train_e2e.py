@@ -58,7 +58,7 @@ def test_tnf_run_under_the_deepspeed_launcher_learns_and_takes_notes(tnf_run, pr
     evals = [r for r in records if "eval_loss_no_notes" in r]
     assert [r["step"] for r in evals] == [0, 20, 40] and all("eval_loss_notes" in r for r in evals)
     assert evals[-1]["eval_loss_no_notes"] < evals[0]["eval_loss_no_notes"]
-    # Every occurrence writes; those whose span holds a predicted token read no note (TNF_SPEC 3).
+    # Every occurrence writes; those whose span holds a predicted token read no note (docs/design.md).
     assert all(
         r["occurrences_read"] > 0 and r["occurrences_read"] + r["occurrences_skipped_masked"] == r["notes_written"]
         for r in steps

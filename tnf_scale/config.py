@@ -80,7 +80,7 @@ class RunConfig:
     note_gamma: float = 0.1
     note_window: int = 16
     notes_at_masked: bool = (
-        False  # leaky ablation: notes mixed into spans that hold a predicted token (TNF_SPEC 3 forbids it)
+        False  # leaky ablation: notes mixed into spans that hold a predicted token (docs/design.md forbids it)
     )
     notes_in: str | None = None  # ELECTRA: which network reads notes (default generator); None for the masked LM
     # run control

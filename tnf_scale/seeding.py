@@ -1,4 +1,5 @@
-"""The fixed 64-bit hash and the seeded generators everything reproducible is drawn from (TNF_SPEC sections 2, 3, 5).
+"""The fixed 64-bit hash and the seeded generators everything reproducible is drawn from (docs/design.md: "Global
+batch and order", "Write", "The sharded note dictionary").
 
 A ground-floor module: the data (order, masks) and the notes (owners, initial rows) both build on it.
 """

@@ -1,4 +1,4 @@
-"""Collation: dataset rows -> a masked, padded Batch (TNF_SPEC sections 2 and 3).
+"""Collation: dataset rows -> a masked, padded Batch (docs/design.md: "Global batch and order", "Read").
 
 A sample's MLM mask is drawn from a generator seeded by (seed, epoch, order key), so it is the same whichever rank,
 micro-batch or position in a micro-batch holds it. A rare occurrence whose span holds a token selected for

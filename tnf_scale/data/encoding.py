@@ -2,9 +2,10 @@
 stream, where each word starts, and how often each of its words occurs. Counting and packing both read these rows,
 so no text is tokenized twice and no Python object is made per word.
 
-A word (TNF_SPEC section 1) is identified by a *key*: the little-endian int32 bytes of its WordPiece ids. The pieces
-of a WordPiece tokenizer spell the normalized word, so two words share a key only when they are the same word. A word
-the vocabulary cannot spell ([UNK]) is keyed by its text instead, behind the id -1, which no vocabulary has.
+A word (docs/design.md, "Words and rare words") is identified by a *key*: the little-endian int32 bytes of its
+WordPiece ids. The pieces of a WordPiece tokenizer spell the normalized word, so two words share a key only when they
+are the same word. A word the vocabulary cannot spell ([UNK]) is keyed by its text instead, behind the id -1, which
+no vocabulary has.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Each group's stream (its documents in order, each closed by [SEP]) is cut into sequences of `max_seq_len - 2` tokens
 plus [CLS] ... [SEP]. A cut moves back to the nearest word start, so no word is split unless it alone is longer than a
-sequence; a word that is split gets no occurrence (TNF_SPEC section 1). An occurrence is `(rare id, start, end)` with
-the inclusive token span in sequence positions ([CLS] is position 0).
+sequence; a word that is split gets no occurrence (docs/design.md, "Words and rare words"). An occurrence is
+`(rare id, start, end)` with the inclusive token span in sequence positions ([CLS] is position 0).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Word counts and the rare vocabulary of TNF_SPEC section 1.
+"""Word counts and the rare vocabulary of docs/design.md ("Words and rare words").
 
 A word is one unit of the tokenizer's pre-tokenizer after its normalizer. A word `w` is
 rare iff `min_count <= count(w) <= max_count`; rare ids `0..R-1` follow `(-count, word)`.

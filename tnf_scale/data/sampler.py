@@ -1,4 +1,5 @@
-"""Global batches (TNF_SPEC section 2): which samples step n trains on, and each data-parallel rank's share.
+"""Global batches (docs/design.md, "Global batch and order"): which samples step n trains on, and each data-parallel
+rank's share.
 
 Step n trains on order positions [n*B, (n+1)*B) of an endless stream that visits the training set in a fresh
 seeded permutation every epoch. A sample's order key is its order position.

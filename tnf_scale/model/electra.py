@@ -1,4 +1,4 @@
-"""ELECTRA's replaced-token detection (TNF_SPEC section 8) behind the objective seam.
+"""ELECTRA's replaced-token detection (docs/electra.md) behind the objective seam.
 
 Hugging Face's `ElectraForMaskedLM` (the generator) and `ElectraForPreTraining` (the discriminator) are used as they
 are. The generator, smaller by --generator_fraction, predicts the masked tokens; each masked position is filled with

@@ -1,6 +1,6 @@
 """BERT as DeepSpeed pipeline stages, built from the Hugging Face modules of one BertForMaskedLM.
 
-Layers, in order (TNF_SPEC section 6):
+Layers, in order (docs/design.md, "Pipeline parallelism"):
   0        EmbeddingStage  HF BertEmbeddings; the note mix at its LayerNorm input (the same seam as
                            the data-parallel path); tied with the decoder through TiedLayerSpec
   1..N     EncoderStage    HF BertLayer; the attention mask is built from the integer mask that travels,

@@ -1,8 +1,8 @@
 """Hugging Face BERT, unchanged, with TNF entering through two hooks.
 
 The read-mix is a forward pre-hook on `bert.embeddings.LayerNorm` (its input is the summed
-word + position + type embedding of TNF_SPEC 3); note taking is a forward hook on
-`bert.encoder` that pools the last layer's output around each occurrence (TNF_SPEC 4).
+word + position + type embedding of docs/design.md, "Read"); note taking is a forward hook on
+`bert.encoder` that pools the last layer's output around each occurrence ("Write").
 With no reads or captures set, both hooks do nothing and the model is plain BERT.
 """
 

@@ -1,4 +1,4 @@
-"""The step's note traffic on one rank: one read at the start, one write at the end (TNF_SPEC sections 3-6).
+"""The step's note traffic on one rank: one read at the start, one write at the end (docs/design.md, "TNF's semantics").
 
 Roles come from the topology: the rank that feeds the model's inputs (the first pipeline stage) reads, the rank
 that sees the last encoder layer (the last stage) writes; without a pipeline every rank does both. Every rank of the

@@ -1,4 +1,5 @@
-"""The note math of TNF_SPEC sections 3-5, written once for every store and every path.
+"""The note math of docs/design.md ("Read", "Write", "The sharded note dictionary"), written once for every store
+and every path.
 
 All functions are tensor code over occurrences; none loops over occurrences in Python.
 """

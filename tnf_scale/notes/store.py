@@ -1,4 +1,5 @@
-"""The note dictionary, partitioned over the note group's ranks (TNF_SPEC section 5; the whole world).
+"""The note dictionary, partitioned over the note group's ranks, the whole world (docs/design.md, "The sharded note
+dictionary").
 
 Rare id r lives on rank mix64(r) mod W; each rank holds only its rows. Reads send the
 de-duplicated ids a rank needs to their owners and get the rows back; writes send every

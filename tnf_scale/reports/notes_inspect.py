@@ -2,7 +2,7 @@
 cosine) to each word's note and to the word's own input embedding, the note's norm and how far it moved between the
 run's last two checkpoints; and, per step, the share of rare occurrences that read a note.
 
-A note is mixed into the input embeddings of its word's tokens (TNF_SPEC section 3), so it lives in the space of the
+A note is mixed into the input embeddings of its word's tokens (docs/design.md, "Read"), so it lives in the space of the
 word-embedding table: a note that carries its word's context sits near the tokens of that context, one that carries
 nothing near no token in particular. Only words the run noted at least once are sampled (the others still hold their
 random initial note).
