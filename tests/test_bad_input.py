@@ -84,7 +84,7 @@ def test_unknown_preset_and_config_key_are_named(tmp_path):
         resolve("tiny", {"learning_rate": 1e-3})
     cfg_file = tmp_path / "run.json"
     cfg_file.write_text(json.dumps({"hidden_sise": 64}))
-    with pytest.raises(ConfigError, match="unknown config key 'hidden_sise'"):
+    with pytest.raises(ConfigError, match="run.json has no setting named 'hidden_sise'; did you mean hidden_size"):
         parse_args(["--config", str(cfg_file)])
 
 
@@ -233,10 +233,11 @@ def test_values_that_would_train_nothing_or_nonsense_are_refused(flag, value, me
 def test_a_config_file_value_of_the_wrong_type_is_named(tmp_path):
     cfg_file = tmp_path / "run.json"
     for values, message in (
-        ({"max_steps": "ten"}, "gives max_steps = 'ten', but max_steps takes int"),
-        ({"resume": "yes"}, "gives resume = 'yes', but resume takes bool"),
-        ({"corpus": "a.txt"}, "gives corpus = 'a.txt', but corpus takes list\\[str\\]"),
-        ({"rare_min_count": 1.5}, "takes int \\| None"),
+        ({"max_steps": "ten"}, "gives max_steps = 'ten', but max_steps takes a whole number; fix the value"),
+        ({"resume": "yes"}, "gives resume = 'yes', but resume takes true or false"),
+        ({"corpus": "a.txt"}, "gives corpus = 'a.txt', but corpus takes a list of strings"),
+        ({"rare_min_count": 1.5}, "takes a whole number, or null"),
+        ({"precision": "fp16"}, "takes 'auto' or 'bf16' or 'fp32'"),
     ):
         cfg_file.write_text(json.dumps(values))
         with pytest.raises(ConfigError, match=message):
@@ -262,7 +263,7 @@ def test_empty_corpus_files_are_skipped_and_an_all_empty_corpus_is_one_sentence(
 
 
 def test_preflight_names_a_missing_deepspeed_config(tmp_path, capsys):
-    from tnf_scale.preflight import main as preflight_main
+    from tnf_scale.cli.preflight import main as preflight_main
 
     (tmp_path / "hosts").write_text("127.0.0.1 slots=1\n")
     assert (

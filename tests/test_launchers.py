@@ -16,8 +16,8 @@ from cluster import job_state, local_slurm, loopback_sshd, require, wait_for_job
 from conftest import DEEPSPEED, ELECTRA_RUN, ELECTRA_ZERO, REPO, check_ok, clean_env, free_port, train_args
 from safetensors.torch import load_file
 
+from tnf_scale.cli.preflight import main as preflight_main
 from tnf_scale.metrics import read_metrics
-from tnf_scale.preflight import main as preflight_main
 
 pytestmark = pytest.mark.cluster
 

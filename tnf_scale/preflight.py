@@ -1,4 +1,4 @@
-"""Checks to run before a multi-node launch: `python -m tnf_scale.preflight --hostfile hosts [--deepspeed_config F]`.
+"""Checks to run before a multi-node launch (`tnf-preflight --hostfile hosts [--deepspeed_config F]`).
 
 Each problem is one sentence naming it and the fix; exit code 2 when there is one.
 (The world-size, pipeline and master-port checks also run inside train.py before any process group.)
@@ -6,16 +6,14 @@ Each problem is one sentence naming it and the fix; exit code 2 when there is on
 
 from __future__ import annotations
 
-import argparse
 import re
 import socket
-import sys
 from pathlib import Path
 
 import psutil
 
 from tnf_scale.ds_config import load_ds_file
-from tnf_scale.errors import ConfigError, exit_code
+from tnf_scale.errors import ConfigError
 from tnf_scale.stopping import launcher_chain
 
 HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)$")  # the form DeepSpeed's runner accepts
@@ -102,21 +100,3 @@ def preflight(hostfile: str, deepspeed_config: str | None) -> list[tuple[str, in
     stages = load_ds_file(deepspeed_config).get("pipeline", {}).get("stages", 1)
     check_slots(hosts, 1 if stages == "auto" else stages, hostfile)
     return hosts
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hostfile", required=True)
-    parser.add_argument("--deepspeed_config")
-    args = parser.parse_args(argv)
-
-    def check() -> int:
-        hosts = preflight(args.hostfile, args.deepspeed_config)
-        print(f"hostfile {args.hostfile}: {len(hosts)} nodes, {sum(s for _, s in hosts)} slots, all resolve")
-        return 0
-
-    return exit_code(check)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,15 +9,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
 from deepspeed.accelerator import get_accelerator
 
 from tnf_scale.config import RunConfig, parse_args
 from tnf_scale.data.prepared import PreparedData, prepare_data
 from tnf_scale.distributed import (
+    ParallelDims,
+    RankInfo,
     Topology,
     any_rank_on_control,
     check_master_port,
     check_this_node,
+    device_name,
     discover,
     end_process_groups,
     init_distributed,
@@ -29,6 +33,7 @@ from tnf_scale.precision import Precision, device_native_bf16
 from tnf_scale.preflight import check_runner_hostfile
 from tnf_scale.run_dir import RunDir
 from tnf_scale.run_lock import RunLock
+from tnf_scale.settings import by_section
 from tnf_scale.threads import set_intra_op_threads
 
 WORLD_SOURCES = {"slurm": " in the SLURM allocation (SLURM_NTASKS)", "mpi": " started by MPI"}
@@ -45,6 +50,10 @@ class Started:
     data: PreparedData
     log: Callable[..., None]  # prints on global rank 0 only
 
+    def run_details(self) -> dict[str, str]:
+        """What provenance.json records of how the run computes: its precision and its device (a GPU's exact name)."""
+        return {"precision": self.precision.name, "device": device_name(self.topo.device)}
+
 
 def command(run: Callable[[RunConfig], int], argv: list[str] | None) -> int:
     """A training command's main: flags parsed into a RunConfig, DeepSpeed's own log held to warnings, and a bad
@@ -55,10 +64,47 @@ def command(run: Callable[[RunConfig], int], argv: list[str] | None) -> int:
     # (DeepSpeed's BF16_Optimizer forces four at start-up) takes milliseconds instead of a second.
     gc.freeze()
     try:
-        return exit_code(lambda: run(parse_args(argv)))
+        return exit_code(lambda: run_or_print(run, parse_args(argv)))
     finally:
         end_process_groups()
         gc.freeze()  # every file is written and closed: the interpreter's exit skips a full collection (about 2 s)
+
+
+def run_or_print(run: Callable[[RunConfig], int], cfg: RunConfig) -> int:
+    """The run, or with --print_config what it would be."""
+    return print_config(cfg) if cfg.print_config else run(cfg)
+
+
+def launch_plan(cfg: RunConfig) -> tuple[RankInfo, dict[str, Any], ParallelDims, Precision, tuple[bool, str]]:
+    """What this launch would run with, checked before anything starts: this rank, the DeepSpeed config built for
+    its world size, the parallel degrees, the precision and whether DeepSpeed's fused Adam runs here."""
+    check_this_node()
+    check_runner_hostfile()
+    info = discover()
+    fused_adam = this_nodes_fused_adam()
+    ds_config, dims, precision = build_ds_config(
+        cfg, info.world_size, device_native_bf16(get_accelerator()), WORLD_SOURCES.get(info.source, ""), fused_adam
+    )
+    return info, ds_config, dims, precision, fused_adam
+
+
+def print_config(cfg: RunConfig) -> int:
+    """--print_config: global rank 0 prints the resolved settings by section and the DeepSpeed config this launch
+    would run with, as YAML (the settings part is a --config file); nothing is started, claimed or written."""
+    info, ds_config, dims, precision, fused_adam = launch_plan(cfg)
+    if info.rank == 0:
+        accumulation = ds_config["gradient_accumulation_steps"]
+        launch = {
+            "world": f"{info.world_size} ranks (from {info.source}): {dims.pipeline} pipeline stages x {dims.data} "
+            f"data-parallel",
+            "batch": f"{cfg.global_batch_size} sequences per step = micro-batch {cfg.micro_batch_size} x {dims.data} "
+            f"replicas x {accumulation} accumulation steps",
+            "precision": precision.describe(),
+            "optimizer": fused_adam[1] if fused_adam[0] else f"torch's fused AdamW: {fused_adam[1]}",
+        }
+        plan = {"launch": launch, "settings": by_section(cfg), "deepspeed_config": ds_config}
+        print(yaml.safe_dump(plan, sort_keys=False, width=120), end="")
+    return 0
 
 
 def prepare_on_local_rank0(cfg: RunConfig, topo: Topology, log) -> PreparedData:
@@ -81,14 +127,7 @@ def start(cfg: RunConfig, pipeline_refusal: str | None = None) -> Started:
     """Everything up to the model: the DeepSpeed config and the parallel degrees are checked (and, with
     `pipeline_refusal`, a pipeline refused) before any process group starts; the data is prepared before
     `--overwrite` deletes an old run."""
-    check_this_node()
-    check_runner_hostfile()
-    accelerator = get_accelerator()
-    info = discover()
-    fused_adam = this_nodes_fused_adam()
-    ds_config, dims, precision = build_ds_config(
-        cfg, info.world_size, device_native_bf16(accelerator), WORLD_SOURCES.get(info.source, ""), fused_adam
-    )
+    info, ds_config, dims, precision, fused_adam = launch_plan(cfg)
     if pipeline_refusal and dims.pipeline > 1:
         raise ConfigError(pipeline_refusal)
     threads = set_intra_op_threads(cfg.intra_op_threads, info.local_size)  # before anything computes

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from tnf_scale.checkpoint import Checkpointer, note_rows
 from tnf_scale.config import RunConfig
 from tnf_scale.cpu_adam import inner_optimizer
-from tnf_scale.distributed import Topology, device_name, wait_for_all
+from tnf_scale.distributed import Topology, wait_for_all
 from tnf_scale.errors import PeerStopped, rank_line
 from tnf_scale.failures import settle_failure
 from tnf_scale.metrics import MetricsLogger
@@ -63,7 +63,7 @@ def run(cfg: RunConfig) -> int:
             objective.model_config,
             data.tokenizer_dir,
             world.size,
-            run_details(started),
+            started.run_details(),
             objective.generator_config,
         )
     if checkpointer.point:
@@ -88,11 +88,6 @@ def run(cfg: RunConfig) -> int:
         return 1
     finally:
         training.feeder.close()
-
-
-def run_details(started: Started) -> dict[str, str]:
-    """What provenance.json records of how the run computes: its precision and its device (a GPU's exact name)."""
-    return {"precision": started.precision.name, "device": device_name(started.topo.device)}
 
 
 def on_accelerator(world: Topology):

@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import sys
 
-from tnf_scale.config import parse_args
+from tnf_scale.config import DataSettings, parse_args
 from tnf_scale.data.prepared import prepare_data
 from tnf_scale.errors import exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
     def run() -> int:
-        data = prepare_data(parse_args(argv))
+        data = prepare_data(
+            parse_args(
+                argv,
+                sections=(DataSettings,),
+                description="Prepare a run's data once, before the training job: the data settings train.py takes.",
+            )
+        )
         print(f"prepared data: {data.path}")
         return 0
 

@@ -7,12 +7,13 @@ import statistics
 import subprocess
 from pathlib import Path
 
-from tnf_scale.config import REPO, parse_bool
+from tnf_scale.config import REPO
 from tnf_scale.errors import ConfigError, Refusal
 from tnf_scale.launch import TRAIN_SCRIPT, deepspeed_command
 from tnf_scale.metrics import read_metrics, say_once
 from tnf_scale.run_dir import RunDir
 from tnf_scale.run_lock import RunLock, describe
+from tnf_scale.settings import parse_bool
 
 
 class TrainingFailed(Refusal):

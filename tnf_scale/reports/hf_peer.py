@@ -28,7 +28,6 @@ from tnf_scale.data.sampler import GlobalBatchSampler
 from tnf_scale.metrics import MetricsLogger
 from tnf_scale.model.tnf_bert import build_bert
 from tnf_scale.startup import command, start
-from tnf_scale.train import run_details
 
 
 class OrderPositions(Dataset):
@@ -115,7 +114,7 @@ def run(cfg: RunConfig) -> int:
     world, ds_config, run_dir, data, log = started.topo, started.ds_config, started.run, started.data, started.log
     model = build_bert(cfg, data.tokenizer)
     if world.is_main:
-        run_dir.write_run_files(cfg, model.config, data.tokenizer_dir, world.size, run_details(started))
+        run_dir.write_run_files(cfg, model.config, data.tokenizer_dir, world.size, started.run_details())
 
     sampler = GlobalBatchSampler(len(data.train), cfg.global_batch_size, cfg.seed)
     optimizer = ds_config["optimizer"]["params"]
