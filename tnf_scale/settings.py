@@ -145,6 +145,11 @@ def type_words(kind: Any) -> str:
     return f"{words}, or null" if nullable else words
 
 
+def required(f: dataclasses.Field) -> bool:
+    """Whether a field has no default: its flag must be given."""
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
 def _default_words(f: dataclasses.Field) -> str:
     """A field's class default as --help and the docs show it."""
     value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
@@ -180,10 +185,11 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, defaults_from: str = "
             groups[section] = parser.add_argument_group(section, doc[0] if doc else None)
         base, _ = _unwrap(hints[name])
         choices = choices_of(base)
-        default = _default_words(f)
-        help_text = f"{f.metadata['help']} (default{defaults_from}: {default})".replace("%", "%%")
-        metavar = f.metadata.get("metavar") or {int: "N", float: "X", str: "TEXT"}.get(base)
-        options: dict[str, Any] = {"default": None, "help": help_text, "metavar": metavar}
+        shown = "required" if required(f) else f"default{defaults_from}: {_default_words(f)}"
+        help_text = f"{f.metadata['help']} ({shown})".replace("%", "%%")
+        item = typing.get_args(base)[0] if typing.get_origin(base) is list else base
+        metavar = f.metadata.get("metavar") or {int: "N", float: "X", str: "TEXT"}.get(item)
+        options: dict[str, Any] = {"default": None, "help": help_text, "metavar": metavar, "required": required(f)}
         if choices:  # checked by the settings' validation, whose refusal is one sentence
             options.update(metavar="{" + ",".join(choices) + "}")
         elif base is bool:

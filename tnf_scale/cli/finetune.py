@@ -21,11 +21,11 @@ from tnf_scale.finetune.shipped import TASK as SHIPPED
 from tnf_scale.finetune.shipped import task_dir
 from tnf_scale.finetune.tasks import GLUE, file_task, glue_task
 from tnf_scale.run_dir import check_out_dir
+from tnf_scale.settings import add_flags, fields_of
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a model directory with its tokenizer")
     parser.add_argument(
         "--task", choices=[*GLUE, SHIPPED], help=f"a GLUE task (hub {'nyu-mll/glue'}) or the shipped {SHIPPED}"
     )
@@ -38,52 +38,14 @@ def main(argv: list[str] | None = None) -> int:
         "--metric", default="accuracy", help="accuracy, f1, matthews, pearson or spearman (the last two: regression)"
     )
     parser.add_argument("--data_cache", default=".cache/tnf_data", help="where the set-up put the shipped task")
-    parser.add_argument("--out", required=True)
-    defaults = FinetuneArgs(model="", out="")  # the one source of the fine-tuning defaults
-    parser.add_argument("--seeds", type=int, nargs="+", default=defaults.seeds)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--epochs", type=float, default=defaults.epochs)
-    parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
-    parser.add_argument("--max_seq_len", type=int, default=defaults.max_seq_len)
-    parser.add_argument("--max_train_examples", type=int, help="use only the first N training examples (a quick look)")
-    parser.add_argument(
-        "--max_eval_examples", type=int, help="score only the first N validation examples (a quick look)"
-    )
-    parser.add_argument(
-        "--notes",
-        choices=("none", "ema", "learned"),
-        default="none",
-        help="none: the exported plain model; ema (TNF-F): the run's notes mixed into rare spans and updated by "
-        "the EMA rule while fine-tuning; learned (TNF-U): the note rows trained by back-propagation",
-    )
-    parser.add_argument(
-        "--run",
-        help="the pre-training run whose notes ema/learned read (default: --model's parent, e.g. RUN for RUN/export)",
-    )
-    parser.add_argument(
-        "--save_models",
-        action="store_true",
-        help="save each seed's fine-tuned model (with its notes) in OUT/seed<N>/model",
-    )
+    add_flags(parser, FinetuneArgs)
     args = parser.parse_args(argv)
 
     def run() -> int:
         if bool(args.task) == bool(args.train or args.validation) or bool(args.train) != bool(args.validation):
             raise ConfigError("give --task NAME, or --train FILE with --validation FILE (and the column flags).")
-        settings = FinetuneArgs(
-            args.model,
-            args.out,
-            args.seeds,
-            args.lr,
-            args.epochs,
-            args.batch_size,
-            args.max_seq_len,
-            max_train_examples=args.max_train_examples,
-            max_eval_examples=args.max_eval_examples,
-            notes=args.notes,
-            run=args.run,
-            save_models=args.save_models,
-        )
+        settings = FinetuneArgs(**{name: getattr(args, name) for name in fields_of(FinetuneArgs)
+                                    if getattr(args, name) is not None})  # fmt: skip
         check_settings(settings)  # before a task is loaded
         check_out_dir(args.out, "--out")
         if args.task in GLUE:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from deepspeed.accelerator import get_accelerator
@@ -33,26 +34,39 @@ from tnf_scale.finetune.notes import (
 )
 from tnf_scale.finetune.scores import score
 from tnf_scale.finetune.tasks import TaskData
+from tnf_scale.settings import setting
 
 
 @dataclass
 class FinetuneArgs:
-    """The usual fine-tuning knobs (BERT's paper: lr in 2e-5..5e-5, 2-4 epochs, batch 16 or 32)."""
+    """Fine-tuning: the usual knobs (BERT's paper: lr in 2e-5..5e-5, 2-4 epochs, batch 16 or 32)."""
 
-    model: str
-    out: str
-    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
-    lr: float = 2e-5
-    epochs: float = 3.0
-    batch_size: int = 32
-    max_seq_len: int = 128
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = None  # the first N validation examples only (a quick look; reports say so)
-    notes: str = "none"  # none | ema | learned (finetune/notes.py)
-    run: str | None = None  # the pre-training run whose notes ema/learned read (default: the model directory's parent)
-    save_models: bool = False  # each seed's fine-tuned model (with its notes) into out/seed<N>/model
+    model: str = setting(help="a model directory with its tokenizer (a run's export/, any BERT)", flag="DIR")
+    out: str = setting(help="where the scores and the report go", flag="DIR")
+    seeds: list[int] = setting(
+        factory=lambda: [1, 2, 3], help="one fine-tuning per seed; the report gives mean and spread"
+    )
+    lr: float = setting(2e-5, help="peak learning rate")
+    epochs: float = setting(3.0, help="training epochs (evaluated after each)")
+    batch_size: int = setting(32, help="examples per step")
+    max_seq_len: int = setting(128, help="tokens per example, at most the model's positions")
+    warmup_ratio: float = setting(0.1, help="share of the steps of linear warm-up")
+    weight_decay: float = setting(0.01, help="AdamW's decoupled weight decay")
+    max_train_examples: int | None = setting(None, help="use only the first N training examples (a quick look)")
+    max_eval_examples: int | None = setting(
+        None, help="score only the first N validation examples (a quick look; the report says so)"
+    )
+    notes: Literal["none", "ema", "learned"] = setting(
+        "none",
+        help="none: the exported plain model; ema (TNF-F): the run's notes mixed into rare spans and updated by the "
+        "EMA rule while fine-tuning; learned (TNF-U): the note rows trained by back-propagation",
+    )
+    run: str | None = setting(
+        None,
+        help="the pre-training run whose notes ema/learned read (none: --model's parent, e.g. RUN for RUN/export)",
+        flag="DIR",
+    )
+    save_models: bool = setting(False, help="save each seed's fine-tuned model (with its notes) in OUT/seed<N>/model")
 
 
 def check_model_dir(path: str) -> None:
