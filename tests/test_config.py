@@ -149,3 +149,18 @@ def test_no_module_imports_an_entry_point():
             )
             offenders += [f"{module} imports {name}" for name in names if name in entries and name != module]
     assert not offenders, offenders
+
+
+@pytest.mark.parametrize(
+    "tool",
+    ["bench_tnf", "fault_campaign", "note_bench", "throughput_report", "time_to_loss", "tnf_sweep", "data_bench"],
+)
+def test_a_tool_that_forwards_settings_shows_them_after_its_own(tool, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(f"tnf_scale.cli.{tool}").main(["--help"])
+    text = capsys.readouterr().out
+    own, forwarded = text.split("Any other flag is a tnf-train setting, passed on to")
+    assert stop.value.code == 0 and "--rare_coverage" in forwarded and "--rare_coverage" not in own
+    assert ("--note_lambda" in forwarded) == (tool != "data_bench")  # data-bench forwards the data section only

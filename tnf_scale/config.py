@@ -508,6 +508,18 @@ def build_parser(sections: tuple[type, ...] | None = None, description: str | No
     return parser
 
 
+def forwarding_parser(description: str, to: str, sections: tuple[type, ...] | None = None) -> argparse.ArgumentParser:
+    """A tool's parser whose --help ends with the tnf-train settings (or those of `sections`) it passes on to `to`:
+    the tool's own flags are parsed, the rest of its command line is forwarded."""
+    settings = build_parser(sections).format_help()
+    forwarded = settings[settings.index("\n\n", settings.index("options:")) + 2 :]  # the sections, after --preset
+    return argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"Any other flag is a tnf-train setting, passed on to {to}:\n\n{forwarded}",
+    )
+
+
 def _only(sections: tuple[type, ...]) -> type:
     """A settings class of just `sections`' fields, for a command that takes only those."""
     return dataclass(type("Settings", tuple(reversed(sections)), {}))

@@ -16,12 +16,11 @@ every run. --reports_only makes the reports again from the runs in OUT (reusing 
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import shlex
 import sys
 
-from tnf_scale.config import parse_args
+from tnf_scale.config import forwarding_parser, parse_args
 from tnf_scale.errors import ConfigError, command_line
 from tnf_scale.finetune.run import FinetuneArgs
 from tnf_scale.finetune.shipped import build as build_shipped_task
@@ -36,7 +35,7 @@ from tnf_scale.run_dir import RunDir, check_out_dir
 
 @command_line
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = forwarding_parser(__doc__.splitlines()[0], "the baseline and TNF runs")
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--preset", default="bench")
     parser.add_argument("--ranks", type=int, default=1)

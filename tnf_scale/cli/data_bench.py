@@ -15,7 +15,6 @@ not the rare band of a real corpus of that size.
 
 from __future__ import annotations
 
-import argparse
 import json
 import lzma
 import os
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import psutil
 
-from tnf_scale.config import BUNDLED_CORPUS
+from tnf_scale.config import BUNDLED_CORPUS, DataSettings, forwarding_parser
 from tnf_scale.data.encoding import encode_texts
 from tnf_scale.data.tokenizer import load_tokenizer
 from tnf_scale.errors import ConfigError, command_line
@@ -162,7 +161,7 @@ def render(rows: list[dict], words: int, command: str, ceiling: dict) -> str:
 
 @command_line
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = forwarding_parser(__doc__.splitlines()[0], "each preparation", (DataSettings,))
     parser.add_argument("--words", type=int, default=10_000_000, help="words of text to prepare")
     parser.add_argument("--num_proc", type=int, nargs="+", default=[1, psutil.cpu_count() or 1])
     parser.add_argument("--out", default="runs/data_bench")

@@ -12,13 +12,12 @@ Flags it does not know go to train.py (e.g. --corpus, --data_cache).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import random
 import sys
 from pathlib import Path
 
-from tnf_scale.config import HOW_RUN, config_conflict, parse_args
+from tnf_scale.config import HOW_RUN, config_conflict, forwarding_parser, parse_args
 from tnf_scale.errors import ConfigError, exit_code
 from tnf_scale.reports.bench import finished_run
 from tnf_scale.reports.faults import FAULTS, run_to_end, run_trial, write_report
@@ -26,7 +25,7 @@ from tnf_scale.run_dir import RunDir, check_out_dir
 
 
 def campaign(argv: list[str] | None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = forwarding_parser(__doc__.splitlines()[0], "every run of the campaign")
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument(
         "--faults",

@@ -13,7 +13,6 @@ The BERT-large prediction uses the same byte formulas as the measurement:
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -21,7 +20,7 @@ import sys
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from tnf_scale.config import PRESETS, RunConfig, resolve
+from tnf_scale.config import PRESETS, RunConfig, forwarding_parser, resolve
 from tnf_scale.errors import command_line
 from tnf_scale.model.tnf_bert import bert_config
 from tnf_scale.reports.bench import (
@@ -47,7 +46,7 @@ def gradient_bytes(params: int, world: int, bytes_per_grad: int) -> float:
 
 @command_line
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = forwarding_parser(__doc__.splitlines()[0], "both timed runs")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the timing")

@@ -15,10 +15,10 @@ of this machine measured in the same invocation and named as such.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from tnf_scale.config import forwarding_parser
 from tnf_scale.errors import command_line
 from tnf_scale.launch import PEER_SCRIPT
 from tnf_scale.reports.bench import add_overwrite_flag, check_replaceable, launch_training, timing_flags
@@ -28,7 +28,7 @@ from tnf_scale.run_dir import check_out_dir
 
 @command_line
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = forwarding_parser(__doc__.splitlines()[0], "the timed runs")
     parser.add_argument("--run", nargs="+", help="finished runs' output_dirs")
     parser.add_argument("--peer", help="a finished tnf_scale/reports/hf_peer.py run to compare with")
     parser.add_argument("--preset", help="train this preset first (with --steps, --out)")

@@ -10,10 +10,10 @@ and time_to_loss.png into --out.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from tnf_scale.config import forwarding_parser
 from tnf_scale.errors import command_line
 from tnf_scale.reports.bench import add_overwrite_flag, launch_pair
 from tnf_scale.reports.time_to_loss import check_options, write_report
@@ -22,7 +22,7 @@ from tnf_scale.run_dir import check_out_dir
 
 @command_line
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = forwarding_parser(__doc__.splitlines()[0], "the baseline and TNF runs it trains")
     parser.add_argument("--baseline", help="output_dir of a finished --tnf off run")
     parser.add_argument("--tnf", help="output_dir of a finished TNF run")
     parser.add_argument("--preset", help="train the baseline and TNF with this preset first")

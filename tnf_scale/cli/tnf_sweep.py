@@ -15,14 +15,13 @@ on each yardstick) and each setting's full time-to-loss report in OUT/report-TAG
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import shlex
 import sys
 from pathlib import Path
 
-from tnf_scale.config import RunConfig
+from tnf_scale.config import RunConfig, forwarding_parser
 from tnf_scale.errors import command_line
 from tnf_scale.reports.bench import add_overwrite_flag, check_replaceable, finished_run, launch_training
 from tnf_scale.reports.sweep import Setting, compare_runs, finished_run_of, grid, run_config, summary_json, table
@@ -32,7 +31,7 @@ from tnf_scale.run_dir import RunDir, check_out_dir
 
 @command_line
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = forwarding_parser(__doc__.splitlines()[0], "every run of the sweep")
     parser.add_argument("--out", required=True)
     parser.add_argument("--preset", default="bench")
     parser.add_argument(
