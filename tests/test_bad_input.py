@@ -627,3 +627,14 @@ def test_a_report_on_a_run_that_logged_nothing_or_is_not_ours_is_one_sentence(tm
     (empty / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0, "tokens_per_s": 5.0, "step_seconds": 1.0}\n')
     assert main(["--run", str(empty), "--out", str(tmp_path / "o")]) == 2
     assert "has no run_config.json, which says what it trained" in capsys.readouterr().err
+
+
+def test_fine_tuning_names_an_unknown_task_and_a_half_given_local_task(tmp_path, capsys):
+    from tnf_scale.cli.finetune import main
+
+    out = tmp_path / "o"
+    assert main(["--model", str(tmp_path), "--task", "squad", "--out", str(out)]) == 2
+    assert "--task squad is not one tnf_scale knows; choose one of cola" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path), "--train", "a.tsv", "--out", str(out)]) == 2
+    assert "give --task NAME, or --train FILE with --validation FILE" in capsys.readouterr().err
+    assert not out.exists()

@@ -201,6 +201,11 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, defaults_from: str = "
         groups[section].add_argument(f"--{name}", **options)
 
 
+def from_flags(cls: type, args: argparse.Namespace) -> Any:
+    """A settings object of the flags given (add_flags leaves the others None), the class defaults for the rest."""
+    return cls(**{name: getattr(args, name) for name in fields_of(cls) if getattr(args, name) is not None})
+
+
 def read_config_file(path: Path, cls: type) -> dict[str, Any]:
     """A TOML, YAML or JSON file of settings, flat or nested by section (`[model]` / `model:`): field -> value,
     each checked against its field's type and section."""

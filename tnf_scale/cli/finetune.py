@@ -13,61 +13,74 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from tnf_scale.errors import ConfigError, exit_code
 from tnf_scale.finetune.run import FinetuneArgs, check_settings, finetune, markdown
+from tnf_scale.finetune.scores import METRICS
 from tnf_scale.finetune.shipped import TASK as SHIPPED
 from tnf_scale.finetune.shipped import task_dir
-from tnf_scale.finetune.tasks import GLUE, file_task, glue_task
+from tnf_scale.finetune.tasks import GLUE, GLUE_HUB, TaskData, file_task, glue_task
 from tnf_scale.run_dir import check_out_dir
-from tnf_scale.settings import add_flags, fields_of
+from tnf_scale.settings import add_flags, from_flags, setting
+
+TASKS = (*GLUE, SHIPPED)
+
+
+@dataclass
+class TaskChoice:
+    """The task: a GLUE task, the shipped one, or local files with their columns and metric."""
+
+    task: Literal[TASKS] | None = setting(None, help=f"a GLUE task (hub {GLUE_HUB}) or the shipped {SHIPPED}")
+    train: str | None = setting(None, help="local train file (.csv, .tsv, .jsonl, .parquet)", flag="FILE")
+    validation: str | None = setting(None, help="local validation file", flag="FILE")
+    text_column: str = setting("text", help="local files: the column of the text")
+    text_pair_column: str | None = setting(None, help="local files: the column of the second text of a pair")
+    label_column: str = setting("label", help="local files: the column of the label")
+    metric: Literal[METRICS] = setting(
+        "accuracy", help="local files: how the task is scored (pearson and spearman: a regression)"
+    )
+    data_cache: str = setting(".cache/tnf_data", help="where the set-up put the shipped task", flag="DIR")
+
+
+def load_task(choice: TaskChoice) -> TaskData:
+    """The chosen task's splits: from the hub (GLUE), the set-up's cache (the shipped task) or local files."""
+    if choice.task in GLUE:
+        return glue_task(choice.task)
+    shipped = task_dir(choice.data_cache)
+    train, validation = (
+        (choice.train, choice.validation)
+        if choice.train
+        else (str(shipped / "train.jsonl"), str(shipped / "validation.jsonl"))
+    )
+    if choice.task == SHIPPED and not Path(train).is_file():
+        raise ConfigError(
+            f"the shipped task is not in {shipped}; run `python -m tnf_scale.finetune.shipped` (make install does)."
+        )
+    return file_task(
+        train, validation, choice.text_column, choice.text_pair_column, choice.label_column, choice.metric, choice.task
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--task", choices=[*GLUE, SHIPPED], help=f"a GLUE task (hub {'nyu-mll/glue'}) or the shipped {SHIPPED}"
-    )
-    parser.add_argument("--train", help="local train file (.csv, .tsv, .jsonl, .parquet)")
-    parser.add_argument("--validation", help="local validation file")
-    parser.add_argument("--text_column", default="text")
-    parser.add_argument("--text_pair_column")
-    parser.add_argument("--label_column", default="label")
-    parser.add_argument(
-        "--metric", default="accuracy", help="accuracy, f1, matthews, pearson or spearman (the last two: regression)"
-    )
-    parser.add_argument("--data_cache", default=".cache/tnf_data", help="where the set-up put the shipped task")
+    add_flags(parser, TaskChoice)
     add_flags(parser, FinetuneArgs)
     args = parser.parse_args(argv)
 
     def run() -> int:
-        if bool(args.task) == bool(args.train or args.validation) or bool(args.train) != bool(args.validation):
+        choice, settings = from_flags(TaskChoice, args), from_flags(FinetuneArgs, args)
+        if choice.task is not None and choice.task not in TASKS:
+            raise ConfigError(f"--task {choice.task} is not one tnf_scale knows; choose one of {', '.join(TASKS)}.")
+        if bool(choice.task) == bool(choice.train or choice.validation) or bool(choice.train) != bool(
+            choice.validation
+        ):
             raise ConfigError("give --task NAME, or --train FILE with --validation FILE (and the column flags).")
-        settings = FinetuneArgs(**{name: getattr(args, name) for name in fields_of(FinetuneArgs)
-                                    if getattr(args, name) is not None})  # fmt: skip
         check_settings(settings)  # before a task is loaded
-        check_out_dir(args.out, "--out")
-        if args.task in GLUE:
-            task = glue_task(args.task)
-        else:
-            train, validation = (
-                (args.train, args.validation)
-                if args.train
-                else (
-                    str(task_dir(args.data_cache) / "train.jsonl"),
-                    str(task_dir(args.data_cache) / "validation.jsonl"),
-                )
-            )
-            if args.task == SHIPPED and not Path(train).is_file():
-                raise ConfigError(
-                    f"the shipped task is not in {task_dir(args.data_cache)}; run `python -m "
-                    f"tnf_scale.finetune.shipped` (make install does)."
-                )
-            task = file_task(
-                train, validation, args.text_column, args.text_pair_column, args.label_column, args.metric, args.task
-            )
-        print(markdown(finetune(task, settings), settings))
+        check_out_dir(settings.out, "--out")
+        print(markdown(finetune(load_task(choice), settings), settings))
         return 0
 
     return exit_code(run)
