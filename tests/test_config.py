@@ -6,13 +6,12 @@ from __future__ import annotations
 import ast
 import dataclasses
 import re
-import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, run_cmd
+from conftest import REPO
 
 from tnf_scale.config import RESUME_MUST_MATCH, RunConfig, build_parser, parse_args, settings_table
 from tnf_scale.errors import ConfigError
@@ -60,11 +59,12 @@ def test_printed_settings_are_a_config_file_of_the_same_run(tmp_path, capsys):
     assert parse_args(["--config", str(saved)]) == cfg
 
 
-def test_print_config_starts_nothing_and_claims_no_directory(tmp_path):
+def test_print_config_starts_nothing_and_claims_no_directory(tmp_path, capsys):
+    from tnf_scale.train import main
+
     out = tmp_path / "run"
-    proc = run_cmd([sys.executable, "-m", "tnf_scale.train", "--print_config", "--output_dir", str(out)])
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    printed = yaml.safe_load(proc.stdout)
+    assert main(["--print_config", "--output_dir", str(out)]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["settings"]["run"]["output_dir"] == str(out) and not out.exists()
     assert "precision" in printed["launch"] and "optimizer" in printed["launch"]
 
@@ -79,11 +79,15 @@ def test_help_groups_the_flags_by_section_with_defaults_and_choices():
     assert "tiny, bench, bert-base, bert-large, electra-tiny, electra-small, electra-base" in flat
 
 
-def test_tnf_prepare_shows_only_the_data_settings():
-    proc = run_cmd([sys.executable, "-m", "tnf_scale.cli.prepare", "--help"])
-    assert proc.returncode == 0 and "--corpus" in proc.stdout and "--rare_min_count" in proc.stdout
+def test_tnf_prepare_shows_only_the_data_settings(capsys):
+    from tnf_scale.cli.prepare import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "--corpus" in text and "--rare_min_count" in text
     for flag in ("--lr", "--resume", "--export", "--hidden_size", "--note_lambda"):
-        assert flag not in proc.stdout, flag
+        assert flag not in text, flag
 
 
 @pytest.mark.parametrize(
