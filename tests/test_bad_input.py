@@ -120,7 +120,9 @@ def test_deepspeed_config_batch_sizes_must_agree_with_the_flags(tmp_path):
     ds_file.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": 8}))
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=8 but --micro_batch_size gives 16"):
         build_ds_config(cfg, world_size=1, native_bf16=NO_BF16)
-    with pytest.raises(ConfigError, match="not a multiple of --micro_batch_size 16 x 3 data-parallel ranks"):
+    with pytest.raises(ConfigError, match="not a multiple of --micro_batch_size 16 x 2 data-parallel ranks; micro"):
+        build_ds_config(RunConfig(global_batch_size=16, micro_batch_size=16), world_size=2, native_bf16=NO_BF16)
+    with pytest.raises(ConfigError, match="32 cannot be shared by 3 data-parallel ranks: it is not a multiple of 3"):
         build_ds_config(RunConfig(global_batch_size=32, micro_batch_size=16), world_size=3, native_bf16=NO_BF16)
 
 

@@ -194,9 +194,17 @@ class OptimizationSettings:
     SECTION: typing.ClassVar[str] = "optimization"
     max_steps: int = setting(300, help="optimizer steps", resume=MAY_CHANGE, role=COMPARED)
     global_batch_size: int = setting(32, help="sequences per optimizer step, over every data-parallel rank")
-    micro_batch_size: int = setting(
-        16, help="sequences per rank per forward (gradient accumulation follows)", resume=MAY_CHANGE, role=PACES
+    micro_batch_size: int | None = setting(
+        None,
+        help="sequences per rank per forward (gradient accumulation follows), exactly; none: the largest up to "
+        "--max_micro_batch_size that divides the global batch over the data-parallel replicas",
+        resume=MAY_CHANGE,
+        role=PACES,
     )
+    max_micro_batch_size: int = setting(
+        16, help="without --micro_batch_size: the largest micro-batch the run may pick (a memory bound)",
+        resume=MAY_CHANGE, role=PACES,
+    )  # fmt: skip
     lr: float = setting(1e-3, help="peak learning rate of AdamW (DeepSpeed's fused Adam)", resume=MAY_CHANGE)
     warmup_steps: int = setting(30, help="steps of linear warm-up to --lr, then linear decay to 0", resume=MAY_CHANGE)
     weight_decay: float = setting(0.01, help="AdamW's decoupled weight decay", resume=MAY_CHANGE)
@@ -220,7 +228,7 @@ class OptimizationSettings:
                 f"--lr must be above 0 and --weight_decay, --grad_clip at least 0, got {self.lr}, "
                 f"{self.weight_decay}, {self.grad_clip}."
             )
-        at_least(self, ("max_steps", "global_batch_size", "micro_batch_size"), 1)
+        at_least(self, ("max_steps", "global_batch_size", "micro_batch_size", "max_micro_batch_size"), 1)
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"--seed must be a whole number from 0 to 2**32 - 1 (numpy's range), got {self.seed}.")
         if self.warmup_steps < 1:
@@ -442,7 +450,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         intermediate_size=3072,
         max_steps=1_000_000,
         global_batch_size=256,
-        micro_batch_size=32,
+        max_micro_batch_size=32,
         lr=1e-4,
     ),
     "bert-large": dict(
@@ -453,7 +461,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         intermediate_size=4096,
         max_steps=1_000_000,
         global_batch_size=256,
-        micro_batch_size=16,
+        max_micro_batch_size=16,
         lr=1e-4,
     ),
     # ELECTRA (Clark et al.): the tiny CPU shape, ELECTRA-Small and ELECTRA-Base (the paper's TNF setting:
@@ -471,7 +479,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         generator_fraction=0.25,
         max_steps=1_000_000,
         global_batch_size=128,
-        micro_batch_size=64,
+        max_micro_batch_size=64,
         lr=5e-4,
     ),
     "electra-base": dict(
@@ -484,7 +492,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         generator_fraction=1 / 3,
         max_steps=766_000,
         global_batch_size=256,
-        micro_batch_size=32,
+        max_micro_batch_size=32,
         lr=2e-4,
     ),
 }

@@ -81,6 +81,55 @@ def parallel_dims(
     return ParallelDims(stages, world_size // stages)
 
 
+def asked_micro_batch(cfg: RunConfig, ds: dict[str, Any]) -> int | None:
+    """The micro-batch the user asked for: --micro_batch_size, else the DeepSpeed file's own value, else None."""
+    in_file = ds.get("train_micro_batch_size_per_gpu")
+    if cfg.micro_batch_size is not None or not isinstance(in_file, int) or isinstance(in_file, bool):
+        return cfg.micro_batch_size
+    return in_file
+
+
+def fit_micro_batch(cfg: RunConfig, replicas: int, world_source: str = "", asked: int | None = None) -> tuple[int, str]:
+    """The micro-batch for `replicas` data-parallel ranks, and why it is not the bound when it is not: the one
+    `asked` for exactly (default --micro_batch_size), or the largest up to --max_micro_batch_size that divides the
+    global batch over the replicas. A micro-batch that does not fit, or a global batch the replicas cannot share, is
+    refused with the sizes that work."""
+    asked = cfg.micro_batch_size if asked is None else asked
+    batch = cfg.global_batch_size
+    fits = [m for m in range(1, batch // replicas + 1) if batch % (m * replicas) == 0] if batch % replicas == 0 else []
+    if asked is not None:
+        if asked in fits:
+            return asked, ""
+        if not fits:
+            raise ConfigError(no_micro_batch_fits(batch, replicas, world_source))
+        raise ConfigError(
+            f"--global_batch_size {batch} is not a multiple of --micro_batch_size {asked} x {replicas} "
+            f"data-parallel ranks{world_source}; micro-batches that fit: {', '.join(map(str, fits[::-1][:6]))} (or "
+            "leave --micro_batch_size unset to take the largest up to --max_micro_batch_size)."
+        )
+    allowed = [m for m in fits if m <= cfg.max_micro_batch_size]
+    if not allowed:
+        raise ConfigError(no_micro_batch_fits(batch, replicas, world_source))
+    chosen = allowed[-1]
+    if chosen == cfg.max_micro_batch_size:
+        return chosen, ""
+    return chosen, (
+        f"micro-batch {chosen}: {cfg.max_micro_batch_size} x {replicas} replicas does not divide the global batch "
+        f"{batch}"
+    )
+
+
+def no_micro_batch_fits(batch: int, replicas: int, world_source: str) -> str:
+    """The refusal of a global batch that `replicas` data-parallel ranks cannot share, with world sizes that can."""
+    shares = [r for r in range(1, batch + 1) if batch % r == 0 and r != replicas]
+    nearest = sorted(shares, key=lambda r: abs(r - replicas))[:2]
+    return (
+        f"--global_batch_size {batch} cannot be shared by {replicas} data-parallel ranks{world_source}: it is not a "
+        f"multiple of {replicas}; use a global batch that is (e.g. {replicas * max(1, round(batch / replicas))}) or "
+        f"{' or '.join(map(str, sorted(nearest)))} data-parallel ranks."
+    )
+
+
 def build_ds_config(
     cfg: RunConfig,
     world_size: int,
@@ -99,16 +148,10 @@ def build_ds_config(
     ds = load_ds_file(cfg.deepspeed_config)
     check_names(ds, source)
     dims = parallel_dims(ds, cfg, world_size, source, world_source)
-    data_parallel_size = dims.data
-    per_step = cfg.micro_batch_size * data_parallel_size
-    if cfg.global_batch_size % per_step:
-        raise ConfigError(
-            f"--global_batch_size {cfg.global_batch_size} is not a multiple of --micro_batch_size "
-            f"{cfg.micro_batch_size} "
-            f"x {data_parallel_size} data-parallel ranks{world_source}; choose sizes where it is."
-        )
+    micro, _ = fit_micro_batch(cfg, dims.data, world_source, asked_micro_batch(cfg, ds))
+    per_step = micro * dims.data
     _agree(ds, "train_batch_size", cfg.global_batch_size, "--global_batch_size", source)
-    _agree(ds, "train_micro_batch_size_per_gpu", cfg.micro_batch_size, "--micro_batch_size", source)
+    _agree(ds, "train_micro_batch_size_per_gpu", micro, "--micro_batch_size", source)
     _agree(
         ds,
         "gradient_accumulation_steps",

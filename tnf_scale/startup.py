@@ -26,7 +26,7 @@ from tnf_scale.distributed import (
     end_process_groups,
     init_distributed,
 )
-from tnf_scale.ds_config import build_ds_config
+from tnf_scale.ds_config import asked_micro_batch, build_ds_config, fit_micro_batch, load_ds_file
 from tnf_scale.errors import ConfigError, PeerStopped, Refusal, exit_code, rank_line
 from tnf_scale.ops import ask_for_the_cpu_once, this_nodes_fused_adam
 from tnf_scale.precision import Precision, device_native_bf16
@@ -45,6 +45,7 @@ class Started:
     ds_config: dict[str, Any]
     precision: Precision
     optimizer_note: str  # why the optimizer is not DeepSpeed's fused Adam, if it is not
+    micro_batch_note: str  # why the micro-batch is not --max_micro_batch_size, if it is not
     run: RunDir
     lock: RunLock  # held by global rank 0
     data: PreparedData
@@ -75,30 +76,34 @@ def run_or_print(run: Callable[[RunConfig], int], cfg: RunConfig) -> int:
     return print_config(cfg) if cfg.print_config else run(cfg)
 
 
-def launch_plan(cfg: RunConfig) -> tuple[RankInfo, dict[str, Any], ParallelDims, Precision, tuple[bool, str]]:
+def launch_plan(cfg: RunConfig) -> tuple[RankInfo, dict[str, Any], ParallelDims, Precision, tuple[bool, str], str]:
     """What this launch would run with, checked before anything starts: this rank, the DeepSpeed config built for
-    its world size, the parallel degrees, the precision and whether DeepSpeed's fused Adam runs here."""
+    its world size, the parallel degrees, the precision, whether DeepSpeed's fused Adam runs here, and why the
+    micro-batch is not --max_micro_batch_size when it is not. `cfg.micro_batch_size` becomes the one the run uses."""
     check_this_node()
     check_runner_hostfile()
     info = discover()
     fused_adam = this_nodes_fused_adam()
+    world_source = WORLD_SOURCES.get(info.source, "")
     ds_config, dims, precision = build_ds_config(
-        cfg, info.world_size, device_native_bf16(get_accelerator()), WORLD_SOURCES.get(info.source, ""), fused_adam
+        cfg, info.world_size, device_native_bf16(get_accelerator()), world_source, fused_adam
     )
-    return info, ds_config, dims, precision, fused_adam
+    asked = asked_micro_batch(cfg, load_ds_file(cfg.deepspeed_config))
+    cfg.micro_batch_size, micro_note = fit_micro_batch(cfg, dims.data, world_source, asked)
+    return info, ds_config, dims, precision, fused_adam, micro_note
 
 
 def print_config(cfg: RunConfig) -> int:
     """--print_config: global rank 0 prints the resolved settings by section and the DeepSpeed config this launch
     would run with, as YAML (the settings part is a --config file); nothing is started, claimed or written."""
-    info, ds_config, dims, precision, fused_adam = launch_plan(cfg)
+    info, ds_config, dims, precision, fused_adam, micro_note = launch_plan(cfg)
     if info.rank == 0:
         accumulation = ds_config["gradient_accumulation_steps"]
         launch = {
             "world": f"{info.world_size} ranks (from {info.source}): {dims.pipeline} pipeline stages x {dims.data} "
             f"data-parallel",
             "batch": f"{cfg.global_batch_size} sequences per step = micro-batch {cfg.micro_batch_size} x {dims.data} "
-            f"replicas x {accumulation} accumulation steps",
+            f"replicas x {accumulation} accumulation steps" + (f" ({micro_note})" if micro_note else ""),
             "precision": precision.describe(),
             "optimizer": fused_adam[1] if fused_adam[0] else f"torch's fused AdamW: {fused_adam[1]}",
         }
@@ -127,7 +132,7 @@ def start(cfg: RunConfig, pipeline_refusal: str | None = None) -> Started:
     """Everything up to the model: the DeepSpeed config and the parallel degrees are checked (and, with
     `pipeline_refusal`, a pipeline refused) before any process group starts; the data is prepared before
     `--overwrite` deletes an old run."""
-    info, ds_config, dims, precision, fused_adam = launch_plan(cfg)
+    info, ds_config, dims, precision, fused_adam, micro_note = launch_plan(cfg)
     if pipeline_refusal and dims.pipeline > 1:
         raise ConfigError(pipeline_refusal)
     threads = set_intra_op_threads(cfg.intra_op_threads, info.local_size)  # before anything computes
@@ -143,7 +148,7 @@ def start(cfg: RunConfig, pipeline_refusal: str | None = None) -> Started:
     check_train_split(len(data.train), cfg.global_batch_size)
     run.claim(cfg, topo.is_main)
     optimizer_note = "" if fused_adam[0] else f"torch's fused AdamW: {fused_adam[1]}"
-    return Started(topo, ds_config, precision, optimizer_note, run, lock, data, log)
+    return Started(topo, ds_config, precision, optimizer_note, micro_note, run, lock, data, log)
 
 
 def check_eval_split(held_out: int, eval_sequences: int, replicas: int) -> None:

@@ -108,9 +108,12 @@ def describe(cfg: RunConfig, started: Started, training: Training) -> str:
     world, engine = started.topo, training.engine
     inner = inner_optimizer(training.optimizer)
     note = f" ({started.optimizer_note})" if started.optimizer_note else ""
+    micro_note = f" ({started.micro_batch_note})" if started.micro_batch_note else ""
     return (
         f"world {world.size} on {get_accelerator().device_name()} ({world.dims.pipeline} pipeline stages x "
-        f"{world.dims.data} data-parallel); ZeRO stage {engine.zero_optimization_stage()}; "
+        f"{world.dims.data} data-parallel); micro-batch {cfg.micro_batch_size} x "
+        f"{engine.gradient_accumulation_steps()} accumulation steps{micro_note}; "
+        f"ZeRO stage {engine.zero_optimization_stage()}; "
         f"optimizer {type(inner).__module__}.{type(inner).__name__}{note}; "
         f"precision {started.precision.describe()}; TNF {cfg.tnf}"
     )
