@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tnf_scale.errors import ConfigError
+from tnf_scale.precision import PRECISIONS
 from tnf_scale.settings import (
     COMPARED,
     MAY_CHANGE,
@@ -213,7 +214,7 @@ class OptimizationSettings:
         False, help="recompute each encoder layer's activations in the backward pass (less memory, more compute)",
         resume=MAY_CHANGE, role=PACES,
     )  # fmt: skip
-    precision: Literal["auto", "bf16", "fp32"] = setting(
+    precision: Literal[PRECISIONS] = setting(
         "auto",
         help="auto: bf16 where the device computes it natively (GPUs of compute capability 8.0+, CPUs with "
         "AVX512-BF16 or AMX), fp32 elsewhere; master weights, gradients and notes stay fp32",

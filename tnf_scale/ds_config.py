@@ -119,6 +119,12 @@ def fit_micro_batch(cfg: RunConfig, replicas: int, world_source: str = "", asked
     )
 
 
+def micro_batch_note(cfg: RunConfig, replicas: int, world_source: str = "") -> str:
+    """Why the micro-batch build_ds_config takes is below --max_micro_batch_size, or "" (it is not, or it was asked
+    for)."""
+    return fit_micro_batch(cfg, replicas, world_source, asked_micro_batch(cfg, load_ds_file(cfg.deepspeed_config)))[1]
+
+
 def no_micro_batch_fits(batch: int, replicas: int, world_source: str) -> str:
     """The refusal of a global batch that `replicas` data-parallel ranks cannot share, with world sizes that can."""
     shares = [r for r in range(1, batch + 1) if batch % r == 0 and r != replicas]

@@ -26,7 +26,7 @@ from tnf_scale.distributed import (
     end_process_groups,
     init_distributed,
 )
-from tnf_scale.ds_config import asked_micro_batch, build_ds_config, fit_micro_batch, load_ds_file
+from tnf_scale.ds_config import build_ds_config, micro_batch_note
 from tnf_scale.errors import ConfigError, PeerStopped, Refusal, exit_code, rank_line
 from tnf_scale.ops import ask_for_the_cpu_once, this_nodes_fused_adam
 from tnf_scale.precision import Precision, device_native_bf16
@@ -88,8 +88,8 @@ def launch_plan(cfg: RunConfig) -> tuple[RankInfo, dict[str, Any], ParallelDims,
     ds_config, dims, precision = build_ds_config(
         cfg, info.world_size, device_native_bf16(get_accelerator()), world_source, fused_adam
     )
-    asked = asked_micro_batch(cfg, load_ds_file(cfg.deepspeed_config))
-    cfg.micro_batch_size, micro_note = fit_micro_batch(cfg, dims.data, world_source, asked)
+    micro_note = micro_batch_note(cfg, dims.data, world_source)
+    cfg.micro_batch_size = ds_config["train_micro_batch_size_per_gpu"]
     return info, ds_config, dims, precision, fused_adam, micro_note
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from tnf_scale.config import forwarding_parser, parse_args
-from tnf_scale.ds_config import asked_micro_batch, build_ds_config, fit_micro_batch, load_ds_file
+from tnf_scale.ds_config import build_ds_config, micro_batch_note
 from tnf_scale.errors import exit_code
 from tnf_scale.preflight import preflight
 
@@ -29,8 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         world = sum(slots for _, slots in hosts)
         where = f" in hostfile {args.hostfile}"
         ds, dims, _ = build_ds_config(cfg, world, PRECISION_UNKNOWN, where)
-        asked = asked_micro_batch(cfg, load_ds_file(cfg.deepspeed_config))
-        micro, note = fit_micro_batch(cfg, dims.data, where, asked)
+        micro, note = ds["train_micro_batch_size_per_gpu"], micro_batch_note(cfg, dims.data, where)
         print(
             f"hostfile {args.hostfile}: {len(hosts)} nodes, {world} slots, all resolve; the run: {dims.pipeline} "
             f"pipeline stages x {dims.data} data-parallel, micro-batch {micro} x {ds['gradient_accumulation_steps']} "

@@ -56,7 +56,7 @@ class FinetuneArgs:
     max_eval_examples: int | None = setting(
         None, help="score only the first N validation examples (a quick look; the report says so)"
     )
-    notes: Literal["none", "ema", "learned"] = setting(
+    notes: Literal[VARIANTS] = setting(
         "none",
         help="none: the exported plain model; ema (TNF-F): the run's notes mixed into rare spans and updated by the "
         "EMA rule while fine-tuning; learned (TNF-U): the note rows trained by back-propagation",
