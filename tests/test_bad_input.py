@@ -10,7 +10,7 @@ import pytest
 
 from tnf_scale.config import RunConfig, parse_args, resolve
 from tnf_scale.data.corpus import load_corpus
-from tnf_scale.data.prepared import cache_key, prepare_data
+from tnf_scale.data.prepared import corpus_key, prepare_data
 from tnf_scale.ds_config import build_ds_config
 from tnf_scale.errors import ConfigError
 from tnf_scale.run_dir import RunDir
@@ -74,7 +74,7 @@ def test_no_word_in_the_rare_band_says_what_was_counted_and_suggests_bounds(smal
         prepare_data(cfg, log=quiet, show_progress=False)
     # no half-built cache entry or staging directory is left behind; only the entry's lock file, which must outlive
     # every holder (unlinking it would let a waiter and a newcomer hold two different locks at once)
-    assert [p.name for p in tmp_path.iterdir()] == [f"{cache_key(cfg)}.lock"]
+    assert [p.name for p in tmp_path.iterdir()] == [f"{corpus_key(cfg)}.lock"]
 
 
 def test_unknown_preset_and_config_key_are_named(tmp_path):
@@ -526,7 +526,7 @@ def test_a_megabyte_long_word_is_left_out_of_the_tokenizers_training_and_said(ca
 
     texts = [f"the quick brown fox jumps over the lazy dog {i}" for i in range(200)] + ["x" * 5_000_000]
     said = []
-    train_wordpiece(datasets.Dataset.from_dict({"text": texts}), 300, 64, 100_000, log=said.append)
+    train_wordpiece(datasets.Dataset.from_dict({"text": texts}), 300, 100_000, log=said.append)
     assert said == ["tokenizer: 1 words longer than 100 characters left out of its training sample (WordPiece reads "
                     "them as [UNK])"]  # fmt: skip
 

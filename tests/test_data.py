@@ -15,7 +15,7 @@ import torch
 from tnf_scale.data.collate import Collator
 from tnf_scale.data.encoding import make_encoder, word_of_key
 from tnf_scale.data.packing import cut_points, make_packer
-from tnf_scale.data.prepared import cache_key, prepare_data
+from tnf_scale.data.prepared import corpus_key, packed_name, prepare_data
 from tnf_scale.data.rare_vocab import RareVocab, band_coverage, choose_band, count_words, word_splitter
 from tnf_scale.data.sampler import GlobalBatchSampler, local_share
 from tnf_scale.errors import ConfigError
@@ -37,11 +37,11 @@ def test_preparation_is_byte_identical_whatever_the_number_of_processes(small_co
             small_config,
             data_cache=str(tmp_path / str(processes)),
             num_proc=processes,
-            tokenizer=str(prepared.path / "tokenizer"),
+            tokenizer=str(prepared.tokenizer_dir),
         )
         runs[processes] = prepare_data(config, log=lambda *_: None, show_progress=False)
         assert json.loads((runs[processes].path / "stats.json").read_text())["num_proc"] == processes
-    assert cache_key(dataclasses.replace(config, num_proc=1)) == cache_key(config)  # the processes are not an input
+    assert corpus_key(dataclasses.replace(config, num_proc=1)) == corpus_key(config)  # the processes are not an input
     one, two = runs[1], runs[2]
     assert one.rare_vocab_path.read_bytes() == two.rare_vocab_path.read_bytes()
     assert len(one.rare_vocab) > 100
@@ -155,7 +155,21 @@ def test_cut_points_move_back_to_word_starts():
 def test_cache_is_reused_and_its_key_follows_the_inputs(small_config, prepared):
     again = prepare_data(small_config, log=lambda *_: None, show_progress=False)
     assert again.path == prepared.path
-    assert cache_key(dataclasses.replace(small_config, max_seq_len=32)) != cache_key(small_config)
+    assert corpus_key(dataclasses.replace(small_config, rare_coverage=0.03)) != corpus_key(small_config)
+
+
+def test_another_sequence_length_packs_the_corpus_entry_without_encoding_it_again(small_config, prepared):
+    """The two levels: the same corpus entry (tokenizer, rare words, encoded corpus), another packed entry in it."""
+    said = []
+    shorter = prepare_data(dataclasses.replace(small_config, max_seq_len=32), log=said.append, show_progress=False)
+    assert corpus_key(dataclasses.replace(small_config, max_seq_len=32)) == corpus_key(small_config)
+    assert shorter.corpus_entry == prepared.corpus_entry
+    assert shorter.path == prepared.corpus_entry / packed_name(dataclasses.replace(small_config, max_seq_len=32))
+    assert not any(line.startswith("corpus:") for line in said), said  # the corpus was neither read nor encoded
+    assert shorter.rare_vocab == prepared.rare_vocab
+    assert shorter.tokenizer.get_vocab() == prepared.tokenizer.get_vocab()
+    assert max(len(ids) for ids in shorter.train["input_ids"]) == 32 < max(len(i) for i in prepared.train["input_ids"])
+    assert shorter.stats["words"] == prepared.stats["words"]
 
 
 def test_global_batch_depends_only_on_seed_step_and_size():
@@ -363,7 +377,9 @@ def test_two_processes_preparing_one_entry_build_it_once(small_config, tmp_path)
     assert sum("corpus:" in out for out in outputs) == 1  # one built; the other waited (or found it done) and loaded
     entries = [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()]
     assert (
-        len(entries) == 1 and ".tmp-" not in entries[0] and (tmp_path / "cache" / entries[0] / "stats.json").is_file()
+        len(entries) == 1
+        and ".tmp-" not in entries[0]
+        and next((tmp_path / "cache" / entries[0]).glob("packed-*/stats.json"), None)
     )
 
 
@@ -378,16 +394,16 @@ def test_a_preparation_killed_part_way_is_redone_not_loaded(small_config, tmp_pa
     command = prepare_command(small_config, cache)
     first = subprocess.Popen(command, cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not list(cache.glob("*.tmp-*")) and time.monotonic() < deadline:
+    while not list(cache.rglob("*.tmp-*")) and time.monotonic() < deadline:
         time.sleep(0.01)
     first.send_signal(signal.SIGKILL)
     first.wait()
-    assert list(cache.glob("*.tmp-*")) and not list(
-        cache.glob("*/stats.json")
+    assert list(cache.rglob("*.tmp-*")) and not list(
+        cache.glob("*/*/stats.json")
     )  # killed while staging: nothing looks complete
     again = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "corpus:" in again.stdout and "reusing" not in again.stdout
-    assert not list(cache.glob("*.tmp-*")) and len(list(cache.glob("*/stats.json"))) == 1
+    assert not list(cache.rglob("*.tmp-*")) and len(list(cache.glob("*/*/stats.json"))) == 1
 
 
 def test_the_tokenizer_sample_is_bounded_and_spread_over_the_corpus(small_corpus):

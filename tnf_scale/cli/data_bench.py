@@ -102,7 +102,7 @@ def prepare(corpus: Path, cache: Path, num_proc: int, flags: list[str]) -> dict:
         raise ConfigError(
             f"preparing with --num_proc {num_proc} failed (exit {child.returncode}): {output.strip().splitlines()[-1]}"
         )
-    stats = json.loads(next(cache.glob("[0-9a-f]*/stats.json")).read_text())
+    stats = json.loads(next(cache.glob("[0-9a-f]*/packed-*/stats.json")).read_text())
     return {
         "num_proc": num_proc,
         "seconds": stats["seconds"],

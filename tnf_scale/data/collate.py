@@ -18,11 +18,22 @@ from tnf_scale.spans import expand_spans, span_positions, spans_holding
 EVAL_EPOCH = 2**32 - 1  # masks of held-out sequences come from a stream no training epoch uses
 
 
+def continuation_table(tokenizer: PreTrainedTokenizerFast) -> torch.Tensor:
+    """For every token id, whether it continues the word before it (a WordPiece piece such as "##ing")."""
+    prefix = tokenizer.backend_tokenizer.model.continuing_subword_prefix
+    table = torch.zeros(len(tokenizer), dtype=torch.bool)
+    for token, token_id in tokenizer.get_vocab().items():
+        table[token_id] = token.startswith(prefix) and len(token) > len(prefix)
+    return table
+
+
 class Collator:
     """Turns dataset rows into a masked, padded Batch.
 
     `notes_at_masked` is the leaky ablation: occurrences read their note even where a token of
-    their span is to be predicted.
+    their span is to be predicted. With `whole_word_masking` the tokens to predict are chosen by whole words (a word is
+    a token and the WordPiece continuations after it): each word is chosen with the masking probability, so that share
+    of the tokens is chosen, and a rare word is predicted whole or not at all.
     """
 
     def __init__(
@@ -32,17 +43,25 @@ class Collator:
         mlm_probability: float,
         seed: int,
         notes_at_masked: bool = False,
+        whole_word_masking: bool = False,
     ):
         self.seq_len, self.prob, self.seed, self.notes_at_masked = max_seq_len, mlm_probability, seed, notes_at_masked
         self.pad_id, self.mask_id = tokenizer.pad_token_id, tokenizer.mask_token_id
         self.vocab_size = len(tokenizer)
         self.special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.int64)
+        self.continues = continuation_table(tokenizer) if whole_word_masking else None
 
     def mask(self, ids: torch.Tensor, epoch: int, order_key: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """BERT masking of one sample: 15% of non-special tokens; of those 80% [MASK], 10% random, 10% kept. Also one
-        uniform per token, drawn after the mask from the same generator, for ELECTRA's replacement sampling."""
+        """BERT masking of one sample: 15% of non-special tokens (or of whole words); of those 80% [MASK], 10% random,
+        10% kept. Also one uniform per token, drawn after the mask from the same generator, for ELECTRA's replacement
+        sampling."""
         g = seeded_generator(self.seed, epoch, order_key)  # the same wherever the sample sits
-        chosen = (torch.rand(len(ids), generator=g) < self.prob) & ~torch.isin(ids, self.special)
+        if self.continues is None:
+            drawn = torch.rand(len(ids), generator=g)
+        else:  # one draw per word, given to each of its tokens
+            word = torch.cumsum(~self.continues[ids], 0) - 1
+            drawn = torch.rand(int(word[-1]) + 1, generator=g)[word]
+        chosen = (drawn < self.prob) & ~torch.isin(ids, self.special)
         action = torch.rand(len(ids), generator=g)
         random_tokens = torch.randint(self.vocab_size, (len(ids),), generator=g)
         inputs = torch.where(chosen & (action < 0.8), self.mask_id, ids)

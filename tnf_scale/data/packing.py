@@ -9,6 +9,7 @@ sequence; a word that is split gets no occurrence (docs/design.md, "Words and ra
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -78,9 +79,11 @@ def pack_corpus(
     tokenizer: PreTrainedTokenizerFast,
     rare_keys: pa.BinaryArray,
     max_seq_len: int,
-    num_proc: int = 1,
+    num_proc: int,
+    scratch: Path,
 ) -> datasets.Dataset:
-    """Every encoded group packed, in order, by `num_proc` processes; the output does not depend on `num_proc`."""
+    """Every encoded group packed, in order, by `num_proc` processes, written under `scratch`; the output does not
+    depend on `num_proc`."""
     pack = make_packer(tokenizer, rare_keys, max_seq_len)
     return (
         encoded.with_format("arrow")
@@ -91,6 +94,7 @@ def pack_corpus(
             remove_columns=encoded.column_names,
             num_proc=min(num_proc, len(encoded)) if num_proc > 1 else None,
             desc="packing sequences",
+            cache_file_name=str(scratch / "packed.arrow"),
         )
         .with_format(None)
     )

@@ -1,7 +1,9 @@
-"""Data preparation: corpus -> tokenizer + rare vocabulary + packed Arrow sequences, cached.
+"""Data preparation: corpus -> tokenizer + rare vocabulary + packed Arrow sequences, cached in two levels.
 
-The result lives in `<data_cache>/<key>/`, where the key hashes everything that changes
-the output; a second run with the same inputs loads it instead of redoing the work.
+`<data_cache>/<key>/` is the corpus entry, where the key hashes everything that changes the tokenizer, the word
+counts and the rare vocabulary; it keeps the encoded corpus, and holds one packed entry per sequence length and
+held-out share (`packed-<max_seq_len>-<eval_fraction>/`). A second run with the same inputs loads both; a run at
+another sequence length packs the encoded corpus without tokenizing it again, with the same tokenizer and rare words.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 import pyarrow.compute as pc
+from pyarrow import feather
 from transformers import PreTrainedTokenizerFast
 
 from tnf_scale.config import RunConfig
@@ -31,8 +35,11 @@ from tnf_scale.errors import ConfigError
 from tnf_scale.run_dir import RunDir, check_out_dir
 from tnf_scale.timing import PhaseTimer
 
-FORMAT_VERSION = 4  # 2: the automatic rare band never exceeds --rare_coverage; 3: packing independent of processes;
-# 4: words as the encoder splits them (a literal special token in the text is one word, not three)
+FORMAT_VERSION = 5  # 2: the automatic rare band never exceeds --rare_coverage; 3: packing independent of processes;
+# 4: words as the encoder splits them (a literal special token in the text is one word, not three); 5: two levels
+CORPUS_DONE = "corpus.json"  # marks a complete corpus entry; stats.json marks a complete packed entry
+ENCODED_DIR = "encoded"
+RARE_KEYS_FILE = "rare_keys.arrow"
 
 
 @dataclass
@@ -42,19 +49,23 @@ class PreparedData:
     train: datasets.Dataset
     eval: datasets.Dataset
     stats: dict
-    path: Path
+    path: Path  # the packed entry (train/, eval/, stats.json), inside the corpus entry
+
+    @property
+    def corpus_entry(self) -> Path:
+        return self.path.parent
 
     @property
     def tokenizer_dir(self) -> Path:
-        return RunDir(self.path).tokenizer  # an entry lays out its tokenizer as a run directory does
+        return RunDir(self.corpus_entry).tokenizer  # an entry lays out its tokenizer as a run directory does
 
     @property
     def rare_vocab_path(self) -> Path:
-        return RunDir(self.path).rare_vocab
+        return RunDir(self.corpus_entry).rare_vocab
 
 
-def cache_key(cfg: RunConfig) -> str:
-    """Hash of every input that changes the prepared data."""
+def corpus_key(cfg: RunConfig) -> str:
+    """Hash of every input that changes the corpus entry: the tokenizer, the word counts and the rare vocabulary."""
     tokenizer_spec = (
         str(Path(cfg.tokenizer).resolve())
         if cfg.tokenizer
@@ -68,10 +79,13 @@ def cache_key(cfg: RunConfig) -> str:
         cfg.rare_min_count,
         cfg.rare_max_count,
         cfg.rare_coverage,
-        cfg.max_seq_len,
-        cfg.eval_fraction,
     ]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def packed_name(cfg: RunConfig) -> str:
+    """The packed entry inside the corpus entry: what packing and the held-out split depend on."""
+    return f"packed-{cfg.max_seq_len}-{cfg.eval_fraction}"
 
 
 def is_eval_sequence(index: int, eval_fraction: float, block: int = 16) -> bool:
@@ -100,7 +114,9 @@ def progress_bars(shown: bool):
         (datasets.enable_progress_bars if was else datasets.disable_progress_bars)()
 
 
-def _build(cfg: RunConfig, out: Path, log) -> None:
+def _build_corpus(cfg: RunConfig, out: Path, log) -> None:
+    """The corpus entry: the tokenizer, the encoded corpus (kept, so that another sequence length packs it without
+    tokenizing again), the word counts' rare band and the rare vocabulary with its keys."""
     clock = PhaseTimer()
     corpus = load_corpus(cfg.corpus, cfg.text_column, log=log)
     log(f"corpus: {len(corpus)} documents")
@@ -108,7 +124,7 @@ def _build(cfg: RunConfig, out: Path, log) -> None:
     if cfg.tokenizer:
         tokenizer = load_tokenizer(cfg.tokenizer)
     else:
-        tokenizer = train_wordpiece(corpus, cfg.vocab_size, cfg.max_seq_len, cfg.tokenizer_sample_words, log)
+        tokenizer = train_wordpiece(corpus, cfg.vocab_size, cfg.tokenizer_sample_words, log)
         if len(tokenizer) > cfg.vocab_size:  # the trainer keeps every character and special token whatever it is asked
             raise ConfigError(
                 f"--vocab_size {cfg.vocab_size} is below the {len(tokenizer)} tokens this corpus's characters and "
@@ -138,8 +154,34 @@ def _build(cfg: RunConfig, out: Path, log) -> None:
     rare, rare_keys = RareVocab.from_counts(word_counts, lo, hi, lambda key: word_of_key(key, tokenizer))
     tokenizer.save_pretrained(str(RunDir(out).tokenizer))
     rare.save(RunDir(out).rare_vocab)
+    feather.write_feather(pa.table({"key": rare_keys}), str(out / RARE_KEYS_FILE))
+    encoded.save_to_disk(str(out / ENCODED_DIR))
+    del encoded  # memory-mapped from the scratch directory
+    shutil.rmtree(scratch)
+    clock.lap("save")
+    stats = {
+        "documents": len(corpus),
+        "words": int(counts.sum()),
+        "distinct_words": len(counts),
+        "rare_band": [lo, hi],
+        "rare_types": len(rare),
+        "rare_word_share": rare_share,
+        # how this preparation ran (these two entries differ between preparations; the data does not)
+        "num_proc": num_proc,
+        "seconds": {phase: round(seconds, 3) for phase, seconds in clock.seconds.items()},
+    }
+    (out / CORPUS_DONE).write_text(json.dumps(stats, indent=2) + "\n")
 
-    packed = pack_corpus(encoded, tokenizer, rare_keys, cfg.max_seq_len, num_proc)
+
+def _build_packed(cfg: RunConfig, corpus_entry: Path, out: Path, log) -> None:
+    """The packed entry: the corpus entry's encoded corpus packed into sequences of --max_seq_len and split."""
+    clock = PhaseTimer()
+    corpus_stats = json.loads((corpus_entry / CORPUS_DONE).read_text())
+    tokenizer = load_tokenizer(RunDir(corpus_entry).tokenizer)
+    encoded = datasets.load_from_disk(str(corpus_entry / ENCODED_DIR))
+    rare_keys = feather.read_table(str(corpus_entry / RARE_KEYS_FILE)).column("key").combine_chunks()
+    num_proc = preparation_processes(cfg, corpus_stats["documents"])
+    packed = pack_corpus(encoded, tokenizer, rare_keys, cfg.max_seq_len, num_proc, out / "scratch")
     clock.lap("pack")
     held_out = [is_eval_sequence(i, cfg.eval_fraction) for i in range(len(packed))]
     train = packed.select([i for i, h in enumerate(held_out) if not h])
@@ -153,32 +195,27 @@ def _build(cfg: RunConfig, out: Path, log) -> None:
     evals.save_to_disk(str(out / "eval"))
     sequences, train_sequences, eval_sequences = len(packed), len(train), len(evals)
     with_rare = pc.sum(pc.greater(pc.list_value_length(packed.data.column("rare_ids")), 0)).as_py()
-    del encoded, packed, train, evals  # their files are memory-mapped from the scratch directory
-    shutil.rmtree(scratch)
+    del packed, train, evals  # memory-mapped from the scratch directory
+    shutil.rmtree(out / "scratch")
     clock.lap("save")
-
+    seconds = {**corpus_stats["seconds"], **{phase: round(t, 3) for phase, t in clock.seconds.items()}}
+    seconds["save"] = round(corpus_stats["seconds"]["save"] + clock.seconds["save"], 3)
     stats = {
-        "documents": len(corpus),
-        "words": int(counts.sum()),
-        "distinct_words": len(counts),
-        "rare_band": [lo, hi],
-        "rare_types": len(rare),
-        "rare_word_share": rare_share,
+        **corpus_stats,
         "sequences": sequences,
         "train_sequences": train_sequences,
         "eval_sequences": eval_sequences,
         "sequences_with_rare_share": with_rare / sequences,
         "max_seq_len": cfg.max_seq_len,
-        # how this preparation ran (these two entries differ between preparations; the data does not)
         "num_proc": num_proc,
-        "seconds": {phase: round(seconds, 3) for phase, seconds in clock.seconds.items()},
+        "seconds": seconds,
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     log(
         "prepared in "
         + ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in clock.seconds.items())
         + f" ({num_proc} process{'es' if num_proc > 1 else ''}; "
-        f"{stats['words'] / max(clock.seconds['count'] + clock.seconds['pack'], 1e-9):,.0f} words/s count + pack)"
+        f"{stats['words'] / max(seconds.get('count', 0) + clock.seconds['pack'], 1e-9):,.0f} words/s count + pack)"
     )
 
 
@@ -202,32 +239,40 @@ def entry_lock(root: Path, log):
 
 
 def prepare_data(cfg: RunConfig, log=print, show_progress: bool = True) -> PreparedData:
-    """Prepared data for `cfg`, built on first use and loaded from the cache afterwards.
-
-    The entry is built in a staging directory and renamed into place complete (stats.json marks it), under a lock:
-    a preparation killed part way leaves only its staging directory, which the next preparation removes and redoes.
-    """
-    root = check_out_dir(cfg.data_cache, "--data_cache") / cache_key(cfg)
-    if (root / "stats.json").is_file():
-        log(f"prepared data: reusing {root}")
-        return load_prepared(root, log)
-    with entry_lock(root, log):
-        if not (root / "stats.json").is_file():  # nobody finished it while we waited
-            for stale in root.parent.glob(
-                f"{root.name}.tmp-*"
-            ):  # under the lock, any staging left is a dead preparation's
-                shutil.rmtree(stale, ignore_errors=True)
-            staging = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-            staging.mkdir(parents=True)
-            try:
-                with progress_bars(show_progress):
-                    _build(cfg, staging, log)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-            shutil.rmtree(root, ignore_errors=True)  # an incomplete entry (no stats.json): never loaded
-            staging.rename(root)
+    """Prepared data for `cfg`, built on first use and loaded from the cache afterwards, in two levels: the corpus
+    entry (tokenizer, encoded corpus, rare vocabulary) is shared by every sequence length, and holds one packed entry
+    per --max_seq_len (a phase 2 at 512 tokens packs the corpus phase 1 encoded)."""
+    corpus_entry = check_out_dir(cfg.data_cache, "--data_cache") / corpus_key(cfg)
+    with progress_bars(show_progress):
+        ensure_entry(corpus_entry, CORPUS_DONE, lambda out: _build_corpus(cfg, out, log), log)
+        root = corpus_entry / packed_name(cfg)
+        ensure_entry(root, "stats.json", lambda out: _build_packed(cfg, corpus_entry, out, log), log)
     return load_prepared(root, log)
+
+
+def ensure_entry(root: Path, done: str, build, log) -> None:
+    """Build the cache entry `root` (complete once it holds `done`) unless it is there.
+
+    The entry is built in a staging directory and renamed into place complete, under a lock: a preparation killed
+    part way leaves only its staging directory, which the next preparation removes and redoes.
+    """
+    if (root / done).is_file():
+        log(f"prepared data: reusing {root}")
+        return
+    with entry_lock(root, log):
+        if (root / done).is_file():  # somebody finished it while we waited
+            return
+        for stale in root.parent.glob(f"{root.name}.tmp-*"):  # under the lock, any staging left is a dead preparation's
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+        staging.mkdir(parents=True)
+        try:
+            build(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        shutil.rmtree(root, ignore_errors=True)  # an incomplete entry (no `done` file): never loaded
+        staging.rename(root)
 
 
 def load_prepared(root: Path, log=print) -> PreparedData:
@@ -251,8 +296,8 @@ def _load_prepared(root: Path, log) -> PreparedData:
         f"{100 * stats['sequences_with_rare_share']:.1f}% of {stats['sequences']} sequences hold one"
     )
     return PreparedData(
-        tokenizer=load_tokenizer(RunDir(root).tokenizer),
-        rare_vocab=RareVocab.load(RunDir(root).rare_vocab),
+        tokenizer=load_tokenizer(RunDir(root.parent).tokenizer),
+        rare_vocab=RareVocab.load(RunDir(root.parent).rare_vocab),
         train=datasets.load_from_disk(str(root / "train")),
         eval=datasets.load_from_disk(str(root / "eval")),
         stats=stats,

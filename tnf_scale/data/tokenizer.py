@@ -35,9 +35,7 @@ def _batches(corpus: datasets.Dataset, max_words: int, left_out: list[int], size
         yield [LONG_WORD.sub(" ", text) for text in texts]
 
 
-def train_wordpiece(
-    corpus: datasets.Dataset, vocab_size: int, max_seq_len: int, sample_words: int, log=print
-) -> BertTokenizerFast:
+def train_wordpiece(corpus: datasets.Dataset, vocab_size: int, sample_words: int, log=print) -> BertTokenizerFast:
     """An uncased WordPiece tokenizer with BERT's normalizer, pre-tokenizer and special tokens, trained on a sample
     of the corpus of about `sample_words` words (the whole corpus when it is smaller)."""
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
@@ -58,7 +56,7 @@ def train_wordpiece(
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
-    return BertTokenizerFast(tokenizer_object=tok, do_lower_case=True, model_max_length=max_seq_len)
+    return BertTokenizerFast(tokenizer_object=tok, do_lower_case=True)  # its export says the model's positions
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:

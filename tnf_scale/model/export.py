@@ -126,6 +126,7 @@ def export_hf(run_dir: Path, ckpt: Path, out_dir: Path) -> Path:
         model.tie_weights()
         folder.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(folder))
+        tokenizer.model_max_length = model.config.max_position_embeddings  # the longest input the model takes
         tokenizer.save_pretrained(str(folder))
     return out_dir
 
