@@ -118,7 +118,7 @@ def test_a_new_setting_must_match_on_resume_unless_it_says_otherwise():
     assert "rotary_base" in names_where(WithANewSetting, "resume", MUST_MATCH)
     assert set(RESUME_MUST_MATCH) == {
         "vocab_size", "max_seq_len", "objective", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-        "generator_fraction", "global_batch_size", "seed", "tnf",
+        "generator_fraction", "global_batch_size", "seed", "tnf", "max_position_embeddings", "init_from",
     }  # fmt: skip
 
 

@@ -18,11 +18,13 @@ from typing import Any, Literal
 from tnf_scale.errors import ConfigError
 from tnf_scale.precision import PRECISIONS
 from tnf_scale.settings import (
+    CARRIED,
     COMPARED,
     MAY_CHANGE,
     MUST_MATCH,
     NOTES,
     PACES,
+    SHAPE,
     STARTS,
     add_flags,
     choices_of,
@@ -69,30 +71,46 @@ class DataSettings:
         help="text, .jsonl or .parquet files, folders, or a datasets hub name",
         resume=MAY_CHANGE,
         flag="PATH",
+        init=CARRIED,
     )
     text_column: str = setting("text", help="the column of a .jsonl/.parquet corpus that holds the text",
-                               resume=MAY_CHANGE)  # fmt: skip
+                               resume=MAY_CHANGE, init=CARRIED)  # fmt: skip
     tokenizer: str | None = setting(
-        None, help="a saved tokenizer directory; none trains WordPiece on the corpus", resume=MAY_CHANGE, flag="DIR"
+        None,
+        help="a saved tokenizer directory; none trains WordPiece on the corpus",
+        resume=MAY_CHANGE,
+        flag="DIR",
+        init=CARRIED,
     )
     tokenizer_sample_words: int = setting(
-        20_000_000, help="WordPiece is trained on every k-th document, about this many words in all", resume=MAY_CHANGE
+        20_000_000,
+        help="WordPiece is trained on every k-th document, about this many words in all",
+        resume=MAY_CHANGE,
+        init=CARRIED,
     )
-    vocab_size: int = setting(8192, help="WordPiece vocabulary size")
+    vocab_size: int = setting(8192, help="WordPiece vocabulary size", init=CARRIED)
     max_seq_len: int = setting(128, help="tokens per packed sequence, [CLS] and [SEP] included")
     data_cache: str = setting(
         ".cache/tnf_data", help="where prepared data is kept (shared by every run on the same data)",
         resume=MAY_CHANGE, role=PACES, flag="DIR",
     )  # fmt: skip
     rare_min_count: int | None = setting(
-        None, help="the rare band's lowest word count; none: the band is chosen by --rare_coverage", resume=MAY_CHANGE
+        None,
+        help="the rare band's lowest word count; none: the band is chosen by --rare_coverage",
+        resume=MAY_CHANGE,
+        init=CARRIED,
     )
-    rare_max_count: int | None = setting(None, help="the rare band's highest word count", resume=MAY_CHANGE)
+    rare_max_count: int | None = setting(
+        None, help="the rare band's highest word count", resume=MAY_CHANGE, init=CARRIED
+    )
     rare_coverage: float = setting(
-        0.02, help="without a band: the share of word occurrences the chosen rare band covers", resume=MAY_CHANGE
+        0.02,
+        help="without a band: the share of word occurrences the chosen rare band covers",
+        resume=MAY_CHANGE,
+        init=CARRIED,
     )
     eval_fraction: float = setting(0.02, help="share of the packed sequences held out for evaluation",
-                                   resume=MAY_CHANGE)  # fmt: skip
+                                   resume=MAY_CHANGE, init=CARRIED)  # fmt: skip
     num_proc: int | None = setting(
         None, help="processes counting and packing words; none: every core for a large corpus (the cache is the same)",
         resume=MAY_CHANGE, role=PACES,
@@ -130,20 +148,34 @@ class ModelSettings:
 
     SECTION: typing.ClassVar[str] = "model"
     objective: Literal["mlm", "electra"] = setting(
-        "mlm", help="mlm: BERT's masked LM; electra: ELECTRA's replaced-token detection (generator + discriminator)"
+        "mlm",
+        help="mlm: BERT's masked LM; electra: ELECTRA's replaced-token detection (generator + discriminator)",
+        init=SHAPE,
     )
-    hidden_size: int = setting(128, help="hidden units (and embedding width)")
-    num_layers: int = setting(2, help="encoder layers")
-    num_heads: int = setting(2, help="attention heads; must divide --hidden_size")
-    intermediate_size: int = setting(512, help="feed-forward width")
-    dropout: float = setting(0.1, help="hidden and attention dropout", resume=MAY_CHANGE)
+    hidden_size: int = setting(128, help="hidden units (and embedding width)", init=SHAPE)
+    num_layers: int = setting(2, help="encoder layers", init=SHAPE)
+    num_heads: int = setting(2, help="attention heads; must divide --hidden_size", init=SHAPE)
+    intermediate_size: int = setting(512, help="feed-forward width", init=SHAPE)
+    dropout: float = setting(0.1, help="hidden and attention dropout", resume=MAY_CHANGE, init=CARRIED)
+    max_position_embeddings: int = setting(
+        128,
+        help="the position table's size: the longest sequence the model (and its export) takes; a later phase may "
+        "train at any --max_seq_len up to it",
+        init=SHAPE,
+    )
     generator_fraction: float = setting(
-        0.25, help="ELECTRA: the generator's hidden size, heads and FFN width as a share of the discriminator's"
+        0.25,
+        help="ELECTRA: the generator's hidden size, heads and FFN width as a share of the discriminator's",
+        init=SHAPE,
     )
     rtd_weight: float = setting(50.0, help="ELECTRA: loss = generator MLM + rtd_weight x discriminator loss",
-                                resume=MAY_CHANGE)  # fmt: skip
+                                resume=MAY_CHANGE, init=CARRIED)  # fmt: skip
+    whole_word_masking: bool = setting(
+        False, help="choose the tokens to predict by whole words: every piece of a chosen word is masked, a rare word "
+        "whole or not at all (--mlm_probability of the tokens, as without)", resume=MAY_CHANGE, init=CARRIED,
+    )  # fmt: skip
     mlm_probability: float = setting(0.15, help="share of tokens selected for prediction (BERT: 0.15)",
-                                     resume=MAY_CHANGE)  # fmt: skip
+                                     resume=MAY_CHANGE, init=CARRIED)  # fmt: skip
 
     @property
     def generator_shape(self) -> tuple[int, int, int]:
@@ -157,7 +189,7 @@ class ModelSettings:
 
     def check_model(self) -> None:
         finite(self, ("mlm_probability", "dropout"))
-        at_least(self, ("hidden_size", "num_layers", "num_heads", "intermediate_size"), 1)
+        at_least(self, ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"), 1)
         if not 0.0 < self.mlm_probability < 1.0:
             raise ConfigError(
                 f"--mlm_probability must lie strictly between 0 and 1 (BERT: 0.15), got {self.mlm_probability}."
@@ -207,8 +239,17 @@ class OptimizationSettings:
         resume=MAY_CHANGE, role=PACES,
     )  # fmt: skip
     lr: float = setting(1e-3, help="peak learning rate of AdamW (DeepSpeed's fused Adam)", resume=MAY_CHANGE)
-    warmup_steps: int = setting(30, help="steps of linear warm-up to --lr, then linear decay to 0", resume=MAY_CHANGE)
-    weight_decay: float = setting(0.01, help="AdamW's decoupled weight decay", resume=MAY_CHANGE)
+    warmup_steps: int = setting(30, help="steps of linear warm-up to --lr, then --lr_schedule's decay",
+                                resume=MAY_CHANGE)  # fmt: skip
+    lr_schedule: Literal["linear", "cosine"] = setting(
+        "linear", help="after the warm-up, the learning rate falls to --min_lr by the last step: linearly, or along "
+        "half a cosine", resume=MAY_CHANGE,
+    )  # fmt: skip
+    min_lr: float = setting(0.0, help="the learning rate the schedule ends at (BERT: 0)", resume=MAY_CHANGE)
+    weight_decay: float = setting(
+        0.01, help="AdamW's decoupled weight decay; biases and LayerNorm weights are never decayed (as BERT trains)",
+        resume=MAY_CHANGE,
+    )  # fmt: skip
     grad_clip: float = setting(1.0, help="gradient-norm clipping (0: none)", resume=MAY_CHANGE)
     activation_checkpointing: bool = setting(
         False, help="recompute each encoder layer's activations in the backward pass (less memory, more compute)",
@@ -223,7 +264,9 @@ class OptimizationSettings:
     seed: int = setting(1234, help="data order, masks, initial weights and notes")
 
     def check_optimization(self) -> None:
-        finite(self, ("lr", "weight_decay", "grad_clip"))
+        finite(self, ("lr", "min_lr", "weight_decay", "grad_clip"))
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"--min_lr must lie between 0 and --lr {self.lr}, got {self.min_lr}.")
         if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError(
                 f"--lr must be above 0 and --weight_decay, --grad_clip at least 0, got {self.lr}, "
@@ -245,19 +288,20 @@ class NoteSettings:
 
     SECTION: typing.ClassVar[str] = "notes"
     tnf: Literal["on", "off"] = setting("on", help="off runs the same pipeline without notes (the baseline)",
-                                        role=COMPARED)  # fmt: skip
+                                        role=COMPARED, init=CARRIED)  # fmt: skip
     note_lambda: float = setting(0.5, help="the note's share of a rare word's input embedding", resume=MAY_CHANGE,
-                                 role=NOTES)  # fmt: skip
+                                 role=NOTES, init=CARRIED)  # fmt: skip
     note_gamma: float = setting(0.1, help="the note's momentum: the weight of each new context", resume=MAY_CHANGE,
-                                role=NOTES)  # fmt: skip
+                                role=NOTES, init=CARRIED)  # fmt: skip
     note_window: int = setting(16, help="k: the context a note is taken over reaches k tokens either side of the word",
-                               resume=MAY_CHANGE, role=NOTES)  # fmt: skip
+                               resume=MAY_CHANGE, role=NOTES, init=CARRIED)  # fmt: skip
     notes_at_masked: bool = setting(
         False,
         help="LEAKY ABLATION: also mix notes into rare spans that hold a token the model must predict; the note then "
         "gives the masked word away and the exported model learns less",
         resume=MAY_CHANGE,
         role=NOTES,
+        init=CARRIED,
     )
     notes_in: Literal["discriminator", "generator", "both"] | None = setting(
         None,
@@ -267,6 +311,7 @@ class NoteSettings:
         "finetune.py --notes ema|learned); none for the masked LM",
         resume=MAY_CHANGE,
         role=COMPARED,
+        init=CARRIED,
     )
 
     @property
@@ -291,6 +336,14 @@ class RunSettings:
         None, help="DeepSpeed JSON; its \"auto\" values are filled from the flags (none: ZeRO-1)",
         resume=MAY_CHANGE, role=PACES, flag="FILE",
     )  # fmt: skip
+    init_from: str | None = setting(
+        None,
+        help="start from a model instead of fresh weights: a finished run directory (phase 2: its weights, notes, "
+        "tokenizer and rare words; its data and shape settings are the defaults) or a Hugging Face BERT/ELECTRA "
+        "directory (its weights, tokenizer and positions; the rare words are counted on --corpus, notes start fresh)",
+        role=COMPARED,
+        flag="DIR",
+    )
     output_dir: str = setting("runs/demo", help="the run directory", resume=MAY_CHANGE, role=STARTS, flag="DIR")
     save_interval: int = setting(0, help="steps between checkpoints (0: at the end only)", resume=MAY_CHANGE,
                                  role=PACES)  # fmt: skip
@@ -390,6 +443,11 @@ class RunConfig(*reversed(SECTIONS)):
             )
         for section in SECTIONS:
             getattr(section, f"check_{section.SECTION}")(self)
+        if self.max_seq_len > self.max_position_embeddings:
+            raise ConfigError(
+                f"--max_seq_len {self.max_seq_len} exceeds the model's {self.max_position_embeddings} positions; "
+                f"pass --max_position_embeddings {self.max_seq_len} or more (BERT: 512), or a shorter --max_seq_len."
+            )
 
 
 # What a checkpoint's tensors and data order depend on: a resume must keep them (the rest, e.g. --max_steps, may
@@ -419,6 +477,7 @@ def resume_conflict(saved: dict[str, Any], cfg: RunConfig) -> str | None:
 AT_SCALE: dict[str, Any] = dict(
     vocab_size=30522,
     max_seq_len=128,
+    max_position_embeddings=512,
     warmup_steps=10_000,
     rare_min_count=100,
     rare_max_count=500,
@@ -560,7 +619,14 @@ def parse_args(
     file_values = read_config_file(Path(config_path), RunConfig) if config_path else {}
     args.pop("local_rank")
     flags = {k: v for k, v in args.items() if v is not None}
-    preset = flags.pop("preset", file_values.pop("preset", "tiny"))
-    config = resolve(preset, {**file_values, **flags})
+    explicit = {**file_values, **flags}
+    preset = explicit.pop("preset", None)
+    if explicit.get("init_from"):  # the model it starts from gives the shape (and phase 1 the data) defaults
+        from tnf_scale.init_from import init_settings
+
+        explicit, source_preset = init_settings(explicit)
+        explicit.pop("preset", None)
+        preset = preset or source_preset
+    config = resolve(preset or "tiny", explicit)
     config.validate()
     return config

@@ -136,6 +136,23 @@ def no_micro_batch_fits(batch: int, replicas: int, world_source: str) -> str:
     )
 
 
+# --lr_schedule -> DeepSpeed's scheduler: both warm up linearly from --min_lr to --lr, then fall to --min_lr.
+SCHEDULES = {"linear": "WarmupDecayLR", "cosine": "WarmupCosineLR"}
+
+
+def scheduler_params(cfg: RunConfig) -> list[tuple[str, Any, str]]:
+    """(key, value, the flag it comes from) of the DeepSpeed scheduler --lr_schedule names."""
+    common = [
+        ("total_num_steps", cfg.max_steps, "--max_steps"),
+        ("warmup_num_steps", cfg.warmup_steps, "--warmup_steps"),
+        ("warmup_type", "linear", "the default"),
+    ]
+    if cfg.lr_schedule == "cosine":  # WarmupCosineLR scales the optimizer's --lr by ratios
+        ratio = cfg.min_lr / cfg.lr
+        return [*common, ("warmup_min_ratio", ratio, "--min_lr / --lr"), ("cos_min_ratio", ratio, "--min_lr / --lr")]
+    return [*common, ("warmup_max_lr", cfg.lr, "--lr"), ("warmup_min_lr", cfg.min_lr, "--min_lr")]
+
+
 def build_ds_config(
     cfg: RunConfig,
     world_size: int,
@@ -183,16 +200,11 @@ def build_ds_config(
             f"{source} optimizer.params",
         )
 
-    ds.setdefault("scheduler", {"type": "WarmupDecayLR", "params": {}})
+    schedule = SCHEDULES[cfg.lr_schedule]
+    ds.setdefault("scheduler", {"type": schedule, "params": {}})
     sched = ds["scheduler"].setdefault("params", {})
-    for key, value, flag in (
-        ("total_num_steps", cfg.max_steps, "--max_steps"),
-        ("warmup_num_steps", cfg.warmup_steps, "--warmup_steps"),
-        ("warmup_max_lr", cfg.lr, "--lr"),
-        ("warmup_min_lr", 0.0, "the default"),
-        ("warmup_type", "linear", "the default"),
-    ):
-        if ds["scheduler"]["type"] == "WarmupDecayLR" or key in sched:
+    for key, value, flag in scheduler_params(cfg):
+        if ds["scheduler"]["type"] == schedule or key in sched:
             _agree(sched, key, value, flag, f"{source} scheduler.params")
 
     precision = resolve_precision(cfg.precision, ds.get("bf16", {}).get("enabled", "auto"), native_bf16, source)

@@ -34,6 +34,10 @@ STARTS = "starts"  # where and how a run is started, not what it trains
 PACES = "paces"  # how a run is logged, checkpointed and laid out over ranks, not what it computes
 COMPARED = "compared"  # what a comparison is of (notes or not, which network reads them) and over how many steps
 
+# What a run started with --init_from takes from the model or run it starts from.
+SHAPE = "shape"  # the network's shape: the model's own; another value is refused
+CARRIED = "carried"  # phase 1's value unless given: the data a phase-2 run's tokenizer and rare words come from
+
 
 def setting(
     default: Any = dataclasses.MISSING,
@@ -43,11 +47,13 @@ def setting(
     resume: str = MUST_MATCH,
     role: str = COMPUTES,
     flag: str | None = None,
+    init: str | None = None,
 ) -> Any:
     """A dataclass field with its help text (one sentence or more, no default: --help adds it), its resume rule
     (MUST_MATCH unless said otherwise, so a new field that shapes the model is checked) and its comparison role.
-    `flag` names the value in --help (e.g. PATH) where the type alone says too little."""
-    metadata = {"help": help, "resume": resume, "role": role, "metavar": flag}
+    `flag` names the value in --help (e.g. PATH) where the type alone says too little; `init` says what a run
+    started with --init_from takes from there (SHAPE or CARRIED; None: nothing)."""
+    metadata = {"help": help, "resume": resume, "role": role, "metavar": flag, "init": init}
     return dataclasses.field(default=default, default_factory=factory, metadata=metadata)
 
 

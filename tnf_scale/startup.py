@@ -28,6 +28,7 @@ from tnf_scale.distributed import (
 )
 from tnf_scale.ds_config import build_ds_config, micro_batch_note
 from tnf_scale.errors import ConfigError, PeerStopped, Refusal, exit_code, rank_line
+from tnf_scale.init_from import InitSource, check_same_words, read_init_source
 from tnf_scale.ops import ask_for_the_cpu_once, this_nodes_fused_adam
 from tnf_scale.precision import Precision, device_native_bf16
 from tnf_scale.preflight import check_runner_hostfile
@@ -50,6 +51,7 @@ class Started:
     lock: RunLock  # held by global rank 0
     data: PreparedData
     log: Callable[..., None]  # prints on global rank 0 only
+    init: InitSource | None = None  # what --init_from starts the run from
 
     def run_details(self) -> dict[str, str]:
         """What provenance.json records of how the run computes: its precision and its device (a GPU's exact name)."""
@@ -146,9 +148,12 @@ def start(cfg: RunConfig, pipeline_refusal: str | None = None) -> Started:
     data = prepare_on_local_rank0(cfg, topo, log)  # a bad corpus stops here, before an old run is deleted
     check_eval_split(len(data.eval), cfg.eval_sequences, dims.data)  # every rank alike, before anything is deleted
     check_train_split(len(data.train), cfg.global_batch_size)
+    init = read_init_source(cfg.init_from) if cfg.init_from else None
+    if init:
+        check_same_words(init, data.tokenizer_dir, data.rare_vocab_path)
     run.claim(cfg, topo.is_main)
     optimizer_note = "" if fused_adam[0] else f"torch's fused AdamW: {fused_adam[1]}"
-    return Started(topo, ds_config, precision, optimizer_note, micro_note, run, lock, data, log)
+    return Started(topo, ds_config, precision, optimizer_note, micro_note, run, lock, data, log, init)
 
 
 def check_eval_split(held_out: int, eval_sequences: int, replicas: int) -> None:

@@ -20,6 +20,7 @@ from tnf_scale.cpu_adam import inner_optimizer
 from tnf_scale.distributed import Topology, wait_for_all
 from tnf_scale.errors import PeerStopped, rank_line
 from tnf_scale.failures import settle_failure
+from tnf_scale.init_from import load_notes, load_weights
 from tnf_scale.metrics import MetricsLogger
 from tnf_scale.model.build import build_objective, pipeline_refusal
 from tnf_scale.model.electra import discriminator_reads_warning
@@ -45,6 +46,10 @@ def run(cfg: RunConfig) -> int:
 
     objective = build_objective(cfg, data.tokenizer)
     store = note_store(cfg, len(data.rare_vocab), objective.model_config.initializer_range, world)
+    if started.init:
+        load_weights(objective, started.init)
+        fresh = store is not None and started.init.run and not load_notes(store, started.init, len(data.rare_vocab))
+        log(started.init.describe() + ("; it kept no notes, so they start fresh" if fresh else ""))
     training = build_training(cfg, objective, ds_config, world, data, store)
     log(describe(cfg, started, training))
     warning = discriminator_reads_warning(cfg)

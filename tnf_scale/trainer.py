@@ -29,6 +29,7 @@ from tnf_scale.distributed import Topology, all_reduce_sum, in_own_slot
 from tnf_scale.evaluator import Evaluator
 from tnf_scale.feeder import StepFeeder
 from tnf_scale.model.objective import Objective
+from tnf_scale.model.param_groups import parameter_groups
 from tnf_scale.model.pipeline import TIED_KEY, PipelineObjective, build_pipeline
 from tnf_scale.model.tnf_bert import TnfHooks
 from tnf_scale.notes.io import STEP_NOTE_METRICS, NoteIO
@@ -130,7 +131,9 @@ def build_training(
 ) -> Training:
     """The DeepSpeed engine over the objective (data parallel) or over its model as pipeline stages (masked LM only:
     `build.pipeline_refusal`), and the parts that drive it."""
-    collator = Collator(data.tokenizer, cfg.max_seq_len, cfg.mlm_probability, cfg.seed, cfg.notes_at_masked)
+    collator = Collator(
+        data.tokenizer, cfg.max_seq_len, cfg.mlm_probability, cfg.seed, cfg.notes_at_masked, cfg.whole_word_masking
+    )
     universal_info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
     if world.dims.pipeline > 1:
         stage_loss = PipelineObjective(cfg.note_window)
@@ -143,7 +146,7 @@ def build_training(
         replicated = {PIPELINE_REPLICATED_PARAMETER_PATTERNS: [rf"tied_modules\.{re.escape(TIED_KEY)}\."]}
         setattr(module, UNIVERSAL_CHECKPOINT_INFO, {**universal_info, **replicated})
         engine, optimizer, _, _ = deepspeed.initialize(
-            model=module, model_parameters=[p for p in module.parameters() if p.requires_grad], config=ds_config
+            model=module, model_parameters=parameter_groups(module, cfg.weight_decay), config=ds_config
         )
         check_pipeline_placement(engine, world)
         strategy = PipelineStep(engine, stage_loss, cfg.hidden_size, world.device, take_notes=store is not None)
@@ -158,7 +161,7 @@ def build_training(
                 network.gradient_checkpointing_enable()
         setattr(objective, UNIVERSAL_CHECKPOINT_INFO, universal_info)
         engine, optimizer, _, _ = deepspeed.initialize(
-            model=objective, model_parameters=objective.parameters(), config=ds_config
+            model=objective, model_parameters=parameter_groups(objective, cfg.weight_decay), config=ds_config
         )
         strategy = DataParallelStep(engine, objective, hooks)
     feeder = StepFeeder(cfg, world, data.train, data.eval, collator, pad_eval=world.dims.pipeline > 1)

@@ -34,7 +34,7 @@ def electra_configs(cfg: RunConfig, tokenizer: PreTrainedTokenizerFast) -> tuple
         vocab_size=len(tokenizer),
         embedding_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_layers,
-        max_position_embeddings=cfg.max_seq_len,
+        max_position_embeddings=cfg.max_position_embeddings,
         type_vocab_size=2,
         pad_token_id=tokenizer.pad_token_id,
         hidden_dropout_prob=cfg.dropout,

@@ -1,0 +1,149 @@
+"""BERT's two phases and --init_from: phase 2 continues phase 1 at a longer sequence length with its weights, notes,
+tokenizer and rare words; a run starts from a Hugging Face model's weights.
+
+The launches are shared: phase 1 on one rank at 64 tokens with a 512-position table, phase 2 from it on two ranks at
+128 tokens (checkpointed half way), phase 2 resumed from that checkpoint, and a run from phase 1's export as a stock
+Hugging Face model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import EVAL_SEQUENCES, assert_same_evaluations, evaluations, launch, train_args
+from safetensors.torch import load_file
+
+from tnf_scale.checkpoint import CheckpointMarker, latest_complete, read_rank_files, union_of_ranks
+from tnf_scale.config import parse_args
+from tnf_scale.errors import ConfigError
+
+PHASE_1 = dict(max_steps=6, max_position_embeddings=512, dropout=0.0, warmup_steps=2, eval_interval=6)
+PHASE_2 = dict(max_steps=4, max_seq_len=128, save_interval=2, eval_interval=2, warmup_steps=2, micro_batch_size=4)
+
+
+def phase_2_args(phase_1: Path, out: Path, **flags) -> list[str]:
+    """A phase 2's command line: only what changes (the data and shape settings are phase 1's)."""
+    values = {"init_from": phase_1, "output_dir": out, "precision": "fp32", "global_batch_size": 16,
+              "eval_sequences": EVAL_SEQUENCES, **PHASE_2, **flags}  # fmt: skip
+    return [arg for key, value in values.items() for arg in (f"--{key}", str(value))]
+
+
+@pytest.fixture(scope="module")
+def phase_1(small_config, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("phase_1")
+    launch(1, ["tnf_scale/train.py", *train_args(small_config, out, **PHASE_1)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def phase_2(phase_1, tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("phase_2") / "run"
+    proc = launch(2, ["tnf_scale/train.py", *phase_2_args(phase_1, out)])
+    return out, proc.stdout
+
+
+def final_notes(run: Path) -> dict[str, torch.Tensor]:
+    """The note dictionary of a run's final checkpoint, rows in id order (ids, vectors, noted)."""
+    ckpt = latest_complete(run)
+    rows = union_of_ranks(read_rank_files(ckpt, CheckpointMarker.read(ckpt).world_size))
+    order = torch.argsort(rows["ids"])
+    return {key: value[order] for key, value in rows.items()}
+
+
+def test_phase_2_takes_phase_1s_settings_and_refuses_another_shape(phase_1, tmp_path):
+    cfg = parse_args(["--init_from", str(phase_1), "--max_seq_len", "128"])
+    assert (cfg.max_position_embeddings, cfg.max_seq_len, cfg.vocab_size, cfg.rare_coverage) == (512, 128, 2000, 0.05)
+    with pytest.raises(ConfigError, match=r"gives --hidden_size 128; .* --hidden_size 256 cannot apply: drop the flag"):
+        parse_args(["--init_from", str(phase_1), "--hidden_size", "256"])
+    with pytest.raises(ConfigError, match="--max_seq_len 1024 exceeds the model's 512 positions"):
+        parse_args(["--init_from", str(phase_1), "--max_seq_len", "1024"])
+
+
+def test_phase_2_starts_from_phase_1s_notes_bit_for_bit(phase_1, phase_2):
+    """Phase 1 noted its words on one rank; phase 2, on two, holds those notes: each word phase 2 did not write
+    again keeps phase 1's note exactly (planted: notes not loaded, they are the fresh initial ones)."""
+    run, stdout = phase_2
+    assert f"phase 2 of {phase_1} (finished at step 6)" in stdout
+    before, after = final_notes(phase_1), final_notes(run)
+    assert torch.equal(before["ids"], after["ids"])
+    assert bool(after["noted"][before["noted"]].all())  # what phase 1 noted stays noted
+    kept = (after["vectors"] == before["vectors"]).all(dim=1)
+    noted_in_phase_1 = before["noted"]
+    assert int(noted_in_phase_1.sum()) > 100
+    assert int((kept & noted_in_phase_1).sum()) > 0.5 * int(noted_in_phase_1.sum())
+    assert int((~kept).sum()) > 0  # and phase 2 wrote notes of its own
+
+
+def test_phase_2_trains_the_positions_phase_1_never_reached(phase_1, phase_2):
+    """Positions 64..127 change in phase 2 as much as the ones phase 1 trained; 128.. only decay (planted: packing
+    at phase 1's length leaves 64..127 as still as 128..)."""
+    run, _ = phase_2
+    key = "bert.embeddings.position_embeddings.weight"
+    before = load_file(str(phase_1 / "export" / "model.safetensors"))[key]
+    change = (load_file(str(run / "export" / "model.safetensors"))[key] - before).abs().mean(dim=1)
+    assert change.shape == (512,)
+    assert change[64:128].mean() > 0.5 * change[:64].mean()
+    assert change[64:128].mean() > 100 * change[128:].mean()
+
+
+def test_phase_2_resumes_inside_phase_2(phase_1, phase_2, tmp_path):
+    run, _ = phase_2
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step00000004")
+    for name in ("export", "notes.safetensors"):
+        target = resumed / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    proc = launch(2, ["tnf_scale/train.py", *phase_2_args(phase_1, resumed, resume="true")])
+    assert "at step 2" in proc.stdout
+    assert_same_evaluations(resumed, run, [4])
+    assert torch.allclose(final_notes(resumed)["vectors"], final_notes(run)["vectors"], rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_the_export_has_512_positions_and_stock_transformers_runs_it_on_300_tokens(phase_2):
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    run, _ = phase_2
+    model = BertForMaskedLM.from_pretrained(str(run / "export")).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(run / "export"))
+    assert model.config.max_position_embeddings == 512 == tokenizer.model_max_length
+    encoded = tokenizer(" ".join(["the river ran past the old mill"] * 60), truncation=True, max_length=300,
+                        return_tensors="pt")  # fmt: skip
+    assert encoded["input_ids"].shape == (1, 300)
+    logits = model(**encoded).logits
+    assert logits.shape == (1, 300, len(tokenizer)) and bool(torch.isfinite(logits).all())
+
+
+@torch.no_grad()
+def test_a_run_from_a_saved_model_starts_at_that_models_loss(small_config, phase_1, tmp_path):
+    """--init_from a directory written by save_pretrained (phase 1's export): the step-0 held-out loss is what stock
+    transformers computes for that model on the same batch; the rare band is counted on the corpus under its
+    tokenizer, and the notes start fresh (planted: weights not loaded, the loss is a fresh model's)."""
+    from transformers import BertForMaskedLM
+
+    from tnf_scale.data.collate import EVAL_EPOCH, Collator
+    from tnf_scale.data.prepared import prepare_data
+    from tnf_scale.model.objective import MaskedLMObjective
+
+    model_dir = phase_1 / "export"
+    out = tmp_path / "continued"
+    flags = dict(max_steps=1, eval_interval=1, max_seq_len=64, corpus=small_config.corpus[0],
+                 data_cache=small_config.data_cache, rare_coverage=small_config.rare_coverage,
+                 eval_fraction=small_config.eval_fraction)  # fmt: skip
+    proc = launch(1, ["tnf_scale/train.py", *phase_2_args(model_dir, out, **flags, save_interval=0)])
+    assert f"initialised from {model_dir}: its weights, tokenizer and positions; notes start fresh" in proc.stdout
+    data = prepare_data(
+        dataclasses.replace(small_config, tokenizer=str(model_dir)), log=lambda *_: None, show_progress=False
+    )
+    batch = Collator(data.tokenizer, 64, 0.15, seed=1234)(
+        data.eval, list(range(EVAL_SEQUENCES)), list(range(EVAL_SEQUENCES)), [EVAL_EPOCH] * EVAL_SEQUENCES
+    )
+    objective = MaskedLMObjective(BertForMaskedLM.from_pretrained(str(model_dir)).eval())
+    (ce,) = objective(**objective.inputs(batch))
+    expected = float(ce.double().sum()) / int((batch.labels != -100).sum())
+    assert evaluations(out)[0]["eval_loss_no_notes"] == pytest.approx(expected, rel=1e-5)
