@@ -1,6 +1,7 @@
 #!/bin/bash
 # TNF pre-training of BERT-large on N nodes x G GPUs (one task per GPU), requeued on pre-emption.
 # Submit from the repository root:   CORPUS="/data/wiki /data/books" sbatch slurm/pretrain_large.sh
+# BERT's phase 2 (512 tokens, from phase 1's weights and notes): PHASE=2 PHASE1_DIR=runs/slurm-<phase 1 job> sbatch ...
 # Override any #SBATCH default on the command line: sbatch --nodes=8 --partition=gpu --account=me ...
 #SBATCH --job-name=tnf-bert-large
 #SBATCH --nodes=4
@@ -25,7 +26,17 @@ DS_CONFIG=${DS_CONFIG:-ds_configs/zero1.json}
 PYTHON=${PYTHON:-python}
 RUN_ROOT=${RUN_ROOT:-runs}
 TRAIN_ARGS=${TRAIN_ARGS:-}
+PHASE=${PHASE:-1}
 RUN_DIR="$RUN_ROOT/slurm-$SLURM_JOB_ID"  # a requeued job keeps its id, so it finds its own checkpoints
+
+case "$PHASE" in
+    1) phase=() ;;
+    2)  # phase 1's run gives the weights, notes, tokenizer, rare words and data settings; the corpus is phase 1's
+        : "${PHASE1_DIR:?set PHASE1_DIR to the run directory of phase 1 (runs/slurm-<its job id>)}"
+        phase=(--init_from "$PHASE1_DIR" --max_seq_len "${SEQ_LEN:-512}") ;;
+    *) echo "error: PHASE=$PHASE; BERT's recipe has phases 1 (128 tokens) and 2 (from phase 1, 512 tokens)." >&2
+       exit 2 ;;
+esac
 
 # DeepSpeed's JIT-built ops (fused Adam), built once into the checkout on the shared file system: `make install`
 # (python -m tnf_scale.ops) fills it, and no job compiles them again
@@ -37,7 +48,7 @@ resume=()
 if compgen -G "$RUN_DIR/checkpoints/step*/COMPLETE" > /dev/null; then
     resume=(--resume true)
 fi
-echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NTASKS tasks on $SLURM_JOB_NUM_NODES nodes, master $MASTER_ADDR:$MASTER_PORT, run $RUN_DIR ${resume[*]}"
+echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): phase $PHASE, $SLURM_NTASKS tasks on $SLURM_JOB_NUM_NODES nodes, master $MASTER_ADDR:$MASTER_PORT, run $RUN_DIR ${resume[*]}"
 
 # SIGUSR1 is for train.py (through srun); should it reach this shell too, it must not end the job before
 # the requeue below. A trap with a command (not '') keeps srun's own USR1 handling intact.
@@ -46,7 +57,7 @@ trap 'echo "batch shell: SIGUSR1 noted; train.py checkpoints and the job is requ
 set +e
 # shellcheck disable=SC2086  # CORPUS and TRAIN_ARGS are word lists on purpose
 srun --kill-on-bad-exit=1 "$PYTHON" tnf_scale/train.py --preset "$PRESET" --deepspeed_config "$DS_CONFIG" \
-    --corpus $CORPUS --output_dir "$RUN_DIR" "${resume[@]}" $TRAIN_ARGS
+    --corpus $CORPUS --output_dir "$RUN_DIR" "${phase[@]}" "${resume[@]}" $TRAIN_ARGS
 rc=$?
 set -e
 if [ "$rc" -eq 85 ] || [ -f "$RUN_DIR/PREEMPTED" ]; then  # train.py checkpointed on SIGUSR1: run again from there

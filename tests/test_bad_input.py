@@ -511,11 +511,17 @@ def test_a_data_cache_that_is_a_file_or_damaged_is_one_sentence(small_config, pr
     with pytest.raises(ConfigError, match="--data_cache .*cache is a file; name a directory"):
         prepare_data(dataclasses.replace(small_config, data_cache=str(cache_file)), log=quiet)
     damaged = tmp_path / "damaged"
-    shutil.copytree(prepared.path, damaged / prepared.path.name)
-    for shard in (damaged / prepared.path.name / "train").glob("*.arrow"):
+    entry = damaged / prepared.corpus_entry.name
+    shutil.copytree(prepared.corpus_entry, entry)
+    for shard in (entry / prepared.path.name / "train").glob("*.arrow"):
         shard.unlink()
     with pytest.raises(ConfigError, match="is damaged .*delete that folder and run again"):
         prepare_data(dataclasses.replace(small_config, data_cache=str(damaged)), log=quiet)
+    # the corpus entry damaged, found when another sequence length packs it
+    for shard in (entry / "encoded").glob("*.arrow"):
+        shard.unlink()
+    with pytest.raises(ConfigError, match=f"prepared data {entry} is damaged .*delete that folder"):
+        prepare_data(dataclasses.replace(small_config, data_cache=str(damaged), max_seq_len=32), log=quiet)
 
 
 def test_a_megabyte_long_word_is_left_out_of_the_tokenizers_training_and_said(capsys):
@@ -640,3 +646,32 @@ def test_fine_tuning_names_an_unknown_task_and_a_half_given_local_task(tmp_path,
     assert main(["--model", str(tmp_path), "--train", "a.tsv", "--out", str(out)]) == 2
     assert "give --task NAME, or --train FILE with --validation FILE" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_init_from_what_is_not_a_finished_run_or_a_model_is_one_sentence(tmp_path):
+    """Refused while the flags are read, before any process group or directory exists."""
+    from tnf_scale.checkpoint import CheckpointMarker
+
+    with pytest.raises(ConfigError, match="is neither a run directory .* nor a Hugging Face model directory"):
+        parse_args(["--init_from", str(tmp_path / "nothing")])
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step00000004").mkdir(parents=True)
+    (run / "run_config.json").write_text(json.dumps({"max_steps": 10, "preset": "tiny"}))
+    with pytest.raises(ConfigError, match="has not finished .* step 0 of 10.*--resume true first"):
+        parse_args(["--init_from", str(run)])
+    CheckpointMarker(step=10, world_size=1, notes=True).write(run / "checkpoints" / "step00000004")
+    with pytest.raises(ConfigError, match="has no export/ .* tnf-export --run"):
+        parse_args(["--init_from", str(run)])
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ConfigError, match="holds a gpt2 model; TNF pre-trains BERT and ELECTRA"):
+        parse_args(["--init_from", str(model)])
+
+
+def test_the_trainer_peer_refuses_what_it_does_not_train():
+    from tnf_scale.reports import hf_peer
+
+    for flags in ({"whole_word_masking": True}, {"init_from": "runs/p1"}):
+        with pytest.raises(ConfigError, match="the Hugging Face Trainer peer measures the fresh, per-token-masked"):
+            hf_peer.run(RunConfig(**flags))

@@ -6,7 +6,7 @@ rare vocabulary; its data and shape settings are the new run's defaults, so the 
 corpus entry and packs it at the new --max_seq_len. A Hugging Face BERT or ELECTRA directory (ELECTRA with its
 generator in `generator/`, as this project exports it): its weights, tokenizer and position table; the rare band is
 counted on the new corpus under that tokenizer and the notes start fresh. The optimizer always starts fresh
-(docs/two-phases.md says why).
+(docs/recipe.md says why).
 """
 
 from __future__ import annotations

@@ -70,6 +70,29 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+CUMULATIVE = ("step", "tokens", "wall_time")  # counted from a run's start: a later phase adds the earlier ones'
+
+
+def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
+    """A run's records preceded by those of the phases it continues (--init_from a run, followed back), as one run:
+    a later phase's steps, tokens and training time follow on from the earlier phase's last, and its step-0
+    evaluation, the earlier phase's final model scored again, is left out. Each record says its `phase` (1, 2, ...)."""
+    run = RunDir(run_dir)
+    records = read_metrics(run_dir)
+    source = run.read_run_config().get("init_from") if run.run_config.is_file() else None
+    if not source or not RunDir(source).run_config.is_file():  # a fresh start, or a start from a model: phase 1
+        return [{**r, "phase": 1} for r in records]
+    earlier = read_history(source)
+    offsets = {key: max((r[key] for r in earlier if key in r), default=0) for key in CUMULATIVE}
+    phase = earlier[-1]["phase"] + 1 if earlier else 1
+    later = [
+        {**r, **{key: r[key] + offsets[key] for key in CUMULATIVE if key in r}, "phase": phase}
+        for r in records
+        if r["step"] > 0
+    ]
+    return earlier + later
+
+
 @functools.cache
 def say_once(message: str) -> None:
     print(message, file=sys.stderr, flush=True)

@@ -176,10 +176,13 @@ def _build_corpus(cfg: RunConfig, out: Path, log) -> None:
 def _build_packed(cfg: RunConfig, corpus_entry: Path, out: Path, log) -> None:
     """The packed entry: the corpus entry's encoded corpus packed into sequences of --max_seq_len and split."""
     clock = PhaseTimer()
-    corpus_stats = json.loads((corpus_entry / CORPUS_DONE).read_text())
-    tokenizer = load_tokenizer(RunDir(corpus_entry).tokenizer)
-    encoded = datasets.load_from_disk(str(corpus_entry / ENCODED_DIR))
-    rare_keys = feather.read_table(str(corpus_entry / RARE_KEYS_FILE)).column("key").combine_chunks()
+    try:
+        corpus_stats = json.loads((corpus_entry / CORPUS_DONE).read_text())
+        tokenizer = load_tokenizer(RunDir(corpus_entry).tokenizer)
+        encoded = datasets.load_from_disk(str(corpus_entry / ENCODED_DIR))
+        rare_keys = feather.read_table(str(corpus_entry / RARE_KEYS_FILE)).column("key").combine_chunks()
+    except (OSError, ValueError, KeyError, ConfigError) as err:
+        raise damaged(corpus_entry, err) from None
     num_proc = preparation_processes(cfg, corpus_stats["documents"])
     packed = pack_corpus(encoded, tokenizer, rare_keys, cfg.max_seq_len, num_proc, out / "scratch")
     clock.lap("pack")
@@ -281,10 +284,15 @@ def load_prepared(root: Path, log=print) -> PreparedData:
     try:
         return _load_prepared(root, log)
     except (OSError, ValueError, KeyError) as err:  # datasets raises FileNotFoundError subclasses, pyarrow OSError
-        raise ConfigError(
-            f"prepared data {root} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:160]}); delete that "
-            "folder and run again to prepare it anew."
-        ) from None
+        raise damaged(root, err) from None
+
+
+def damaged(root: Path, err: Exception) -> ConfigError:
+    """The one sentence for a cache entry written whole but damaged since."""
+    return ConfigError(
+        f"prepared data {root} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:160]}); delete that "
+        "folder and run again to prepare it anew."
+    )
 
 
 def _load_prepared(root: Path, log) -> PreparedData:

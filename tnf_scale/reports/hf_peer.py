@@ -25,6 +25,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from tnf_scale.config import RunConfig
 from tnf_scale.data.collate import Collator
 from tnf_scale.data.sampler import GlobalBatchSampler
+from tnf_scale.errors import ConfigError
 from tnf_scale.metrics import MetricsLogger
 from tnf_scale.model.tnf_bert import build_bert
 from tnf_scale.startup import command, start
@@ -104,8 +105,17 @@ class StepMetrics(TrainerCallback):
             self.pending = None
 
 
+PEER_TRAINS = {"init_from": None, "whole_word_masking": False}  # a fresh model, per-token masking
+
+
 def run(cfg: RunConfig) -> int:
     cfg = dataclasses.replace(cfg, tnf="off")
+    for name, value in PEER_TRAINS.items():
+        if getattr(cfg, name) != value:
+            raise ConfigError(
+                f"--{name} {getattr(cfg, name)}: the Hugging Face Trainer peer measures the fresh, per-token-masked "
+                f"baseline only; drop the flag."
+            )
     started = start(
         cfg,
         pipeline_refusal="the Hugging Face Trainer has no pipeline parallelism; "

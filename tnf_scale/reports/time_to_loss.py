@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tnf_scale.config import COMPARISON_MAY_DIFFER, config_conflict
 from tnf_scale.errors import ConfigError
-from tnf_scale.metrics import read_metrics
+from tnf_scale.metrics import read_history
 from tnf_scale.reports.bench import finished_run
 from tnf_scale.run_dir import RunDir
 
@@ -375,7 +375,7 @@ def write_report(
     `downstream` is the verdict of the downstream yardstick when it was measured (reports/downstream.py)."""
     check_options(target, window)
     check_runs(baseline_dir, tnf_dir)
-    baseline, tnf = read_metrics(Path(baseline_dir)), read_metrics(Path(tnf_dir))
+    baseline, tnf = read_history(Path(baseline_dir)), read_history(Path(tnf_dir))
     results = compare_all(baseline, tnf, target, window)
     split_step = next(r.gap_step for r in results if r.yardstick is EXPORTED)
     split = split_by_token_kind(baseline, tnf, split_step) if split_step is not None else []
