@@ -56,6 +56,17 @@ def prepared(small_config):
     return prepare_data(small_config, log=lambda *_: None, show_progress=False)
 
 
+def save_random_bert(tokenizer, folder: Path, **shape) -> Path:
+    """A freshly initialised stock BertForMaskedLM of `shape` (BertConfig fields) with `tokenizer`, as save_pretrained
+    writes a published model."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **shape)
+    BertForMaskedLM(config).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
 def clean_env() -> dict[str, str]:
     """This process's environment without the rank variables a process group leaves behind."""
     env = {

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
-from transformers import AutoModelForSequenceClassification, BertConfig, BertForMaskedLM
+from conftest import REPO, save_random_bert
+from transformers import AutoModelForSequenceClassification
 
 from tnf_scale.cli import finetune as finetune_tool
 from tnf_scale.errors import ConfigError
@@ -98,17 +98,10 @@ def test_a_tiny_export_fine_tuned_on_the_shipped_task_beats_the_majority_class(
 @pytest.fixture(scope="module")
 def random_bert(prepared, tmp_path_factory) -> Path:
     """A stock BERT directory with the test tokenizer: any model directory fine-tunes, not only our exports."""
-    folder = tmp_path_factory.mktemp("bert")
-    config = BertConfig(
-        vocab_size=len(prepared.tokenizer),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
-    BertForMaskedLM(config).save_pretrained(str(folder))
-    prepared.tokenizer.save_pretrained(str(folder))
-    return folder
+    return save_random_bert(
+        prepared.tokenizer, tmp_path_factory.mktemp("bert"), hidden_size=32, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=64,
+    )  # fmt: skip
 
 
 def write_tsv(path: Path, header: list[str], rows: list[list]) -> str:

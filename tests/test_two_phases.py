@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EVAL_SEQUENCES, assert_same_evaluations, evaluations, launch, train_args
+from conftest import EVAL_SEQUENCES, assert_same_evaluations, evaluations, launch, save_random_bert, train_args
 from safetensors.torch import load_file
 
 from tnf_scale.checkpoint import CheckpointMarker, latest_complete, read_rank_files, union_of_ranks
@@ -36,22 +36,11 @@ def phase_2_args(phase_1: Path, out: Path, **flags) -> list[str]:
 def saved_model(prepared, tmp_path_factory) -> Path:
     """A freshly initialised BERT of the tiny shape with 512 positions and the test corpus's tokenizer, as
     save_pretrained writes it: the published model a user continues."""
-    from transformers import BertConfig, BertForMaskedLM
-
-    folder = tmp_path_factory.mktemp("saved_model")
     torch.manual_seed(7)
-    config = BertConfig(
-        vocab_size=len(prepared.tokenizer),
-        hidden_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=512,
-        max_position_embeddings=512,
-        pad_token_id=prepared.tokenizer.pad_token_id,
-    )
-    BertForMaskedLM(config).save_pretrained(str(folder))
-    prepared.tokenizer.save_pretrained(str(folder))
-    return folder
+    return save_random_bert(
+        prepared.tokenizer, tmp_path_factory.mktemp("saved_model"), hidden_size=128, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=512, max_position_embeddings=512,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +191,30 @@ def test_the_reports_read_a_two_phase_run_as_one(phase_1, phase_2):
     assert [r["phase"] for r in history] == [1] * len(first) + [2] * (len(second) - 1)
     assert history[-1]["tokens"] == first[-1]["tokens"] + second[-1]["tokens"]
     assert history[-1]["wall_time"] == pytest.approx(first[-1]["wall_time"] + second[-1]["wall_time"])
+
+
+@pytest.mark.parametrize("objective", ["mlm", "electra"])
+def test_init_from_a_hugging_face_directory_loads_every_weight_and_the_shape(objective, prepared, tmp_path):
+    """In-process, both objectives: the networks saved as stock models (ELECTRA's generator in generator/) give the
+    shape settings, and a network built from them with another seed takes every weight back, bit for bit, the shared
+    ELECTRA embeddings included."""
+    from tnf_scale.config import RunConfig
+    from tnf_scale.init_from import load_weights, read_init_source
+    from tnf_scale.model.build import build_objective
+
+    saved = build_objective(RunConfig(objective=objective, max_position_embeddings=256, seed=3), prepared.tokenizer)
+    networks = [(saved.mlm, tmp_path)] if objective == "mlm" else [
+        (saved.discriminator, tmp_path), (saved.generator, tmp_path / "generator")]  # fmt: skip
+    for network, folder in networks:
+        network.save_pretrained(str(folder))
+    prepared.tokenizer.save_pretrained(str(tmp_path))
+    source = read_init_source(str(tmp_path))
+    assert source.settings["max_position_embeddings"] == 256 and source.settings["tokenizer"] == str(tmp_path)
+    cfg = RunConfig(**{k: v for k, v in source.settings.items() if k != "tokenizer"}, seed=4)
+    built = build_objective(cfg, prepared.tokenizer)
+    assert not torch.equal(built.state_dict()[next(iter(saved.state_dict()))], next(iter(saved.state_dict().values())))
+    load_weights(built, source)
+    for name, tensor in saved.state_dict().items():
+        assert torch.equal(built.state_dict()[name], tensor), name
+    with pytest.raises(ConfigError, match="gives --hidden_size 128; .* --hidden_size 64 cannot apply"):
+        parse_args(["--init_from", str(tmp_path), "--hidden_size", "64"])
