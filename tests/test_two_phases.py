@@ -9,6 +9,7 @@ at 128 tokens, checkpointed half way; and phase 2 resumed from that checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 from pathlib import Path
 
@@ -69,6 +70,8 @@ def test_phase_2_takes_phase_1s_settings_and_refuses_another_shape(phase_1):
     run, _ = phase_1
     cfg = parse_args(["--init_from", str(run), "--max_seq_len", "128"])
     assert (cfg.max_position_embeddings, cfg.max_seq_len, cfg.vocab_size, cfg.rare_coverage) == (512, 128, 2000, 0.05)
+    relative = parse_args(["--init_from", os.path.relpath(run)])  # recorded absolute: found from anywhere later
+    assert relative.init_from == str(run.resolve())
     with pytest.raises(ConfigError, match=r"gives --hidden_size 128; .* --hidden_size 256 cannot apply: drop the flag"):
         parse_args(["--init_from", str(run), "--hidden_size", "256"])
     with pytest.raises(ConfigError, match="--max_seq_len 1024 exceeds the model's 512 positions"):

@@ -153,7 +153,8 @@ def init_settings(explicit: dict[str, Any]) -> tuple[dict[str, Any], str | None]
                 f"--init_from {source.path} gives --{name} {source.settings[name]}; the run starts from those weights, "
                 f"so --{name} {explicit[name]} cannot apply: drop the flag."
             )
-    return {**source.settings, **explicit}, source.settings.get("preset")
+    # recorded absolute in run_config.json: a report or a resume from another directory finds the same source
+    return {**source.settings, **explicit, "init_from": str(source.path.resolve())}, source.settings.get("preset")
 
 
 def check_same_words(source: InitSource, tokenizer_dir: Path, rare_vocab: Path) -> None:
