@@ -11,7 +11,6 @@ counted on the new corpus under that tokenizer and the notes start fresh. The op
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,14 @@ from typing import Any
 import torch
 from transformers import AutoConfig, BertForMaskedLM, ElectraForMaskedLM, ElectraForPreTraining
 
-from tnf_scale.checkpoint import CheckpointMarker, check_note_rows, latest_complete, read_rank_files, union_of_ranks
+from tnf_scale.checkpoint import (
+    CheckpointMarker,
+    check_note_rows,
+    latest_complete,
+    read_rank_files,
+    sha256_of,
+    union_of_ranks,
+)
 from tnf_scale.config import RunConfig
 from tnf_scale.errors import ConfigError
 from tnf_scale.model.electra import SHARED_EMBEDDINGS
@@ -162,22 +168,18 @@ def check_same_words(source: InitSource, tokenizer_dir: Path, rare_vocab: Path) 
     run = source.run
     if run is None:
         return
-    if digest(rare_vocab) != digest(run.rare_vocab):
+    if sha256_of(rare_vocab) != sha256_of(run.rare_vocab):
         raise ConfigError(
             f"the data prepared for this run has another rare vocabulary than phase 1's ({run.rare_vocab}), so phase "
             "1's notes would belong to other words; keep phase 1's corpus, tokenizer and rare band (the defaults "
             f"under --init_from), or pass --tokenizer {run.tokenizer} if phase 1's cache entry is gone (WordPiece "
             "training is not repeatable)."
         )
-    if digest(tokenizer_dir / "tokenizer.json") != digest(run.tokenizer / "tokenizer.json"):
+    if sha256_of(tokenizer_dir / "tokenizer.json") != sha256_of(run.tokenizer / "tokenizer.json"):
         raise ConfigError(
             f"the data prepared for this run has another tokenizer than phase 1's ({run.tokenizer}); pass --tokenizer "
             f"{run.tokenizer} (WordPiece training is not repeatable, so a rebuilt cache entry differs)."
         )
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def load_weights(objective: Objective, source: InitSource) -> None:
@@ -209,9 +211,10 @@ def _load(network: torch.nn.Module, loaded: torch.nn.Module, skip: set[str] = fr
 
 def load_notes(store: NoteStore, source: InitSource, num_rare: int) -> bool:
     """Phase 1's notes into this rank's share of the store; False when phase 1 kept none (a --tnf off run)."""
-    if source.checkpoint is None or not CheckpointMarker.read(source.checkpoint).notes:
+    marker = CheckpointMarker.read(source.checkpoint) if source.checkpoint is not None else None
+    if marker is None or not marker.notes:
         return False
-    rank_files = read_rank_files(source.checkpoint, CheckpointMarker.read(source.checkpoint).world_size)
+    rank_files = read_rank_files(source.checkpoint, marker.world_size)
     check_note_rows(rank_files, num_rare, source.checkpoint)
     store.load_state_dict(union_of_ranks(rank_files))
     return True
