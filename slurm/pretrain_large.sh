@@ -54,9 +54,16 @@ echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): phase $PHASE, $SLUR
 # the requeue below. A trap with a command (not '') keeps srun's own USR1 handling intact.
 trap 'echo "batch shell: SIGUSR1 noted; train.py checkpoints and the job is requeued"' USR1
 
+# Since Slurm 22.05 srun no longer inherits sbatch's --cpus-per-task: without it each task would get one core for
+# its step, its prefetch worker and its communication threads
+cpus=()
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
+    cpus=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+fi
+
 set +e
 # shellcheck disable=SC2086  # CORPUS and TRAIN_ARGS are word lists on purpose
-srun --kill-on-bad-exit=1 "$PYTHON" tnf_scale/train.py --preset "$PRESET" --deepspeed_config "$DS_CONFIG" \
+srun --kill-on-bad-exit=1 "${cpus[@]}" "$PYTHON" tnf_scale/train.py --preset "$PRESET" --deepspeed_config "$DS_CONFIG" \
     --corpus $CORPUS --output_dir "$RUN_DIR" "${phase[@]}" "${resume[@]}" $TRAIN_ARGS
 rc=$?
 set -e

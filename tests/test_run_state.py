@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -112,6 +113,55 @@ def test_a_rank_takes_its_device_among_those_it_sees(local_rank, devices, index)
     from tnf_scale.distributed import device_index
 
     assert device_index(local_rank, devices) == index  # one visible GPU per task (SLURM binding): always 0
+
+
+BASE_SLURM = {"SLURM_PROCID": "13", "SLURM_NTASKS": "16", "SLURM_JOB_ID": "77", "MASTER_ADDR": "node1"}
+
+
+@pytest.mark.parametrize(
+    "binding, env, device",
+    [
+        ("srun, every GPU shown to every task", {**BASE_SLURM, "SLURM_LOCALID": "5",
+                                                 "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}, 5),
+        ("srun --gpus-per-task=1", {**BASE_SLURM, "SLURM_LOCALID": "5", "CUDA_VISIBLE_DEVICES": "5"}, 0),
+        ("srun --gpu-bind=map_gpu:7,6,5,4,3,2,1,0", {**BASE_SLURM, "SLURM_LOCALID": "2",
+                                                     "CUDA_VISIBLE_DEVICES": "5"}, 0),
+        ("srun --gpus-per-task=2", {**BASE_SLURM, "SLURM_LOCALID": "3", "CUDA_VISIBLE_DEVICES": "6,7"}, 1),
+        ("mpirun, a wrapper binding one GPU per rank", {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3",
+                                                        "OMPI_COMM_WORLD_LOCAL_RANK": "3",
+                                                        "CUDA_VISIBLE_DEVICES": "3"}, 0),
+        ("deepspeed launcher", {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3",
+                                "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}, 3),
+    ],
+)  # fmt: skip
+def test_deepspeed_is_given_the_index_of_the_device_a_bound_rank_sees(binding, env, device, monkeypatch):
+    """Each launcher's binding simulated on the CPU: the rank is discovered from its environment, and DeepSpeed's own
+    engine code (which takes LOCAL_RANK as the device index) then names the device the rank sees, while the
+    node-local rank stays what the launcher said. Planted: LOCAL_RANK left at the node-local rank fails every bound
+    case (5 or 2 or 3 of 1 or 2 visible devices: an invalid device ordinal on a GPU)."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from tnf_scale.distributed import deepspeed_rank_env, discover, rank_device_index
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    info = discover()
+    visible = len(env["CUDA_VISIBLE_DEVICES"].split(","))
+    gpu = SimpleNamespace(device_name=lambda index=None: "cuda", device_count=lambda: visible)
+    for name, value in deepspeed_rank_env(info.local_rank, rank_device_index(info.local_rank, gpu), env).items():
+        monkeypatch.setenv(name, value)
+    engine = SimpleNamespace()
+    DeepSpeedEngine._configure_with_arguments(engine, SimpleNamespace(local_rank=None), None)
+    assert engine.local_rank == device == int(os.environ["LOCAL_RANK"]), binding
+    assert info.local_rank == int(env.get("SLURM_LOCALID") or env["LOCAL_RANK"])
+    cpu = SimpleNamespace(device_name=lambda index=None: "cpu", device_count=lambda: 0)
+    assert deepspeed_rank_env(info.local_rank, rank_device_index(info.local_rank, cpu), env)["LOCAL_RANK"] == str(
+        info.local_rank
+    )
 
 
 def test_a_gpu_node_whose_torch_sees_no_gpu_is_refused():

@@ -257,28 +257,50 @@ def device_index(local_rank: int, device_count: int) -> int:
     return local_rank % device_count
 
 
+def rank_device_index(local_rank: int, accelerator) -> int | None:
+    """This rank's device on a DeepSpeed accelerator, by `device_index` over the devices it sees; None on the CPU."""
+    if accelerator.device_name() == "cpu":
+        return None
+    return device_index(local_rank, accelerator.device_count())
+
+
+def deepspeed_rank_env(local_rank: int, device: int | None, env: dict[str, str]) -> dict[str, str]:
+    """The LOCAL_RANK DeepSpeed is given: the index of this rank's device among those it sees (`device`; None on
+    the CPU, where it stays the node-local rank).
+
+    DeepSpeed takes LOCAL_RANK as the device index (the process group's device_id, the engine's set_device, a
+    pipeline stage's placement, ZeRO-3's gathers), so a rank bound to its own GPU (one visible device, index 0) would
+    otherwise ask for device SLURM_LOCALID and fail with an invalid device ordinal. The node-local rank stays in
+    `RankInfo.local_rank` / `Topology.local_rank` for what needs it (who prepares the data on a node). Under mpirun
+    DeepSpeed's engine asserts that OMPI_COMM_WORLD_LOCAL_RANK equals LOCAL_RANK, so it is given the same index
+    (MPI itself read it at start-up)."""
+    index = str(local_rank if device is None else device)
+    update = {"LOCAL_RANK": index}
+    if "OMPI_COMM_WORLD_LOCAL_RANK" in env:
+        update["OMPI_COMM_WORLD_LOCAL_RANK"] = index
+    return update
+
+
 def init_distributed(info: RankInfo, dims: ParallelDims | None = None) -> Topology:
     """Start the process group DeepSpeed uses, from the discovered ranks; `dims` default: data parallelism only."""
+    accelerator = get_accelerator()
+    index = rank_device_index(info.local_rank, accelerator)
     os.environ.update(
         RANK=str(info.rank),
-        LOCAL_RANK=str(info.local_rank),
         WORLD_SIZE=str(info.world_size),
         MASTER_ADDR=info.master_addr,
         MASTER_PORT=str(info.master_port),
+        **deepspeed_rank_env(info.local_rank, index, dict(os.environ)),
     )
     # NCCL: on a failed or timed-out collective, abort the communicator and raise in Python (2), instead of the
     # default (3) of ending the process from the watchdog thread: the survivors then say their last words and stop
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
-    accelerator = get_accelerator()
+    if index is not None:  # before the process group, which binds NCCL's communicator to the current device
+        accelerator.set_device(index)
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False)
     control = torch.distributed.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     release_shm_buffer(info)
-    if accelerator.device_name() != "cpu":
-        index = device_index(info.local_rank, accelerator.device_count())
-        accelerator.set_device(index)
-        device = torch.device(accelerator.device_name(index))
-    else:
-        device = torch.device("cpu")
+    device = torch.device(accelerator.device_name(index)) if index is not None else torch.device("cpu")
     size = deepspeed.comm.get_world_size()
     return Topology(deepspeed.comm.get_rank(), info.local_rank, size, device, dims or ParallelDims(1, size), control)
 
