@@ -1,6 +1,7 @@
 #!/bin/bash
 # TNF pre-training of BERT-large on N nodes x G GPUs (one task per GPU), requeued on pre-emption.
 # Submit from the repository root:   CORPUS="/data/wiki /data/books" sbatch slurm/pretrain_large.sh
+# A named run, which resubmitting the same command continues: RUN_DIR=runs/bert-large-p1 CORPUS=... sbatch ...
 # BERT's phase 2 (512 tokens, from phase 1's weights and notes): PHASE=2 PHASE1_DIR=runs/slurm-<phase 1 job> sbatch ...
 # Override any #SBATCH default on the command line: sbatch --nodes=8 --partition=gpu --account=me ...
 #SBATCH --job-name=tnf-bert-large
@@ -27,7 +28,9 @@ PYTHON=${PYTHON:-python}
 RUN_ROOT=${RUN_ROOT:-runs}
 TRAIN_ARGS=${TRAIN_ARGS:-}
 PHASE=${PHASE:-1}
-RUN_DIR="$RUN_ROOT/slurm-$SLURM_JOB_ID"  # a requeued job keeps its id, so it finds its own checkpoints
+# Name the run (RUN_DIR=runs/bert-large-p1) and a resubmitted job continues it; by default the directory is named
+# after the job id, which a requeued job keeps
+RUN_DIR=${RUN_DIR:-$RUN_ROOT/slurm-$SLURM_JOB_ID}
 
 case "$PHASE" in
     1) phase=() ;;
@@ -44,11 +47,7 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions
 export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
 export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
 
-resume=()
-if compgen -G "$RUN_DIR/checkpoints/step*/COMPLETE" > /dev/null; then
-    resume=(--resume true)
-fi
-echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): phase $PHASE, $SLURM_NTASKS tasks on $SLURM_JOB_NUM_NODES nodes, master $MASTER_ADDR:$MASTER_PORT, run $RUN_DIR ${resume[*]}"
+echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): phase $PHASE, $SLURM_NTASKS tasks on $SLURM_JOB_NUM_NODES nodes, master $MASTER_ADDR:$MASTER_PORT, run $RUN_DIR"
 
 # SIGUSR1 is for train.py (through srun); should it reach this shell too, it must not end the job before
 # the requeue below. A trap with a command (not '') keeps srun's own USR1 handling intact.
@@ -64,7 +63,7 @@ fi
 set +e
 # shellcheck disable=SC2086  # CORPUS and TRAIN_ARGS are word lists on purpose
 srun --kill-on-bad-exit=1 "${cpus[@]}" "$PYTHON" tnf_scale/train.py --preset "$PRESET" --deepspeed_config "$DS_CONFIG" \
-    --corpus $CORPUS --output_dir "$RUN_DIR" "${phase[@]}" "${resume[@]}" $TRAIN_ARGS
+    --corpus $CORPUS --output_dir "$RUN_DIR" --resume auto "${phase[@]}" $TRAIN_ARGS
 rc=$?
 set -e
 if [ "$rc" -eq 85 ] || [ -f "$RUN_DIR/PREEMPTED" ]; then  # train.py checkpointed on SIGUSR1: run again from there

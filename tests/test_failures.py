@@ -28,7 +28,7 @@ def lock_from_another_process(path: Path, env: dict | None = None) -> subprocess
     code = (
         "import sys; from pathlib import Path; from tnf_scale.errors import exit_code; from tnf_scale.run_lock "
         "import RunLock; "
-        f"sys.exit(exit_code(lambda: RunLock(Path({str(path)!r})).acquire() or 0))"
+        f"sys.exit(exit_code(lambda: RunLock(Path({str(path)!r})).acquire(print) or 0))"
     )
     return subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env={**clean_env(), **(env or {})}, capture_output=True, text=True
@@ -72,6 +72,64 @@ def test_a_lock_from_another_host_is_refused_unless_it_is_this_slurm_jobs_earlie
     assert (
         lock_from_another_process(path, {"SLURM_JOB_ID": "77"}).returncode == 0
     )  # the requeued job takes its own lock back
+
+
+def fake_squeue(folder: Path, state: str | None) -> dict[str, str]:
+    """A PATH whose `squeue` answers like SLURM's: the job's state, or (None) the error of a job SLURM has purged."""
+    folder.mkdir(exist_ok=True)
+    answer = f"echo {state}" if state else "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1"
+    (folder / "squeue").write_text(f"#!/bin/sh\n{answer}\n")
+    (folder / "squeue").chmod(0o755)
+    return {"PATH": f"{folder}:{os.environ['PATH']}"}
+
+
+def test_a_lock_from_another_host_is_taken_over_once_slurm_says_its_job_ended_or_its_lease_lapsed(tmp_path):
+    """A resubmitted job (another job id, maybe another node) meets the LOCK of a job that was killed: taken over, with
+    a line naming why, once SLURM says that job no longer runs, or once its lease went unrenewed; a running job's
+    lock and a fresh lease are kept. Planted: without the SLURM check the COMPLETED case is refused; without the lease
+    the lapsed case is refused."""
+    path = tmp_path / "LOCK"
+    holder = {"host": "node-17", "pid": 4242, "slurm_job": "77", "lease_seconds": 900, "command": "train.py"}
+    for state, taken in (
+        ("RUNNING", False),
+        ("COMPLETING", False),
+        ("COMPLETED", True),
+        ("CANCELLED", True),
+        (None, True),
+    ):
+        path.write_text(json.dumps(holder))
+        result = lock_from_another_process(path, fake_squeue(tmp_path / "bin", state))
+        assert (result.returncode == 0) == taken, (state, result.stderr)
+        if taken:
+            assert f"took over {path} from PID 4242 on node-17, SLURM job 77" in result.stdout
+            assert ("is " + state if state else "no longer exists") in result.stdout
+    unknown = {k: v for k, v in holder.items() if k != "slurm_job"}
+    path.write_text(json.dumps(unknown))
+    assert lock_from_another_process(path).returncode == 2  # renewed a moment ago: a live run elsewhere
+    lapsed = time.time() - 1000
+    os.utime(path, (lapsed, lapsed))
+    result = lock_from_another_process(path)
+    assert result.returncode == 0 and "last renewed it 17 minutes ago (the lease is 15)" in result.stdout
+    path.write_text(json.dumps({k: v for k, v in unknown.items() if k != "lease_seconds"}))
+    os.utime(path, (lapsed, lapsed))
+    assert lock_from_another_process(path).returncode == 2  # a lock that keeps no lease cannot be judged by its age
+
+
+def test_the_holder_renews_its_lease_while_it_holds_the_lock(tmp_path, monkeypatch):
+    """Planted: no renewal leaves the lock's time where it was set."""
+    from tnf_scale import run_lock
+
+    monkeypatch.setattr(run_lock, "RENEW_SECONDS", 0.05)
+    lock = RunLock(tmp_path / "run" / "LOCK")
+    lock.acquire()
+    old = time.time() - 1000
+    os.utime(lock.path, (old, old))
+    deadline = time.monotonic() + 10
+    while lock.path.stat().st_mtime < old + 900 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lock.path.stat().st_mtime > time.time() - 60
+    lock.release()
+    assert not lock.path.exists()
 
 
 def test_a_locked_output_dir_refuses_a_second_run_before_anything_is_written(small_config, tmp_path):

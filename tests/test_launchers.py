@@ -3,6 +3,7 @@ sbatch on a local SLURM (with pre-emption and requeue), and mpirun; plus the pre
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -113,8 +114,9 @@ def slurm(tmp_path_factory):
         yield env
 
 
-def sbatch(slurm_env: dict, small_config, run_root: Path) -> str:
-    """Submit slurm/pretrain_large.sh training the conftest ELECTRA run (ELECTRA_RUN) on 2 tasks; returns the job id."""
+def sbatch(slurm_env: dict, small_config, run_root: Path, run_dir: Path) -> str:
+    """Submit slurm/pretrain_large.sh training the conftest ELECTRA run (ELECTRA_RUN) on 2 tasks into `run_dir`;
+    returns the job id."""
     run_root.mkdir(parents=True, exist_ok=True)  # SLURM writes the job log there
     flags = train_args(small_config, run_root / "unused", **ELECTRA_RUN)
     flags = [
@@ -129,7 +131,7 @@ def sbatch(slurm_env: dict, small_config, run_root: Path) -> str:
         "CORPUS": small_config.corpus[0],
         "PRESET": "tiny",
         "DS_CONFIG": ELECTRA_ZERO,
-        "RUN_ROOT": str(run_root),
+        "RUN_DIR": str(run_dir),
         "TRAIN_ARGS": " ".join(flags),
     }
     proc = subprocess.run(
@@ -154,33 +156,43 @@ def sbatch(slurm_env: dict, small_config, run_root: Path) -> str:
     return proc.stdout.strip().split(";")[0]
 
 
-def test_usr1_checkpoints_requeues_and_resumes_without_losing_a_note(slurm, small_config, electra_run, tmp_path):
-    """The batch script runs an ELECTRA job, sent SIGUSR1 (SLURM's warning before preemption) once it passed step 4:
-    it checkpoints, is requeued, resumes and completes with the notes of the same training under the deepspeed
-    launcher (conftest.electra_run)."""
-    preempted = tmp_path / "preempted"
-    job = sbatch(slurm, small_config, preempted)
-    run = preempted / f"slurm-{job}"
+def test_usr1_checkpoints_and_requeues_and_a_resubmission_resumes_without_losing_a_note(
+    slurm, small_config, electra_run, tmp_path
+):
+    """The batch script runs an ELECTRA job into a named run directory, sent SIGUSR1 (SLURM's warning before
+    preemption) once it passed step 4: it checkpoints and requeues itself. That job is then cancelled while it waits,
+    and a LOCK is planted as a job killed on another node leaves it; the same command submitted again (a new job id)
+    takes the lock over because SLURM says the old job ended, resumes by --resume auto, and completes with the notes
+    of the same training under the deepspeed launcher (conftest.electra_run), logging plain lines."""
+    logs, run = tmp_path / "logs", tmp_path / "named_run"
+    job = sbatch(slurm, small_config, logs, run)
     deadline = time.monotonic() + 300
     while not (run / "metrics.jsonl").is_file() or max((r["step"] for r in read_metrics(run)), default=0) < 4:
         assert time.monotonic() < deadline, job_state(job, slurm)
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
-    # SLURM holds a requeued job back for a while (BeginTime); release it early, the test need not wait. Not in
-    # the second of the requeue, though: slurmd compares credential times in whole seconds, and a job re-allocated
-    # within that second is killed as "Job credential revoked" (the SLURM log of a failed run showed it).
     while job_state(job, slurm).get("JobState") not in ("PENDING", "COMPLETED", "FAILED"):
         assert time.monotonic() < deadline, job_state(job, slurm)
         time.sleep(0.5)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+2"], env=slurm, check=False)
-    state = wait_for_job(job, slurm)
-    log = (preempted / f"tnf-bert-large-{job}.out").read_text()
-    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0" and int(state.get("Restarts", 0)) == 1, log[
-        -4000:
-    ]
-    assert "SIGUSR1: checkpointed step" in log and "resumed from" in log and "rank 1/2" in log and "(from slurm)" in log
-    stopped_at = int(log.split("SIGUSR1: checkpointed step ")[1].split()[0])
+    first_log = (logs / f"tnf-bert-large-{job}.out").read_text()
+    state = job_state(job, slurm)
+    assert state["JobState"] == "PENDING" and int(state.get("Restarts", 0)) == 1, first_log[-4000:]  # requeued
+    subprocess.run(["scancel", job], env=slurm, check=True)
+    assert "SIGUSR1: checkpointed step" in first_log and "rank 1/2" in first_log and "(from slurm)" in first_log
+    stopped_at = int(first_log.split("SIGUSR1: checkpointed step ")[1].split()[0])
     assert 4 <= stopped_at < 12
+    wait_for_job(job, slurm)
+    (run / "LOCK").write_text(json.dumps({"host": "node-17", "pid": 4242, "slurm_job": job, "lease_seconds": 900}))
+
+    again = sbatch(slurm, small_config, logs, run)
+    state = wait_for_job(again, slurm)
+    log = (logs / f"tnf-bert-large-{again}.out").read_text()
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", log[-4000:]
+    assert f"took over {run / 'LOCK'} from PID 4242 on node-17, SLURM job {job}: SLURM says job {job} is CANCELLED" in (
+        log
+    )
+    assert f"at step {stopped_at}" in log.split("resumed from")[1].splitlines()[0]
+    assert "\nstep 12/12 | loss " in log and "\r" not in log  # plain progress lines in the .out file, no bar
     assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, 13))
     assert (run / "checkpoints" / "step00000012" / "COMPLETE").is_file()
     assert torch.equal(notes_of(run), notes_of(electra_run))

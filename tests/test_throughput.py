@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from tnf_scale.reports.throughput import electra_flops_per_token, flops_per_token, gpu_peak, gpu_state, summarize
+from tnf_scale.model_flops import electra_flops_per_token, flops_per_token, gpu_peak
+from tnf_scale.reports.throughput import gpu_state, summarize
 
 
 def test_flops_for_bert_base_match_the_hand_computed_value():
@@ -73,6 +76,29 @@ def test_mfu_is_against_the_runs_own_gpus_times_its_ranks():
     assert peak is None and "no peak known for 'NVIDIA RTX 9999'" in why
     cpu = {"world_size": 2, "device": "cpu", "precision": "bf16"}
     assert run_peak(cpu, {"bf16": 5.0, "fp32": 1.0})[0] == 5.0  # a CPU run: this machine's peak in its precision
+
+
+def test_a_logged_steps_mfu_is_against_the_gpus_table_peak_times_the_ranks(tmp_path):
+    """The training loop's per-step figures: model FLOP/s = FLOPs per token x tokens/s; MFU against the run's GPUs'
+    dense bf16 peak x its ranks; none on a device without a table peak. The plain line says them."""
+    from tnf_scale.model_flops import ModelRate
+    from tnf_scale.progress_log import plain_line
+
+    (tmp_path / "model_config.json").write_text(
+        json.dumps({"num_hidden_layers": 12, "hidden_size": 768, "intermediate_size": 3072, "vocab_size": 30522})
+    )
+    h100 = ModelRate.of_run(tmp_path, 128, 0.15, "NVIDIA H100 80GB HBM3", ranks=8)
+    flops = flops_per_token(12, 768, 3072, 128, 30522, head_fraction=0.15)
+    figures = h100.figures(tokens_per_s=1e6)
+    assert figures == {
+        "model_flops_per_s": pytest.approx(flops * 1e6),
+        "mfu": pytest.approx(flops * 1e6 / (8 * 989e12)),
+    }
+    assert ModelRate.of_run(tmp_path, 128, 0.15, "cpu", ranks=2).figures(1e6).keys() == {"model_flops_per_s"}
+    record = {"step": 7, "loss": 2.5, "lr": 1e-4, "tokens_per_s": 1e6, "grad_norm": 0.25, **figures}
+    assert plain_line(record, 100) == (
+        f"step 7/100 | loss 2.5000 | lr 0.0001 | 1,000,000 tokens/s | MFU {100 * figures['mfu']:.1f}% | grad norm 0.25"
+    )
 
 
 def test_throughput_report_refuses_a_folder_without_a_run(tmp_path):

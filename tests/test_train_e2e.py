@@ -15,6 +15,7 @@ from transformers import BertForMaskedLM, pipeline
 from tnf_scale.checkpoint import CheckpointMarker, latest_complete
 from tnf_scale.metrics import read_metrics
 from tnf_scale.notes.note_math import initial_notes
+from tnf_scale.run_dir import RunDir
 
 STEP_FIELDS = {
     "step",
@@ -24,6 +25,8 @@ STEP_FIELDS = {
     "wall_time",
     "step_seconds",
     "tokens_per_s",
+    "grad_norm",
+    "model_flops_per_s",
     "occurrences_read",
     "occurrences_skipped_masked",
     "notes_written",
@@ -41,11 +44,11 @@ def tnf_run(small_config, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def baseline_run(small_config, tmp_path_factory) -> tuple[Path, str]:
+def baseline_run(small_config, tmp_path_factory) -> tuple[Path, str, str]:
     out = tmp_path_factory.mktemp("baseline_run")
     proc = run_cmd([sys.executable, "-m", "tnf_scale.train", *train_args(small_config, out, max_steps=40, tnf="off")])
     check_ok(proc)
-    return out, proc.stdout
+    return out, proc.stdout, proc.stderr
 
 
 def test_tnf_run_under_the_deepspeed_launcher_learns_and_takes_notes(tnf_run, prepared):
@@ -119,7 +122,7 @@ def test_resume_continues_exactly_where_the_checkpoint_left_off(tnf_run, small_c
 
 
 def test_baseline_run_via_python_m_takes_no_notes(baseline_run):
-    out, stdout = baseline_run
+    out, stdout, _ = baseline_run
     records = read_metrics(out)
     steps = [r for r in records if "loss" in r]
     assert len(steps) == 40 and all(set(r) >= STEP_FIELDS for r in steps)
@@ -132,8 +135,29 @@ def test_baseline_run_via_python_m_takes_no_notes(baseline_run):
     assert "TNF off" in stdout and (out / "export" / "model.safetensors").is_file()
 
 
+def test_a_run_logged_to_a_file_prints_a_plain_line_per_logged_step(baseline_run):
+    """Output that is not a terminal (a batch job's .out file) gets one plain line per logged step, with the gradient
+    norm the record holds and no progress bar; the record's model FLOP/s are the throughput report's FLOPs per token
+    times its tokens/s. Planted: the bar left on off a terminal puts carriage returns into stderr; the plain lines
+    left off fails the count."""
+    from tnf_scale.model_flops import run_flops_per_token
+
+    out, stdout, stderr = baseline_run
+    steps = [r for r in read_metrics(out) if "loss" in r]
+    lines = [line for line in stdout.splitlines() if line.startswith("step ") and " | loss " in line]
+    assert len(lines) == len(steps) == 40
+    last = steps[-1]
+    assert lines[-1].startswith(f"step 40/40 | loss {last['loss']:.4f} | lr ")
+    assert f"| grad norm {last['grad_norm']:.3g}" in lines[-1] and "| held-out loss " in lines[-1]
+    assert all(r["grad_norm"] > 0 for r in steps) and "mfu" not in last  # no table peak for a CPU: no MFU
+    config = RunDir(out).read_run_config()
+    flops = run_flops_per_token(out, config["max_seq_len"], config["mlm_probability"])
+    assert last["model_flops_per_s"] == pytest.approx(flops * last["tokens_per_s"], rel=1e-12)
+    assert "\r" not in stderr and "step/s" not in stderr and "s/step" not in stderr
+
+
 def test_a_second_run_into_the_same_directory_is_refused(baseline_run, small_config):
-    out, _ = baseline_run
+    out, _, _ = baseline_run
     before = (out / "metrics.jsonl").read_bytes()
     proc = run_cmd([sys.executable, "-m", "tnf_scale.train", *train_args(small_config, out, max_steps=5, tnf="off")])
     assert proc.returncode == 2
@@ -142,7 +166,7 @@ def test_a_second_run_into_the_same_directory_is_refused(baseline_run, small_con
 
 
 def test_overwrite_with_a_mistyped_corpus_keeps_the_old_run(baseline_run, small_config, tmp_path):
-    out, _ = baseline_run
+    out, _, _ = baseline_run
     before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")}
     args = train_args(small_config, out, max_steps=5, tnf="off", overwrite="true", corpus=str(tmp_path / "typo.jsonl"))
     proc = run_cmd([sys.executable, "-m", "tnf_scale.train", *args])

@@ -9,6 +9,7 @@ both. `validate()` runs before any process group exists, so a bad value is one s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import typing
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any, Literal
 from tnf_scale.errors import ConfigError
 from tnf_scale.precision import PRECISIONS
 from tnf_scale.settings import (
+    AUTO,
     CARRIED,
     COMPARED,
     MAY_CHANGE,
@@ -351,8 +353,10 @@ class RunSettings:
         5, help="consecutive steps with a non-finite loss or gradient norm before the run stops",
         resume=MAY_CHANGE, role=PACES,
     )  # fmt: skip
-    resume: bool = setting(False, help="continue the run in --output_dir from its newest complete checkpoint",
-                           resume=MAY_CHANGE, role=STARTS)  # fmt: skip
+    resume: bool = setting(
+        False, help="continue the run in --output_dir from its newest complete checkpoint (auto: when it has one, "
+        "else start there as without; for a batch job that is resubmitted)", resume=MAY_CHANGE, role=STARTS, auto=True,
+    )  # fmt: skip
     overwrite: bool = setting(
         False, help="start afresh in an --output_dir that holds a run, deleting it once the new run's inputs are good",
         resume=MAY_CHANGE, role=STARTS,
@@ -621,6 +625,9 @@ def parse_args(
     flags = {k: v for k, v in args.items() if v is not None}
     explicit = {**file_values, **flags}
     preset = explicit.pop("preset", None)
+    resume_auto = explicit.get("resume") == AUTO
+    if resume_auto:
+        explicit.pop("resume")
     if explicit.get("init_from"):  # the model it starts from gives the shape (and phase 1 the data) defaults
         from tnf_scale.init_from import init_settings
 
@@ -628,5 +635,9 @@ def parse_args(
         explicit.pop("preset", None)
         preset = preset or source_preset
     config = resolve(preset or "tiny", explicit)
+    if resume_auto:
+        from tnf_scale.checkpoint import latest_complete
+
+        config = dataclasses.replace(config, resume=latest_complete(config.output_dir) is not None)
     config.validate()
     return config

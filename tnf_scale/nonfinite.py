@@ -28,8 +28,15 @@ class NonfiniteGuard:
     def healthy(self) -> bool:
         return self.streak == 0
 
-    def observe(self, loss: float, grad_norm: float | None) -> None:
-        """Account one step (its global loss and gradient norm; None: not computed)."""
+    @property
+    def grad_norm(self) -> float | None:
+        """The last step's global gradient norm (None: not computed), read from the device once, here."""
+        return self._last[1]
+
+    def observe(self, loss: float, grad_norm) -> None:
+        """Account one step (its global loss and gradient norm, a float or a one-element tensor; None: not
+        computed)."""
+        grad_norm = None if grad_norm is None else float(grad_norm)
         finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
         self.streak = 0 if finite else self.streak + 1
         self.total += not finite

@@ -48,12 +48,14 @@ def setting(
     role: str = COMPUTES,
     flag: str | None = None,
     init: str | None = None,
+    auto: bool = False,
 ) -> Any:
     """A dataclass field with its help text (one sentence or more, no default: --help adds it), its resume rule
     (MUST_MATCH unless said otherwise, so a new field that shapes the model is checked) and its comparison role.
     `flag` names the value in --help (e.g. PATH) where the type alone says too little; `init` says what a run
-    started with --init_from takes from there (SHAPE or CARRIED; None: nothing)."""
-    metadata = {"help": help, "resume": resume, "role": role, "metavar": flag, "init": init}
+    started with --init_from takes from there (SHAPE or CARRIED; None: nothing). A yes/no setting with `auto` also
+    takes AUTO on the command line, which the command decides (config.parse_args)."""
+    metadata = {"help": help, "resume": resume, "role": role, "metavar": flag, "init": init, "auto": auto}
     return dataclasses.field(default=default, default_factory=factory, metadata=metadata)
 
 
@@ -109,6 +111,9 @@ BOOLEAN_WORDS = {
 }  # fmt: skip
 
 
+AUTO = "auto"
+
+
 def parse_bool(text: str) -> bool:
     """true/false, yes/no, on/off, 1/0 (any case)."""
     try:
@@ -116,6 +121,18 @@ def parse_bool(text: str) -> bool:
     except KeyError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a yes/no value; write true or false (or yes/no, on/off, 1/0)"
+        ) from None
+
+
+def parse_bool_or_auto(text: str) -> bool | str:
+    """parse_bool, or AUTO (any case)."""
+    if text.lower() == AUTO:
+        return AUTO
+    try:
+        return BOOLEAN_WORDS[text.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a yes/no value or auto; write true, false or auto (or yes/no, on/off, 1/0)"
         ) from None
 
 
@@ -198,6 +215,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, defaults_from: str = "
         options: dict[str, Any] = {"default": None, "help": help_text, "metavar": metavar, "required": required(f)}
         if choices:  # checked by the settings' validation, whose refusal is one sentence
             options.update(metavar="{" + ",".join(choices) + "}")
+        elif base is bool and f.metadata.get("auto"):
+            options.update(type=parse_bool_or_auto, nargs="?", const=True, metavar=f"true|false|{AUTO}")
         elif base is bool:
             options.update(type=parse_bool, nargs="?", const=True, metavar="true|false")
         elif typing.get_origin(base) is list:
@@ -279,5 +298,6 @@ def markdown_table(cls: type, defaults_from: str = "") -> str:
             rows.append(f"| **{current}** | | | | |")
         default = _default_words(f) or "(empty)"
         help_text = f.metadata["help"].replace("|", "\\|")
-        rows.append(f"| `--{name}` | `{default}` | {type_words(hints[name])} | {f.metadata['resume']} | {help_text} |")
+        words = "true, false or auto" if f.metadata.get("auto") else type_words(hints[name])
+        rows.append(f"| `--{name}` | `{default}` | {words} | {f.metadata['resume']} | {help_text} |")
     return "\n".join(rows) + "\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from tnf_scale.init_from import InitSource, check_same_words, read_init_source
 from tnf_scale.ops import ask_for_the_cpu_once, this_nodes_fused_adam
 from tnf_scale.precision import Precision, device_native_bf16
 from tnf_scale.preflight import check_runner_hostfile
+from tnf_scale.progress_log import on_terminal
 from tnf_scale.run_dir import RunDir
 from tnf_scale.run_lock import RunLock
 from tnf_scale.settings import by_section
@@ -62,6 +64,9 @@ def command(run: Callable[[RunConfig], int], argv: list[str] | None) -> int:
     """A training command's main: flags parsed into a RunConfig, DeepSpeed's own log held to warnings, and a bad
     input ended in one line on stderr with exit code 2."""
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # a batch job's stdout is a pipe or a file, block-buffered: each progress line must reach the job's log when said
+    if hasattr(sys.stdout, "reconfigure"):  # not when a caller swapped in another stream
+        sys.stdout.reconfigure(line_buffering=True)
     ask_for_the_cpu_once()
     # The libraries' million objects live as long as the process: out of the collector's sight, a full collection
     # (DeepSpeed's BF16_Optimizer forces four at start-up) takes milliseconds instead of a second.
@@ -120,7 +125,7 @@ def prepare_on_local_rank0(cfg: RunConfig, topo: Topology, log) -> PreparedData:
     refusal = None
     if topo.local_rank == 0:
         try:
-            data = prepare_data(cfg, log=log, show_progress=topo.is_main)
+            data = prepare_data(cfg, log=log, show_progress=topo.is_main and on_terminal())
         except Refusal as err:
             refusal = err
     if any_rank_on_control(refusal is not None, topo):  # also where the other ranks wait, as long as it takes
@@ -144,7 +149,7 @@ def start(cfg: RunConfig, pipeline_refusal: str | None = None) -> Started:
     log = print if topo.is_main else (lambda *_: None)
     run = RunDir(cfg.output_dir)
     run.check(cfg)
-    lock = lock_run_dir(run, topo)
+    lock = lock_run_dir(run, topo, log)
     data = prepare_on_local_rank0(cfg, topo, log)  # a bad corpus stops here, before an old run is deleted
     check_eval_split(len(data.eval), cfg.eval_sequences, dims.data)  # every rank alike, before anything is deleted
     check_train_split(len(data.train), cfg.global_batch_size)
@@ -175,13 +180,14 @@ def check_train_split(train: int, global_batch_size: int) -> None:
         )
 
 
-def lock_run_dir(run: RunDir, topo: Topology) -> RunLock:
-    """Global rank 0 locks the run directory; every rank stops (rank 0 saying why) when it cannot."""
+def lock_run_dir(run: RunDir, topo: Topology, log) -> RunLock:
+    """Global rank 0 locks the run directory (saying so when it takes over a stale lock); every rank stops (rank 0
+    saying why) when it cannot."""
     lock = RunLock(run.lock_file)
     refusal = None
     if topo.is_main:
         try:
-            lock.acquire()
+            lock.acquire(log)
         except Refusal as err:
             refusal = err
     if any_rank_on_control(refusal is not None, topo):

@@ -12,12 +12,11 @@ import time
 
 import deepspeed
 from deepspeed.accelerator import get_accelerator
-from tqdm.auto import tqdm
 
 from tnf_scale.checkpoint import Checkpointer, note_rows
 from tnf_scale.config import RunConfig
 from tnf_scale.cpu_adam import inner_optimizer
-from tnf_scale.distributed import Topology, wait_for_all
+from tnf_scale.distributed import Topology, device_name, wait_for_all
 from tnf_scale.errors import PeerStopped, rank_line
 from tnf_scale.failures import settle_failure
 from tnf_scale.init_from import load_notes, load_weights
@@ -25,9 +24,11 @@ from tnf_scale.metrics import MetricsLogger
 from tnf_scale.model.build import build_objective, pipeline_refusal
 from tnf_scale.model.electra import discriminator_reads_warning
 from tnf_scale.model.export import export_hf, save_notes
+from tnf_scale.model_flops import ModelRate
 from tnf_scale.nonfinite import Diverged, NonfiniteGuard
 from tnf_scale.notes.exchange import ExchangeGroup
 from tnf_scale.notes.store import NoteStore
+from tnf_scale.progress_log import ProgressDisplay
 from tnf_scale.run_state import RngStreams, TrainingProgress
 from tnf_scale.startup import Started, command, start
 from tnf_scale.stopping import StopRequest
@@ -140,13 +141,12 @@ def train(
     metrics = MetricsLogger(run_dir.path, world.is_main, resumed_step=progress.step if cfg.resume else None)
     if progress.step == 0:
         metrics.log({"step": 0, **evaluator.metrics()})
-    bar = tqdm(
-        total=cfg.max_steps,
-        initial=progress.step,
-        desc="TNF" if cfg.tnf_enabled else "baseline",
-        unit="step",
-        disable=not world.is_main,
+    rate = (
+        ModelRate.of_run(run_dir.path, cfg.max_seq_len, cfg.mlm_probability, device_name(world.device), world.size)
+        if world.is_main
+        else None
     )
+    bar = ProgressDisplay(cfg.max_steps, progress.step, "TNF" if cfg.tnf_enabled else "baseline", world.is_main, log)
     clock = time.perf_counter() - progress.wall_time
     record: dict = {}
 
@@ -159,7 +159,7 @@ def train(
         last = step + 1 == cfg.max_steps
         record = {}
         if (step + 1) % cfg.log_interval == 0 or last or not guard.healthy:
-            record = step_record(progress, result, engine.get_lr()[0], guard.total, trainer.distinct_noted())
+            record = step_record(progress, result, engine.get_lr()[0], guard, trainer.distinct_noted(), rate)
         if guard.healthy and ((step + 1) % cfg.eval_interval == 0 or last):
             started_eval = time.perf_counter()
             record = {"step": step + 1, **record, **evaluator.metrics()}
@@ -169,8 +169,7 @@ def train(
         if record:
             metrics.log(record)
         guard.stop_if_diverged(step + 1, checkpointer.last_saved)
-        bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{result.tokens / result.seconds:,.0f}")
-        bar.update(1)
+        bar.step(result.loss, result.tokens / result.seconds, record)
         if guard.healthy:
             checkpointer.save(step + 1)
     bar.close()
@@ -195,18 +194,26 @@ def train(
 
 
 def step_record(
-    progress: TrainingProgress, result: StepResult, lr: float, nonfinite_steps: int, distinct_noted: int
+    progress: TrainingProgress,
+    result: StepResult,
+    lr: float,
+    guard: NonfiniteGuard,
+    distinct_noted: int,
+    rate: ModelRate | None,
 ) -> dict:
-    """The metrics record of a logged step."""
+    """The metrics record of a logged step (`rate`: rank 0's, for the model FLOPs and MFU; None elsewhere)."""
+    tokens_per_s = result.tokens / result.seconds
     return {
         "step": progress.step,
         "loss": result.loss,
         "lr": lr,
+        "grad_norm": guard.grad_norm,
         "tokens": progress.tokens,
         "wall_time": progress.wall_time,
         "step_seconds": result.seconds,
-        "tokens_per_s": result.tokens / result.seconds,
-        "nonfinite_steps": nonfinite_steps,
+        "tokens_per_s": tokens_per_s,
+        **(rate.figures(tokens_per_s) if rate else {}),
+        "nonfinite_steps": guard.total,
         "memory_max_rank_gib": result.memory_max_rank_gib,
         **result.terms,
         **result.notes,

@@ -1,10 +1,5 @@
-"""Throughput figures of a run: tokens/s, the step split into phases, model FLOPs, MFU, GPU state.
-
-Model FLOPs per trained token (forward x 3 for forward + backward), for L layers, hidden h,
-feed-forward f, sequence s, vocabulary V, and the MLM head run on a fraction p of tokens:
-  per layer  8 h^2 (Q, K, V, output projections) + 4 h f (feed-forward) + 4 s h (scores, weighted sum)
-  head       p (2 h^2 + 2 h V)
-"""
+"""Throughput figures of a run: tokens/s, the step split into phases, model FLOPs (model_flops.py), MFU, GPU
+state."""
 
 from __future__ import annotations
 
@@ -16,76 +11,11 @@ from pathlib import Path
 import torch
 
 from tnf_scale.errors import ConfigError
+from tnf_scale.model_flops import gpu_peak, run_flops_per_token
 from tnf_scale.reports.bench import finished_run, steady_steps
 from tnf_scale.run_dir import RunDir, machine
 
 PHASES = ("data", "note_read", "forward", "backward", "optimizer", "note_write")
-# Dense (no sparsity) bf16 tensor-core peaks per GPU (FLOP/s), from NVIDIA's datasheets, by the exact name NVML and
-# torch report. A name that is not here gets no MFU (the report says so), never a near miss: "L40S" is not "L4", an
-# H100 PCIe is not an H100 SXM. GPUs without native bf16 (V100, T4) have no entry: auto trains them in fp32.
-GPU_PEAK_FLOPS = {
-    "NVIDIA A100-SXM4-40GB": 312e12,
-    "NVIDIA A100-SXM4-80GB": 312e12,
-    "NVIDIA A100-PCIE-40GB": 312e12,
-    "NVIDIA A100 80GB PCIe": 312e12,
-    "NVIDIA A10": 125e12,
-    "NVIDIA A40": 149.7e12,
-    "NVIDIA L4": 121e12,
-    "NVIDIA L40": 181e12,
-    "NVIDIA L40S": 362e12,
-    "NVIDIA H100 80GB HBM3": 989e12,  # SXM5
-    "NVIDIA H100 PCIe": 756e12,
-    "NVIDIA H100 NVL": 835e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA H200 NVL": 835e12,
-    "NVIDIA GH200 480GB": 989e12,
-    "NVIDIA B200": 2250e12,
-}
-
-
-def encoder_flops(layers: int, hidden: int, ffn: int, seq_len: int) -> float:
-    """Forward FLOPs per token of a transformer encoder: projections, FFN and attention scores."""
-    return layers * (8 * hidden**2 + 4 * hidden * ffn + 4 * seq_len * hidden)
-
-
-def flops_per_token(layers: int, hidden: int, ffn: int, seq_len: int, vocab: int, head_fraction: float) -> float:
-    """Training FLOPs per token (forward + backward = 3 x forward) of BERT with an MLM head."""
-    head = head_fraction * (2 * hidden**2 + 2 * hidden * vocab)
-    return 3 * (encoder_flops(layers, hidden, ffn, seq_len) + head)
-
-
-def electra_flops_per_token(generator: dict, discriminator: dict, seq_len: int, mlm_fraction: float) -> float:
-    """Training FLOPs per token of ELECTRA: both encoders, the generator's embedding projection, its MLM head at the
-    masked positions and the discriminator's head at every position (Hugging Face config fields)."""
-    small, width, vocab = generator["hidden_size"], generator["embedding_size"], generator["vocab_size"]
-    big = discriminator["hidden_size"]
-    forward = (
-        encoder_flops(generator["num_hidden_layers"], small, generator["intermediate_size"], seq_len)
-        + encoder_flops(discriminator["num_hidden_layers"], big, discriminator["intermediate_size"], seq_len)
-        + (2 * width * small if width != small else 0)
-        + mlm_fraction * (2 * small * width + 2 * width * vocab)
-        + 2 * big**2
-        + 2 * big
-    )
-    return 3 * forward
-
-
-def run_flops_per_token(run: Path, config: dict) -> float:
-    """Model FLOPs per token of a run, from its model config(s); heads counted where the objective needs them."""
-    model = RunDir(run).read_model_config()
-    if RunDir(run).generator_config.is_file():
-        generator = json.loads(RunDir(run).generator_config.read_text())
-        return electra_flops_per_token(generator, model, config["max_seq_len"], config["mlm_probability"])
-    return flops_per_token(
-        model["num_hidden_layers"],
-        model["hidden_size"],
-        model["intermediate_size"],
-        config["max_seq_len"],
-        model["vocab_size"],
-        config["mlm_probability"],
-    )
-
-
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -123,11 +53,6 @@ def gpu_state() -> dict:
         )
     pynvml.nvmlShutdown()
     return {"gpus": gpus, "note": f"{len(gpus)} GPU(s) seen by NVML"}
-
-
-def gpu_peak(name: str) -> float | None:
-    """The dense bf16 peak of one GPU of this exact name, or None."""
-    return GPU_PEAK_FLOPS.get(name)
 
 
 def summarize(steps: list[dict], samples_per_step: int) -> dict:
@@ -191,7 +116,7 @@ def run_figures(run: Path, warmup: int, cpu_peaks: dict[str, float]) -> dict:
             + (f"use a warmup below {logged}." if logged else "the run logged no training step yet.")
         )
     summary = summarize(steps, config["global_batch_size"])
-    flops = run_flops_per_token(run, config)
+    flops = run_flops_per_token(run, config["max_seq_len"], config["mlm_probability"])
     achieved = flops * summary["tokens_per_s"]["median"]
     origin = RunDir(run).read_provenance()
     peak, peak_source = run_peak(origin, cpu_peaks)
