@@ -203,12 +203,23 @@ def test_boolean_flags_take_the_usual_spellings_and_a_bare_flag_means_true(capsy
         ("0", False),
     ):
         assert parse_args(["--overwrite", word]).overwrite is value
-    with pytest.raises(SystemExit) as stop:
-        parse_args(["--resume", "maybe"])
-    err = capsys.readouterr().err
-    assert (
-        stop.value.code == 2 and "'maybe' is not a yes/no value; write true or false" in err and "Traceback" not in err
-    )
+    for flag, words in (("--overwrite", "write true or false"), ("--resume", "or auto; write true, false or auto")):
+        with pytest.raises(SystemExit) as stop:
+            parse_args([flag, "maybe"])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and "'maybe' is not a yes/no value" in err and words in err
+        assert "Traceback" not in err
+
+
+def test_resume_auto_continues_a_run_with_a_complete_checkpoint_and_otherwise_starts(tmp_path):
+    """--resume auto: true where the run directory holds a complete checkpoint (one without COMPLETE does not
+    count), false elsewhere; any case."""
+    run = tmp_path / "run"
+    assert parse_args(["--resume", "auto", "--output_dir", str(run)]).resume is False
+    (run / "checkpoints" / "step00000010").mkdir(parents=True)
+    assert parse_args(["--resume", "AUTO", "--output_dir", str(run)]).resume is False  # being written, or torn
+    (run / "checkpoints" / "step00000010" / "COMPLETE").write_text("{}")
+    assert parse_args(["--resume", "auto", "--output_dir", str(run)]).resume is True
 
 
 @pytest.mark.parametrize(
