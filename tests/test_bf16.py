@@ -126,3 +126,17 @@ def test_a_bf16_checkpoint_resumes_on_the_same_ranks_bit_for_bit(bf16_runs, smal
     assert evaluations(resumed)[12] == evaluations(source)[12]
     notes = [load_file(str(run / "notes.safetensors"))["vectors"] for run in (source, resumed)]
     assert torch.equal(*notes)
+
+
+def test_a_failed_universal_conversion_says_deepspeeds_own_words(bf16_runs, tmp_path):
+    """DeepSpeed's conversion runs in the process that needs it, so its failure reaches the log as DeepSpeed's own
+    error (before, a subprocess's exit status with its output captured away). Planted: an optimizer-state file
+    missing from a copy of the checkpoint."""
+    from tnf_scale.checkpoint import ConversionFailed, universal_form
+
+    ckpt = tmp_path / "checkpoints" / "step00000012"
+    shutil.copytree(bf16_runs["zero1_w2"] / "checkpoints" / "step00000012", ckpt)
+    next(ckpt.glob("bf16_zero_pp_rank_1_*optim_states.pt")).unlink()
+    with pytest.raises(ConversionFailed, match=r"DeepSpeed's universal conversion of .*step00000012 failed: \w+"):
+        universal_form(ckpt)
+    assert not (tmp_path / "checkpoints" / "universal" / "step00000012" / "COMPLETE").exists()

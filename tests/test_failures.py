@@ -13,10 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import COMPARED_RUN, REPO, clean_env, free_port, run_cmd, train_args
+from conftest import COMPARED_RUN, REPO, check_ok, clean_env, free_port, run_cmd, train_args
 from safetensors.torch import save_file
 
-from tnf_scale.checkpoint import COMPLETE, CheckpointError, plan_resume, rank_file, write_manifest
+from tnf_scale.checkpoint import (
+    COMPLETE,
+    CheckpointError,
+    complete_checkpoints,
+    plan_resume,
+    rank_file,
+    write_manifest,
+)
 from tnf_scale.errors import ConfigError
 from tnf_scale.launch import TRAIN_SCRIPT, deepspeed_command
 from tnf_scale.metrics import read_metrics
@@ -226,6 +233,52 @@ def fake_checkpoint(run: Path, step: int) -> Path:
         )
     )
     return ckpt
+
+
+def save_in_a_worker(run: Path, step: int, keep: int, mode: str, protected: Path | None = None):
+    args = [sys.executable, "tests/workers/prune_worker.py", str(run), str(step), str(keep), mode]
+    return run_cmd([*args, *([str(protected)] if protected else [])], timeout=300)
+
+
+def test_retention_deletes_only_once_a_newer_checkpoint_is_complete_and_keeps_the_one_resumed_from(tmp_path):
+    """--keep_checkpoints through the real Checkpointer: a save killed halfway (SIGKILL after DeepSpeed's files)
+    deletes nothing and marks nothing complete; a save that completes deletes the complete checkpoints beyond the
+    newest K with their universal forms, but never the one the run resumed from. Planted: pruning before the save
+    (the killed save then leaves 2 of 3) and pruning the protected one each fail."""
+    for step in (2, 4, 6):
+        fake_checkpoint(tmp_path, step)
+    (tmp_path / "checkpoints" / "universal" / "step00000004").mkdir(parents=True)
+    killed = save_in_a_worker(tmp_path, 8, keep=2, mode="kill")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step*"))
+    assert names == ["step00000002", "step00000004", "step00000006", "step00000008"]
+    assert not (tmp_path / "checkpoints" / "step00000008" / COMPLETE).exists()
+
+    oldest = tmp_path / "checkpoints" / "step00000002"
+    done = save_in_a_worker(tmp_path, 8, keep=2, mode="finish", protected=oldest)
+    check_ok(done)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step00000002", "step00000006", "step00000008"]
+    assert not (tmp_path / "checkpoints" / "step00000004").exists()
+    assert not (tmp_path / "checkpoints" / "universal" / "step00000004").exists()
+
+
+def test_a_step_that_is_not_saved_does_not_look_at_the_file_system(tmp_path, monkeypatch):
+    """Every step asks the checkpointer; only a step the interval saves may list the checkpoints (a glob and a stat
+    of each, on a shared file system, at every step). Planted: the listing before the interval check fails."""
+    from types import SimpleNamespace
+
+    from tnf_scale import checkpoint
+    from tnf_scale.run_dir import RunDir
+
+    (tmp_path / "rare_vocab.tsv").write_text("word\t3\n")
+    saver = checkpoint.Checkpointer(RunDir(tmp_path), SimpleNamespace(rank=0, size=1), tmp_path / "rare_vocab.tsv",
+                                    None, save_interval=10)  # fmt: skip
+
+    def listed(_):
+        raise AssertionError("the checkpoints were listed")
+
+    monkeypatch.setattr(checkpoint, "latest_complete", listed)
+    assert [saver.save(step) for step in range(1, 10)] == [None] * 9
 
 
 @pytest.mark.parametrize(

@@ -214,6 +214,28 @@ def test_a_checkpoint_of_other_data_is_refused(tmp_path):
     assert plan_resume(tmp_path / "other", "abc", num_rare=4).step == 5
 
 
+def test_on_the_ranks_that_saved_it_each_rank_reads_only_its_own_file(tmp_path, monkeypatch):
+    """At an unchanged world size a rank's file holds exactly its rows and streams: each rank reads that one alone
+    (W files on every rank is W x the note dictionary from the shared file system) and checks it holds every id the
+    rank owns; on another world size it reads them all. Planted: reading every file fails the count."""
+    from tnf_scale import checkpoint
+
+    ids = torch.arange(40)
+    owners = owner_of(ids, 4)
+    fake_checkpoint(tmp_path / "w4", [ids[owners == r] for r in range(4)])
+    ckpt = tmp_path / "w4" / "checkpoints" / "step00000005"
+    write_manifest(ckpt, rank=0, world_size=1)
+    read, load = [], checkpoint.load_file
+    monkeypatch.setattr(checkpoint, "load_file", lambda path: read.append(Path(path).name) or load(path))
+    point = plan_resume(tmp_path / "w4", "d", num_rare=40, rank=2, world_size=4)
+    assert read == ["notes_rank00002.safetensors"] and list(point.rank_files) == [2]
+    read.clear()
+    assert len(plan_resume(tmp_path / "w4", "d", num_rare=40, rank=0, world_size=2).rank_files) == 4 == len(read)
+    owner = int(owner_of(torch.tensor([40]), 4))  # a 41st word: its owner's file lacks it
+    with pytest.raises(CheckpointError, match=rf"each needed exactly once \(rank {owner} of 4\)"):
+        plan_resume(tmp_path / "w4", "d", num_rare=41, rank=owner, world_size=4)
+
+
 def test_a_resume_with_another_model_shape_or_fewer_steps_is_refused_before_any_run_file_changes(tmp_path):
     run = tmp_path / "run"
     fake_checkpoint(run, [torch.tensor([0, 1, 2, 3])])

@@ -9,14 +9,15 @@ refused by name before anything is loaded.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
 import errno
 import hashlib
+import io
 import json
 import re
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from tnf_scale.config import RESUME_MUST_MATCH, RunConfig, resume_conflict
 from tnf_scale.cpu_adam import replay_cpu_adam_steps
 from tnf_scale.distributed import Topology, wait_for_all
 from tnf_scale.errors import ConfigError, Refusal
+from tnf_scale.notes.note_math import owner_of
 from tnf_scale.run_dir import RunDir
 from tnf_scale.run_state import Stateful
 
@@ -94,6 +96,22 @@ class CheckpointMarker:
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     """The checkpoint directories that hold a COMPLETE marker, oldest first."""
     return [p for p in checkpoint_dirs(output_dir) if (p / COMPLETE).is_file()]
+
+
+def superseded(complete: list[Path], keep: int, protected: Path | None) -> list[Path]:
+    """The complete checkpoints (oldest first) beyond the `keep` newest (0: none are), but `protected`."""
+    if keep == 0:
+        return []
+    return [ckpt for ckpt in complete[:-keep] if ckpt != protected]
+
+
+def prune(output_dir: str | Path, keep: int, protected: Path | None) -> None:
+    """Delete the superseded checkpoints and their universal forms: the marker first, so that a deletion cut short
+    leaves a directory that is no longer a checkpoint, never one that looks complete and is not."""
+    for ckpt in superseded(complete_checkpoints(output_dir), keep, protected):
+        (ckpt / COMPLETE).unlink()
+        shutil.rmtree(ckpt)
+        shutil.rmtree(ckpt.parent / "universal" / ckpt.name, ignore_errors=True)
 
 
 def latest_complete(output_dir: str | Path) -> Path | None:
@@ -197,10 +215,11 @@ def save_checkpoint(
     return ckpt
 
 
-def read_rank_files(ckpt: Path, world_size: int) -> list[dict[str, torch.Tensor]]:
-    """Every rank's file of a checkpoint; a missing or unreadable one is refused by name."""
+def read_rank_files(ckpt: Path, world_size: int, ranks: list[int] | None = None) -> list[dict[str, torch.Tensor]]:
+    """Every rank's file of a checkpoint saved on `world_size` ranks (or those of `ranks`); a missing or unreadable one
+    is refused by name."""
     states = []
-    for rank in range(world_size):
+    for rank in range(world_size) if ranks is None else ranks:
         path = rank_file(ckpt, rank)
         if not path.is_file():
             raise CheckpointError(
@@ -216,14 +235,19 @@ def read_rank_files(ckpt: Path, world_size: int) -> list[dict[str, torch.Tensor]
     return states
 
 
-def check_note_rows(states: list[dict[str, torch.Tensor]], num_rare: int, ckpt: Path) -> None:
-    """Every rare id 0..num_rare-1 must appear exactly once across the ranks' files."""
-    ids = torch.cat([s["ids"] for s in states])
-    in_range = len(ids) == 0 or (int(ids.min()) >= 0 and int(ids.max()) < num_rare)
-    if len(ids) != num_rare or not in_range or not bool((torch.bincount(ids, minlength=num_rare) == 1).all()):
+def check_note_rows(
+    states: list[dict[str, torch.Tensor]], num_rare: int, ckpt: Path, share: tuple[int, int] | None = None
+) -> None:
+    """Every rare id 0..num_rare-1 must appear exactly once across the ranks' files; with `share` (rank, world size),
+    the files are that rank's own, and every id the rank owns must."""
+    ids = torch.sort(torch.cat([s["ids"] for s in states])).values
+    expected = torch.arange(num_rare)
+    if share is not None:
+        expected = expected[owner_of(expected, share[1]) == share[0]]
+    if not torch.equal(ids, expected):
         raise CheckpointError(
-            f"checkpoint {ckpt} holds {len(ids)} note rows but the rare vocabulary has {num_rare} words, each "
-            f"needed exactly once; "
+            f"checkpoint {ckpt} holds note rows that do not cover the rare vocabulary's {num_rare} words, each "
+            f"needed exactly once{f' (rank {share[0]} of {share[1]})' if share else ''}; "
             "it belongs to other data or is damaged — resume with the data it was trained on, or from another "
             "checkpoint."
         )
@@ -235,7 +259,7 @@ class ResumePoint:
 
     ckpt: Path
     marker: CheckpointMarker
-    rank_files: list[dict[str, torch.Tensor]]
+    rank_files: dict[int, dict[str, torch.Tensor]]  # the rank files this rank read, by rank
 
     @property
     def step(self) -> int:
@@ -281,13 +305,23 @@ def plan_resume(
             f"checkpoint {ckpt} was trained with a different rare vocabulary than the data prepared now; "
             "resume with the same corpus, tokenizer and rare band."
         )
-    rank_files = read_rank_files(ckpt, marker.world_size)
+    # on the ranks that saved it, each rank's file holds exactly its own rows and streams: it reads that one alone
+    ranks = [rank] if marker.world_size == world_size else list(range(marker.world_size))
+    rank_files = dict(zip(ranks, read_rank_files(ckpt, marker.world_size, ranks)))
     if num_rare is not None:
         if not marker.notes:
             raise CheckpointError(
                 f"checkpoint {ckpt} comes from a --tnf off run and holds no notes; resume it with --tnf off."
             )
-        check_note_rows(rank_files, num_rare, ckpt)
+        share = (rank, world_size) if len(ranks) == 1 and marker.world_size > 1 else None
+        try:
+            check_note_rows(list(rank_files.values()), num_rare, ckpt, share)
+            refusal = None
+        except CheckpointError as err:
+            refusal = str(err)
+        refusals = [r for r in gather_from_ranks(refusal) if r]  # one rank's own rows at fault stops every rank
+        if refusals:
+            raise CheckpointError(refusals[0])
     return ResumePoint(ckpt, marker, rank_files)
 
 
@@ -297,11 +331,42 @@ def universal_form(ckpt: Path) -> Path:
     target = ckpt.parent / "universal" / ckpt.name
     if not (target / COMPLETE).is_file():
         shutil.rmtree(target, ignore_errors=True)
-        convert = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt)]
-        subprocess.run([*convert, "--output_folder", str(target)], check=True, capture_output=True)
+        convert_to_universal(ckpt, target)
         (target.parent / "latest").write_text(ckpt.name)
         CheckpointMarker.read(ckpt).write(target)
     return target
+
+
+class ConversionFailed(RuntimeError):
+    """DeepSpeed's universal conversion raised; the message holds its own error and the end of what it printed."""
+
+
+def convert_to_universal(ckpt: Path, target: Path) -> None:
+    """DeepSpeed's ds_to_universal run in this process: no second interpreter to start, and its own error, not a
+    subprocess's exit status, when it fails. One worker: its worker pool would fork a process that runs threads
+    (gloo's, the prefetcher's). Its progress output is kept back, and shown only with a failure."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(
+        input_folder=str(ckpt),
+        output_folder=str(target),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=False,
+    )
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+            ds_to_universal.main(args)
+    except Exception as err:
+        lines = said.getvalue().replace("\r", "\n").splitlines()
+        printed = [line.strip() for line in lines if line.strip() and not re.search(r"\d+%\|", line)]  # no tqdm bars
+        raise ConversionFailed(
+            f"DeepSpeed's universal conversion of {ckpt} failed: {type(err).__name__}: {err} (its last words: "
+            f"{' / '.join(printed[-3:]) or 'none'})"
+        ) from err
 
 
 def universal_checkpoint(point: ResumePoint, topo: Topology) -> Path:
@@ -312,7 +377,10 @@ def universal_checkpoint(point: ResumePoint, topo: Topology) -> Path:
 
 
 def union_of_ranks(rank_files: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Every rank's rows of a sharded state, concatenated (the rows of the note dictionary, whatever the partition)."""
+    """Every rank's rows of a sharded state, concatenated (the rows of the note dictionary, whatever the partition);
+    one file's rows as they are, not copied."""
+    if len(rank_files) == 1:
+        return {key: rank_files[0][key] for key in ("ids", "vectors", "noted")}
     return {key: torch.cat([f[key] for f in rank_files]) for key in ("ids", "vectors", "noted")}
 
 
@@ -326,10 +394,19 @@ class Checkpointer:
     decides (every --save_interval steps, and always with `last`).
     """
 
-    def __init__(self, run: RunDir, topo: Topology, rare_vocab: Path, num_rare: int | None, save_interval: int = 0):
+    def __init__(
+        self,
+        run: RunDir,
+        topo: Topology,
+        rare_vocab: Path,
+        num_rare: int | None,
+        save_interval: int = 0,
+        keep_checkpoints: int = 0,
+    ):
         """`rare_vocab` is the data's rare vocabulary file (checkpoints must match it); `num_rare` is None without
         notes; `save_interval` 0 saves only when asked with `last`."""
         self.run, self.topo, self.num_rare, self.save_interval = run, topo, num_rare, save_interval
+        self.keep_checkpoints = keep_checkpoints
         self.rare_vocab_digest = hashlib.sha256(rare_vocab.read_bytes()).hexdigest()[:16]
         self.point: ResumePoint | None = None
         self.source: Path | None = None  # what DeepSpeed loads: the checkpoint, or its universal form
@@ -408,11 +485,11 @@ class Checkpointer:
         point = self.point
         if point is None:
             return
-        mine = point.rank_files[self.topo.rank] if self.topo.rank < point.world_size else {}
+        mine = point.rank_files.get(self.topo.rank, {})
         saved = dataclasses.asdict(point.marker)
         for component in states.values():  # this rank's streams first: loading the engine draws no random numbers
             if getattr(component, "sharded_state", False):
-                component.load_state_dict(union_of_ranks(point.rank_files))
+                component.load_state_dict(union_of_ranks(list(point.rank_files.values())))
             else:
                 component.load_state_dict({**saved, **mine})
         load_path, _ = engine.load_checkpoint(str(self.source.parent), tag=self.source.name)
@@ -422,15 +499,18 @@ class Checkpointer:
             )
         replay_cpu_adam_steps(engine.optimizer, self.topo.device)  # DeepSpeed's CPU Adam keeps state outside it
         self.last_saved = point.step
+        self.point = dataclasses.replace(point, rank_files={})  # loaded: the rows need not stay in memory
 
     def save(self, step: int, last: bool = False) -> Path | None:
         """After step `step`: a complete checkpoint on every rank when the interval says so, or with `last` (the run's
-        end, a stop) unless this step is saved already. Returns the checkpoint of this step, or None. Collective."""
-        latest = latest_complete(self.run.path)
-        if last and self.last_saved == step and latest is not None:
-            return latest
+        end, a stop) unless this step is saved already. Returns the checkpoint of this step, or None. Once it is
+        complete, rank 0 deletes those beyond --keep_checkpoints. Collective."""
         if not last and not (self.save_interval and step % self.save_interval == 0):
-            return None
+            return None  # the common case, decided without looking at the file system
+        if last and self.last_saved == step:
+            latest = latest_complete(self.run.path)
+            if latest is not None:
+                return latest
         rank_state, plain = {}, {}
         for component in self.states.values():
             for key, value in component.state_dict().items():
@@ -446,6 +526,8 @@ class Checkpointer:
         )
         ckpt = save_checkpoint(self.engine, self.run.path, marker, self.topo.rank, rank_state)
         self.last_saved = step
+        if self.topo.is_main:  # every rank has finished writing it: the older ones are no longer needed
+            prune(self.run.path, self.keep_checkpoints, self.point.ckpt if self.point else None)
         return ckpt
 
 

@@ -349,6 +349,10 @@ class RunSettings:
     output_dir: str = setting("runs/demo", help="the run directory", resume=MAY_CHANGE, role=STARTS, flag="DIR")
     save_interval: int = setting(0, help="steps between checkpoints (0: at the end only)", resume=MAY_CHANGE,
                                  role=PACES)  # fmt: skip
+    keep_checkpoints: int = setting(
+        3, help="complete checkpoints kept, the newest (0: every one); an older one is deleted only once a newer one "
+        "is complete, and never the one this run resumed from", resume=MAY_CHANGE, role=PACES,
+    )  # fmt: skip
     max_nonfinite_steps: int = setting(
         5, help="consecutive steps with a non-finite loss or gradient norm before the run stops",
         resume=MAY_CHANGE, role=PACES,
@@ -389,7 +393,7 @@ class RunSettings:
 
     def check_run(self) -> None:
         at_least(self, ("max_nonfinite_steps", "intra_op_threads"), 1)
-        at_least(self, ("save_interval",), 0)
+        at_least(self, ("save_interval", "keep_checkpoints"), 0)
         if self.deepspeed_config is not None:
             check_deepspeed_config_path(self.deepspeed_config)
 

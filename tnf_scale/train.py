@@ -40,7 +40,12 @@ def run(cfg: RunConfig) -> int:
     started = start(cfg, pipeline_refusal(cfg))
     world, ds_config, run_dir, data, log = started.topo, started.ds_config, started.run, started.data, started.log
     checkpointer = Checkpointer(
-        run_dir, world, data.rare_vocab_path, len(data.rare_vocab) if cfg.tnf_enabled else None, cfg.save_interval
+        run_dir,
+        world,
+        data.rare_vocab_path,
+        len(data.rare_vocab) if cfg.tnf_enabled else None,
+        cfg.save_interval,
+        cfg.keep_checkpoints,
     )
     checkpointer.plan(cfg)
     checkpointer.adapt(ds_config)  # a checkpoint this config cannot load is refused before any run file is rewritten
