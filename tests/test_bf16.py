@@ -33,12 +33,13 @@ EXPORT_TOLERANCE = {"zero3_w2": 1e-4}
 @pytest.fixture(scope="module")
 def bf16_runs(small_config, tmp_path_factory) -> dict[str, Path]:
     """One bf16 run per path: ZeRO-1 on 2 ranks (DeepSpeed's BF16_Optimizer), ELECTRA with ZeRO-2 on 1 rank, ZeRO-3
-    on 2 ranks, 2 pipeline stages (BF16_Optimizer on stages)."""
+    on 2 ranks, 2 pipeline stages x 2 replicas (BF16_Optimizer on stages, each partitioned over its replicas, the tied
+    embeddings on both stages: BERT-large's pipeline recipe)."""
     layouts = {
         "zero1_w2": (2, dict(deepspeed_config="ds_configs/zero1.json")),
         "electra_zero2_w1": (1, dict(deepspeed_config="ds_configs/zero2.json", objective="electra")),
         "zero3_w2": (2, dict(deepspeed_config="ds_configs/zero3.json")),
-        "pipeline_2x1": (2, dict(deepspeed_config="ds_configs/tiny_pp2.json")),
+        "pipeline_2x2": (4, dict(deepspeed_config="ds_configs/tiny_pp2.json")),
     }
     runs = {}
     for name, (ranks, flags) in layouts.items():
@@ -63,7 +64,7 @@ def bf16_weights(ckpt: Path, key: str) -> torch.Tensor:
     return next(value for name, value in module.items() if name.endswith(f".{key}"))
 
 
-@pytest.mark.parametrize("layout", ["zero1_w2", "electra_zero2_w1", "zero3_w2", "pipeline_2x1"])
+@pytest.mark.parametrize("layout", ["zero1_w2", "electra_zero2_w1", "zero3_w2", "pipeline_2x2"])
 def test_bf16_trains_and_exports_the_fp32_master_weights(bf16_runs, layout, prepared, small_config):
     run = bf16_runs[layout]
     losses = step_losses(run)
@@ -93,15 +94,21 @@ def test_the_start_up_line_says_the_precision_and_why(bf16_runs):
     assert provenance["precision"] == "bf16"
 
 
-def test_a_bf16_checkpoint_resumes_on_another_world_size(bf16_runs, small_config, tmp_path):
-    source = bf16_runs["zero1_w2"]
+@pytest.mark.parametrize(
+    "layout, config, ranks",
+    [("zero1_w2", "ds_configs/zero1.json", 1), ("pipeline_2x2", "ds_configs/tiny_pp2.json", 2)],
+)
+def test_a_bf16_checkpoint_resumes_on_another_world_size(bf16_runs, layout, config, ranks, small_config, tmp_path):
+    """ZeRO-1 from 2 ranks onto 1; the pipeline from 2 stages x 2 replicas onto 2 x 1 (the stages stay, the replicas
+    change). Planted: the pipeline refused on another world size, as before, fails it."""
+    source = bf16_runs[layout]
     resumed = tmp_path / "resumed"
     shutil.copytree(source, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step00000012")
-    flags = dict(deepspeed_config="ds_configs/zero1.json", resume="true")
-    launch(1, ["tnf_scale/train.py", *train_args(small_config, resumed, **BF16_RUN, **flags)])
+    flags = dict(deepspeed_config=config, resume="true")
+    launch(ranks, ["tnf_scale/train.py", *train_args(small_config, resumed, **BF16_RUN, **flags)])
     expected, got = step_losses(source), step_losses(resumed)
-    for step in range(7, 13):  # trained on 1 rank from the 2-rank checkpoint (DeepSpeed's universal form)
+    for step in range(7, 13):  # trained on fewer ranks from the checkpoint (DeepSpeed's universal form)
         assert got[step] == pytest.approx(expected[step], rel=LAYOUT_TOLERANCE), step
     for key, value in evaluations(source)[12].items():
         assert evaluations(resumed)[12][key] == pytest.approx(value, rel=LAYOUT_TOLERANCE), key

@@ -320,6 +320,40 @@ def test_a_checkpoint_without_its_manifest_is_damaged_not_a_different_vocabulary
         plan_resume(tmp_path, "d", num_rare=4)
 
 
+def test_a_pipeline_checkpoint_resumed_with_another_number_of_stages_is_refused_and_other_replicas_are_not(
+    tmp_path, monkeypatch
+):
+    """A stage's layer files hold its own layers, so the stages must match; the replicas may change (DeepSpeed's
+    universal form then loads each stage's optimizer state)."""
+    from types import SimpleNamespace
+
+    from tnf_scale import checkpoint
+    from tnf_scale.checkpoint import Checkpointer, CheckpointMarker, ResumePoint
+    from tnf_scale.distributed import ParallelDims
+    from tnf_scale.run_dir import RunDir
+
+    monkeypatch.setattr(checkpoint, "wait_for_all", lambda topo: None)  # no process group here
+    (tmp_path / "rare_vocab.tsv").write_text("word\t3\n")
+    ckpt = fake_checkpoint(tmp_path, 6)
+    marker = CheckpointMarker(step=6, world_size=4, notes=True, pipeline_stages=2, zero_stage=1)
+    for dims, refused in ((ParallelDims(1, 2), True), (ParallelDims(4, 1), True), (ParallelDims(2, 1), False)):
+        topo = SimpleNamespace(rank=0, size=dims.pipeline * dims.data, dims=dims, is_main=True, control=None)
+        checkpointer = Checkpointer(RunDir(tmp_path), topo, tmp_path / "rare_vocab.tsv", 4)
+        checkpointer.point = ResumePoint(ckpt, marker, {})
+        if refused:
+            with pytest.raises(
+                ConfigError, match=rf"saved with 2 pipeline stage\(s\) and this run has {dims.pipeline}"
+            ):
+                checkpointer.adapt({"zero_optimization": {"stage": 1}})
+        else:
+            checkpointer.source = ckpt
+            (tmp_path / "checkpoints" / "universal" / ckpt.name).mkdir(parents=True)
+            (tmp_path / "checkpoints" / "universal" / ckpt.name / COMPLETE).write_text("{}")  # converted already
+            config = {"zero_optimization": {"stage": 1}}
+            checkpointer.adapt(config)
+            assert config["checkpoint"] == {"load_universal": True} and checkpointer.source.parent.name == "universal"
+
+
 def test_a_resume_checks_the_flags_the_checkpoint_records_when_run_config_json_is_gone(tmp_path):
     """A resume with another --hidden_size in a run without run_config.json used to end in DeepSpeed's size-mismatch
     traceback; the checkpoint now records the flags that shape it, and a checkpoint recording none (written before
@@ -426,6 +460,28 @@ def test_a_diverging_run_stops_in_one_sentence_and_exports_nothing(small_config,
 
 
 @pytest.mark.launcher
+def test_a_rank_that_fails_on_its_own_is_named_first_while_the_others_are_silent_in_a_collective(tmp_path):
+    """Rank 0 fails in its own code (the export's conversion, say) while ranks 1..3 wait in a collective that has not
+    noticed: they have no record yet but are alive, and rank 0 is named, not "ranks 1, 2, 3 died first". A rank that
+    lost its peers, with another rank silent, still names the silent one. Planted: ignoring whether an error lost a
+    peer names ranks 1, 2, 3."""
+    from tnf_scale.checkpoint import ConversionFailed
+    from tnf_scale.failures import first_failure, read_failures, record_failure
+    from tnf_scale.run_dir import RunDir
+
+    run = RunDir(tmp_path)
+    record_failure(run, 0, ConversionFailed("DeepSpeed's universal conversion of step12 failed: RuntimeError: shape"))
+    assert first_failure(read_failures(run), 4) == (
+        [0],
+        f"rank 0 on {socket.gethostname()} failed first (ConversionFailed: DeepSpeed's universal conversion of "
+        "step12 failed: RuntimeError: shape)",
+    )
+    lost = RunDir(tmp_path / "lost")
+    record_failure(lost, 0, torch.distributed.DistBackendError("[gloo/pair.cc:534] Connection closed by peer"))
+    record_failure(lost, 2, RuntimeError("[gloo/pair.cc:534] Connection closed by peer [127.0.0.1]:4242"))
+    assert first_failure(read_failures(lost), 3)[0] == [1]
+
+
 def test_fault_campaign_a_killed_rank_or_runner_loses_nothing_and_the_resume_is_identical(
     small_config, dp_reference_run, tmp_path
 ):

@@ -470,12 +470,13 @@ class Checkpointer:
         saved = (point.marker.pipeline_stages, point.world_size) if point else None
         if point is None or saved == (self.topo.dims.pipeline, self.topo.size):
             return
-        if self.topo.dims.pipeline > 1 or saved[0] > 1:
+        if saved[0] != self.topo.dims.pipeline:  # a stage's layer files hold its own layers: the split must match
             raise ConfigError(
-                f"checkpoint {point.ckpt} was saved with {saved[0]} pipeline stages on {saved[1]} ranks; "
-                "resume a pipeline run with the same stages and ranks."
+                f"checkpoint {point.ckpt} was saved with {saved[0]} pipeline stage(s) and this run has "
+                f"{self.topo.dims.pipeline}; resume it with a DeepSpeed config of {saved[0]} stage(s) (the number of "
+                "data-parallel replicas may change)."
             )
-        if ds_config.get("zero_optimization", {}).get("stage", 0) > 0:
+        if self.topo.dims.pipeline > 1 or ds_config.get("zero_optimization", {}).get("stage", 0) > 0:
             self.source = universal_checkpoint(point, self.topo)
             ds_config["checkpoint"] = {"load_universal": True}
 

@@ -2,7 +2,9 @@
 the lowest surviving rank names the first rank to fail and the resume command with its step.
 
 A rank killed outright (SIGKILL, a crash in native code, a lost node) leaves no record: a rank without one is
-named as having died first. Times come from each host's clock; across nodes they are as good as their sync.
+named as having died first, unless a rank failed on its own (an error that is not a collective losing its peer):
+the others may then still be waiting in a collective that has not noticed, silent but alive, and the first such
+rank is named. Times come from each host's clock; across nodes they are as good as their sync.
 """
 
 from __future__ import annotations
@@ -12,9 +14,17 @@ import os
 import socket
 import time
 
+import torch
+
 from tnf_scale.run_dir import RunDir
 
 RECORD_WAIT_SECONDS = 3.0  # how long a survivor waits for the other ranks' records
+PEER_LOST_WORDS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    """Whether `error` is this rank's view of another rank's failure: a collective or its store losing a peer."""
+    return isinstance(error, torch.distributed.DistError) or any(words in str(error) for words in PEER_LOST_WORDS)
 
 
 def record_failure(run: RunDir, rank: int, error: BaseException) -> None:
@@ -26,6 +36,7 @@ def record_failure(run: RunDir, rank: int, error: BaseException) -> None:
         "pid": os.getpid(),
         "time": time.time(),
         "error": f"{type(error).__name__}: {first_line}",
+        "peer_lost": lost_a_peer(error),
     }
     try:
         run.failures.mkdir(parents=True, exist_ok=True)
@@ -47,15 +58,16 @@ def read_failures(run: RunDir) -> dict[int, dict]:
 
 def first_failure(records: dict[int, dict], world_size: int) -> tuple[list[int], str]:
     """(ranks that failed first, one clause saying how)."""
+    on_its_own = [r for r in records.values() if not r.get("peer_lost")]
     silent = [r for r in range(world_size) if r not in records]
-    if silent:
+    if silent and not on_its_own:
         names = ", ".join(map(str, silent))
         return (
             silent,
             f"rank{'s' if len(silent) > 1 else ''} {names} died first without a word (killed, out of memory, "
             f"or lost with its node)",
         )
-    first = min(records.values(), key=lambda r: r["time"])
+    first = min(on_its_own or records.values(), key=lambda r: r["time"])
     return [first["rank"]], f"rank {first['rank']} on {first['host']} failed first ({first['error']})"
 
 
