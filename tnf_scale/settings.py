@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import json
 import tomllib
 import types
@@ -114,25 +115,17 @@ BOOLEAN_WORDS = {
 AUTO = "auto"
 
 
-def parse_bool(text: str) -> bool:
-    """true/false, yes/no, on/off, 1/0 (any case)."""
-    try:
-        return BOOLEAN_WORDS[text.lower()]
-    except KeyError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a yes/no value; write true or false (or yes/no, on/off, 1/0)"
-        ) from None
-
-
-def parse_bool_or_auto(text: str) -> bool | str:
-    """parse_bool, or AUTO (any case)."""
-    if text.lower() == AUTO:
+def parse_bool(text: str, auto: bool = False) -> bool | str:
+    """true/false, yes/no, on/off, 1/0 (any case); with `auto`, AUTO too."""
+    word = text.lower()
+    if auto and word == AUTO:
         return AUTO
     try:
-        return BOOLEAN_WORDS[text.lower()]
+        return BOOLEAN_WORDS[word]
     except KeyError:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a yes/no value or auto; write true, false or auto (or yes/no, on/off, 1/0)"
+            f"{text!r} is not a yes/no value{' or auto' if auto else ''}; write "
+            f"{'true, false or auto' if auto else 'true or false'} (or yes/no, on/off, 1/0)"
         ) from None
 
 
@@ -216,7 +209,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, defaults_from: str = "
         if choices:  # checked by the settings' validation, whose refusal is one sentence
             options.update(metavar="{" + ",".join(choices) + "}")
         elif base is bool and f.metadata.get("auto"):
-            options.update(type=parse_bool_or_auto, nargs="?", const=True, metavar=f"true|false|{AUTO}")
+            options.update(
+                type=functools.partial(parse_bool, auto=True), nargs="?", const=True, metavar="true|false|auto"
+            )
         elif base is bool:
             options.update(type=parse_bool, nargs="?", const=True, metavar="true|false")
         elif typing.get_origin(base) is list:
