@@ -36,12 +36,21 @@ def small_corpus(tmp_path_factory) -> Path:
     return corpus_slice(tmp_path_factory.mktemp("corpus") / "small.jsonl", 60_000)
 
 
+# WordPiece of 2,000 tokens trained once on the small corpus (tnf_scale.data.tokenizer.train_wordpiece, as
+# preparation trains it). Shared rather than trained in each session: the tokenizers library's trainer numbers
+# continuation pieces in a hash table's order, seeded anew in every process, and breaks ties between merges by
+# those numbers, so each session trained a slightly different tokenizer (142 of 2,000 ids differed between two)
+# and every figure the suite's runs produce moved with it. tests/test_data.py trains tokenizers of its own.
+TEST_TOKENIZER = REPO / "tests" / "data" / "tokenizer"
+
+
 @pytest.fixture(scope="session")
 def small_config(small_corpus, tmp_path_factory) -> RunConfig:
-    """The tiny preset on the small corpus, with a tokenizer small enough to train in seconds."""
+    """The tiny preset on the small corpus, with the shared test tokenizer (TEST_TOKENIZER)."""
     return RunConfig(
         corpus=[str(small_corpus)],
         data_cache=str(tmp_path_factory.mktemp("data_cache")),
+        tokenizer=str(TEST_TOKENIZER),
         vocab_size=2000,
         max_seq_len=64,
         rare_coverage=0.05,
@@ -93,6 +102,7 @@ def train_args(cfg: RunConfig, output_dir: Path, **flags) -> list[str]:
     values = {
         "corpus": cfg.corpus[0],
         "data_cache": cfg.data_cache,
+        **({"tokenizer": cfg.tokenizer} if cfg.tokenizer and "init_from" not in flags else {}),  # it gives its own
         "vocab_size": cfg.vocab_size,
         "max_seq_len": cfg.max_seq_len,
         "rare_coverage": cfg.rare_coverage,

@@ -551,7 +551,7 @@ def test_a_megabyte_long_word_is_left_out_of_the_tokenizers_training_and_said(ca
 @pytest.mark.parametrize(
     "flags, message",
     [
-        ({"vocab_size": 5}, r"--vocab_size 5 is below the \d+ tokens this corpus's characters"),
+        ({"vocab_size": 5, "tokenizer": None}, r"--vocab_size 5 is below the \d+ tokens this corpus's characters"),
         ({"rare_min_count": 1, "rare_max_count": 10**9}, r"the rare band 1\.\.1000000000 .* covers 100% of"),
     ],
 )
