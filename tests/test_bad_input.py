@@ -686,3 +686,14 @@ def test_the_trainer_peer_refuses_what_it_does_not_train():
     for flags in ({"whole_word_masking": True}, {"init_from": "runs/p1"}):
         with pytest.raises(ConfigError, match="the Hugging Face Trainer peer measures the fresh, per-token-masked"):
             hf_peer.run(RunConfig(**flags))
+
+
+def test_wandb_asked_for_where_it_is_not_installed_is_one_sentence(monkeypatch):
+    """Weights & Biases is never required: asked for without the package, the run is refused before it starts."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"--wandb_project tnf asks for Weights & Biases, which is not installed"):
+        parse_args(["--wandb_project", "tnf"])
+    assert parse_args([]).wandb_project is None

@@ -108,3 +108,30 @@ def test_throughput_report_refuses_a_folder_without_a_run(tmp_path):
     with pytest.raises(ConfigError, match=r"--peer .*nothing holds no run \(metrics.jsonl is missing\)"):
         write_report([], tmp_path / "nothing", tmp_path / "out", warmup=5)
     assert not (tmp_path / "out").exists()
+
+
+def test_metrics_go_to_weights_and_biases_when_asked_and_a_resume_continues_its_run(tmp_path, monkeypatch):
+    """With --wandb_project each record's scalars go to W&B at the record's step (the package faked: it is optional
+    and not installed here); the W&B run id is kept in the run directory, so a resume logs into the same W&B run."""
+    import sys
+    from types import SimpleNamespace
+
+    from tnf_scale.metrics import MetricsLogger
+
+    calls = []
+
+    def init(**kwargs):
+        calls.append(("init", kwargs))
+        return SimpleNamespace(log=lambda data, step: calls.append(("log", data, step)),
+                               finish=lambda: calls.append(("finish",)))  # fmt: skip
+
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(init=init))
+    logger = MetricsLogger(tmp_path, True, wandb_project="tnf", settings={"lr": 1e-3})
+    logger.log({"step": 3, "loss": 2.5, "note": "text", "grad_norm": None})
+    logger.close()
+    first = calls[0][1]
+    assert first["project"] == "tnf" and first["config"] == {"lr": 1e-3} and first["resume"] == "allow"
+    assert calls[1:] == [("log", {"loss": 2.5}, 3), ("finish",)]
+    MetricsLogger(tmp_path, True, resumed_step=3, wandb_project="tnf").close()
+    assert calls[3][1]["id"] == first["id"] == (tmp_path / "wandb_id").read_text().strip()
+    assert not MetricsLogger(tmp_path / "other", False, wandb_project="tnf").enabled and len(calls) == 5  # rank > 0

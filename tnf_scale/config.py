@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import typing
 from dataclasses import dataclass
@@ -417,9 +418,19 @@ class LoggingSettings:
         resume=MAY_CHANGE,
         role=PACES,
     )
+    wandb_project: str | None = setting(
+        None, help="log the metrics to this Weights & Biases project as well (wandb must be installed; with "
+        "WANDB_MODE=offline it needs no network); a resumed run continues the same W&B run", resume=MAY_CHANGE,
+        role=PACES, flag="NAME",
+    )  # fmt: skip
 
     def check_logging(self) -> None:
         at_least(self, ("log_interval", "eval_interval", "eval_sequences"), 1)
+        if self.wandb_project and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(
+                f"--wandb_project {self.wandb_project} asks for Weights & Biases, which is not installed here; "
+                "pip install wandb, or drop the flag (metrics.jsonl and TensorBoard log the same figures)."
+            )
 
 
 # Sections in the order --help, config files and the docs show them: dataclasses collect a class's fields from its

@@ -5,25 +5,37 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
-from tnf_scale.run_dir import RunDir
+from tnf_scale.run_dir import WANDB_ID_FILE, RunDir
 
 
 class MetricsLogger:
     """Writes on rank 0 only; other ranks hold a logger that does nothing."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool, resumed_step: int | None = None):
-        """With `resumed_step`, records after that step (from the interrupted run) are dropped first."""
+    def __init__(
+        self,
+        output_dir: str | Path,
+        enabled: bool,
+        resumed_step: int | None = None,
+        wandb_project: str | None = None,
+        settings: dict[str, Any] | None = None,
+    ):
+        """With `resumed_step`, records after that step (from the interrupted run) are dropped first; with
+        `wandb_project`, the records go to Weights & Biases too (`settings`: the run's, as its W&B config)."""
         self.enabled = enabled
         self.path = RunDir(output_dir).metrics
         self.tb_dir = RunDir(output_dir).tensorboard
         self._writer = None
+        self._wandb = None
         if not enabled:
             return
+        if wandb_project:
+            self._wandb = wandb_run(RunDir(output_dir), wandb_project, settings or {})
         purge_step = None
         if resumed_step is not None:
             purge_step = resumed_step + 1
@@ -39,14 +51,30 @@ class MetricsLogger:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self._writer.add_scalar(key, value, record["step"])
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        for key, value in scalars.items():
+            self._writer.add_scalar(key, value, record["step"])
         self._writer.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=record["step"])
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def wandb_run(run: RunDir, project: str, settings: dict[str, Any]):
+    """The W&B run of this run directory: its id kept in the directory, so a resume continues the same W&B run."""
+    import wandb  # installed: --wandb_project is refused before the run starts otherwise
+
+    id_file = run.path / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id + "\n")
+    return wandb.init(
+        project=project, id=run_id, resume="allow", name=run.path.name, dir=str(run.path), config=settings
+    )
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -49,13 +49,17 @@ PREEMPTED_MARKER = "PREEMPTED"
 LOCK_FILE = "LOCK"
 FAILURES_DIR = "failures"
 HF_TRAINER_DIR = "hf_trainer"
+WANDB_ID_FILE = "wandb_id"  # the Weights & Biases run a resume continues
+WANDB_DIR = "wandb"  # the W&B client's own files (offline runs wait there to be synced)
 TRAINED = (
     METRICS_FILE,
     TENSORBOARD_DIR,
     CHECKPOINTS_DIR,
     EXPORT_DIR,
     NOTES_FILE,
-)  # any of them: the directory holds a run
+    WANDB_ID_FILE,
+    WANDB_DIR,
+)  # any of them: the directory holds a run (and --overwrite deletes them)
 
 
 def check_out_dir(path: str | Path, flag: str) -> Path:

@@ -7,6 +7,7 @@ evaluator), then the step loop with metrics, checkpoints and stops, and the expo
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
@@ -143,7 +144,13 @@ def train(
     world, run_dir, log = started.topo, started.run, started.log
     engine, trainer, evaluator = training.engine, training.trainer, training.evaluator
     guard = NonfiniteGuard(cfg.max_nonfinite_steps)
-    metrics = MetricsLogger(run_dir.path, world.is_main, resumed_step=progress.step if cfg.resume else None)
+    metrics = MetricsLogger(
+        run_dir.path,
+        world.is_main,
+        resumed_step=progress.step if cfg.resume else None,
+        wandb_project=cfg.wandb_project,
+        settings=dataclasses.asdict(cfg),
+    )
     if progress.step == 0:
         metrics.log({"step": 0, **evaluator.metrics()})
     rate = (
