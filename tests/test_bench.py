@@ -93,6 +93,8 @@ def test_bench_writes_both_reports_and_the_peer_trains_like_the_baseline(small_c
     # test_finetune.py).
     downstream = json.loads((out / "downstream.json").read_text())
     assert [r["step"] for r in downstream["baseline"]] == [r["step"] for r in downstream["tnf"]] == [6]
+    for arm in ("baseline", "tnf"):  # every point the report scores is kept: none pruned by --keep_checkpoints
+        assert json.loads((out / arm / "run_config.json").read_text())["keep_checkpoints"] == 0
     assert all(
         list(r["final"]) == ["1"] for r in downstream["baseline"] + downstream["tnf"]
     )  # several seeds: test_finetune.py

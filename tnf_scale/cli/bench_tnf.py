@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         *train_flags,
         "--save_interval",
         str(max(1, run_cfg.max_steps // args.downstream_points)),
+        "--keep_checkpoints",
+        "0",  # every one: the time-to-score report fine-tunes each
     ]
     with_peer = run_cfg.objective == "mlm"  # the Hugging Face Trainer peer trains BERT's masked LM
     if args.reports_only:
