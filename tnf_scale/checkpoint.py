@@ -306,14 +306,15 @@ def plan_resume(
             "resume with the same corpus, tokenizer and rare band."
         )
     # on the ranks that saved it, each rank's file holds exactly its own rows and streams: it reads that one alone
-    ranks = [rank] if marker.world_size == world_size else list(range(marker.world_size))
+    same_ranks = marker.world_size == world_size
+    ranks = [rank] if same_ranks else list(range(marker.world_size))
     rank_files = dict(zip(ranks, read_rank_files(ckpt, marker.world_size, ranks)))
     if num_rare is not None:
         if not marker.notes:
             raise CheckpointError(
                 f"checkpoint {ckpt} comes from a --tnf off run and holds no notes; resume it with --tnf off."
             )
-        share = (rank, world_size) if len(ranks) == 1 and marker.world_size > 1 else None
+        share = (rank, world_size) if same_ranks and world_size > 1 else None  # one rank's file: its own ids
         try:
             check_note_rows(list(rank_files.values()), num_rare, ckpt, share)
             refusal = None
