@@ -93,16 +93,58 @@ class FakeAccelerator:
 def test_fused_adam_runs_where_it_is_built_in_or_can_be_built_else_torchs_fused_adamw():
     from tnf_scale.ops import fused_adam_available
 
-    assert fused_adam_available(FakeAccelerator("cuda"), {"fused_adam": True}, cuda_home=None)[0]  # prebuilt
-    assert fused_adam_available(FakeAccelerator("cuda"), {}, cuda_home="/usr/local/cuda")[0]
-    available, why = fused_adam_available(FakeAccelerator("cuda"), {}, cuda_home=None)
+    def no_toolkit():
+        return "no CUDA toolkit (nvcc)"
+
+    def never_asked():
+        raise AssertionError("the CUDA toolkit is asked about only to build on CUDA")
+
+    assert fused_adam_available(FakeAccelerator("cuda"), {"fused_adam": True}, never_asked)[0]  # prebuilt
+    assert fused_adam_available(FakeAccelerator("cuda"), {}, lambda: None)[0]
+    available, why = fused_adam_available(FakeAccelerator("cuda"), {}, no_toolkit)
     assert not available and "no CUDA toolkit (nvcc)" in why
-    assert fused_adam_available(FakeAccelerator("cpu"), {}, cuda_home=None)[0]  # the CPU op builds with g++
-    assert not fused_adam_available(FakeAccelerator("npu", builds=False), {}, cuda_home=None)[0]
+    assert fused_adam_available(FakeAccelerator("cpu"), {}, never_asked)[0]  # the CPU op builds with g++
+    assert not fused_adam_available(FakeAccelerator("npu", builds=False), {}, never_asked)[0]
     ds, _, _ = build_ds_config(RunConfig(), 1, NATIVE, "", fused_adam=(False, "no CUDA toolkit"))
     assert ds["optimizer"]["params"]["torch_adam"] is True and ds["optimizer"]["params"]["fused"] is True
     ds, _, _ = build_ds_config(RunConfig(), 1, NATIVE, "", fused_adam=(True, "built"))
     assert "torch_adam" not in ds["optimizer"]["params"]
+
+
+@pytest.mark.parametrize(
+    ("nvcc", "torch_cuda", "problem"),
+    [
+        ((12, 4), "12.4", None),
+        ((12, 6), "12.4", None),  # a minor difference DeepSpeed accepts
+        ((11, 8), "12.4", "nvcc is CUDA 11.8 but torch was built with CUDA 12.4"),
+        ((13, 0), "12.8", "nvcc is CUDA 13.0 but torch was built with CUDA 12.8"),
+        (None, "12.4", "no CUDA toolkit (nvcc)"),
+    ],
+)
+def test_fused_adam_is_built_only_with_a_cuda_toolkit_deepspeed_accepts(monkeypatch, nvcc, torch_cuda, problem):
+    """An nvcc whose CUDA major version differs from torch's makes DeepSpeed raise CUDAMismatchException at the build,
+    in `make install` and in every run: such a node takes torch's fused AdamW, as one without nvcc does (planted:
+    deciding by CUDA_HOME alone builds on the mismatched toolkits and fails these cases)."""
+    import torch
+    from deepspeed.ops.op_builder import builder
+
+    from tnf_scale.ops import cuda_toolkit_problem, fused_adam_available
+
+    def installed_cuda_version(name=""):
+        if nvcc is None:
+            raise builder.MissingCUDAException("CUDA_HOME does not exist, unable to compile CUDA op(s)")
+        return nvcc
+
+    monkeypatch.setattr(builder, "installed_cuda_version", installed_cuda_version)
+    monkeypatch.setattr(torch.version, "cuda", torch_cuda)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.delenv("DS_SKIP_CUDA_CHECK", raising=False)
+    found = cuda_toolkit_problem()
+    available, why = fused_adam_available(FakeAccelerator("cuda"), {}, cuda_toolkit_problem)
+    if problem is None:
+        assert found is None and available
+    else:
+        assert found is not None and found.startswith(problem) and not available and why == found
 
 
 def test_deepspeeds_cpu_ops_ask_py_cpuinfo_once_per_process(monkeypatch):

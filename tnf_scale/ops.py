@@ -3,8 +3,8 @@ a run gets.
 
 Ranks that start together and find an op unbuilt compile it in turn under one lock and
 wait minutes on each other; building first into TORCH_EXTENSIONS_DIR avoids that. DeepSpeed's fused Adam on
-CUDA is compiled with nvcc: on a node without a CUDA toolkit (and without a DeepSpeed built with the op), runs take
-torch's fused AdamW instead and say so.
+CUDA is compiled with nvcc: on a node without a CUDA toolkit, or with one whose CUDA version DeepSpeed refuses to
+build against torch's (and without a DeepSpeed built with the op), runs take torch's fused AdamW instead and say so.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 import time
 
 import cpuinfo
+import torch
 from deepspeed.accelerator import get_accelerator
 
 from tnf_scale.distributed import check_this_node
@@ -30,25 +31,47 @@ def ask_for_the_cpu_once() -> None:
         cpuinfo.get_cpu_info = functools.cache(cpuinfo.get_cpu_info)
 
 
-def fused_adam_available(accelerator, installed: dict[str, bool], cuda_home: str | None) -> tuple[bool, str]:
+def cuda_toolkit_problem() -> str | None:
+    """Why DeepSpeed cannot compile a CUDA op on this node, or None. DeepSpeed's own check decides: nvcc must run, and
+    its CUDA version must equal the one torch was built with, or differ only in a minor version DeepSpeed accepts (or
+    DS_SKIP_CUDA_CHECK=1). Otherwise DeepSpeed raises at the op's build, in `make install` and in every run."""
+    from deepspeed.ops.op_builder import builder
+
+    if torch.version.hip:  # ROCm builds with hipcc: DeepSpeed checks no CUDA version there
+        return None
+    try:
+        builder.assert_no_cuda_mismatch("fused_adam")
+    except builder.MissingCUDAException:
+        return "no CUDA toolkit (nvcc) on this node to build DeepSpeed's fused Adam"
+    except builder.CUDAMismatchException:
+        major, minor = builder.installed_cuda_version()
+        return (
+            f"nvcc is CUDA {major}.{minor} but torch was built with CUDA {torch.version.cuda}, and DeepSpeed will not "
+            "build its fused Adam across them (a matching toolkit, or DS_SKIP_CUDA_CHECK=1, would let it)"
+        )
+    return None
+
+
+def fused_adam_available(accelerator, installed: dict[str, bool], toolkit_problem) -> tuple[bool, str]:
     """Whether DeepSpeed's FusedAdam runs on `accelerator`, and why: built into the DeepSpeed install (`installed`,
-    deepspeed.git_version_info.installed_ops), or buildable now (on CUDA that needs a toolkit: `cuda_home`)."""
+    deepspeed.git_version_info.installed_ops), or buildable now; on CUDA that needs a toolkit DeepSpeed accepts
+    (`toolkit_problem`: cuda_toolkit_problem, asked only there)."""
     if installed.get("fused_adam"):
         return True, "DeepSpeed's fused Adam, built into the install"
     builder = accelerator.create_op_builder("FusedAdamBuilder")
     if builder is None or not builder.is_compatible():
         return False, f"DeepSpeed's fused Adam does not build for {accelerator.device_name()}"
-    if accelerator.device_name() == "cuda" and cuda_home is None:
-        return False, "no CUDA toolkit (nvcc) on this node to build DeepSpeed's fused Adam"
+    problem = toolkit_problem() if accelerator.device_name() == "cuda" else None
+    if problem is not None:
+        return False, problem
     return True, "DeepSpeed's fused Adam"
 
 
 def this_nodes_fused_adam() -> tuple[bool, str]:
     """fused_adam_available for this process's accelerator and DeepSpeed install."""
     from deepspeed.git_version_info import installed_ops
-    from torch.utils.cpp_extension import CUDA_HOME
 
-    return fused_adam_available(get_accelerator(), installed_ops, CUDA_HOME)
+    return fused_adam_available(get_accelerator(), installed_ops, cuda_toolkit_problem)
 
 
 def prebuild() -> list[str]:
