@@ -51,6 +51,18 @@ def test_summary_takes_medians_and_spread():
     assert summary["phase_seconds"]["forward"] == 1.0 and summary["phase_seconds"]["note_read"] == 0.0
 
 
+def test_the_math_a_run_computes_in(monkeypatch):
+    import torch
+
+    from tnf_scale.model_flops import compute_math
+
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert compute_math("fp32", "cuda") == "tf32" and compute_math("bf16", "cuda") == "bf16"
+    assert compute_math("fp32", "cpu") == "fp32"  # TF32 is a CUDA tensor-core format
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    assert compute_math("fp32", "cuda") == "fp32"
+
+
 def test_gpu_peaks_by_exact_name_and_the_no_gpu_note():
     assert gpu_peak("NVIDIA A100-SXM4-80GB") == 312e12 and gpu_peak("Some CPU") is None
     assert gpu_peak("NVIDIA H200") == 989e12  # matched no entry before: fell back to a CPU peak
@@ -67,13 +79,20 @@ def test_gpu_peaks_by_exact_name_and_the_no_gpu_note():
         assert state["note"].startswith("no GPU: NVML is not available (")
 
 
-def test_mfu_is_against_the_runs_own_gpus_times_its_ranks():
+def test_mfu_is_against_the_runs_own_gpus_times_its_ranks_in_the_math_it_computes_in():
+    """bf16 runs against the bf16 tensor-core peak, fp32 runs with TF32 on against the TF32 one, fp32 runs with it off
+    against the CUDA cores' (planted: every GPU run against the bf16 peak fails the fp32 cases)."""
     from tnf_scale.reports.throughput import run_peak
 
-    h100 = {"world_size": 16, "device": "NVIDIA H100 80GB HBM3"}
+    h100 = {"world_size": 16, "device": "NVIDIA H100 80GB HBM3", "precision": "bf16", "math": "bf16"}
     assert run_peak(h100, {"bf16": 1.0}) == (16 * 989e12, "NVIDIA H100 80GB HBM3 dense bf16 peak x 16")
-    peak, why = run_peak({"world_size": 2, "device": "NVIDIA RTX 9999"}, {"bf16": 1.0})
-    assert peak is None and "no peak known for 'NVIDIA RTX 9999'" in why
+    a100 = {"world_size": 2, "device": "NVIDIA A100-SXM4-80GB", "precision": "fp32"}
+    assert run_peak({**a100, "math": "tf32"}, {}) == (2 * 156e12, "NVIDIA A100-SXM4-80GB dense tf32 peak x 2")
+    assert run_peak({**a100, "math": "fp32"}, {}) == (2 * 19.5e12, "NVIDIA A100-SXM4-80GB dense fp32 peak x 2")
+    assert run_peak(a100, {})[0] == 2 * 19.5e12  # provenance from before the math was recorded: its precision
+    peak, why = run_peak({"world_size": 2, "device": "NVIDIA RTX 9999", "precision": "bf16"}, {"bf16": 1.0})
+    assert peak is None and "no bf16 peak known for 'NVIDIA RTX 9999'" in why
+    assert run_peak({"device": "NVIDIA B200", "precision": "fp32"}, {})[0] is None  # no fp32 figure in the table
     cpu = {"world_size": 2, "device": "cpu", "precision": "bf16"}
     assert run_peak(cpu, {"bf16": 5.0, "fp32": 1.0})[0] == 5.0  # a CPU run: this machine's peak in its precision
 
@@ -95,6 +114,8 @@ def test_a_logged_steps_mfu_is_against_the_gpus_table_peak_times_the_ranks(tmp_p
         "mfu": pytest.approx(flops * 1e6 / (8 * 989e12)),
     }
     assert ModelRate.of_run(tmp_path, 128, 0.15, "cpu", ranks=2).figures(1e6).keys() == {"model_flops_per_s"}
+    tf32 = ModelRate.of_run(tmp_path, 128, 0.15, "NVIDIA H100 80GB HBM3", ranks=8, math="tf32")
+    assert tf32.figures(1e6)["mfu"] == pytest.approx(flops * 1e6 / (8 * 989e12 / 2))
     record = {"step": 7, "loss": 2.5, "lr": 1e-4, "tokens_per_s": 1e6, "grad_norm": 0.25, **figures}
     assert plain_line(record, 100) == (
         f"step 7/100 | loss 2.5000 | lr 0.0001 | 1,000,000 tokens/s | MFU {100 * figures['mfu']:.1f}% | grad norm 0.25"

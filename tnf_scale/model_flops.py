@@ -1,4 +1,4 @@
-"""Model FLOPs of a run and the dense bf16 peaks of the GPUs its MFU is measured against.
+"""Model FLOPs of a run and the dense peaks of the GPUs its MFU is measured against, in the math it computes in.
 
 Model FLOPs per trained token (forward x 3 for forward + backward), for L layers, hidden h,
 feed-forward f, sequence s, vocabulary V, and the MLM head run on a fraction p of tokens:
@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from tnf_scale.run_dir import RunDir
 
@@ -34,6 +36,26 @@ GPU_PEAK_FLOPS = {
     "NVIDIA H200 NVL": 835e12,
     "NVIDIA GH200 480GB": 989e12,
     "NVIDIA B200": 2250e12,
+}
+# The dense TF32 tensor-core peak of every GPU above is half its bf16 one (NVIDIA's datasheets).
+TF32_SHARE = 0.5
+# Dense fp32 peaks without tensor cores: an fp32 run's matmuls with TF32 off, torch's default for matmuls.
+GPU_FP32_PEAK_FLOPS = {
+    "NVIDIA A100-SXM4-40GB": 19.5e12,
+    "NVIDIA A100-SXM4-80GB": 19.5e12,
+    "NVIDIA A100-PCIE-40GB": 19.5e12,
+    "NVIDIA A100 80GB PCIe": 19.5e12,
+    "NVIDIA A10": 31.2e12,
+    "NVIDIA A40": 37.4e12,
+    "NVIDIA L4": 30.3e12,
+    "NVIDIA L40": 90.5e12,
+    "NVIDIA L40S": 91.6e12,
+    "NVIDIA H100 80GB HBM3": 67e12,
+    "NVIDIA H100 PCIe": 51e12,
+    "NVIDIA H100 NVL": 60e12,
+    "NVIDIA H200": 67e12,
+    "NVIDIA H200 NVL": 60e12,
+    "NVIDIA GH200 480GB": 67e12,
 }
 
 
@@ -80,9 +102,20 @@ def run_flops_per_token(run: Path, max_seq_len: int, mlm_probability: float) -> 
     )
 
 
-def gpu_peak(name: str) -> float | None:
-    """The dense bf16 peak of one GPU of this exact name, or None."""
-    return GPU_PEAK_FLOPS.get(name)
+def compute_math(precision: str, device_type: str) -> str:
+    """The math a run's matmuls compute in: its precision (bf16, fp32), or tf32 for an fp32 run on CUDA whose torch
+    lets matmuls use TF32 (set_float32_matmul_precision "high" or "medium", or matmul.allow_tf32 = True)."""
+    if precision == "fp32" and device_type == "cuda" and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return precision
+
+
+def gpu_peak(name: str, math: str = "bf16") -> float | None:
+    """The dense peak of one GPU of this exact name in `math` (compute_math), or None."""
+    if math == "fp32":
+        return GPU_FP32_PEAK_FLOPS.get(name)
+    peak = GPU_PEAK_FLOPS.get(name)
+    return peak * TF32_SHARE if peak and math == "tf32" else peak
 
 
 @dataclass(frozen=True)
@@ -94,9 +127,12 @@ class ModelRate:
     peak_flops_per_s: float | None
 
     @classmethod
-    def of_run(cls, run: Path, max_seq_len: int, mlm_probability: float, device: str, ranks: int) -> ModelRate:
-        """From the run's written model config(s); `device` as distributed.device_name names it, on `ranks` ranks."""
-        peak = gpu_peak(device)
+    def of_run(
+        cls, run: Path, max_seq_len: int, mlm_probability: float, device: str, ranks: int, math: str = "bf16"
+    ) -> ModelRate:
+        """From the run's written model config(s); `device` as distributed.device_name names it, on `ranks` ranks
+        computing in `math` (compute_math)."""
+        peak = gpu_peak(device, math)
         return cls(run_flops_per_token(run, max_seq_len, mlm_probability), peak * ranks if peak else None)
 
     def figures(self, tokens_per_s: float) -> dict[str, float]:

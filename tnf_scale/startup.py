@@ -30,6 +30,7 @@ from tnf_scale.distributed import (
 from tnf_scale.ds_config import build_ds_config, micro_batch_note
 from tnf_scale.errors import ConfigError, PeerStopped, Refusal, exit_code, rank_line
 from tnf_scale.init_from import InitSource, check_same_words, read_init_source
+from tnf_scale.model_flops import compute_math
 from tnf_scale.ops import ask_for_the_cpu_once, this_nodes_fused_adam
 from tnf_scale.precision import Precision, device_native_bf16
 from tnf_scale.preflight import check_runner_hostfile
@@ -56,8 +57,13 @@ class Started:
     init: InitSource | None = None  # what --init_from starts the run from
 
     def run_details(self) -> dict[str, str]:
-        """What provenance.json records of how the run computes: its precision and its device (a GPU's exact name)."""
-        return {"precision": self.precision.name, "device": device_name(self.topo.device)}
+        """What provenance.json records of how the run computes: its precision, the math its matmuls compute in (its
+        MFU's peak) and its device (a GPU's exact name)."""
+        return {
+            "precision": self.precision.name,
+            "math": compute_math(self.precision.name, self.topo.device.type),
+            "device": device_name(self.topo.device),
+        }
 
 
 def command(run: Callable[[RunConfig], int], argv: list[str] | None) -> int:

@@ -154,7 +154,14 @@ def train(
     if progress.step == 0:
         metrics.log({"step": 0, **evaluator.metrics()})
     rate = (
-        ModelRate.of_run(run_dir.path, cfg.max_seq_len, cfg.mlm_probability, device_name(world.device), world.size)
+        ModelRate.of_run(
+            run_dir.path,
+            cfg.max_seq_len,
+            cfg.mlm_probability,
+            device_name(world.device),
+            world.size,
+            started.run_details()["math"],
+        )
         if world.is_main
         else None
     )

@@ -82,15 +82,18 @@ def device_peak(precisions: set[str]) -> dict:
 
 
 def run_peak(origin: dict, cpu_peaks: dict[str, float]) -> tuple[float | None, str]:
-    """The peak a run's MFU is against, and what it is, from its provenance (`origin`): its GPUs' table peak x the
-    run's ranks (the device the run recorded), or this machine's CPU peak for a CPU run."""
+    """The peak a run's MFU is against, and what it is, from its provenance (`origin`): its GPUs' table peak in the
+    math the run computed in x the run's ranks (the device the run recorded), or this machine's CPU peak for a CPU
+    run."""
     device, ranks = origin.get("device", "cpu"), origin.get("world_size") or 1
     if device == "cpu":
         return cpu_peaks[precision_of(origin)], "CPU matmul peak, measured now"
-    peak = gpu_peak(device)
+    math = origin.get("math", precision_of(origin))
+    peak = gpu_peak(device, math)
     if peak is None:
-        return None, f"no peak known for {device!r}: add it to GPU_PEAK_FLOPS"
-    return peak * ranks, f"{device} dense bf16 peak x {ranks}"
+        table = "GPU_FP32_PEAK_FLOPS" if math == "fp32" else "GPU_PEAK_FLOPS"
+        return None, f"no {math} peak known for {device!r}: add it to {table}"
+    return peak * ranks, f"{device} dense {math} peak x {ranks}"
 
 
 def precision_of(origin: dict) -> str:
