@@ -5,10 +5,10 @@ RUN_DIR ?= runs/demo
 BENCH_DIR ?= runs/bench
 # make bench OVERWRITE=true replaces the runs of an earlier bench (without it, the bench refuses to)
 OVERWRITE ?= false
-# No GPU: the CPU build of torch (on this kind of machine it lies on local disk). With a GPU,
-# set TORCH_SPEC=torch to take the CUDA build.
+# The torch the suite runs with, on every node: PyPI's wheel of it is the CUDA build (on a machine without a GPU
+# here, a CPU build of the same version lies on local disk).
+TORCH_SPEC ?= torch==2.13.0
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
-TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 ifeq ($(HAS_GPU),)
 export DS_ACCELERATOR ?= cpu
 endif

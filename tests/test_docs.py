@@ -148,3 +148,21 @@ def test_no_code_comment_or_message_points_outside_the_repository():
         if word in p.read_text()
     ]
     assert not hits, hits
+
+
+@pytest.mark.parametrize("has_gpu", ["", "1"])
+def test_make_install_takes_the_torch_the_suite_runs_on_every_node(has_gpu, tmp_path):
+    """A GPU node gets the same torch version as the suite's, not whatever PyPI has newest (planted: the unpinned
+    `torch` of GPU nodes fails the GPU case)."""
+    import subprocess
+
+    import torch
+
+    proc = subprocess.run(
+        ["make", "-n", "-B", "install", f"HAS_GPU={has_gpu}", f"VENV={tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert f'pip install -q "torch=={torch.__version__.split("+")[0]}"' in proc.stdout

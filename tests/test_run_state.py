@@ -168,11 +168,37 @@ def test_a_gpu_node_whose_torch_sees_no_gpu_is_refused():
     from tnf_scale.distributed import check_torch_sees_gpus
     from tnf_scale.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="this node has 8 NVIDIA GPU.* but torch .* sees none.*TORCH_SPEC=torch"):
+    with pytest.raises(ConfigError, match="this node has 8 NVIDIA GPU.* but torch .* sees none.*make install"):
         check_torch_sees_gpus(listed=8, torch_sees=0, visible=None)
     check_torch_sees_gpus(listed=8, torch_sees=8, visible=None)
     check_torch_sees_gpus(listed=0, torch_sees=0, visible=None)  # a CPU node
     check_torch_sees_gpus(listed=8, torch_sees=0, visible="")  # GPUs hidden on purpose: the CPU it is
+
+
+def test_deepspeeds_cpu_accelerator_where_torch_sees_gpus_is_refused():
+    """DS_ACCELERATOR=cpu with a CUDA torch that sees GPUs would train on the CPU without a word (planted: without
+    the check this passes silently)."""
+    from tnf_scale.distributed import check_torch_sees_gpus
+    from tnf_scale.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="DS_ACCELERATOR=cpu on a node where torch sees 4 GPU.*unset DS_ACCELERATOR"):
+        check_torch_sees_gpus(listed=4, torch_sees=4, visible=None, accelerator="cpu")
+    check_torch_sees_gpus(listed=4, torch_sees=4, visible="", accelerator="cpu")  # the CPU on purpose
+    check_torch_sees_gpus(listed=4, torch_sees=4, visible=None, accelerator="cuda")
+    check_torch_sees_gpus(listed=0, torch_sees=0, visible=None, accelerator="cpu")  # this machine
+
+
+def test_finetuning_refuses_a_gpu_node_whose_torch_sees_no_gpu(monkeypatch, tmp_path, capsys):
+    """tnf-finetune checks the node as every other entry point does, before anything is loaded or written (planted:
+    without the check it goes on to fine-tune on the CPU)."""
+    from tnf_scale import distributed
+    from tnf_scale.cli import finetune
+
+    monkeypatch.setattr(distributed, "gpus_listed", lambda: 8)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    out = tmp_path / "ft"
+    assert finetune.main(["--model", str(tmp_path), "--task", "rotten_tomatoes", "--out", str(out)]) == 2
+    assert "this node has 8 NVIDIA GPU(s) but torch" in capsys.readouterr().err and not out.exists()
 
 
 @pytest.mark.parametrize(

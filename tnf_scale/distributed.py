@@ -223,22 +223,30 @@ def gpus_listed() -> int:
         pynvml.nvmlShutdown()
 
 
-def check_torch_sees_gpus(listed: int, torch_sees: int, visible: str | None) -> None:
+def check_torch_sees_gpus(listed: int, torch_sees: int, visible: str | None, accelerator: str | None = None) -> None:
     """Refuse a node whose driver lists GPUs that torch cannot see (a CPU build of torch in a GPU node's
-    environment would otherwise train on the CPU without a word). `visible`: CUDA_VISIBLE_DEVICES; hiding every GPU
-    with it ("" or -1) asks for the CPU on purpose."""
-    if listed and not torch_sees and visible not in ("", "-1"):
+    environment would otherwise train on the CPU without a word), and a DS_ACCELERATOR=cpu (`accelerator`) where
+    torch sees GPUs, which would do the same. `visible`: CUDA_VISIBLE_DEVICES; hiding every GPU with it ("" or -1)
+    asks for the CPU on purpose."""
+    on_purpose = visible in ("", "-1")
+    if listed and not torch_sees and not on_purpose:
         raise ConfigError(
             f"this node has {listed} NVIDIA GPU(s) but torch {torch.__version__} sees none (a CPU build, or a CUDA "
-            "build this driver cannot run): install the CUDA build of torch (make install TORCH_SPEC=torch in a "
-            "fresh .venv), or set CUDA_VISIBLE_DEVICES= to train on the CPU on purpose."
+            "build this driver cannot run): install the CUDA build of torch (make install in a fresh .venv on this "
+            "node), or set CUDA_VISIBLE_DEVICES= to train on the CPU on purpose."
+        )
+    if accelerator == "cpu" and torch_sees and not on_purpose:
+        raise ConfigError(
+            f"DS_ACCELERATOR=cpu on a node where torch sees {torch_sees} GPU(s) would train on the CPU: unset "
+            "DS_ACCELERATOR to train on the GPUs, or also set CUDA_VISIBLE_DEVICES= to train on the CPU on purpose."
         )
 
 
 def check_this_node() -> None:
-    """check_torch_sees_gpus for this node and this torch."""
+    """check_torch_sees_gpus for this node, this torch and this environment's DS_ACCELERATOR."""
     torch_sees = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    check_torch_sees_gpus(gpus_listed(), torch_sees, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    env = os.environ
+    check_torch_sees_gpus(gpus_listed(), torch_sees, env.get("CUDA_VISIBLE_DEVICES"), env.get("DS_ACCELERATOR"))
 
 
 def device_name(device: torch.device) -> str:

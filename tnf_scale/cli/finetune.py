@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from tnf_scale.distributed import check_this_node
 from tnf_scale.errors import ConfigError, exit_code
 from tnf_scale.finetune.run import FinetuneArgs, check_settings, finetune, markdown
 from tnf_scale.finetune.scores import METRICS
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def run() -> int:
+        check_this_node()
         choice, settings = from_flags(TaskChoice, args), from_flags(FinetuneArgs, args)
         if choice.task is not None and choice.task not in TASKS:
             raise ConfigError(f"--task {choice.task} is not one tnf_scale knows; choose one of {', '.join(TASKS)}.")
