@@ -332,3 +332,38 @@ def test_fine_tuning_outside_a_launch_uses_one_device(tmp_path, monkeypatch):
     args._n_gpu = 4
     on_one_device(args)  # a rank of a distributed launch: the launch decides
     assert args.n_gpu == 4
+
+
+def test_ema_notes_live_on_the_device_the_trainer_trains_on(random_bert, tmp_path, monkeypatch):
+    """The ema store is no module state, so the Trainer's move of the model leaves it where it was built: it is built
+    on the Trainer's device, not on the accelerator's current one, which under a distributed launch is cuda:0 on
+    every rank until the Trainer sets the device (planted: the accelerator's current device, here standing in as
+    `meta`, fails the fine-tune)."""
+    from types import SimpleNamespace
+
+    from tnf_scale.notes import store
+
+    source = note_source(tmp_path, ["cat", "sun"])
+    monkeypatch.setattr(NoteSource, "from_run", classmethod(lambda cls, run: source))
+    monkeypatch.setattr(store, "get_accelerator", lambda: SimpleNamespace(current_device_name=lambda: "meta"))
+    rows = [["the cat sat", 1], ["the sun shone", 0]] * 4
+    task = file_task(
+        write_tsv(tmp_path / "train.tsv", ["text", "label"], rows),
+        write_tsv(tmp_path / "dev.tsv", ["text", "label"], rows[:2]),
+        "text",
+        None,
+        "label",
+        "accuracy",
+    )
+    args = FinetuneArgs(str(random_bert), str(tmp_path / "ft"), seeds=[1], epochs=1, batch_size=4, notes="ema")
+    assert set(finetune(task, args)["final"]) == {1}
+
+
+def test_ema_notes_are_refused_under_a_distributed_launch(random_bert, tmp_path, monkeypatch, capsys):
+    """Each rank would write its own batches into its own copy of the notes: refused before anything is written."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "ft"
+    argv = ["--model", str(random_bert), "--task", "rotten_tomatoes", "--notes", "ema", "--out", str(out)]
+    assert finetune_tool.main(argv) == 2
+    assert "--notes ema on 2 ranks would let each rank's notes drift apart" in capsys.readouterr().err
+    assert not out.exists()

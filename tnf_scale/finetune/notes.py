@@ -104,7 +104,9 @@ class NotedCollator:
 class NotedClassifier(nn.Module):
     """A Hugging Face sequence classifier reading notes at the rare spans of its inputs (variant ema or learned)."""
 
-    def __init__(self, model: nn.Module, source: NoteSource, variant: str):
+    def __init__(self, model: nn.Module, source: NoteSource, variant: str, device: torch.device | None = None):
+        """`device`: where the ema variant's store lives, the device the classifier trains on (the Trainer's; the
+        store is no module state, so moving the model does not move it). Default: the accelerator's current one."""
         super().__init__()
         if variant not in VARIANTS[1:]:
             raise ConfigError(f"--notes {variant} is not a note variant; choose one of {', '.join(VARIANTS)}.")
@@ -112,7 +114,9 @@ class NotedClassifier(nn.Module):
         if variant == "learned":
             self.notes = nn.Parameter(source.rows.clone())
         else:  # the pre-training store, on one rank: its read and its ordered EMA write
-            self.store = NoteStore(len(source.rows), source.rows.shape[1], seed=0, init_std=0.0, gamma=source.gamma)
+            self.store = NoteStore(
+                len(source.rows), source.rows.shape[1], seed=0, init_std=0.0, gamma=source.gamma, device=device
+            )
             self.store.load_state_dict(
                 {
                     "ids": torch.arange(len(source.rows)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,8 +121,6 @@ def finetune_seed(
     model = AutoModelForSequenceClassification.from_pretrained(
         args.model, num_labels=task.num_labels, problem_type="regression" if task.spec.regression else None
     )
-    if source is not None:
-        model = NotedClassifier(model, source, args.notes)
     training = TrainingArguments(
         output_dir=str(Path(args.out) / f"seed{seed}"),
         seed=seed,
@@ -139,6 +138,8 @@ def finetune_seed(
         remove_unused_columns=False,  # tokenize kept only what the model takes
     )
     on_one_device(training)
+    if source is not None:
+        model = NotedClassifier(model, source, args.notes, training.device)
     epochs: list[dict[str, float]] = []
 
     def compute_metrics(prediction) -> dict[str, float]:
@@ -247,6 +248,13 @@ def check_settings(args: FinetuneArgs) -> None:
             raise ConfigError(f"--{flag} must be positive, got {value}.")
     if args.notes not in VARIANTS:
         raise ConfigError(f"--notes {args.notes} is not a variant; choose one of {', '.join(VARIANTS)}.")
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.notes == "ema" and ranks > 1:
+        raise ConfigError(
+            f"--notes ema on {ranks} ranks would let each rank's notes drift apart (each writes its own batches into "
+            "its own copy); fine-tune TNF-F's ema notes in one process (python tools/finetune.py), or use --notes "
+            "learned, whose notes the ranks' gradient all-reduce keeps equal."
+        )
     check_model_dir(args.model)
 
 
