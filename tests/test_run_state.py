@@ -226,3 +226,43 @@ def test_slurms_tasks_per_node_list_gives_this_nodes_ranks(listed, node, tasks):
     from tnf_scale.distributed import slurm_tasks_on_node
 
     assert slurm_tasks_on_node(listed, node) == tasks
+
+
+def test_overwriting_an_old_run_waits_on_the_control_group(tmp_path, monkeypatch):
+    """Rank 0 deletes the old run between two waits of every rank: on the long-timeout gloo group, since deleting a
+    large run on a network file system can outlast NCCL's 10-minute watchdog (planted: the world's barriers fail)."""
+    import torch
+
+    from tnf_scale.config import RunConfig
+    from tnf_scale.distributed import ParallelDims, Topology
+    from tnf_scale.run_dir import RunDir
+
+    waits = []
+    monkeypatch.setattr(torch.distributed, "barrier", lambda group=None: waits.append(group))
+    control = object()
+    topo = Topology(0, 0, 2, torch.device("cpu"), ParallelDims(1, 2), control)
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "run_config.json").write_text("{}\n")
+    RunDir(tmp_path).claim(RunConfig(output_dir=str(tmp_path), overwrite=True), topo)
+    assert waits == [control, control] and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_node_whose_name_resolves_to_loopback_is_refused_in_a_job_across_nodes(monkeypatch):
+    """gloo binds to the address the host's name resolves to: 127.0.1.1 on many images, which no other node reaches
+    (planted: without the check the case passes silently, and the run would hang at its first gloo group)."""
+    from tnf_scale.distributed import RankInfo, check_gloo_address
+    from tnf_scale.errors import ConfigError
+
+    addresses = {"node-b": "10.0.0.2", "node-a": "10.0.0.1", "127.0.0.2": "127.0.0.2"}
+    monkeypatch.setattr("socket.gethostname", lambda: "node-b")
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    across = RankInfo(8, 0, 16, "node-a", 29500, "slurm", local_size=8)
+    check_gloo_address(across, addresses.__getitem__)
+    loopback = {**addresses, "node-b": "127.0.1.1"}
+    with pytest.raises(ConfigError, match="node-b resolves to the loopback address 127.0.1.1.*set GLOO_SOCKET_IFNAME"):
+        check_gloo_address(across, loopback.__getitem__)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth0")
+    check_gloo_address(across, loopback.__getitem__)  # told which interface
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME")
+    check_gloo_address(RankInfo(0, 0, 8, "node-a", 29500, "slurm", local_size=8), loopback.__getitem__)  # one node
+    check_gloo_address(RankInfo(1, 0, 2, "127.0.0.2", 29500, "env"), loopback.__getitem__)  # loopback nodes

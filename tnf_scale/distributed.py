@@ -192,6 +192,25 @@ def check_master_port(info: RankInfo) -> None:
             ) from None
 
 
+def check_gloo_address(info: RankInfo, resolve=socket.gethostbyname) -> None:
+    """Refuse a rank that gloo would bind to a loopback address in a job across nodes. Without GLOO_SOCKET_IFNAME,
+    gloo (the control group of every run) binds to the address this host's name resolves to, and many images map
+    it to 127.0.1.1 in /etc/hosts: the other nodes could never connect. A master that is itself a loopback address
+    (ranks on one host, as in the suite's two loopback nodes) is fine. `resolve`: name -> IPv4 address."""
+    if info.world_size <= info.local_size or os.environ.get("GLOO_SOCKET_IFNAME"):
+        return
+    try:
+        own, master = resolve(socket.gethostname()), resolve(info.master_addr)
+    except OSError:
+        return  # the rendezvous will name an unresolvable master itself
+    if own.startswith("127.") and not master.startswith("127."):
+        raise ConfigError(
+            f"this node's name {socket.gethostname()} resolves to the loopback address {own}, to which gloo would "
+            f"bind, so the other nodes of this {info.world_size}-rank job could not reach it; set GLOO_SOCKET_IFNAME "
+            "to the network interface the nodes share (e.g. GLOO_SOCKET_IFNAME=eth0, as NCCL_SOCKET_IFNAME)."
+        )
+
+
 def shm_buffer(info: RankInfo) -> Path:
     """The /dev/shm file DeepSpeed's CPU shared-memory all-reduce creates for this rank (all ranks on one host)."""
     return (
@@ -300,8 +319,9 @@ def init_distributed(info: RankInfo, dims: ParallelDims | None = None) -> Topolo
         MASTER_PORT=str(info.master_port),
         **deepspeed_rank_env(info.local_rank, index, dict(os.environ)),
     )
-    # NCCL: on a failed or timed-out collective, abort the communicator and raise in Python (2), instead of the
-    # default (3) of ending the process from the watchdog thread: the survivors then say their last words and stop
+    # NCCL: on a failed or timed-out collective, abort the communicators and raise at the rank's next wait on NCCL
+    # (2, CleanUpOnly), instead of the default (3) of ending the process from the watchdog thread: the survivors then
+    # say their last words and stop (docs/failures.md: what the launcher ends sooner)
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     if index is not None:  # before the process group, which binds NCCL's communicator to the current device
         accelerator.set_device(index)

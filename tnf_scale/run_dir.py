@@ -27,11 +27,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
 from tnf_scale.config import REPO, RunConfig
+from tnf_scale.distributed import Topology, wait_for_all
 from tnf_scale.errors import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
@@ -171,18 +171,19 @@ class RunDir:
             )
         check_out_dir(self.path, "--output_dir")
 
-    def claim(self, cfg: RunConfig, is_main: bool) -> None:
+    def claim(self, cfg: RunConfig, topo: Topology) -> None:
         """Create the directory; with --overwrite (and not --resume), delete the old run first. Call it only once every
-        input has been checked. Collective: every rank has looked before rank 0 deletes anything."""
-        deepspeed.comm.barrier()
-        if is_main:
+        input has been checked. Collective: every rank has looked before rank 0 deletes anything. The waits are on the
+        control group: deleting a large old run on a network file system can outlast NCCL's watchdog."""
+        wait_for_all(topo)
+        if topo.is_main:
             if cfg.overwrite and not cfg.resume:
                 for name in self._trained():
                     target = self.path / name
                     shutil.rmtree(target) if target.is_dir() else target.unlink()
             self.path.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(self.failures, ignore_errors=True)  # an earlier attempt's records would confuse this one's
-        deepspeed.comm.barrier()
+        wait_for_all(topo)
 
     def write_run_files(
         self, cfg: RunConfig, model_config, tokenizer_dir: Path, world_size: int, details: dict, generator_config=None

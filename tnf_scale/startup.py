@@ -20,6 +20,7 @@ from tnf_scale.distributed import (
     RankInfo,
     Topology,
     any_rank_on_control,
+    check_gloo_address,
     check_master_port,
     check_this_node,
     device_name,
@@ -96,6 +97,7 @@ def launch_plan(cfg: RunConfig) -> tuple[RankInfo, dict[str, Any], ParallelDims,
     check_this_node()
     check_runner_hostfile()
     info = discover()
+    check_gloo_address(info)
     fused_adam = this_nodes_fused_adam()
     world_source = WORLD_SOURCES.get(info.source, "")
     ds_config, dims, precision = build_ds_config(
@@ -162,7 +164,7 @@ def start(cfg: RunConfig, pipeline_refusal: str | None = None) -> Started:
     init = read_init_source(cfg.init_from) if cfg.init_from else None
     if init:
         check_same_words(init, data.tokenizer_dir, data.rare_vocab_path)
-    run.claim(cfg, topo.is_main)
+    run.claim(cfg, topo)
     optimizer_note = "" if fused_adam[0] else f"torch's fused AdamW: {fused_adam[1]}"
     return Started(topo, ds_config, precision, optimizer_note, micro_note, run, lock, data, log, init)
 
