@@ -14,25 +14,11 @@ import deepspeed
 import torch
 from safetensors.torch import save_file
 
-from tnf_scale.distributed import discover, init_distributed
+from tnf_scale.distributed import discover, end_process_groups, init_distributed
+from tnf_scale.node_check.device_notes import DIM, NUM_RARE, SAMPLES_PER_STEP, STEPS
+from tnf_scale.node_check.device_notes import occurrences as global_occurrences
 from tnf_scale.notes.exchange import ExchangeGroup
 from tnf_scale.notes.store import NoteStore
-
-NUM_RARE, DIM, SAMPLES_PER_STEP, STEPS = 500, 16, 32, 6
-
-
-def global_occurrences(step: int) -> dict[str, torch.Tensor]:
-    """The occurrences of one global batch: the same on every rank and every W."""
-    g = torch.Generator().manual_seed(1000 + step)
-    n = 200
-    sample = torch.sort(torch.randint(SAMPLES_PER_STEP, (n,), generator=g)).values
-    return {
-        "ids": torch.randint(0, 60, (n,), generator=g) ** 2 % NUM_RARE,  # skewed: many repeats of some ids
-        "order_key": step * SAMPLES_PER_STEP + sample,
-        "sample": sample,
-        "start": torch.randint(0, 100, (n,), generator=g),
-        "notes": torch.randn(n, DIM, generator=g),
-    }
 
 
 def main(out: Path) -> None:
@@ -58,6 +44,7 @@ def main(out: Path) -> None:
     state = sharded.state_dict()
     save_file(state, str(out / f"rank{world.rank}.safetensors"))
     deepspeed.comm.barrier()
+    end_process_groups()
 
 
 if __name__ == "__main__":
