@@ -72,9 +72,9 @@ def discriminator_reads_warning(cfg: RunConfig) -> str | None:
     if cfg.objective != "electra" or not cfg.tnf_enabled or cfg.notes_in == "generator":
         return None
     return (
-        f"warning: --notes_in {cfg.notes_in}: the discriminator reads notes and learns to lean on them (measured on "
-        "held-out text: its exported model, which has no notes, ended +0.53 nats worse than the baseline on rare "
-        "spans after 600 steps); keep them for fine-tuning (tools/finetune.py --notes ema|learned), or use the "
+        f"warning: --notes_in {cfg.notes_in}: the discriminator reads notes and learns to lean on them, so its "
+        "exported model, which has no notes, ends worse than the baseline on rare spans (docs/electra.md, "
+        "'ELECTRA with notes'); keep them for fine-tuning (tools/finetune.py --notes ema|learned), or use the "
         "default --notes_in generator"
     )
 
