@@ -97,3 +97,23 @@ def test_every_training_command_of_the_plan_is_one_train_py_accepts(dry, gpus, t
     large = next(s for s in steps if "TNF on (with the export)" in s.title)
     assert parse_args(train_flags(large.argv)).log_interval == (2 if dry else 10)  # never 1: its collective biases TNF
     assert {j.name for j in jobs} == {"build", "data"}
+
+
+def test_a_sync_is_charged_to_its_innermost_owned_caller_not_to_the_census(monkeypatch):
+    """Planted: counting the census's own frames charges every sync to sync_census.py."""
+    import warnings
+    from collections import Counter
+
+    import tnf_scale
+    from tnf_scale.node_check import sync_census
+
+    owners = {"tnf_scale": str(Path(tnf_scale.__file__).parent), "tests": str(Path(__file__).parent)}
+    monkeypatch.setattr(sync_census, "OWNERS", owners)
+    counts: Counter = Counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = sync_census.counting(counts)
+        for _ in range(4):
+            warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+    assert counts == {"tests": 4}
+    assert "1 steps counted; 4 host syncs per step." in sync_census.census_table(counts, 1)

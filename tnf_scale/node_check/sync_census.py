@@ -27,12 +27,24 @@ OWNERS = {module.__name__: str(Path(module.__file__).parent) for module in (tnf_
 
 
 def caller() -> str:
-    """The innermost frame of this stack in an owner, as `tnf_scale/file.py:function` or the library's name."""
-    for frame in reversed(traceback.extract_stack()[:-3]):  # leave out caller, the warning hook and warnings itself
+    """The innermost frame of this stack in an owner, as `tnf_scale/file.py:function` or the library's name; the
+    census's own frames (the hook, the wrapped step) are no caller."""
+    for frame in reversed(traceback.extract_stack()):
+        if frame.filename == __file__:
+            continue
         for name, root in OWNERS.items():
             if frame.filename.startswith(root):
                 return f"{name}{frame.filename[len(root) :]}:{frame.name}" if name == "tnf_scale" else name
     return "other"
+
+
+def counting(counts: Counter):
+    """A warnings.showwarning that counts each warning against its caller instead of printing it."""
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        counts[caller()] += 1
+
+    return record
 
 
 def census_table(counts: Counter, steps: int) -> str:
@@ -53,15 +65,12 @@ def main(out: Path, argv: list[str]) -> int:
     counts, counted = Counter(), [0]
     train_step = Trainer.train_step
 
-    def record(message, category, filename, lineno, file=None, line=None):
-        counts[caller()] += 1
-
     def censused_step(self, step):
         if step < FIRST_COUNTED:
             return train_step(self, step)
         with warnings.catch_warnings():
             warnings.simplefilter("always")
-            warnings.showwarning = record
+            warnings.showwarning = counting(counts)
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 return train_step(self, step)
