@@ -24,7 +24,9 @@ DOCS = [
 ]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"```(?:bash|sh|shell)\n(.*?)```", re.S)
-INLINE = re.compile(r"`((?:python|deepspeed|tnf-|mpirun)[^`\n]*)`")  # a command quoted in the text
+ANY_FENCE = re.compile(r"```.*?```", re.S)
+# a command quoted in the text, also one that wraps onto the next line (not across a paragraph)
+INLINE = re.compile(r"`((?:python|deepspeed|tnf-|mpirun)(?:[^`\n]|\n(?!\n))*)`")
 
 
 OUTSIDE = ("TNF_" + "SPEC", "../" + "shared")  # the design notes users do not have, spelled apart not to match here
@@ -99,15 +101,18 @@ def documented_commands() -> list[tuple[str, str]]:
                 line = line.split(" # ")[0].strip()
                 if line and not line.startswith("#"):
                     commands.append((doc.name, line))
-        commands += [(doc.name, command) for command in INLINE.findall(FENCE.sub("", text))]
+        commands += [(doc.name, command) for command in INLINE.findall(ANY_FENCE.sub("", text))]
     return commands
 
 
 def test_every_documented_command_names_existing_files_and_accepted_flags():
     helps: dict[str, str] = {"tnf_scale.train:main": build_parser().format_help()}
-    checked = 0
+    checked = wrapped = 0
     for doc, command in documented_commands():
-        words = shlex.split(re.sub(r"\.\.\.|[\[\]]", "", command))  # placeholders and optional parts as plain words
+        wrapped += "\n" in command
+        words = shlex.split(
+            re.sub(r"\.\.\.|[\[\]]", "", command)
+        )  # a wrapped line's break is a space  # placeholders and optional parts as plain words
         for word in words:  # the repository's own files a command names must be there
             if re.fullmatch(
                 r"(ds_configs|slurm|tools|tnf_scale)/[a-z0-9_./-]+\.(json|sh|py)", word
@@ -125,7 +130,8 @@ def test_every_documented_command_names_existing_files_and_accepted_flags():
         for flag in (a.split("=")[0] for a in args if a.startswith("--")):
             assert flag in accepted, f"{doc}: `{command}`: {target} has no flag {flag}"
         checked += 1
-    assert checked >= 20  # the docs' commands were found (a changed fence syntax would silently check nothing)
+    # the docs' commands were found (a changed fence syntax would silently check nothing), wrapped ones too
+    assert checked >= 20 and wrapped >= 5
 
 
 @pytest.mark.parametrize("script", ["slurm/pretrain_large.sh", "tools/gpu_check.sh"])
