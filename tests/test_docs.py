@@ -172,3 +172,59 @@ def test_make_install_takes_the_torch_the_suite_runs_on_every_node(has_gpu, tmp_
         check=True,
     )
     assert f'pip install -q "torch=={torch.__version__.split("+")[0]}"' in proc.stdout
+
+
+FIGURES_FROM = re.compile(r"<!-- figures: ([^>]*?) -->")
+# a figure: a signed number, a decimal, a percentage or a table cell's number (ranges like 10..50 are settings)
+FIGURE = re.compile(r"(?<![\w.])[-+−]?\d[\d,]*(?:\.\d+)?%?(?![\w.]|\.\d)")
+
+
+def figures_in(text: str) -> list[str]:
+    """The figures of a block of prose or a table: numbers with a sign, a decimal point or a percent sign, and the
+    numbers of table cells; not the words of commands, links or headings."""
+    text = re.sub(r"`[^`]*`|\]\([^)]*\)|^#.*$", " ", text, flags=re.M)
+    found = []
+    for line in text.splitlines():
+        cells = line.startswith("|")
+        found += [f for f in FIGURE.findall(line) if cells or re.search(r"[-+−.%]", f)]
+    return found
+
+
+def value(figure: str) -> tuple[float, int]:
+    """A figure's value and its decimals (a percentage in percent)."""
+    number = figure.replace("−", "-").replace(",", "").rstrip("%")
+    return float(number), len(number.split(".")[1]) if "." in number else 0
+
+
+def stated_by(figure: str, artefacts: str) -> bool:
+    """Whether an artefact holds the figure: a number that rounds to it at the figure's decimals."""
+    wanted, decimals = value(figure)
+    return any(
+        round(value(found)[0], decimals) == round(wanted, decimals)
+        for found in FIGURE.findall(artefacts.replace("−", "-"))
+    )
+
+
+def figure_blocks(doc: Path) -> list[tuple[list[str], str]]:
+    """(artefact paths, the text up to the next marker or heading) for every `<!-- figures: PATH ... -->`."""
+    text = doc.read_text()
+    blocks = []
+    for match in FIGURES_FROM.finditer(text):
+        rest = text[match.end() :]
+        end = min([m.start() for m in (FIGURES_FROM.search(rest), re.search(r"^#", rest, re.M)) if m] or [len(rest)])
+        blocks.append((match.group(1).split(), rest[:end]))
+    return blocks
+
+
+@pytest.mark.parametrize("doc", [REPO / "README.md"], ids=lambda p: p.name)
+def test_every_figure_of_the_results_is_in_the_artefact_named_beside_it(doc):
+    """Each results block names the artefacts in tools/results/ its figures come from; a figure none of them holds
+    fails (a re-run that changes a number fails until the page is updated; planted: 416 tokens/s changed to 417)."""
+    blocks = figure_blocks(doc)
+    results = doc.read_text().split("## Results", 1)[1].split("\n## ", 1)[0]
+    assert len(blocks) >= 4 and sum(len(figures_in(b)) for _, b in blocks) >= len(figures_in(results)) > 20
+    for paths, block in blocks:
+        assert all(p.startswith("tools/results/") and (REPO / p).is_file() for p in paths), paths
+        artefacts = "\n".join((REPO / p).read_text() for p in paths)
+        missing = [f for f in figures_in(block) if not stated_by(f, artefacts)]
+        assert not missing, f"{doc.name}: {missing} are in none of {paths}"
