@@ -211,6 +211,15 @@ class RunDir:
     def read_model_config(self) -> dict:
         return json.loads(self.model_config.read_text())
 
+    def caption(self) -> str:
+        """What a plot of this run says it shows: preset, seed, commit (from the run's own files)."""
+        config = self.read_run_config() if self.run_config.is_file() else {}
+        origin = self.read_provenance() if self.provenance.is_file() else {}
+        return (
+            f"preset {config.get('preset', 'unknown')}, seed {config.get('seed', 'unknown')}, "
+            f"commit {origin.get('commit', 'unknown')}"
+        )
+
     def read_provenance(self) -> dict:
         """provenance.json, or an empty dict for a run written before it existed."""
         return json.loads(self.provenance.read_text()) if self.provenance.is_file() else {}

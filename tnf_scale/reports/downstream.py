@@ -9,6 +9,7 @@ against the paper's 60%. The spread over seeds is reported beside every mean, so
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 from tnf_scale.checkpoint import CheckpointMarker, complete_checkpoints
@@ -16,6 +17,7 @@ from tnf_scale.finetune.run import FinetuneArgs, finetune
 from tnf_scale.finetune.shipped import TASK, task_dir
 from tnf_scale.finetune.tasks import TaskData, file_task
 from tnf_scale.model.export import export_hf
+from tnf_scale.run_dir import RunDir
 
 PAPER_SAVING = 0.60
 DOWNSTREAM_DIR = "downstream"  # in each run directory: downstream/stepNNNNNNNN/{export,finetune}
@@ -115,22 +117,32 @@ def markdown(baseline: list[dict], tnf: list[dict], verdict: dict, settings: Fin
     return "\n".join([*lines, "", f"**{verdict['verdict']}**", ""])
 
 
-def plot(baseline: list[dict], tnf: list[dict], path: Path) -> Path:
+def plot(baseline: list[dict], tnf: list[dict], path: Path, about: str) -> Path:
+    """PNG: the fine-tuned score of each checkpoint, mean ± std over the seeds, the two runs' bars side by side at the
+    checkpoint steps, and the majority class; `about` names the runs (RunDir.caption)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metric = baseline[-1]["metrics"][0]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for rows, name in ((baseline, "baseline"), (tnf, "TNF")):
+    seeds = len(baseline[-1]["final"])
+    steps = sorted({r["step"] for r in [*baseline, *tnf]})
+    shift = 0.015 * (steps[-1] - steps[0] or steps[-1])  # the two runs' error bars apart, not on top of each other
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for rows, name, offset in ((baseline, "baseline", -shift), (tnf, "TNF", shift)):
         means = [r["summary"][metric]["mean"] for r in rows]
         stds = [r["summary"][metric]["std"] for r in rows]
-        ax.errorbar([r["step"] for r in rows], means, yerr=stds, marker="o", capsize=3, label=name)
-    ax.set_xlabel("pre-training step")
+        ax.errorbar([r["step"] + offset for r in rows], means, yerr=stds, marker="o", capsize=3, label=name)
+    majority = baseline[-1].get("majority_class")
+    if majority is not None:
+        ax.axhline(majority, color="grey", linestyle=":", label=f"majority class ({majority:.3f})")
+    ax.set_xticks(steps)
+    ax.set_xlabel("pre-training step of the fine-tuned checkpoint")
     ax.set_ylabel(f"{TASK} validation {metric}")
-    ax.set_title("Downstream score vs pre-training step (mean ± std over seeds)")
-    ax.legend()
+    title = f"Downstream: each checkpoint fine-tuned, mean ± std over {seeds} seeds\n{textwrap.fill(about, 90)}"
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -149,5 +161,5 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     (out / "downstream.md").write_text(text)
     (out / "downstream.json").write_text(json.dumps({"baseline": baseline, "tnf": tnf, **verdict}, indent=1) + "\n")
-    plot(baseline, tnf, out / "downstream.png")
+    plot(baseline, tnf, out / "downstream.png", f"baseline and TNF: {RunDir(baseline_run).caption()}")
     return text, verdict["verdict"]
