@@ -265,48 +265,49 @@ def markdown(
     return "\n".join(lines)
 
 
-def plot(baseline: list[dict], tnf: list[dict], results: list[Comparison], path: Path) -> Path:
-    """PNG: each yardstick's held-out loss vs steps (target marked), the exported model's vs time, training loss."""
+def plot(baseline: list[dict], tnf: list[dict], results: list[Comparison], path: Path, about: str) -> Path:
+    """PNG: each yardstick's held-out loss over the second half of training, where the runs differ (both axes), with
+    the target and the steps at which each run reaches it; the exported model's against wall time; the training loss
+    smoothed. `about` names the runs (RunDir.caption)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
     panels = [(ax, r, "step") for ax, r in zip(axes.flat, results)]
     panels.append((axes.flat[len(results)], next(r for r in results if r.yardstick is EXPORTED), "wall time (s)"))
     for ax, result, xlabel in panels:
-        y = result.yardstick
-        curves = [
-            (eval_curve(baseline, y.baseline_key), y.baseline_key, "baseline"),
-            (eval_curve(tnf, y.tnf_key), y.tnf_key, "TNF"),
-        ]
-        for curve, key, name in curves:
-            ax.plot(
-                curve.steps if xlabel == "step" else curve.times,
-                curve.losses,
-                marker="o",
-                markersize=3,
-                label=f"{name} ({key})",
-            )
-        ax.axhline(result.target, color="grey", linestyle="--", label=f"target {result.target:.3f}")
-        # The early fall would flatten the end, where the runs differ: show the second half of training in full.
-        tail = [v for curve, _, _ in curves for s, v in zip(curve.steps, curve.losses) if s >= curve.steps[-1] / 2]
-        low, high = min(tail + [result.target]), max(tail + [result.target])
-        ax.set_ylim(low - 0.1 * (high - low) - 1e-3, high + 0.5 * (high - low) + 1e-3)
-        ax.set_title(y.name, fontsize=10)
+        y, by_time = result.yardstick, xlabel != "step"
+        curves = [(eval_curve(baseline, y.baseline_key), "baseline"), (eval_curve(tnf, y.tnf_key), "TNF")]
+        half = max(curve.steps[-1] for curve, _ in curves) / 2  # the early fall would flatten where the runs differ
+        for curve, name in curves:
+            shown = [(t if by_time else s, v) for s, t, v in zip(curve.steps, curve.times, curve.losses) if s >= half]
+            ax.plot([x for x, _ in shown], [v for _, v in shown], marker="o", markersize=3, label=name)
+        ax.axhline(result.target, color="grey", linestyle="--", label=f"target {result.target:.4f}")
+        for reached, name, color in ((result.baseline, "baseline", "C0"), (result.tnf, "TNF", "C1")):
+            if reached is not None and reached[0] >= half:
+                x = reached[1] if by_time else reached[0]
+                ax.axvline(x, color=color, linestyle=":", linewidth=1, label=f"{name} reaches it")
+        saving = result.time_saving if by_time else result.step_saving
+        ax.text(0.02, 0.97, "TNF never reaches the target" if saving is None else f"TNF saves {saving:.0%} of the "
+                + ("time" if by_time else "steps"), transform=ax.transAxes, va="top", fontsize=9)  # fmt: skip
+        ax.set_title(f"{y.name}{' against wall time' if by_time else ''}, second half of training", fontsize=10)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("held-out loss")
-        ax.legend(fontsize=7)
+        ax.set_ylabel("held-out loss (nats)")
+        ax.legend(fontsize=7, loc="upper right")
     train_ax = axes.flat[len(results) + 1]
     for records, name in ((baseline, "baseline"), (tnf, "TNF")):
         train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-        train_ax.plot([s for s, _ in train], [v for _, v in train], label=name, linewidth=0.8)
-    train_ax.set_title("training loss (TNF's with notes read)", fontsize=10)
+        window = max(1, len(train) // 40)
+        train_ax.plot([s for s, _ in train], smooth([v for _, v in train], window), label=f"{name}, mean of {window}")
+    train_ax.set_title("training loss (TNF's with notes read), smoothed", fontsize=10)
     train_ax.set_xlabel("step")
+    train_ax.set_ylabel("training loss (nats)")
     train_ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(results) + 2 :]:
         ax.axis("off")
+    fig.suptitle(f"Time to loss, baseline against TNF: {about}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -403,5 +404,5 @@ def write_report(
         )
         + "\n"
     )
-    plot(baseline, tnf, results, out / "time_to_loss.png")
+    plot(baseline, tnf, results, out / "time_to_loss.png", RunDir(baseline_dir).caption())
     return report
