@@ -47,7 +47,7 @@ demo: install
 bench: install
 	$(VENV)/bin/tnf-bench --out $(BENCH_DIR) --overwrite $(OVERWRITE)
 	mkdir -p tools/results
-	cp $(addprefix $(BENCH_DIR)/,report.md time_to_loss.png time_to_loss.json downstream.png downstream.json throughput.json) tools/results/
+	cp $(addprefix $(BENCH_DIR)/,report.md time_to_loss.png time_to_loss.json downstream.png downstream.json throughput.json throughput.png) tools/results/
 
 # The whole suite but the BERT-large-sized test, within 15 minutes here set-up included.
 test: cluster-deps install lint

@@ -229,4 +229,38 @@ def write_report(runs: list[Path], peer: Path | None, out: Path, warmup: int) ->
     (out / "throughput.json").write_text(json.dumps(report, indent=2) + "\n")
     text = render(report)
     (out / "throughput.md").write_text(text)
+    plot(report, out / "throughput.png")
     return text
+
+
+def plot(report: dict, path: Path) -> Path:
+    """PNG: tokens/s (median, bars from the slowest to the fastest timed step) and MFU of every run and the peer,
+    side by side, titled with the preset, commit and machine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [*report["runs"], *([report["peer"]] if report["peer"] else [])]
+    names = [f"{'HF Trainer' if r is report['peer'] else 'tnf_scale'}\n{precision_of(r)}, TNF {r['tnf']}" for r in rows]
+    fig, (speed, mfu) = plt.subplots(1, 2, figsize=(10, 4))
+    medians = [r["tokens_per_s"]["median"] for r in rows]
+    spread = [
+        [m - r["tokens_per_s"]["min"] for m, r in zip(medians, rows)],
+        [r["tokens_per_s"]["max"] - m for m, r in zip(medians, rows)],
+    ]
+    speed.bar(names, medians, yerr=spread, capsize=4, color=[f"C{i}" for i in range(len(rows))])
+    speed.set_ylabel("tokens/s (median; bars: slowest to fastest step)")
+    mfu.bar(names, [100 * (r.get("mfu") or 0) for r in rows], color=[f"C{i}" for i in range(len(rows))])
+    mfu.set_ylabel("MFU (%)")
+    mfu.set_title(f"against: {rows[0].get('peak') or report.get('peak', 'an unrecorded peak')}", fontsize=8)
+    commits = ", ".join(sorted({r["commit"] for r in rows}))
+    steps = ", ".join(sorted({str(r["steps"]) for r in rows}))
+    fig.suptitle(
+        f"Throughput, preset {rows[0]['preset']}, {steps} steps timed, commit {commits}\n{report['reported_on']}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
