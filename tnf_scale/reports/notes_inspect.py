@@ -160,7 +160,8 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_read_share(share: list[tuple[int, float]], path: Path) -> None:
+def plot_read_share(share: list[tuple[int, float]], path: Path, about: str) -> None:
+    """PNG: the share of rare occurrences that read a note at each logged step; `about` names the run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,6 +172,7 @@ def plot_read_share(share: list[tuple[int, float]], path: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("rare occurrences reading a note (%)")
     ax.set_ylim(0, 100)
+    ax.set_title(f"Notes read per step: {about}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -182,7 +184,7 @@ def write_report(run_dir: Path, out: Path, words: list[str] | None, sample: int,
     out.mkdir(parents=True, exist_ok=True)
     (out / "inspect_notes.json").write_text(json.dumps(report, indent=1) + "\n")
     if report["read_share"]:
-        plot_read_share(report["read_share"], out / "read_share.png")
+        plot_read_share(report["read_share"], out / "read_share.png", RunDir(run_dir).caption())
     text = markdown(report)
     (out / "inspect_notes.md").write_text(text)
     return text
