@@ -67,12 +67,16 @@ def test_a_background_job_is_waited_for_and_its_outcome_reported_once(tmp_path):
     c = check(tmp_path)
     c.start(Job("build", "Build", shell("sleep 1; echo 'nvcc fatal: unsupported'; exit 3"), timeout=30))
     c.start(Job("slow", "Slow", ["sleep", "60"], timeout=1))
+    c.start(Job("long", "Long", shell(f"sleep 60 & echo $! > {tmp_path}/long; wait"), timeout=600))
     waited = c.run(Step("needs the build", shell(f"test -f {tmp_path}/Build.log && echo after"), waits_for=("build",)))
     reported = c.run(Step("The build", job="build"))
     assert waited.status == "ok" and reported.status == "FAILED (exit 3)" and reported.title == "The build"
     assert c.finish() == 1 and c.failures() == 2  # the build once, and the slow job that outlived its timeout
     report = (tmp_path / "gpu_check.md").read_text()
     assert "nvcc fatal: unsupported" in report and "| background: Slow | TIMED OUT |" in report
+    assert "| background: Long | cut: still running when the check ended |" in report  # ended, not left behind
+    long = int((tmp_path / "long").read_text())
+    assert not Path(f"/proc/{long}").exists() or "zombie" in Path(f"/proc/{long}/status").read_text().lower()
 
 
 def train_flags(argv: list[str]) -> list[str]:
