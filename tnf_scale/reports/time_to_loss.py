@@ -404,5 +404,7 @@ def write_report(
         )
         + "\n"
     )
-    plot(baseline, tnf, results, out / "time_to_loss.png", RunDir(baseline_dir).caption())
+    captions = RunDir(baseline_dir).caption(), RunDir(tnf_dir).caption()
+    about = captions[0] if captions[0] == captions[1] else f"baseline {captions[0]}; TNF {captions[1]}"
+    plot(baseline, tnf, results, out / "time_to_loss.png", about)
     return report
