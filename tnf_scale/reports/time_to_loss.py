@@ -265,9 +265,10 @@ def markdown(
     return "\n".join(lines)
 
 
-def plot(baseline: list[dict], tnf: list[dict], results: list[Comparison], path: Path, about: str) -> Path:
+def plot(baseline: list[dict], tnf: list[dict], results: list[Comparison], path: Path, about: str, window: int) -> Path:
     """PNG: each yardstick's held-out loss over the second half of training, where the runs differ (both axes), with
-    the target and the steps at which each run reaches it; the exported model's against wall time; the training loss
+    the target and the steps at which each run reaches it (its trailing mean of `window` evaluations, so a single
+    point below the target is not yet a crossing); the exported model's against wall time; the training loss
     smoothed. `about` names the runs (RunDir.caption)."""
     import matplotlib
 
@@ -299,15 +300,19 @@ def plot(baseline: list[dict], tnf: list[dict], results: list[Comparison], path:
     train_ax = axes.flat[len(results) + 1]
     for records, name in ((baseline, "baseline"), (tnf, "TNF")):
         train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-        window = max(1, len(train) // 40)
-        train_ax.plot([s for s, _ in train], smooth([v for _, v in train], window), label=f"{name}, mean of {window}")
+        mean_of = max(1, len(train) // 40)
+        train_ax.plot([s for s, _ in train], smooth([v for _, v in train], mean_of), label=f"{name}, mean of {mean_of}")
     train_ax.set_title("training loss (TNF's with notes read), smoothed", fontsize=10)
     train_ax.set_xlabel("step")
     train_ax.set_ylabel("training loss (nats)")
     train_ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(results) + 2 :]:
         ax.axis("off")
-    fig.suptitle(f"Time to loss, baseline against TNF: {about}", fontsize=11)
+    fig.suptitle(
+        f"Time to loss, baseline against TNF: {about}\na run reaches a target when the mean of its last {window} "
+        "evaluations does (the points are single evaluations)",
+        fontsize=11,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -406,5 +411,5 @@ def write_report(
     )
     captions = RunDir(baseline_dir).caption(), RunDir(tnf_dir).caption()
     about = captions[0] if captions[0] == captions[1] else f"baseline {captions[0]}; TNF {captions[1]}"
-    plot(baseline, tnf, results, out / "time_to_loss.png", about)
+    plot(baseline, tnf, results, out / "time_to_loss.png", about, window)
     return report
