@@ -172,7 +172,7 @@ def assert_export_is_the_model_in_training(
     model, loading = BertForMaskedLM.from_pretrained(str(run / "export"), output_loading_info=True)
     assert not any(loading.values()), loading
     assert AutoTokenizer.from_pretrained(str(run / "export")).get_vocab() == prepared.tokenizer.get_vocab()
-    size = EVAL_SEQUENCES
+    size = json.loads((run / "run_config.json").read_text())["eval_sequences"]
     batch = Collator(prepared.tokenizer, cfg.max_seq_len, 0.15, seed=1234)(
         prepared.eval, list(range(size)), list(range(size)), [EVAL_EPOCH] * size
     )

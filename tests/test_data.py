@@ -200,6 +200,36 @@ def test_a_padded_micro_batch_adds_rows_that_predict_nothing_and_read_nothing(pr
     assert batch.padded(3) is batch
 
 
+@pytest.mark.parametrize("pipeline", [False, True], ids=["data-parallel", "pipeline"])
+def test_every_replica_runs_as_many_held_out_micro_batches_and_together_they_score_each_sequence_once(
+    small_config, prepared, pipeline
+):
+    """33 held-out sequences over 2 replicas in micro-batches of 16 are 17 and 16: both replicas run 2 micro-batches
+    (ZeRO-3 gathers parameters collectively in each forward, so one forward fewer on a rank hangs the other), the
+    shorter share's second one scoring nothing, and the two replicas' predicted and scored tokens together are one
+    replica's (planted: without the emptied micro-batch, replica 1 runs 1)."""
+    from tnf_scale.distributed import ParallelDims, Topology
+    from tnf_scale.feeder import StepFeeder
+
+    cfg = dataclasses.replace(small_config, eval_sequences=33, micro_batch_size=16, global_batch_size=32)
+    collator = Collator(prepared.tokenizer, cfg.max_seq_len, 0.15, seed=cfg.seed)
+
+    def share(rank: int, replicas: int) -> list:
+        world = Topology(rank, rank, replicas, torch.device("cpu"), ParallelDims(1, replicas))
+        return StepFeeder(cfg, world, prepared.train, prepared.eval, collator, pad_eval=pipeline).eval_batches()
+
+    shares = [share(r, 2) for r in range(2)]
+    assert [len(s) for s in shares] == [2, 2]
+    emptied = shares[1][1]
+    assert emptied.num_predicted == emptied.num_tokens == emptied.num_reads == 0 and not emptied.in_rare_span.any()
+    assert (emptied.labels == -100).all() and len(emptied.occ_rare) == 0
+    whole = share(0, 1)
+    for count in ("num_predicted", "num_tokens", "num_reads"):
+        assert sum(getattr(b, count) for s in shares for b in s) == sum(getattr(b, count) for b in whole)
+    rare = [int(b.in_rare_span.flatten()[b.predicted_index].sum()) for s in (*shares, whole) for b in s]
+    assert sum(rare[:4]) == sum(rare[4:])
+
+
 def test_the_collator_lists_every_token_of_the_reading_spans_and_whether_a_micro_batch_holds_padding(prepared):
     """The step mixes notes at `read_token_index` (no repeat_interleave on the device) and hands the model no attention
     mask for a micro-batch without padding: both decided on the host, from the collated spans and lengths."""

@@ -53,10 +53,13 @@ class StepFeeder:
         return [b.to(self.device, non_blocking=self.prefetcher.pin) for b in self.prefetcher.get(step)]
 
     def eval_batches(self) -> list[Batch]:
-        """This rank's share of the held-out set: the first --eval_sequences, whatever the ranks and stages."""
+        """This rank's share of the held-out set: the first --eval_sequences, whatever the ranks and stages, in as
+        many micro-batches on every replica (a shorter share ends with micro-batches that score nothing)."""
         size = min(len(self.eval_set), self.eval_sequences)  # at least one per replica: startup.check_eval_split
         mine = local_share(list(range(size)), self.data_rank, self.data_size)
         batches = [b.to(self.device) for b in self._micro_batches(self.eval_set, mine, mine, [EVAL_EPOCH] * len(mine))]
+        longest_share = -(-size // self.data_size)
+        batches += [batches[-1].emptied()] * (-(-longest_share // self.micro_batch_size) - len(batches))
         return [b.padded(self.micro_batch_size) for b in batches] if self.pad_eval else batches
 
     def close(self) -> None:

@@ -94,6 +94,27 @@ class Batch:
             sample_uniform=grow(self.sample_uniform),
         )
 
+    def emptied(self) -> Batch:
+        """A micro-batch of this one's shape with nothing in it: no position predicted or scored, no occurrence, no
+        read. A replica whose share of the held-out set is shorter runs it, so that every replica runs as many
+        forwards (ZeRO-3 gathers each layer's parameters in a collective every forward)."""
+        none = self.predicted_index[:0]
+        return dataclasses.replace(
+            self,
+            labels=torch.full_like(self.labels, IGNORE_INDEX),
+            occ_sample=self.occ_sample[:0],
+            occ_rare=self.occ_rare[:0],
+            occ_start=self.occ_start[:0],
+            occ_end=self.occ_end[:0],
+            occ_reads=self.occ_reads[:0],
+            in_rare_span=torch.zeros_like(self.in_rare_span),
+            read_index=self.read_index[:0],
+            predicted_index=none,
+            real_index=self.real_index[:0],
+            read_token_index=self.read_token_index[:0],
+            read_token_occ=self.read_token_occ[:0],
+        )
+
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
         """The batch with `fn` applied to every tensor (a device copy, page-locking)."""
         return Batch(*(fn(getattr(self, f)) for f in self.__dataclass_fields__))
