@@ -21,6 +21,10 @@ if [ ! -f tnf_scale/train.py ]; then  # the batch shell runs where sbatch was ca
     exit 2
 fi
 
+if [ -z "${SLURM_JOB_ID:-}" ]; then
+    echo "error: no SLURM job: this is a batch script; submit it with sbatch slurm/pretrain_large.sh (see slurm/README.md)." >&2
+    exit 2
+fi
 : "${CORPUS:?set CORPUS to your corpus files or folders (see README)}"
 PRESET=${PRESET:-bert-large}
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero1.json}
@@ -28,6 +32,13 @@ PYTHON=${PYTHON:-python}
 RUN_ROOT=${RUN_ROOT:-runs}
 TRAIN_ARGS=${TRAIN_ARGS:-}
 PHASE=${PHASE:-1}
+for flag in --output_dir --resume --overwrite --corpus --preset --deepspeed_config; do
+    # the script sets these itself: a requeued job must find its checkpoints where the script looks
+    if [[ " $TRAIN_ARGS " == *" $flag "* || " $TRAIN_ARGS " == *" $flag="* ]]; then
+        echo "error: TRAIN_ARGS sets $flag, which this script sets itself; use RUN_DIR, CORPUS, PRESET or DS_CONFIG instead (see slurm/README.md)." >&2
+        exit 2
+    fi
+done
 # Name the run (RUN_DIR=runs/bert-large-p1) and a resubmitted job continues it; by default the directory is named
 # after the job id, which a requeued job keeps
 RUN_DIR=${RUN_DIR:-$RUN_ROOT/slurm-$SLURM_JOB_ID}

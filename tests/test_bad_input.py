@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import bz2
 import dataclasses
+import gzip
 import json
+import lzma
+import os
 import subprocess
 
 import pytest
@@ -487,11 +491,18 @@ def write_bytes(path, data: bytes):
 
 def truncated_gzip() -> bytes:
     """JSON lines of varied text, gzip-compressed and cut in half (a download that stopped)."""
-    import gzip
-
     lines = "".join(json.dumps({"text": f"document {i} says {i * i} and {i % 7}"}) + "\n" for i in range(3000))
     packed = gzip.compress(lines.encode())
     return packed[: len(packed) // 2]
+
+
+def corrupt(compress) -> bytes:
+    """JSON lines compressed by `compress`, then the start of the compressed stream overwritten (a bad disk or copy):
+    the header is sound, the stream is not (gzip's deflate then fails with zlib.error, no OSError)."""
+    lines = "".join(json.dumps({"text": f"document {i} says {i * i} and {i % 7}"}) + "\n" for i in range(3000))
+    packed = bytearray(compress(lines.encode()))
+    packed[16:80] = bytes((i * 37 + 11) % 256 for i in range(64))
+    return bytes(packed)
 
 
 CORPUS_FILES = {
@@ -500,6 +511,9 @@ CORPUS_FILES = {
     "malformed.jsonl": (lambda: b'{"text": "fine"}\n{"text": "cut', "cannot be read as json"),
     "fake.parquet": (lambda: b"PAR1" + bytes(range(256)) * 4, "cannot be read as parquet"),
     "truncated.jsonl.gz": (lambda: truncated_gzip(), "EOFError"),
+    "corrupt.jsonl.gz": (lambda: corrupt(gzip.compress), "error: Error -3 while decompressing"),
+    "corrupt.jsonl.xz": (lambda: corrupt(lzma.compress), "LZMAError: Corrupt input data"),
+    "corrupt.jsonl.bz2": (lambda: corrupt(bz2.compress), "OSError: Invalid data stream"),
     "packed.jsonl.zst": (lambda: b"(\xb5/\xfd" + bytes(64), "is zstd-compressed"),
     "random.txt": (lambda: bytes((i * 151 + 7) % 256 for i in range(20000)), "not valid UTF-8 \\(it is not text\\)"),
 }
@@ -697,3 +711,30 @@ def test_wandb_asked_for_where_it_is_not_installed_is_one_sentence(monkeypatch):
     with pytest.raises(ConfigError, match=r"--wandb_project tnf asks for Weights & Biases, which is not installed"):
         parse_args(["--wandb_project", "tnf"])
     assert parse_args([]).wandb_project is None
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({}, "no SLURM job: this is a batch script; submit it with sbatch"),
+        ({"SLURM_JOB_ID": "7", "TRAIN_ARGS": "--max_steps 3 --output_dir /tmp/x"}, "TRAIN_ARGS sets --output_dir"),
+        ({"SLURM_JOB_ID": "7", "TRAIN_ARGS": "--resume=never"}, "TRAIN_ARGS sets --resume"),
+    ],
+    ids=["outside-sbatch", "output_dir", "resume"],
+)
+def test_the_slurm_script_outside_a_job_or_given_a_flag_it_sets_itself_is_one_sentence(env, message, tmp_path):
+    """Run with bash it died on `SLURM_JOB_ID: unbound variable`; TRAIN_ARGS="--output_dir X" was accepted, and a
+    requeued job then looked for its checkpoints elsewhere and was refused, so a pre-empted job never resumed."""
+    from conftest import REPO
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(
+        ["bash", "slurm/pretrain_large.sh"],
+        cwd=REPO,
+        env={**base, "CORPUS": "corpus", "RUN_ROOT": str(tmp_path / "runs"), **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "runs").exists()

@@ -11,6 +11,7 @@ import bz2
 import gzip
 import hashlib
 import lzma
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,6 +28,7 @@ UNREADABLE = (
     EOFError,
     OSError,
     lzma.LZMAError,
+    zlib.error,
     ValueError,
 )
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
