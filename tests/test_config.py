@@ -90,6 +90,17 @@ def test_tnf_prepare_shows_only_the_data_settings(capsys):
         assert flag not in text, flag
 
 
+def test_the_preparation_commands_former_module_runs_it():
+    """`python -m tnf_scale.prepare`, which earlier scripts used, answered "No module named" once the command moved."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "tnf_scale.prepare", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and "--corpus" in proc.stdout and "--lr" not in proc.stdout, proc.stderr
+
+
 @pytest.mark.parametrize(
     "text, suffix, message",
     [

@@ -121,3 +121,15 @@ def test_a_sync_is_charged_to_its_innermost_owned_caller_not_to_the_census(monke
             warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
     assert counts == {"tests": 4}
     assert "1 steps counted; 4 host syncs per step." in sync_census.census_table(counts, 1)
+
+
+def test_an_out_that_is_a_file_is_one_sentence_before_any_step(tmp_path, capsys):
+    """`--out` naming a file gave 16 "Not a directory" errors, then a report path inside the file."""
+    from tnf_scale.node_check.__main__ import main
+
+    file = tmp_path / "report"
+    file.write_text("kept")
+    assert main(["--dry_run", "--out", str(file / "check")]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {file / 'check'}: {file} is a file; name a directory." in err and err.count("\n") == 1
+    assert file.read_text() == "kept"

@@ -12,19 +12,21 @@ from pathlib import Path
 
 import torch
 
+from tnf_scale.errors import command_line
 from tnf_scale.node_check.plan import plan
 from tnf_scale.node_check.runner import Check
-from tnf_scale.run_dir import commit, machine
+from tnf_scale.run_dir import check_out_dir, commit, machine
 
 START_BY, END_BY = 7 * 60, 9 * 60  # seconds from the call's start (GPU_CHECK_STARTED, set by tools/gpu_check.sh)
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="The GPU check: what this node gives tnf_scale, in one report.")
     parser.add_argument("--out", default="runs/gpu_check", help="where the report and the runs go")
     parser.add_argument("--dry_run", action="store_true", help="every step at its smallest size, on any machine")
     args = parser.parse_args(argv)
-    out = Path(args.out).resolve()
+    out = check_out_dir(args.out, "--out").resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = float(os.environ.get("GPU_CHECK_STARTED") or time.time())
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
