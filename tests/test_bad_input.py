@@ -130,6 +130,23 @@ def test_deepspeed_config_batch_sizes_must_agree_with_the_flags(tmp_path):
         build_ds_config(RunConfig(global_batch_size=32, micro_batch_size=16), world_size=3, native_bf16=NO_BF16)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "auto", "bf16"])
+@pytest.mark.parametrize("fp16", [True, "auto"])
+def test_a_deepspeed_config_that_enables_fp16_is_refused_before_launch_in_one_sentence(fp16, precision, tmp_path):
+    """An fp16 section ended in the engine's rank-0 traceback under --precision fp32, and under auto in "bfloat16 and
+    fp16 modes cannot be simultaneously enabled" from a file that enables no bf16; a section that leaves fp16 off
+    (DeepSpeed's default when "enabled" is missing) changes nothing and passes."""
+    ds_file = tmp_path / "ds.json"
+    zero = {"zero_optimization": {"stage": 1}}
+    ds_file.write_text(json.dumps({"fp16": {"enabled": fp16}, **zero}))
+    cfg = RunConfig(deepspeed_config=str(ds_file), global_batch_size=32, micro_batch_size=8, precision=precision)
+    with pytest.raises(ConfigError, match=f'{ds_file} sets fp16.enabled={json.dumps(fp16)}; .*remove the "fp16" sec'):
+        build_ds_config(cfg, world_size=1, native_bf16=NATIVE_BF16)
+    for off in ({"enabled": False}, {"loss_scale": 0}):
+        ds_file.write_text(json.dumps({"fp16": off, **zero}))
+        build_ds_config(cfg, world_size=1, native_bf16=NATIVE_BF16)
+
+
 def test_deepspeed_config_is_completed_from_the_flags():
     ds, dims, precision = build_ds_config(
         RunConfig(global_batch_size=64, micro_batch_size=8, lr=3e-4, max_steps=99), 2, native_bf16=NATIVE_BF16
@@ -158,7 +175,7 @@ def test_deepspeed_config_is_completed_from_the_flags():
         ({"optimizer": {"type": "Adamm"}}, r'optimizer "Adamm", which is neither one of DeepSpeed'),
         ({"scheduler": {"type": "WarmupDecay"}}, r'scheduler "WarmupDecay", which is neither one of DeepSpeed'),
         ({"zero_optimization": {"stage": 2, "overlap_comm": True}, "optimizer": {"type": "SGD"}}, None),
-        ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, r"--precision fp32 contradicts bf16\.enabled=true"),
+        ({"fp16": {"enabled": False}, "bf16": {"enabled": True}}, r"--precision fp32 contradicts bf16\.enabled=true"),
         ({"pipeline": {"stages": 2}, "zero_optimization": {"stage": 2}}, r"ZeRO stage 2 under a pipeline"),
     ],
 )

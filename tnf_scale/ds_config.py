@@ -44,6 +44,12 @@ def load_ds_file(path: str | None) -> dict[str, Any]:
     for key in ("zero_optimization", "pipeline", "bf16", "fp16", "optimizer", "scheduler", "data_types"):
         if key in loaded and not isinstance(loaded[key], dict):
             raise ConfigError(f'--deepspeed_config {path} sets "{key}" to {loaded[key]!r}; it must be a JSON object.')
+    fp16 = loaded.get("fp16", {}).get("enabled", False)  # DeepSpeed's default: a section without it is off
+    if fp16 is not False:
+        raise ConfigError(
+            f"--deepspeed_config {path} sets fp16.enabled={json.dumps(fp16)}; tnf_scale trains in bf16 or fp32 "
+            '(--precision), without fp16\'s loss scaling: remove the "fp16" section and choose with --precision.'
+        )
     return loaded
 
 
