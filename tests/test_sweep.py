@@ -32,11 +32,25 @@ def test_axes_parse_into_field_values_and_grids_are_products():
         ("learning_rate=1", "'learning_rate', which is not a training flag"),
         ("rare_min_count:rare_max_count=5", "has 1 parts for 2 fields"),
         ("note_lambda=0.5,2", "note_lambda must lie strictly between 0 and 1"),
+        ("tnf=on,off", "sweeps 'tnf', which the sweep sets itself"),
+        ("output_dir=a,b", "sweeps 'output_dir', which the sweep sets itself"),
+        ("seed:overwrite=1:true,2:false", "sweeps 'overwrite', which the sweep sets itself"),
+        ("resume=never", "sweeps 'resume', which the sweep sets itself"),
     ],
 )
 def test_bad_axes_are_refused_in_one_sentence_before_anything_trains(axis, message):
+    """Axes the sweep sets itself were accepted and then ignored or fatal (a baseline trained into a folder named by
+    the axis, relative to the package's checkout)."""
     with pytest.raises(ConfigError, match=message):
         grid([axis], "tiny", [])
+
+
+def test_a_field_in_two_grids_or_a_flag_the_sweep_sets_is_refused_instead_of_silently_losing():
+    with pytest.raises(ConfigError, match="both sweep 'seed'; give each field in one --grid"):
+        grid(["seed=1,2", "note_lambda:seed=0.5:3"], "tiny", [])
+    for flags, name in ((["--tnf", "off"], "--tnf"), (["--max_steps", "5", "--output_dir=runs/x"], "--output_dir")):
+        with pytest.raises(ConfigError, match=f"^{name} is set by the sweep itself"):
+            grid(["seed=1"], "tiny", flags)
 
 
 def fake_run(path, cfg, steps: list[int], losses: list[float], commit: str = "abc1234", **curves):

@@ -20,6 +20,9 @@ from tnf_scale.metrics import read_metrics
 from tnf_scale.reports.time_to_loss import YARDSTICKS, Comparison, compare_all
 from tnf_scale.run_dir import RunDir
 
+# what the sweep decides for every run it trains: TNF on against off, and where and how each run is written
+SET_BY_THE_SWEEP = ("tnf", "output_dir", "overwrite", "resume")
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -54,6 +57,12 @@ def parse_axis(text: str) -> list[tuple[tuple[str, str], ...]]:
     unknown = [n for n in names if n not in fields]
     if unknown:
         raise ConfigError(f"--grid {text!r} names {unknown[0]!r}, which is not a training flag; see train.py --help.")
+    own = [n for n in names if n in SET_BY_THE_SWEEP]
+    if own:
+        raise ConfigError(
+            f"--grid {text!r} sweeps {own[0]!r}, which the sweep sets itself (every setting is trained with TNF on "
+            "against a baseline with it off, each run in its own folder under --out); sweep other fields."
+        )
     points = []
     for value in values.split(","):
         parts = value.split(":")
@@ -67,9 +76,22 @@ def parse_axis(text: str) -> list[tuple[tuple[str, str], ...]]:
 
 def grid(axes: list[str], preset: str, flags: list[str]) -> list[Setting]:
     """Every setting of the product of `axes`, each checked as train.py would check it."""
-    settings = [
-        Setting(tuple(pair for point in combo for pair in point)) for combo in itertools.product(*map(parse_axis, axes))
-    ]
+    given = [f.partition("=")[0] for f in flags if f.startswith("--") and f[2:].partition("=")[0] in SET_BY_THE_SWEEP]
+    if given:
+        raise ConfigError(
+            f"{given[0]} is set by the sweep itself for every run it trains (TNF on against off, each run in its own "
+            "folder under --out); leave it out."
+        )
+    parsed = [parse_axis(axis) for axis in axes]
+    seen: dict[str, str] = {}
+    for axis, points in zip(axes, parsed):
+        for name, _ in points[0]:
+            if name in seen:
+                raise ConfigError(
+                    f"--grid {seen[name]!r} and --grid {axis!r} both sweep {name!r}; give each field in one --grid."
+                )
+            seen[name] = axis
+    settings = [Setting(tuple(pair for point in combo for pair in point)) for combo in itertools.product(*parsed)]
     for setting in settings:
         run_config(preset, flags, setting, "on")  # a bad value is refused before anything trains
     return settings
