@@ -131,6 +131,16 @@ def test_throughput_report_refuses_a_folder_without_a_run(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flag", [["--precisions", "bf16"], ["--with_peer"]])
+def test_a_training_option_with_finished_runs_is_one_sentence_not_ignored(flag, tmp_path, capsys):
+    """`--precisions` with `--run` was accepted and ignored: the report then said nothing of the precisions asked."""
+    from tnf_scale.cli.throughput_report import main
+
+    assert main(["--run", str(tmp_path / "run"), *flag]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag[0]} applies to the runs this tool trains with --preset" in err and err.count("\n") == 1
+
+
 def test_metrics_go_to_weights_and_biases_when_asked_and_a_resume_continues_its_run(tmp_path, monkeypatch):
     """With --wandb_project each record's scalars go to W&B at the record's step (the package faked: it is optional
     and not installed here); the W&B run id is kept in the run directory, so a resume logs into the same W&B run."""

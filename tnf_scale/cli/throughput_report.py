@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from tnf_scale.config import forwarding_parser
-from tnf_scale.errors import command_line
+from tnf_scale.errors import ConfigError, command_line
 from tnf_scale.launch import PEER_SCRIPT
 from tnf_scale.reports.bench import add_overwrite_flag, check_replaceable, launch_training, timing_flags
 from tnf_scale.reports.throughput import check_warmup, write_report
@@ -50,6 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if (args.run is None) == (args.preset is None) or (args.preset and not args.out) or (args.run and extra):
         parser.error("give --run RUN_DIR [...] (and --peer), or --preset P with --steps and --out (and train.py flags)")
+    trains_only = [
+        name for name, given in (("--precisions", args.precisions), ("--with_peer", args.with_peer)) if given
+    ]
+    if args.run and trains_only:
+        raise ConfigError(
+            f"{trains_only[0]} applies to the runs this tool trains with --preset; the --run runs are trained "
+            "already: leave it out, or give --preset instead of --run."
+        )
     check_warmup(args.warmup)  # before anything is trained
     if args.preset:
         out = check_out_dir(args.out, "--out")
