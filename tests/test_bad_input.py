@@ -546,6 +546,19 @@ def test_a_corpus_file_that_is_not_text_is_one_sentence_naming_it(name, tmp_path
         load_corpus([str(path)], "text", log=quiet)
 
 
+@pytest.mark.parametrize("name", ["part2.jsonl.zst", "part2.txt.lz4", "sub/part2.json.zip"])
+def test_a_folder_holding_a_corpus_file_compressed_unreadably_is_refused_not_skipped(name, tmp_path):
+    """Inside a folder such a file was skipped (named directly it was refused), so part of the corpus was dropped
+    without a word; other files (a README) are still passed over."""
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    write_bytes(folder / "part1.txt", b"some text\n")
+    write_bytes(folder / "README.md", b"about the corpus\n")
+    write_bytes(folder / name, b"(\xb5/\xfd" + bytes(64))
+    with pytest.raises(ConfigError, match=f"corpus file {folder / name} is .*-compressed, which is not read here"):
+        load_corpus([str(folder)], "text", log=quiet)
+
+
 def test_a_data_cache_that_is_a_file_or_damaged_is_one_sentence(small_config, prepared, tmp_path):
     import shutil
 

@@ -41,11 +41,32 @@ def _builder_for(path: Path) -> str | None:
     return BUILDERS.get(suffixes[-1]) if suffixes else None
 
 
+def _compressed_unreadably(path: Path) -> bool:
+    """A zstd file, or a corpus file (its inner suffix .txt, .jsonl, ...) under a compression not read here."""
+    suffixes = path.suffixes
+    return path.suffix == ".zst" or (
+        len(suffixes) > 1 and suffixes[-2] in BUILDERS and suffixes[-1] not in COMPRESSIONS
+    )
+
+
+def _check_compression(path: Path | None) -> None:
+    """Refuse a corpus file compressed in a way not read here, also inside a folder (skipping it would drop part
+    of the corpus without a word)."""
+    if path is not None:
+        kind = {".zst": "zstd"}.get(path.suffix, path.suffix[1:])
+        raise ConfigError(
+            f"corpus file {path} is {kind}-compressed, which is not read here; decompress it or compress it with xz, "
+            "gzip or bzip2."
+        )
+
+
 def _expand(entry: str) -> list[Path] | None:
     """Files an entry names, or None when it is not a local path (a hub name)."""
     path = Path(entry).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _builder_for(p))
+        inside = sorted(p for p in path.rglob("*") if p.is_file())
+        _check_compression(next((p for p in inside if _compressed_unreadably(p)), None))
+        files = [p for p in inside if _builder_for(p)]
         if not files:
             raise ConfigError(
                 f"corpus folder {entry} holds no .txt, .jsonl, .json or .parquet file; point --corpus at your "
@@ -53,11 +74,7 @@ def _expand(entry: str) -> list[Path] | None:
             )
         return files
     if path.is_file():
-        if path.suffix == ".zst":
-            raise ConfigError(
-                f"corpus file {entry} is zstd-compressed, which is not read here; decompress it (zstd -d) or "
-                "compress it with xz, gzip or bzip2."
-            )
+        _check_compression(path if _compressed_unreadably(path) else None)
         if _builder_for(path) is None:
             raise ConfigError(
                 f"corpus file {entry} has an unknown type; use .txt, .jsonl, .json or .parquet (optionally "
