@@ -525,6 +525,10 @@ def corrupt(compress) -> bytes:
 CORPUS_FILES = {
     "numbers.jsonl": (lambda: "\n".join(json.dumps({"text": i}) for i in range(20)).encode(), "holds Value"),
     "lists.jsonl": (lambda: "\n".join(json.dumps({"text": ["a", "b"]}) for _ in range(20)).encode(), "holds List"),
+    "mixed.jsonl": (
+        lambda: "\n".join(json.dumps({"text": i if i in (3, 7) else f"row {i}"}) for i in range(20)).encode(),
+        "column 'text' holds text except in rows 4, 8 \\(int there\\); make those rows strings",
+    ),
     "malformed.jsonl": (lambda: b'{"text": "fine"}\n{"text": "cut', "cannot be read as json"),
     "fake.parquet": (lambda: b"PAR1" + bytes(range(256)) * 4, "cannot be read as parquet"),
     "truncated.jsonl.gz": (lambda: truncated_gzip(), "EOFError"),

@@ -155,12 +155,25 @@ def _load_file(path: Path, text_column: str, log) -> datasets.Dataset | None:
         )
     feature = ds.features[column]
     if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        _check_mixed_column(path, column, ds[column])
         raise ConfigError(
             f"corpus file {path}: column {column!r} holds {feature}, not text; pass --text_column naming a column "
             "of strings."
         )
     ds = ds.select_columns([column])
     return ds.rename_column(column, "text") if column != "text" else ds
+
+
+def _check_mixed_column(path: Path, column: str, values: list) -> None:
+    """A column of strings with some rows of another type (a number, a list): name those rows, which is what the
+    user has to fix, rather than the type datasets inferred for the whole column."""
+    others = [i for i, v in enumerate(values) if not isinstance(v, str)]
+    if others and len(others) < len(values):
+        shown = ", ".join(str(i + 1) for i in others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise ConfigError(
+            f"corpus file {path}: column {column!r} holds text except in rows {shown} "
+            f"({type(values[others[0]]).__name__} there); make those rows strings or drop them."
+        )
 
 
 def _load_hub(name: str, text_column: str) -> datasets.Dataset:
