@@ -44,6 +44,19 @@ def small_corpus(tmp_path_factory) -> Path:
 TEST_TOKENIZER = REPO / "tests" / "data" / "tokenizer"
 
 
+def tokenizer_with_other_ids(folder: Path) -> Path:
+    """A copy of TEST_TOKENIZER in `folder` in which two tokens swap ids: the same words, read as other ids."""
+    import shutil
+
+    shutil.copytree(TEST_TOKENIZER, folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    first, second = list(vocab)[10:12]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def small_config(small_corpus, tmp_path_factory) -> RunConfig:
     """The tiny preset on the small corpus, with the shared test tokenizer (TEST_TOKENIZER)."""

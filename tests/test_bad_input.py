@@ -14,7 +14,7 @@ import pytest
 
 from tnf_scale.config import RunConfig, parse_args, resolve
 from tnf_scale.data.corpus import load_corpus
-from tnf_scale.data.prepared import corpus_key, prepare_data
+from tnf_scale.data.prepared import DIGESTS_DIR, corpus_key, prepare_data
 from tnf_scale.ds_config import build_ds_config
 from tnf_scale.errors import ConfigError
 from tnf_scale.run_dir import RunDir
@@ -78,7 +78,7 @@ def test_no_word_in_the_rare_band_says_what_was_counted_and_suggests_bounds(smal
         prepare_data(cfg, log=quiet, show_progress=False)
     # no half-built cache entry or staging directory is left behind; only the entry's lock file, which must outlive
     # every holder (unlinking it would let a waiter and a newcomer hold two different locks at once)
-    assert [p.name for p in tmp_path.iterdir()] == [f"{corpus_key(cfg)}.lock"]
+    assert [p.name for p in tmp_path.iterdir() if p.name != DIGESTS_DIR] == [f"{corpus_key(cfg)}.lock"]
 
 
 def test_unknown_preset_and_config_key_are_named(tmp_path):
@@ -305,6 +305,11 @@ def test_preflight_names_a_missing_deepspeed_config(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert "nope.json does not exist; pass a JSON file" in err and "Traceback" not in err
+    # the training entry's own check of pipeline.stages (planted: preflight's former reading divided by a string)
+    (tmp_path / "pp.json").write_text(json.dumps({"pipeline": {"stages": "2"}}))
+    assert preflight_main(["--hostfile", str(tmp_path / "hosts"), "--deepspeed_config", str(tmp_path / "pp.json")]) == 2
+    err = capsys.readouterr().err
+    assert "sets pipeline.stages='2'; use a whole number of stages" in err and "Traceback" not in err
 
 
 def test_an_output_dir_that_is_a_file_is_named_before_anything_is_written(tmp_path):
@@ -338,6 +343,26 @@ def test_a_tokenizer_that_is_missing_or_not_wordpiece_is_named(tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=bpe, **specials).save_pretrained(tmp_path / "bpe")
     with pytest.raises(ConfigError, match="is a BPE tokenizer; .* give a WordPiece tokenizer"):
         load_tokenizer(tmp_path / "bpe")
+
+
+def test_a_resume_given_another_tokenizer_than_its_own_is_refused_in_one_sentence(tmp_path):
+    """A resume encodes with the run's own tokenizer; a --tokenizer beside it must hold the same vocabulary (its copy
+    elsewhere does), or the run's ids would be read as other words. Planted: a resume that takes --tokenizer as given
+    fails the refusal."""
+    import shutil
+
+    from conftest import TEST_TOKENIZER, tokenizer_with_other_ids
+
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(TEST_TOKENIZER, run.tokenizer)
+    copy, other = tmp_path / "copy", tokenizer_with_other_ids(tmp_path / "other")
+    shutil.copytree(TEST_TOKENIZER, copy)
+    assert run.own_tokenizer(RunConfig(resume=True, tokenizer=str(copy))) == run.tokenizer
+    assert (
+        run.own_tokenizer(RunConfig(resume=False, tokenizer=str(other))) is None
+    )  # a fresh run takes what it is given
+    with pytest.raises(ConfigError, match=rf"--tokenizer {other} is not the tokenizer run .* drop --tokenizer"):
+        run.own_tokenizer(RunConfig(resume=True, tokenizer=str(other)))
 
 
 def test_overwrite_never_deletes_what_another_tool_wrote(tmp_path):

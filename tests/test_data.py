@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from collections import Counter
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -15,7 +17,7 @@ import torch
 from tnf_scale.data.collate import Collator
 from tnf_scale.data.encoding import make_encoder, word_of_key
 from tnf_scale.data.packing import cut_points, make_packer
-from tnf_scale.data.prepared import corpus_key, packed_name, prepare_data
+from tnf_scale.data.prepared import DIGESTS_DIR, corpus_key, packed_name, prepare_data
 from tnf_scale.data.rare_vocab import RareVocab, band_coverage, choose_band, count_words, word_splitter
 from tnf_scale.data.sampler import GlobalBatchSampler, local_share
 from tnf_scale.errors import ConfigError
@@ -152,10 +154,44 @@ def test_cut_points_move_back_to_word_starts():
     assert cut_points(np.array([1, 0, 0, 0, 0, 0, 0, 1], dtype=bool), 8, 3) == [0, 3, 6, 8]
 
 
-def test_cache_is_reused_and_its_key_follows_the_inputs(small_config, prepared):
+def test_cache_is_reused_and_its_key_follows_the_inputs(small_config, prepared, tmp_path):
+    """The key is what the corpus holds and which tokenizer: a byte-identical copy elsewhere (another path, name and
+    mtime) finds the same entry, one changed byte does not, and neither does another tokenizer. Planted: the key of
+    the path, size and mtime fails the copy."""
     again = prepare_data(small_config, log=lambda *_: None, show_progress=False)
     assert again.path == prepared.path
     assert corpus_key(dataclasses.replace(small_config, rare_coverage=0.03)) != corpus_key(small_config)
+    source = Path(small_config.corpus[0])
+    moved = tmp_path / "elsewhere" / f"copy{''.join(source.suffixes)}"
+    moved.parent.mkdir()
+    moved.write_bytes(source.read_bytes())
+    assert corpus_key(dataclasses.replace(small_config, corpus=[str(moved)])) == corpus_key(small_config)
+    moved.write_bytes(source.read_bytes() + b"\n")
+    assert corpus_key(dataclasses.replace(small_config, corpus=[str(moved)])) != corpus_key(small_config)
+    tokenizer_copy = tmp_path / "tokenizer"
+    shutil.copytree(small_config.tokenizer, tokenizer_copy)
+    assert corpus_key(dataclasses.replace(small_config, tokenizer=str(tokenizer_copy))) == corpus_key(small_config)
+    assert corpus_key(dataclasses.replace(small_config, tokenizer=None)) != corpus_key(small_config)
+
+
+def test_a_resumed_runs_own_tokenizer_finds_the_entry_trained_for_it(small_config, tmp_path):
+    """An entry whose tokenizer was trained is found again under the run's copy of that tokenizer (what a resume
+    prepares with), without encoding the corpus again; an empty cache given that copy encodes with it, byte for byte
+    the same rare vocabulary and sequences. Planted: without the entry's link the first lookup encodes again."""
+    trained = dataclasses.replace(small_config, tokenizer=None, data_cache=str(tmp_path / "cache"))
+    first = prepare_data(trained, log=lambda *_: None, show_progress=False)
+    own = tmp_path / "run" / "tokenizer"
+    shutil.copytree(first.tokenizer_dir, own)
+    said = []
+    found = prepare_data(trained, log=said.append, show_progress=False, own_tokenizer=own)
+    assert not any(line.startswith("corpus:") for line in said), said  # neither read nor encoded again
+    assert found.path.resolve() == first.path.resolve()
+    fresh = prepare_data(
+        dataclasses.replace(trained, data_cache=str(tmp_path / "empty")), lambda *_: None, False, own_tokenizer=own
+    )
+    assert (fresh.tokenizer_dir / "tokenizer.json").read_bytes() == (own / "tokenizer.json").read_bytes()
+    assert fresh.rare_vocab_path.read_bytes() == first.rare_vocab_path.read_bytes()
+    assert fresh.train.data.table.equals(first.train.data.table)
 
 
 def test_another_sequence_length_packs_the_corpus_entry_without_encoding_it_again(small_config, prepared):
@@ -405,7 +441,9 @@ def test_two_processes_preparing_one_entry_build_it_once(small_config, tmp_path)
     outputs = [run.communicate(timeout=300)[0] for run in runs]
     assert [run.returncode for run in runs] == [0, 0], outputs
     assert sum("corpus:" in out for out in outputs) == 1  # one built; the other waited (or found it done) and loaded
-    entries = [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    cache = [p for p in (tmp_path / "cache").iterdir() if p.is_dir() and p.name != DIGESTS_DIR]
+    entries = [p.name for p in cache if not p.is_symlink()]
+    assert [p.readlink().name for p in cache if p.is_symlink()] == entries  # found under its tokenizer's key too
     assert (
         len(entries) == 1
         and ".tmp-" not in entries[0]
@@ -433,7 +471,8 @@ def test_a_preparation_killed_part_way_is_redone_not_loaded(small_config, tmp_pa
     )  # killed while staging: nothing looks complete
     again = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "corpus:" in again.stdout and "reusing" not in again.stdout
-    assert not list(cache.rglob("*.tmp-*")) and len(list(cache.glob("*/*/stats.json"))) == 1
+    entries = [p for p in cache.glob("*/*/stats.json") if not p.parent.parent.is_symlink()]
+    assert not list(cache.rglob("*.tmp-*")) and len(entries) == 1
 
 
 def test_the_tokenizer_sample_is_bounded_and_spread_over_the_corpus(small_corpus):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 from pathlib import Path
@@ -96,18 +97,31 @@ def test_export_is_the_model_in_training_as_a_stock_bert_with_no_notes(tnf_run, 
 
 
 def test_resume_continues_exactly_where_the_checkpoint_left_off(tnf_run, small_config, tmp_path):
+    """Bit for bit, with the data prepared anew: the corpus copied to another path, an empty data cache and no
+    --tokenizer (which would train one), so the resume must encode with the run's own tokenizer, and its tokenizer
+    files are left as they were. Planted: preparing as a fresh run does trains another tokenizer (its ids differ,
+    its rare words do not), the losses move and the run's tokenizer.json is rewritten."""
     resumed = tmp_path / "resumed"
     shutil.copytree(tnf_run, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step00000040")  # as if the run died after step 20's checkpoint
     assert latest_complete(resumed).name == "step00000020"
+    tokenizer_files = {p.name: p.read_bytes() for p in (resumed / "tokenizer").iterdir()}
+    moved = tmp_path / "moved" / Path(small_config.corpus[0]).name
+    moved.parent.mkdir()
+    moved.write_bytes(Path(small_config.corpus[0]).read_bytes())
+    elsewhere = dataclasses.replace(
+        small_config, corpus=[str(moved)], data_cache=str(tmp_path / "cache"), tokenizer=None
+    )
     # The run collated each step on the spot (--prefetch auto on a CPU); the resumed one prefetches: the same batches.
     launch(
         1,
         [
             "tnf_scale/train.py",
-            *train_args(small_config, resumed, max_steps=40, save_interval=20, resume="true", prefetch="on"),
+            *train_args(elsewhere, resumed, max_steps=40, save_interval=20, resume="true", prefetch="on"),
         ],
     )
+    assert {p.name: p.read_bytes() for p in (resumed / "tokenizer").iterdir()} == tokenizer_files
+    assert (resumed / "export" / "tokenizer.json").read_bytes() == (tnf_run / "export" / "tokenizer.json").read_bytes()
     original = {r["step"]: r for r in read_metrics(tnf_run)}
     again = read_metrics(resumed)
     assert [r["step"] for r in again] == [r["step"] for r in read_metrics(tnf_run)]  # no step logged twice

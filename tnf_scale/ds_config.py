@@ -64,16 +64,22 @@ def _agree(ds: dict, key: str, value: Any, flag: str, source: str) -> None:
         )
 
 
+def pipeline_stages(ds: dict[str, Any], source: str) -> int:
+    """The config's `pipeline.stages` ("auto" or absent: 1), refused in one sentence unless a whole number from 1."""
+    stages = ds.get("pipeline", {}).get("stages", "auto")
+    stages = 1 if stages == "auto" else stages
+    if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
+        raise ConfigError(
+            f"{source} sets pipeline.stages={stages!r}; use a whole number of stages (1 for no pipeline)."
+        )
+    return stages
+
+
 def parallel_dims(
     ds: dict[str, Any], cfg: RunConfig, world_size: int, source: str, world_source: str = ""
 ) -> ParallelDims:
     """Pipeline degree from the config's `pipeline.stages`; refused when it does not fit the model or the world."""
-    stages = ds.get("pipeline", {}).get("stages", "auto")
-    stages = 1 if stages == "auto" else stages
-    if not isinstance(stages, int) or stages < 1:
-        raise ConfigError(
-            f"{source} sets pipeline.stages={stages!r}; use a whole number of stages (1 for no pipeline)."
-        )
+    stages = pipeline_stages(ds, source)
     if stages > cfg.num_layers:
         raise ConfigError(
             f"{source} asks for {stages} pipeline stages but the model has only {cfg.num_layers} encoder "

@@ -172,13 +172,12 @@ def check_same_words(source: InitSource, tokenizer_dir: Path, rare_vocab: Path) 
         raise ConfigError(
             f"the data prepared for this run has another rare vocabulary than phase 1's ({run.rare_vocab}), so phase "
             "1's notes would belong to other words; keep phase 1's corpus, tokenizer and rare band (the defaults "
-            f"under --init_from), or pass --tokenizer {run.tokenizer} if phase 1's cache entry is gone (WordPiece "
-            "training is not repeatable)."
+            f"under --init_from), or pass --tokenizer {run.tokenizer} to encode this corpus with phase 1's tokenizer."
         )
     if sha256_of(tokenizer_dir / "tokenizer.json") != sha256_of(run.tokenizer / "tokenizer.json"):
         raise ConfigError(
             f"the data prepared for this run has another tokenizer than phase 1's ({run.tokenizer}); pass --tokenizer "
-            f"{run.tokenizer} (WordPiece training is not repeatable, so a rebuilt cache entry differs)."
+            f"{run.tokenizer} to encode this corpus with it."
         )
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from tnf_scale.ds_config import load_ds_file
+from tnf_scale.ds_config import load_ds_file, pipeline_stages
 from tnf_scale.errors import ConfigError
 from tnf_scale.stopping import launcher_chain
 
@@ -97,6 +97,7 @@ def preflight(hostfile: str, deepspeed_config: str | None) -> list[tuple[str, in
     """All hostfile checks; returns the hosts when they pass."""
     hosts = read_hostfile(hostfile)
     check_hosts_resolve(hosts, hostfile)
-    stages = load_ds_file(deepspeed_config).get("pipeline", {}).get("stages", 1)
-    check_slots(hosts, 1 if stages == "auto" else stages, hostfile)
+    check_slots(
+        hosts, pipeline_stages(load_ds_file(deepspeed_config), f"--deepspeed_config {deepspeed_config}"), hostfile
+    )
     return hosts

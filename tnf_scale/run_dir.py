@@ -31,6 +31,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from tnf_scale.config import REPO, RunConfig
+from tnf_scale.data.tokenizer import load_tokenizer
 from tnf_scale.distributed import Topology, wait_for_all
 from tnf_scale.errors import ConfigError
 
@@ -171,6 +172,18 @@ class RunDir:
             )
         check_out_dir(self.path, "--output_dir")
 
+    def own_tokenizer(self, cfg: RunConfig) -> Path | None:
+        """On a resume, the tokenizer this run was trained with, which its data must be encoded with (None: not a
+        resume, or a run that never wrote one). A --tokenizer given beside it must hold the same vocabulary."""
+        if not cfg.resume or not (self.tokenizer / "tokenizer.json").is_file():
+            return None
+        if cfg.tokenizer and load_tokenizer(cfg.tokenizer).get_vocab() != load_tokenizer(self.tokenizer).get_vocab():
+            raise ConfigError(
+                f"--tokenizer {cfg.tokenizer} is not the tokenizer run {self.path} was trained with; drop --tokenizer "
+                f"to resume with the run's own ({self.tokenizer})."
+            )
+        return self.tokenizer
+
     def claim(self, cfg: RunConfig, topo: Topology) -> None:
         """Create the directory; with --overwrite (and not --resume), delete the old run first. Call it only once every
         input has been checked. Collective: every rank has looked before rank 0 deletes anything. The waits are on the
@@ -186,12 +199,20 @@ class RunDir:
         wait_for_all(topo)
 
     def write_run_files(
-        self, cfg: RunConfig, model_config, tokenizer_dir: Path, world_size: int, details: dict, generator_config=None
+        self,
+        cfg: RunConfig,
+        model_config,
+        tokenizer_dir: Path | None,
+        world_size: int,
+        details: dict,
+        generator_config=None,
     ) -> None:
         """Tokenizer (with rare vocabulary), model config(s), run config and provenance (with `details`: the precision
         the run computes in and the device it runs on): what the run was, beside its metrics, so that export and the
-        reports need only the run directory."""
-        shutil.copytree(tokenizer_dir, self.tokenizer, dirs_exist_ok=True)
+        reports need only the run directory. `tokenizer_dir` None (a resume) keeps the run's own, which its
+        checkpoints were trained with."""
+        if tokenizer_dir is not None:
+            shutil.copytree(tokenizer_dir, self.tokenizer, dirs_exist_ok=True)
         model_config.to_json_file(str(self.model_config))
         if generator_config is not None:
             generator_config.to_json_file(str(self.generator_config))

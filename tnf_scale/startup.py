@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -127,19 +128,20 @@ def print_config(cfg: RunConfig) -> int:
     return 0
 
 
-def prepare_on_local_rank0(cfg: RunConfig, topo: Topology, log) -> PreparedData:
-    """Local rank 0 of each node prepares (or finds) the data; the other ranks then load it. Bad data input stops
-    every rank: the preparer says why in one sentence, the others exit with it silently."""
+def prepare_on_local_rank0(cfg: RunConfig, topo: Topology, log, own_tokenizer: Path | None) -> PreparedData:
+    """Local rank 0 of each node prepares (or finds) the data, encoded with `own_tokenizer` when it is given; the other
+    ranks then load it. Bad data input stops every rank: the preparer says why in one sentence, the others exit with
+    it silently."""
     refusal = None
     if topo.local_rank == 0:
         try:
-            data = prepare_data(cfg, log=log, show_progress=topo.is_main and on_terminal())
+            data = prepare_data(cfg, log, topo.is_main and on_terminal(), own_tokenizer)
         except Refusal as err:
             refusal = err
     if any_rank_on_control(refusal is not None, topo):  # also where the other ranks wait, as long as it takes
         raise refusal or PeerStopped()
     if topo.local_rank != 0:
-        data = prepare_data(cfg, log=lambda *_: None, show_progress=False)
+        data = prepare_data(cfg, lambda *_: None, False, own_tokenizer)
     return data
 
 
@@ -158,7 +160,8 @@ def start(cfg: RunConfig, pipeline_refusal: str | None = None) -> Started:
     run = RunDir(cfg.output_dir)
     run.check(cfg)
     lock = lock_run_dir(run, topo, log)
-    data = prepare_on_local_rank0(cfg, topo, log)  # a bad corpus stops here, before an old run is deleted
+    own_tokenizer = run.own_tokenizer(cfg)
+    data = prepare_on_local_rank0(cfg, topo, log, own_tokenizer)  # a bad corpus stops here, before anything is deleted
     check_eval_split(len(data.eval), cfg.eval_sequences, dims.data)  # every rank alike, before anything is deleted
     check_train_split(len(data.train), cfg.global_batch_size)
     init = read_init_source(cfg.init_from) if cfg.init_from else None

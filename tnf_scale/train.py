@@ -73,7 +73,7 @@ def run(cfg: RunConfig) -> int:
         run_dir.write_run_files(
             cfg,
             objective.model_config,
-            data.tokenizer_dir,
+            None if checkpointer.point else data.tokenizer_dir,
             world.size,
             started.run_details(),
             objective.generator_config,

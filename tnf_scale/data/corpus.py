@@ -11,6 +11,7 @@ import bz2
 import gzip
 import hashlib
 import lzma
+import os
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -167,13 +168,23 @@ def _load_file(path: Path, text_column: str, log) -> datasets.Dataset | None:
 def _check_mixed_column(path: Path, column: str, values: list) -> None:
     """A column of strings with some rows of another type (a number, a list): name those rows, which is what the
     user has to fix, rather than the type datasets inferred for the whole column."""
-    others = [i for i, v in enumerate(values) if not isinstance(v, str)]
-    if others and len(others) < len(values):
-        shown = ", ".join(str(i + 1) for i in others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+    rows = rows_not_text(values)
+    if rows and any(isinstance(v, str) for v in values):
         raise ConfigError(
-            f"corpus file {path}: column {column!r} holds text except in rows {shown} "
-            f"({type(values[others[0]]).__name__} there); make those rows strings or drop them."
+            f"corpus file {path}: column {column!r} holds text except in {rows}; make those rows strings or drop them."
         )
+
+
+def rows_not_text(values: list) -> str | None:
+    """The rows of `values` that hold no string, numbered from 1 and saying what they hold ("rows 4, 8 (int
+    there)"), or None when every row is a string."""
+    others = [i for i, v in enumerate(values) if not isinstance(v, str)]
+    if not others:
+        return None
+    shown = ", ".join(str(i + 1) for i in others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+    first = values[others[0]]
+    held = "nothing" if first is None else type(first).__name__
+    return f"row{'s' if len(others) > 1 else ''} {shown} ({held} there)"
 
 
 def _load_hub(name: str, text_column: str) -> datasets.Dataset:
@@ -218,15 +229,35 @@ def load_corpus(entries: Iterable[str], text_column: str = "text", log=print) ->
     return ds
 
 
-def corpus_fingerprint(entries: Iterable[str]) -> str:
-    """A key that changes when a local corpus file changes (size or mtime) or the hub name does."""
+def corpus_fingerprint(entries: Iterable[str], memo: Path) -> str:
+    """A key of what the corpus holds, not where it lies: each local file's name inside its folder (a file named
+    directly: its suffixes, which say how it is read) and the sha256 of its bytes, or the hub name. A file's digest is
+    kept in `memo` under its path, size, mtime and inode, so each version of a file is read once."""
     digest = hashlib.sha256()
     for entry in entries:
         files = _expand(entry)
         if files is None:
             digest.update(f"hub:{entry}".encode())
             continue
+        root = Path(entry).expanduser()
         for path in files:
-            st = path.stat()
-            digest.update(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+            name = str(path.relative_to(root)) if root.is_dir() else "".join(path.suffixes)
+            digest.update(f"{name}:{content_digest(path, memo)};".encode())
     return digest.hexdigest()[:16]
+
+
+def content_digest(path: Path, memo: Path) -> str:
+    """sha256 of the file's bytes, read once per version of the file (its path, size, mtime and inode) and kept in
+    `memo`."""
+    st = path.stat()
+    version = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}".encode()).hexdigest()
+    kept = memo / version[:32]
+    if kept.is_file():
+        return kept.read_text()
+    with open(path, "rb") as f:
+        value = hashlib.file_digest(f, "sha256").hexdigest()
+    memo.mkdir(parents=True, exist_ok=True)
+    staging = kept.with_name(f"{kept.name}.tmp-{os.getpid()}")
+    staging.write_text(value)
+    staging.rename(kept)  # whole or not at all: another rank may read it at once
+    return value

@@ -32,14 +32,16 @@ from tnf_scale.data.packing import pack_corpus
 from tnf_scale.data.rare_vocab import RareVocab, band_coverage, choose_band, count_words
 from tnf_scale.data.tokenizer import load_tokenizer, train_wordpiece
 from tnf_scale.errors import ConfigError
-from tnf_scale.run_dir import RunDir, check_out_dir
+from tnf_scale.run_dir import RARE_VOCAB_FILE, RunDir, check_out_dir
 from tnf_scale.timing import PhaseTimer
 
-FORMAT_VERSION = 5  # 2: the automatic rare band never exceeds --rare_coverage; 3: packing independent of processes;
-# 4: words as the encoder splits them (a literal special token in the text is one word, not three); 5: two levels
+FORMAT_VERSION = 6  # 2: the automatic rare band never exceeds --rare_coverage; 3: packing independent of processes;
+# 4: words as the encoder splits them (a literal special token in the text is one word, not three); 5: two levels;
+# 6: the corpus keyed by its content
 CORPUS_DONE = "corpus.json"  # marks a complete corpus entry; stats.json marks a complete packed entry
 ENCODED_DIR = "encoded"
 RARE_KEYS_FILE = "rare_keys.arrow"
+DIGESTS_DIR = "digests"  # inside --data_cache: each corpus file's sha256, per version of the file
 
 
 @dataclass
@@ -64,16 +66,19 @@ class PreparedData:
         return RunDir(self.corpus_entry).rare_vocab
 
 
-def corpus_key(cfg: RunConfig) -> str:
-    """Hash of every input that changes the corpus entry: the tokenizer, the word counts and the rare vocabulary."""
+def corpus_key(cfg: RunConfig, tokenizer: Path | None = None) -> str:
+    """Hash of every input that changes the corpus entry: what the corpus holds (not where it lies), the tokenizer (a
+    given one by its files' bytes, a trained one by its settings), the text column and the rare band's settings.
+    `tokenizer` (a resumed run's own) stands for --tokenizer."""
+    tokenizer = tokenizer or (Path(cfg.tokenizer) if cfg.tokenizer else None)
     tokenizer_spec = (
-        str(Path(cfg.tokenizer).resolve())
-        if cfg.tokenizer
+        f"tokenizer:{tokenizer_digest(tokenizer)}"
+        if tokenizer
         else f"wordpiece:{cfg.vocab_size}:{cfg.tokenizer_sample_words}"
     )
     parts = [
         FORMAT_VERSION,
-        corpus_fingerprint(cfg.corpus),
+        corpus_fingerprint(cfg.corpus, Path(cfg.data_cache) / DIGESTS_DIR),
         cfg.text_column,
         tokenizer_spec,
         cfg.rare_min_count,
@@ -81,6 +86,15 @@ def corpus_key(cfg: RunConfig) -> str:
         cfg.rare_coverage,
     ]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def tokenizer_digest(folder: Path) -> str:
+    """sha256 of a tokenizer folder's files (names and bytes), the rare vocabulary kept beside them left out."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name != RARE_VOCAB_FILE):
+        with open(path, "rb") as f:
+            digest.update(f"{path.name}:{hashlib.file_digest(f, 'sha256').hexdigest()};".encode())
+    return digest.hexdigest()
 
 
 def packed_name(cfg: RunConfig) -> str:
@@ -114,15 +128,16 @@ def progress_bars(shown: bool):
         (datasets.enable_progress_bars if was else datasets.disable_progress_bars)()
 
 
-def _build_corpus(cfg: RunConfig, out: Path, log) -> None:
-    """The corpus entry: the tokenizer, the encoded corpus (kept, so that another sequence length packs it without
-    tokenizing again), the word counts' rare band and the rare vocabulary with its keys."""
+def _build_corpus(cfg: RunConfig, out: Path, log, given_tokenizer: Path | None) -> None:
+    """The corpus entry: the tokenizer (`given_tokenizer`, else trained), the encoded corpus (kept, so that another
+    sequence length packs it without tokenizing again), the word counts' rare band and the rare vocabulary with its
+    keys."""
     clock = PhaseTimer()
     corpus = load_corpus(cfg.corpus, cfg.text_column, log=log)
     log(f"corpus: {len(corpus)} documents")
     clock.lap("load")
-    if cfg.tokenizer:
-        tokenizer = load_tokenizer(cfg.tokenizer)
+    if given_tokenizer:
+        tokenizer = load_tokenizer(given_tokenizer)
     else:
         tokenizer = train_wordpiece(corpus, cfg.vocab_size, cfg.tokenizer_sample_words, log)
         if len(tokenizer) > cfg.vocab_size:  # the trainer keeps every character and special token whatever it is asked
@@ -152,7 +167,10 @@ def _build_corpus(cfg: RunConfig, out: Path, log) -> None:
             f"for most words, not rare ones; choose a band of rarer words (or --rare_coverage, e.g. 0.02)."
         )
     rare, rare_keys = RareVocab.from_counts(word_counts, lo, hi, lambda key: word_of_key(key, tokenizer))
-    tokenizer.save_pretrained(str(RunDir(out).tokenizer))
+    if given_tokenizer and (Path(given_tokenizer) / "tokenizer.json").is_file():  # kept as given, byte for byte
+        shutil.copytree(given_tokenizer, RunDir(out).tokenizer, ignore=shutil.ignore_patterns(RARE_VOCAB_FILE))
+    else:
+        tokenizer.save_pretrained(str(RunDir(out).tokenizer))
     rare.save(RunDir(out).rare_vocab)
     feather.write_feather(pa.table({"key": rare_keys}), str(out / RARE_KEYS_FILE))
     encoded.save_to_disk(str(out / ENCODED_DIR))
@@ -241,16 +259,37 @@ def entry_lock(root: Path, log):
         yield
 
 
-def prepare_data(cfg: RunConfig, log=print, show_progress: bool = True) -> PreparedData:
+def prepare_data(
+    cfg: RunConfig, log=print, show_progress: bool = True, own_tokenizer: Path | None = None
+) -> PreparedData:
     """Prepared data for `cfg`, built on first use and loaded from the cache afterwards, in two levels: the corpus
     entry (tokenizer, encoded corpus, rare vocabulary) is shared by every sequence length, and holds one packed entry
-    per --max_seq_len (a phase 2 at 512 tokens packs the corpus phase 1 encoded)."""
-    corpus_entry = check_out_dir(cfg.data_cache, "--data_cache") / corpus_key(cfg)
+    per --max_seq_len (a phase 2 at 512 tokens packs the corpus phase 1 encoded). `own_tokenizer`, a resumed run's, is
+    the one the data is encoded with, whatever --tokenizer says: a checkpoint's embeddings belong to its ids."""
+    cache = check_out_dir(cfg.data_cache, "--data_cache")
+    given = own_tokenizer or (Path(cfg.tokenizer) if cfg.tokenizer else None)
+    corpus_entry = cache / corpus_key(cfg, given)
     with progress_bars(show_progress):
-        ensure_entry(corpus_entry, CORPUS_DONE, lambda out: _build_corpus(cfg, out, log), log)
+        ensure_entry(corpus_entry, CORPUS_DONE, lambda out: _build_corpus(cfg, out, log, given), log)
+        alias_by_tokenizer(cfg, corpus_entry)
         root = corpus_entry / packed_name(cfg)
         ensure_entry(root, "stats.json", lambda out: _build_packed(cfg, corpus_entry, out, log), log)
     return load_prepared(root, log)
+
+
+def alias_by_tokenizer(cfg: RunConfig, corpus_entry: Path) -> None:
+    """The entry is also found under the key its own tokenizer gives (a symbolic link): a resume, which prepares with
+    the run's copy of that tokenizer, and a phase 2 given phase 1's, find it instead of encoding the corpus again."""
+    alias = corpus_entry.with_name(corpus_key(cfg, RunDir(corpus_entry).tokenizer))
+    if alias == corpus_entry or alias.exists():
+        return
+    staging = alias.with_name(f"{alias.name}.link-{os.getpid()}")
+    staging.unlink(missing_ok=True)
+    staging.symlink_to(corpus_entry.name)
+    try:
+        staging.rename(alias)  # whole or not at all; a link made meanwhile is replaced by an equal one
+    except OSError:  # an entry built under that key meanwhile: it stays
+        staging.unlink()
 
 
 def ensure_entry(root: Path, done: str, build, log) -> None:
