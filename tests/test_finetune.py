@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, save_random_bert
+from conftest import REPO, save_random_bert, tokenizer_with_other_ids
 from transformers import AutoModelForSequenceClassification
 
 from tnf_scale.cli import finetune as finetune_tool
 from tnf_scale.errors import ConfigError
 from tnf_scale.finetune import shipped
 from tnf_scale.finetune.notes import OCCURRENCE_COLUMNS, NotedClassifier, NotedCollator, NoteSource, occurrence_finder
-from tnf_scale.finetune.run import FinetuneArgs, check_model_dir, finetune
+from tnf_scale.finetune.run import FinetuneArgs, check_model_dir, check_settings, finetune
 from tnf_scale.finetune.scores import score
 from tnf_scale.finetune.tasks import GLUE, file_task
 
@@ -151,6 +152,11 @@ def test_string_labels_are_mapped_from_the_train_split(tmp_path):
     assert task.label_names == ["fresh", "rotten"] and task.validation["labels"] == [0, 1]
 
 
+def write_csv(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
 def test_bad_fine_tuning_input_is_one_sentence(random_bert, tmp_path, capsys):
     good = write_tsv(tmp_path / "good.tsv", ["text", "label"], [["fine", 1], ["poor", 0]])
     cases = [
@@ -167,6 +173,10 @@ def test_bad_fine_tuning_input_is_one_sentence(random_bert, tmp_path, capsys):
             "--label_column gold is not a column of the train split; its columns are text, label",
         ),
         (dict(train=str(tmp_path / "nope.csv"), validation=good), "nope.csv does not exist"),
+        (
+            dict(train=write_csv(tmp_path / "blank.csv", "text,label\nfine,1\n,0\npoor,0\n"), validation=good),
+            "--text_column text of the train split holds no text in row 2 \\(nothing there\\); give those",
+        ),
         (dict(train=good, validation=good, metric="bleu"), "--metric bleu is not one tnf_scale computes"),
     ]
     for kwargs, message in cases:
@@ -181,6 +191,24 @@ def test_bad_fine_tuning_input_is_one_sentence(random_bert, tmp_path, capsys):
             file_task(**args)
     with pytest.raises(ConfigError, match="holds no config.json"):
         check_model_dir(str(tmp_path))
+    with pytest.raises(
+        ConfigError, match="--max_seq_len 600 exceeds the 512 positions of --model .* pass --max_seq_len"
+    ):
+        check_settings(FinetuneArgs(str(random_bert), str(tmp_path / "o"), max_seq_len=600))
+    baseline, tnf = tmp_path / "baseline", tmp_path / "tnf"
+    for run in (baseline, tnf):
+        (run / "run_config.json").parent.mkdir()
+        (run / "run_config.json").write_text("{}")
+    shutil.copytree(random_bert, baseline / "export")
+    with pytest.raises(ConfigError, match=f"--model {baseline / 'export'} was exported from run {baseline}, not from"):
+        check_settings(FinetuneArgs(str(baseline / "export"), str(tmp_path / "o"), notes="learned", run=str(tnf)))
+    (tnf / "model_config.json").write_text(json.dumps({"hidden_size": 64}))
+    with pytest.raises(ConfigError, match="was not trained by --run .* \\(hidden size 32, the notes' 64\\)"):
+        check_settings(FinetuneArgs(str(random_bert), str(tmp_path / "o"), notes="learned", run=str(tnf)))
+    (tnf / "model_config.json").write_text(json.dumps({"hidden_size": 32}))
+    tokenizer_with_other_ids(tnf / "tokenizer")
+    with pytest.raises(ConfigError, match="was not trained by --run .* \\(another tokenizer\\)"):
+        check_settings(FinetuneArgs(str(random_bert), str(tmp_path / "o"), notes="learned", run=str(tnf)))
     assert (
         finetune_tool.main(
             ["--model", str(tmp_path), "--train", good, "--validation", good, "--out", str(tmp_path / "o")]

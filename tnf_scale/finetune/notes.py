@@ -33,6 +33,34 @@ NOTES_CONFIG = "tnf_notes.json"
 OCCURRENCE_COLUMNS = ("rare_ids", "span_start", "span_end")
 
 
+def check_notes_belong(model_dir: str | Path, run_dir: str | Path) -> None:
+    """TNF-F and TNF-U add --run's notes to --model's word embeddings: the model must be that run's (an export inside
+    another run, such as the baseline's beside it, is refused), with the run's tokenizer and width."""
+    model, run = Path(model_dir).resolve(), RunDir(run_dir)
+    producer = next((p for p in model.parents if RunDir(p).run_config.is_file()), None)
+    if producer is not None and producer != run.path.resolve():
+        raise ConfigError(
+            f"--model {model_dir} was exported from run {producer}, not from --run {run_dir}, whose notes belong to "
+            f"its own embeddings; pass --run {producer}, or --notes none."
+        )
+    width = json.loads((model / "config.json").read_text()).get("hidden_size")
+    note_width = run.read_model_config().get("hidden_size") if run.model_config.is_file() else width
+    run_words = tokenizer_vocab(run.tokenizer)  # none: the run holds no notes either, which loading them says
+    same_words = run_words is None or tokenizer_vocab(model) == run_words
+    if width != note_width or not same_words:
+        differs = f"hidden size {width}, the notes' {note_width}" if width != note_width else "another tokenizer"
+        raise ConfigError(
+            f"--model {model_dir} was not trained by --run {run_dir} ({differs}), so the run's notes do not fit it; "
+            "pass the run that produced the model, or --notes none."
+        )
+
+
+def tokenizer_vocab(folder: Path) -> dict[str, int] | None:
+    """The vocabulary of the tokenizer saved in `folder` (None: it holds no tokenizer.json)."""
+    spec = Path(folder) / "tokenizer.json"
+    return json.loads(spec.read_text())["model"].get("vocab") if spec.is_file() else None
+
+
 class NoteSource:
     """A note dictionary with what reading it needs: rows by rare id, the rare vocabulary, λ, γ and k."""
 

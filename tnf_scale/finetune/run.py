@@ -31,6 +31,7 @@ from tnf_scale.finetune.notes import (
     NotedClassifier,
     NotedCollator,
     NoteSource,
+    check_notes_belong,
     occurrence_finder,
 )
 from tnf_scale.finetune.scores import score
@@ -256,6 +257,14 @@ def check_settings(args: FinetuneArgs) -> None:
             "learned, whose notes the ranks' gradient all-reduce keeps equal."
         )
     check_model_dir(args.model)
+    positions = AutoConfig.from_pretrained(args.model).max_position_embeddings
+    if args.max_seq_len > positions:
+        raise ConfigError(
+            f"--max_seq_len {args.max_seq_len} exceeds the {positions} positions of --model {args.model}; pass "
+            f"--max_seq_len {positions} or less (or continue pre-training at the longer length, docs/recipe.md)."
+        )
+    if args.notes != "none":
+        check_notes_belong(args.model, args.run or Path(args.model).parent)
 
 
 def finetune(task: TaskData, args: FinetuneArgs) -> dict:
@@ -267,10 +276,7 @@ def finetune(task: TaskData, args: FinetuneArgs) -> dict:
         task.validation = task.validation.select(range(min(args.max_eval_examples, len(task.validation))))
     source = NoteSource.from_run(args.run or Path(args.model).parent) if args.notes != "none" else None
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    positions = AutoConfig.from_pretrained(
-        args.model
-    ).max_position_embeddings  # a model pre-trained on shorter sequences
-    train, validation = tokenize(task, tokenizer, min(args.max_seq_len, positions), source)
+    train, validation = tokenize(task, tokenizer, args.max_seq_len, source)
     per_seed = {seed: finetune_seed(task, args, seed, train, validation, tokenizer, source) for seed in args.seeds}
     result = summarize(task, per_seed)
     out = Path(args.out)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import datasets
 
+from tnf_scale.data.corpus import rows_not_text
 from tnf_scale.errors import ConfigError
 from tnf_scale.finetune.scores import METRICS, REGRESSION_METRICS
 
@@ -94,6 +95,12 @@ def check_columns(split: datasets.Dataset, spec: TaskSpec, where: str) -> None:
             raise ConfigError(
                 f"{flag} {column} is not a column of the {where} split; its columns are "
                 f"{', '.join(split.column_names)}."
+            )
+    for flag, column in (("--text_column", spec.text_column), ("--text_pair_column", spec.text_pair_column)):
+        rows = rows_not_text(split[column]) if column is not None else None
+        if rows:
+            raise ConfigError(
+                f"{flag} {column} of the {where} split holds no text in {rows}; give those examples text or drop them."
             )
 
 
