@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tnf_scale.errors import ConfigError
+from tnf_scale.errors import CommandParser, ConfigError
 from tnf_scale.precision import PRECISIONS
 from tnf_scale.settings import (
     AUTO,
@@ -583,7 +583,7 @@ PRESET_HELP = "model shape and schedule the other settings start from: " + ", ".
 def build_parser(sections: tuple[type, ...] | None = None, description: str | None = None) -> argparse.ArgumentParser:
     """Argument parser with one flag per RunConfig field (or per field of `sections`), grouped by section, all
     defaulting to the preset; --help shows each flag's default under the tiny preset and its choices."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         description=description or "TNF (Taking Notes on the Fly) BERT pre-training on DeepSpeed.",
         epilog="Defaults are the tiny preset's; --preset changes them, --config FILE overrides the preset, flags "
         "override both. docs/configuration.md has the table.",
@@ -600,7 +600,7 @@ def forwarding_parser(description: str, to: str, sections: tuple[type, ...] | No
     the tool's own flags are parsed, the rest of its command line is forwarded."""
     settings = build_parser(sections).format_help()
     forwarded = settings[settings.index("\n\n", settings.index("options:")) + 2 :]  # the sections, after --preset
-    return argparse.ArgumentParser(
+    return CommandParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"Any other flag is a tnf-train setting, passed on to {to}:\n\n{forwarded}",

@@ -8,6 +8,7 @@ diverged run). The exit codes every launcher, batch script and report relies on 
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from collections.abc import Callable
@@ -23,6 +24,14 @@ class Refusal(Exception):
     """A problem phrased as one sentence that names it and the fix; the command exits with `exit_status`."""
 
     exit_status = BAD_INPUT_EXIT
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse's parser whose mistyped or missing flag is one line, as every other refusal: argparse's own message,
+    where to read the flags, exit status 2 (argparse prints its whole usage block first)."""
+
+    def error(self, message: str):
+        self.exit(BAD_INPUT_EXIT, f"error: {message}; see {self.prog} --help.\n")
 
 
 class ConfigError(Refusal):

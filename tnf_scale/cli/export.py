@@ -7,18 +7,17 @@ The checkpoint's files are checked against its manifest first; non-finite weight
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from tnf_scale.checkpoint import check_manifest, complete_checkpoints
-from tnf_scale.errors import ConfigError, exit_code
+from tnf_scale.errors import CommandParser, ConfigError, exit_code
 from tnf_scale.model.export import export_hf
 from tnf_scale.run_dir import RunDir, check_out_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="the run's --output_dir")
     parser.add_argument("--out", help="export directory (default: RUN/export)")
     parser.add_argument(

@@ -11,14 +11,13 @@ scores, their mean and standard deviation in --out/finetune.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from tnf_scale.distributed import check_this_node
-from tnf_scale.errors import ConfigError, exit_code
+from tnf_scale.errors import CommandParser, ConfigError, exit_code
 from tnf_scale.finetune.run import FinetuneArgs, check_settings, finetune, markdown
 from tnf_scale.finetune.scores import METRICS
 from tnf_scale.finetune.shipped import TASK as SHIPPED
@@ -66,7 +65,7 @@ def load_task(choice: TaskChoice) -> TaskData:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandParser(description=__doc__.splitlines()[0])
     add_flags(parser, TaskChoice)
     add_flags(parser, FinetuneArgs)
     args = parser.parse_args(argv)

@@ -9,18 +9,17 @@ Writes inspect_notes.md, inspect_notes.json and read_share.png into --out (defau
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from tnf_scale.errors import ConfigError, command_line
+from tnf_scale.errors import CommandParser, ConfigError, command_line
 from tnf_scale.reports.notes_inspect import write_report
 from tnf_scale.run_dir import check_out_dir
 
 
 @command_line
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="a finished TNF run's --output_dir")
     parser.add_argument("--words", nargs="+", help="rare words to inspect (default: the most frequent noted ones)")
     parser.add_argument("--sample", type=int, default=10, help="how many words when --words is not given")

@@ -12,7 +12,6 @@ ones (ours - encoder), and the rest.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ from transformers import BertForMaskedLM
 
 from tnf_scale.config import PRESETS, resolve
 from tnf_scale.data.batch import IGNORE_INDEX
+from tnf_scale.errors import CommandParser
 from tnf_scale.model.objective import MaskedLMObjective
 from tnf_scale.model.tnf_bert import bert_config
 
@@ -37,7 +37,7 @@ def timed(step, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="bert-base", choices=list(PRESETS))
     parser.add_argument("--micro_batch_size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)

@@ -8,11 +8,10 @@ M micro-batches per step, (P - 1) / (M + P - 1) of each stage's time is idle.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from tnf_scale.errors import command_line
+from tnf_scale.errors import CommandParser, command_line
 from tnf_scale.reports.bench import (
     add_overwrite_flag,
     check_replaceable,
@@ -31,7 +30,7 @@ def bubble_fraction(stages: int, micro_batches: int) -> float:
 
 @command_line
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--global_batch_size", type=int, default=32)

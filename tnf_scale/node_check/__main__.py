@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import socket
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from tnf_scale.errors import command_line
+from tnf_scale.errors import CommandParser, command_line
 from tnf_scale.node_check.plan import plan
 from tnf_scale.node_check.runner import Check
 from tnf_scale.run_dir import check_out_dir, commit, machine
@@ -22,7 +21,7 @@ START_BY, END_BY = 7 * 60, 9 * 60  # seconds from the call's start (GPU_CHECK_ST
 
 @command_line
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="The GPU check: what this node gives tnf_scale, in one report.")
+    parser = CommandParser(description="The GPU check: what this node gives tnf_scale, in one report.")
     parser.add_argument("--out", default="runs/gpu_check", help="where the report and the runs go")
     parser.add_argument("--dry_run", action="store_true", help="every step at its smallest size, on any machine")
     args = parser.parse_args(argv)
