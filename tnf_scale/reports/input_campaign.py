@@ -99,7 +99,9 @@ def victim_run(work: Path) -> Path:
 
 
 def make_victim(work: Path) -> None:
+    """The victim run, made anew."""
     run = victim_run(work)
+    shutil.rmtree(run, ignore_errors=True)
     (run / "checkpoints" / "step00000002").mkdir(parents=True)
     (run / "run_config.json").write_text("{}\n")
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
@@ -334,7 +336,6 @@ def run_campaign(work: Path, log=print) -> list[Outcome]:
     prepare_work(work, log)
     outcomes = []
     for case in CASES:
-        shutil.rmtree(victim_run(work), ignore_errors=True)
         make_victim(work)
         bound = Case(case.cls, case.name, lambda w, c=case: expand(c.argv(w), w), case.watched)
         outcome = run_case(bound, work)
