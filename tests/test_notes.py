@@ -185,6 +185,7 @@ def test_inspect_notes_names_the_tokens_nearest_to_a_planted_note(dp_reference_r
     from tnf_scale.cli.inspect_notes import main
     from tnf_scale.data.rare_vocab import RareVocab
     from tnf_scale.metrics import read_metrics
+    from tnf_scale.run_lock import this_holder
 
     run = tmp_path / "run"
     shutil.copytree(dp_reference_run, run, ignore=shutil.ignore_patterns("LOCK"))
@@ -211,9 +212,11 @@ def test_inspect_notes_names_the_tokens_nearest_to_a_planted_note(dp_reference_r
     assert (out / "read_share.png").stat().st_size > 0 and f"| {word} ({got['count']}) |" in (
         out / "inspect_notes.md"
     ).read_text()
+    capsys.readouterr()
+    (run / "LOCK").write_text(json.dumps(this_holder()))  # as if the run were still training (this process holds it)
     assert main([str(run), "--sample", "2", "--out", str(tmp_path / "sample")]) == 0
+    assert f"warning: {run} is still training" in capsys.readouterr().err
     sampled = json.loads((tmp_path / "sample" / "inspect_notes.json").read_text())["words"]
     assert len(sampled) == 2 and all(w["rare_id"] < len(rare.words) for w in sampled)
-    capsys.readouterr()
     assert main([str(run), "--words", "notarareword", "--out", str(tmp_path / "two")]) == 2
     assert "'notarareword' is not one of the run's rare words" in capsys.readouterr().err
