@@ -46,15 +46,9 @@ TEST_TOKENIZER = REPO / "tests" / "data" / "tokenizer"
 
 def tokenizer_with_other_ids(folder: Path) -> Path:
     """A copy of TEST_TOKENIZER in `folder` in which two tokens swap ids: the same words, read as other ids."""
-    import shutil
+    from tnf_scale.reports.input_campaign import with_two_ids_swapped
 
-    shutil.copytree(TEST_TOKENIZER, folder)
-    spec = json.loads((folder / "tokenizer.json").read_text())
-    vocab = spec["model"]["vocab"]
-    first, second = list(vocab)[10:12]
-    vocab[first], vocab[second] = vocab[second], vocab[first]
-    (folder / "tokenizer.json").write_text(json.dumps(spec))
-    return folder
+    return with_two_ids_swapped(TEST_TOKENIZER, folder)
 
 
 @pytest.fixture(scope="session")

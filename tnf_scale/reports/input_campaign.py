@@ -188,17 +188,21 @@ def tool_case(name: str, argv: Callable[[Path], list[str]]) -> Case:
     return Case("tools", name, argv, victim_run)
 
 
+def with_two_ids_swapped(tokenizer: Path, folder: Path) -> Path:
+    """A copy of the saved `tokenizer` in `folder` in which two tokens swap ids: the same words, read as other ids."""
+    shutil.copytree(tokenizer, folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    first, second = list(vocab)[20:22]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    return folder
+
+
 def other_tokenizer(work: Path) -> Path:
     """The trained run's tokenizer with two tokens' ids swapped."""
     folder = work / "other_tokenizer"
-    if not folder.is_dir():
-        shutil.copytree(trained_run(work) / "tokenizer", folder)
-        spec = json.loads((folder / "tokenizer.json").read_text())
-        vocab = spec["model"]["vocab"]
-        first, second = list(vocab)[20:22]
-        vocab[first], vocab[second] = vocab[second], vocab[first]
-        (folder / "tokenizer.json").write_text(json.dumps(spec))
-    return folder
+    return folder if folder.is_dir() else with_two_ids_swapped(trained_run(work) / "tokenizer", folder)
 
 
 CASES = [
