@@ -171,15 +171,19 @@ def test_bad_electra_settings_are_one_sentence_each():
 
 
 def test_the_generator_reads_notes_by_default_and_discriminator_reads_are_warned_of():
-    from tnf_scale.model.electra import discriminator_reads_warning
+    """So is a baseline given a --notes_in it cannot act on (planted: the old warning said nothing of it)."""
+    from tnf_scale.model.electra import notes_in_warning
 
     default = parse_args(["--preset", "electra-tiny"])
-    assert default.notes_in == "generator" and discriminator_reads_warning(default) is None
+    assert default.notes_in == "generator" and notes_in_warning(default) is None
     for notes_in in ("discriminator", "both"):
         chosen = parse_args(["--preset", "electra-tiny", "--notes_in", notes_in])
-        assert f"warning: --notes_in {notes_in}: the discriminator reads notes" in discriminator_reads_warning(chosen)
-    assert discriminator_reads_warning(parse_args(["--preset", "electra-tiny", "--notes_in", "both", "--tnf", "off"]))\
-        is None  # fmt: skip
+        assert f"warning: --notes_in {notes_in}: the discriminator reads notes" in notes_in_warning(chosen)
+    baseline = parse_args(["--preset", "electra-tiny", "--notes_in", "both", "--tnf", "off"])
+    assert (
+        notes_in_warning(baseline) == "warning: --notes_in both does nothing with --tnf off: a baseline reads no notes"
+    )
+    assert notes_in_warning(parse_args(["--preset", "electra-tiny", "--tnf", "off"])) is None  # the default, unsaid
     assert parse_args([]).notes_in is None  # BERT has one network
     with pytest.raises(ConfigError, match="--notes_in generator applies to ELECTRA"):
         parse_args(["--notes_in", "generator"])

@@ -23,7 +23,7 @@ from tnf_scale.failures import settle_failure
 from tnf_scale.init_from import load_notes, load_weights
 from tnf_scale.metrics import MetricsLogger
 from tnf_scale.model.build import build_objective, pipeline_refusal
-from tnf_scale.model.electra import discriminator_reads_warning
+from tnf_scale.model.electra import notes_in_warning
 from tnf_scale.model.export import export_hf, save_notes
 from tnf_scale.model_flops import ModelRate
 from tnf_scale.nonfinite import Diverged, NonfiniteGuard
@@ -59,7 +59,7 @@ def run(cfg: RunConfig) -> int:
         log(started.init.describe() + ("; it kept no notes, so they start fresh" if fresh else ""))
     training = build_training(cfg, objective, ds_config, world, data, store)
     log(describe(cfg, started, training))
-    warning = discriminator_reads_warning(cfg)
+    warning = notes_in_warning(cfg)
     if warning:
         log(warning)
 

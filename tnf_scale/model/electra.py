@@ -9,7 +9,7 @@ and token-type embeddings are one set of tables shared by both networks; each ke
 note seam. Notes are written from the discriminator's last layer and read by the network(s) --notes_in names (the
 generator by default): a span holding a masked position reads none (every replaced token sits at a masked position).
 Discriminator reads are an option for runs whose notes stay at fine-tuning: judged at every position, the
-discriminator learns to lean on a note that stands only where a rare word is intact (`discriminator_reads_warning`).
+discriminator learns to lean on a note that stands only where a rare word is intact (`notes_in_warning`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining, PreTrainedTokenizerFast
 
-from tnf_scale.config import RunConfig
+from tnf_scale.config import ELECTRA_NOTES_IN, RunConfig
 from tnf_scale.data.batch import IGNORE_INDEX, Batch
 from tnf_scale.model.objective import LossSums, Objective, eval_loss_metrics, token_cross_entropy
 
@@ -67,10 +67,13 @@ def build_electra(cfg: RunConfig, tokenizer: PreTrainedTokenizerFast) -> Electra
     return ElectraObjective(generator, discriminator, cfg.rtd_weight, cfg.notes_in)
 
 
-def discriminator_reads_warning(cfg: RunConfig) -> str | None:
-    """The start-up warning of an ELECTRA run whose discriminator reads notes (None for any other run)."""
-    if cfg.objective != "electra" or not cfg.tnf_enabled or cfg.notes_in == "generator":
+def notes_in_warning(cfg: RunConfig) -> str | None:
+    """The start-up warning of an ELECTRA run whose --notes_in matters less than it seems (None for any other run):
+    the discriminator reads notes, or a baseline was given a non-default --notes_in that it cannot act on."""
+    if cfg.objective != "electra" or cfg.notes_in == ELECTRA_NOTES_IN:
         return None
+    if not cfg.tnf_enabled:
+        return f"warning: --notes_in {cfg.notes_in} does nothing with --tnf off: a baseline reads no notes"
     return (
         f"warning: --notes_in {cfg.notes_in}: the discriminator reads notes and learns to lean on them, so its "
         "exported model, which has no notes, ends worse than the baseline on rare spans (docs/electra.md, "
