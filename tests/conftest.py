@@ -133,14 +133,63 @@ def check_ok(proc) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
 
-def launch(ranks: int, script_args: list[str], timeout: int = 900):
-    """`deepspeed --num_gpus ranks script_args...` from the repository root; fails the test with its output on error."""
+def launch(ranks: int, script_args: list[str], timeout: int = 900, through_deepspeed: bool = False):
+    """`ranks` processes of `script_args` on this host from the repository root; fails the test with their output on
+    error. With `through_deepspeed`, the real `deepspeed --num_gpus ranks` launcher starts them; otherwise they are
+    started as it starts them (its environment and --local_rank), without its two Python processes, each of which
+    imports DeepSpeed: about 5 s a launch here (the launchers' own tests run the real ones)."""
     port = free_port()
-    proc = run_cmd(deepspeed_command(ranks, port, *script_args[:1], script_args[1:]), timeout=timeout)
+    if through_deepspeed:
+        proc = run_cmd(deepspeed_command(ranks, port, *script_args[:1], script_args[1:]), timeout=timeout)
+    else:
+        proc = start_ranks(ranks, port, script_args, timeout)
     check_ok(proc)
     left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert not left, f"the run left DeepSpeed's shared-memory buffers behind: {[p.name for p in left]}"
     return proc
+
+
+def start_ranks(ranks: int, port: int, script_args: list[str], timeout: int):
+    """The ranks as DeepSpeed's launcher starts them on one node: RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_SIZE,
+    CROSS_RANK/CROSS_SIZE, MASTER_ADDR/PORT and --local_rank, their output in one stream; the others are ended when
+    one fails, as the launcher does. Returns what run_cmd returns (the first failing rank's exit status)."""
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    script, *args = script_args
+    world = {"WORLD_SIZE": str(ranks), "LOCAL_SIZE": str(ranks), "CROSS_RANK": "0", "CROSS_SIZE": "1"}
+    world |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-u", script, f"--local_rank={rank}", *args],
+                cwd=REPO,
+                env={**clean_env(), **world, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                stdout=out,
+                stderr=err,
+            )
+            for rank in range(ranks)
+        ]
+        deadline, status = time.monotonic() + timeout, 0
+        while any(p.poll() is None for p in procs):
+            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+            if failed or time.monotonic() > deadline:
+                status = failed[0] if failed else status
+                for p in procs:
+                    p.kill() if p.poll() is None else None
+                for p in procs:
+                    p.wait()
+                if not failed:
+                    raise subprocess.TimeoutExpired(script_args, timeout)
+                break
+            time.sleep(0.05)
+        status = status or next((p.returncode for p in procs if p.returncode), 0)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    return subprocess.CompletedProcess(script_args, status, stdout, stderr)
 
 
 def evaluations(run: Path) -> dict[int, dict[str, float]]:
@@ -213,6 +262,7 @@ def electra_run(small_config, tmp_path_factory) -> Path:
     launch(
         2,
         ["tnf_scale/train.py", *train_args(small_config, out, deepspeed_config=ELECTRA_ZERO, **ELECTRA_RUN)],
+        through_deepspeed=True,
     )
     return out
 

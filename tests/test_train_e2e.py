@@ -40,7 +40,11 @@ pytestmark = pytest.mark.launcher
 @pytest.fixture(scope="module")
 def tnf_run(small_config, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tnf_run")
-    launch(1, ["tnf_scale/train.py", *train_args(small_config, out, max_steps=40, save_interval=20)])
+    launch(
+        1,
+        ["tnf_scale/train.py", *train_args(small_config, out, max_steps=40, save_interval=20)],
+        through_deepspeed=True,
+    )
     return out
 
 
