@@ -21,7 +21,9 @@ START_BY, END_BY = 7 * 60, 9 * 60  # seconds from the call's start (GPU_CHECK_ST
 
 @command_line
 def main(argv: list[str] | None = None) -> int:
-    parser = CommandParser(description="The GPU check: what this node gives tnf_scale, in one report.")
+    parser = CommandParser(
+        prog="tools/gpu_check.sh", description="The GPU check: what this node gives tnf_scale, in one report."
+    )
     parser.add_argument("--out", default="runs/gpu_check", help="where the report and the runs go")
     parser.add_argument("--dry_run", action="store_true", help="every step at its smallest size, on any machine")
     args = parser.parse_args(argv)
