@@ -66,10 +66,10 @@ class PreparedData:
         return RunDir(self.corpus_entry).rare_vocab
 
 
-def corpus_key(cfg: RunConfig, tokenizer: Path | None = None) -> str:
+def corpus_key(cfg: RunConfig, tokenizer: Path | None = None, fingerprint: str | None = None) -> str:
     """Hash of every input that changes the corpus entry: what the corpus holds (not where it lies), the tokenizer (a
     given one by its files' bytes, a trained one by its settings), the text column and the rare band's settings.
-    `tokenizer` (a resumed run's own) stands for --tokenizer."""
+    `tokenizer` (a resumed run's own) stands for --tokenizer; `fingerprint`, the corpus's if already taken."""
     tokenizer = tokenizer or (Path(cfg.tokenizer) if cfg.tokenizer else None)
     tokenizer_spec = (
         f"tokenizer:{tokenizer_digest(tokenizer)}"
@@ -78,7 +78,7 @@ def corpus_key(cfg: RunConfig, tokenizer: Path | None = None) -> str:
     )
     parts = [
         FORMAT_VERSION,
-        corpus_fingerprint(cfg.corpus, Path(cfg.data_cache) / DIGESTS_DIR),
+        fingerprint or corpus_fingerprint(cfg.corpus, Path(cfg.data_cache) / DIGESTS_DIR),
         cfg.text_column,
         tokenizer_spec,
         cfg.rare_min_count,
@@ -270,19 +270,20 @@ def prepare_data(
     given = own_tokenizer or (Path(cfg.tokenizer) if cfg.tokenizer else None)
     if given:
         load_tokenizer(given)  # a folder that holds no tokenizer is one sentence before its files are hashed
-    corpus_entry = cache / corpus_key(cfg, given)
+    fingerprint = corpus_fingerprint(cfg.corpus, cache / DIGESTS_DIR)  # once: it lists and stats every file
+    corpus_entry = cache / corpus_key(cfg, given, fingerprint)
     with progress_bars(show_progress):
         ensure_entry(corpus_entry, CORPUS_DONE, lambda out: _build_corpus(cfg, out, log, given), log)
-        alias_by_tokenizer(cfg, corpus_entry)
+        alias_by_tokenizer(cfg, corpus_entry, fingerprint)
         root = corpus_entry / packed_name(cfg)
         ensure_entry(root, "stats.json", lambda out: _build_packed(cfg, corpus_entry, out, log), log)
     return load_prepared(root, log)
 
 
-def alias_by_tokenizer(cfg: RunConfig, corpus_entry: Path) -> None:
+def alias_by_tokenizer(cfg: RunConfig, corpus_entry: Path, fingerprint: str) -> None:
     """The entry is also found under the key its own tokenizer gives (a symbolic link): a resume, which prepares with
     the run's copy of that tokenizer, and a phase 2 given phase 1's, find it instead of encoding the corpus again."""
-    alias = corpus_entry.with_name(corpus_key(cfg, RunDir(corpus_entry).tokenizer))
+    alias = corpus_entry.with_name(corpus_key(cfg, RunDir(corpus_entry).tokenizer, fingerprint))
     if alias == corpus_entry or alias.exists():
         return
     staging = alias.with_name(f"{alias.name}.link-{os.getpid()}")
