@@ -172,24 +172,23 @@ def start_ranks(ranks: int, port: int, script_args: list[str], timeout: int):
             )
             for rank in range(ranks)
         ]
-        deadline, status = time.monotonic() + timeout, 0
-        while any(p.poll() is None for p in procs):
-            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
-            if failed or time.monotonic() > deadline:
-                status = failed[0] if failed else status
-                for p in procs:
-                    p.kill() if p.poll() is None else None
-                for p in procs:
-                    p.wait()
-                if not failed:
-                    raise subprocess.TimeoutExpired(script_args, timeout)
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.returncode for p in procs):  # one failed: the launcher ends the others
                 break
             time.sleep(0.05)
-        status = status or next((p.returncode for p in procs if p.returncode), 0)
+        failed = next((p.returncode for p in procs if p.returncode), 0)  # before the others are killed
+        timed_out = not failed and any(p.poll() is None for p in procs)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        if timed_out:
+            raise subprocess.TimeoutExpired(script_args, timeout)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
-    return subprocess.CompletedProcess(script_args, status, stdout, stderr)
+    return subprocess.CompletedProcess(script_args, failed, stdout, stderr)
 
 
 def evaluations(run: Path) -> dict[int, dict[str, float]]:

@@ -84,9 +84,10 @@ def run_case(case: Case, work: Path) -> Outcome:
         proc = subprocess.run(
             [sys.executable, "-m", *case.argv(work)], cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT
         )
-        status, stderr = proc.returncode, proc.stderr + proc.stdout * (proc.returncode != 0 and not proc.stderr)
+        # a refusal printed on stdout (a tool whose stderr stayed empty) still counts as what it said
+        status, stderr = proc.returncode, proc.stderr or (proc.stdout if proc.returncode else "")
     except subprocess.TimeoutExpired as err:
-        status, stderr = None, (err.stderr or b"").decode(errors="replace") if isinstance(err.stderr, bytes) else ""
+        status, stderr = None, (err.stderr or b"").decode(errors="replace")  # bytes even under text=True
     seconds = time.perf_counter() - start
     after = snapshot(watched) if watched else {}
     changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
