@@ -14,7 +14,7 @@ import pytest
 
 from tnf_scale.config import RunConfig, parse_args, resolve
 from tnf_scale.data.corpus import load_corpus
-from tnf_scale.data.prepared import DIGESTS_DIR, corpus_key, prepare_data
+from tnf_scale.data.prepared import DIGESTS_DIR, corpus_key, packed_name, prepare_data
 from tnf_scale.ds_config import build_ds_config
 from tnf_scale.errors import ConfigError
 from tnf_scale.run_dir import RunDir
@@ -626,7 +626,9 @@ def test_a_data_cache_that_is_a_file_or_damaged_is_one_sentence(small_config, pr
         shard.unlink()
     with pytest.raises(ConfigError, match="is damaged .*delete that folder and run again"):
         prepare_data(dataclasses.replace(small_config, data_cache=str(damaged)), log=quiet)
-    # the corpus entry damaged, found when another sequence length packs it
+    # the corpus entry damaged, found when another sequence length packs it (a packed entry at that length, which an
+    # earlier test may have left in the session's cache, would be loaded instead)
+    shutil.rmtree(entry / packed_name(dataclasses.replace(small_config, max_seq_len=32)), ignore_errors=True)
     for shard in (entry / "encoded").glob("*.arrow"):
         shard.unlink()
     with pytest.raises(ConfigError, match=f"prepared data {entry} is damaged .*delete that folder"):
