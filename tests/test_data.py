@@ -531,7 +531,8 @@ def test_data_bench_prepares_the_words_asked_for_and_reports_phases_and_memory(t
         and 0.1 < run["peak_anonymous_memory_gb"] < run["peak_memory_gb"]
     )
     assert "| 1 |" in (tmp_path / "data_bench.md").read_text() and "count + pack words/s" in proc.stdout
-    ceiling = report["tokenizer_alone"]  # timed over the whole small corpus: the same words the preparation counted
+    ceiling = run["tokenizer_alone"]  # timed beside the preparation over the whole corpus: the words it counted
     assert (
         ceiling["words"] == run["words"] and ceiling["encode_words_per_s"] > 0 and "The tokenizer alone" in proc.stdout
     )
+    assert "| tokenizer alone words/s | share of it |" in proc.stdout

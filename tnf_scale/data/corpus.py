@@ -145,24 +145,14 @@ def _load_file(path: Path, text_column: str, log) -> datasets.Dataset | None:
     if builder in ("text", "json") and is_blank(path):
         log(f"corpus file {path} is empty; skipped")
         return None
-    kwargs = {}
-    if builder in ("text", "json"):
-        bad, lines = count_undecodable_lines(path)
-        if bad and (builder == "json" or bad > lines // 2):
-            raise ConfigError(
-                f"corpus file {path} has {bad} of {lines} lines that are not valid UTF-8"
-                + (" (it is not text)" if bad > lines // 2 else "")
-                + "; re-encode it as UTF-8 (e.g. iconv -f latin1 -t utf-8) or leave it out."
-            )
-        if bad:
-            log(
-                f"corpus file {path}: {bad} of {lines} lines are not valid UTF-8 and were decoded with U+FFFD "
-                f"replacement characters"
-            )
-            kwargs["encoding_errors"] = "replace"
-    if builder == "text":
-        kwargs["sample_by"] = "paragraph"
-    ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except datasets.exceptions.DatasetGenerationError as err:
+        if not isinstance(err.__cause__, UnicodeDecodeError):
+            raise
+        _check_undecodable(path, builder, log)
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", encoding_errors="replace", **kwargs)
     column = "text" if builder == "text" else text_column
     if column not in ds.column_names:
         raise ConfigError(
@@ -175,8 +165,33 @@ def _load_file(path: Path, text_column: str, log) -> datasets.Dataset | None:
             f"corpus file {path}: column {column!r} holds {feature}, not text; pass --text_column naming a column "
             "of strings."
         )
+    if builder == "json" and not _valid_utf8(ds.data.column(column)):
+        _check_undecodable(path, builder, log)  # Arrow's JSON reader keeps bytes that are not UTF-8 as they are
     ds = ds.select_columns([column])
     return ds.rename_column(column, "text") if column != "text" else ds
+
+
+def _valid_utf8(column: pyarrow.ChunkedArray) -> bool:
+    """Whether every string of a column is valid UTF-8, checked by Arrow in C++ (no Python pass over the rows)."""
+    try:
+        column.validate(full=True)
+    except pyarrow.ArrowInvalid:
+        return False
+    return True
+
+
+def _check_undecodable(path: Path, builder: str, log) -> None:
+    """A file found not to be UTF-8: refuse a JSON-lines file or a text file mostly not text; a text file with some
+    such lines is read with U+FFFD in their place, and the count said. Only such files pay this second reading."""
+    bad, lines = count_undecodable_lines(path)
+    if builder == "json" or bad > lines // 2:
+        raise ConfigError(
+            f"corpus file {path} has {bad} of {lines} lines that are not valid UTF-8"
+            + (" (it is not text)" if bad > lines // 2 else "")
+            + "; re-encode it as UTF-8 (e.g. iconv -f latin1 -t utf-8) or leave it out."
+        )
+    log(f"corpus file {path}: {bad} of {lines} lines are not valid UTF-8 and were decoded with U+FFFD replacement "
+        "characters")  # fmt: skip
 
 
 def _check_mixed_column(path: Path, column: str, values: list) -> None:

@@ -46,10 +46,14 @@ def word_keys(ids: np.ndarray, first: np.ndarray, unk_id: int, unk_words: list[s
 
 
 def encode_texts(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> list:
-    """The Rust batch encoder's `Encoding` of each text, without special tokens or truncation."""
-    return tokenizer(
-        texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False, verbose=False
-    ).encodings
+    """The Rust batch encoder's `Encoding` of each text, without special tokens, truncation or padding (called
+    directly: transformers' wrapper would also build a Python dict per text that nothing reads)."""
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation is not None:  # as transformers' own call with truncation=False does
+        backend.no_truncation()
+    if backend.padding is not None:
+        backend.no_padding()
+    return backend.encode_batch(texts, add_special_tokens=False)
 
 
 def word_of_key(key: bytes, tokenizer: PreTrainedTokenizerFast) -> str:
@@ -80,9 +84,10 @@ def make_encoder(tokenizer: PreTrainedTokenizerFast) -> Callable[[dict], pa.Tabl
         encodings = encode_texts(tokenizer, texts)
         ids_parts, word_parts, unk_words = [], [], []
         for document, (text, encoding) in enumerate(zip(texts, encodings)):
-            ids_parts += [encoding.ids, [sep_id]]
+            ids = encoding.ids  # a new Python list at every reading: read once
+            ids_parts += [ids, [sep_id]]
             word_parts += [encoding.word_ids, [-1 - document]]  # a separator is a word of its own
-            if unk_id in encoding.ids:
+            if unk_id in ids:
                 unk_words += _unknown_words(text, encoding, unk_id, split)
         ids = np.concatenate([np.asarray(part, dtype=np.int32) for part in ids_parts])
         word = np.concatenate([np.asarray(part, dtype=np.int64) for part in word_parts])
@@ -117,19 +122,27 @@ def _unknown_words(text: str, encoding, unk_id: int, split: Callable[[str], list
     return words
 
 
+def group_documents(corpus: datasets.Dataset, path: Path) -> datasets.Dataset:
+    """The corpus's texts as rows of GROUP documents (the last row: the rest), written to `path` by Arrow: no Python
+    string is made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pa.OSFile(str(path), "wb") as sink:
+        writer = None
+        for batch in corpus.with_format("arrow").iter(batch_size=GROUP):
+            texts = batch.column("text").combine_chunks()
+            row = pa.table({"texts": pa.ListArray.from_arrays(pa.array([0, len(texts)], pa.int32()), texts)})
+            writer = writer or pa.ipc.new_stream(sink, row.schema)
+            writer.write_table(row)
+        writer.close()
+    return datasets.Dataset.from_file(str(path))
+
+
 def encode_corpus(
     corpus: datasets.Dataset, tokenizer: PreTrainedTokenizerFast, num_proc: int, scratch: Path
 ) -> datasets.Dataset:
     """The corpus as rows of GROUP encoded documents (see `make_encoder`), by `num_proc` processes, written under
     `scratch`."""
-    groups = corpus.map(
-        lambda batch: {"texts": [batch["text"]]},
-        batched=True,
-        batch_size=GROUP,
-        remove_columns=corpus.column_names,
-        desc="grouping documents",
-        cache_file_name=str(scratch / "groups.arrow"),
-    )
+    groups = group_documents(corpus, scratch / "groups.arrow")
     return groups.map(
         make_encoder(tokenizer),
         batched=True,
