@@ -139,7 +139,6 @@ def render(rows: list[dict], words: int, command: str) -> str:
         + " | ".join(f"{p} s" for p in phases)
         + " | count + pack words/s | tokenizer alone words/s | share of it | peak memory (PSS)"
         + " | peak anonymous memory |",
-        "| peak anonymous memory |",
         "| --- |" + " --- |" * (len(phases) + 5),
     ]
     for row in rows:
