@@ -432,7 +432,7 @@ def finished_looking_run(path) -> dict:
     "tool, argv, target",
     [
         ("time_to_loss", ["--preset", "tiny"], "tnf"),
-        ("throughput_report", ["--preset", "tiny", "--steps", "3"], "run"),
+        ("throughput_report", ["--preset", "tiny", "--steps", "3"], "trial1/run"),
         ("pipeline_bench", ["--steps", "3"], "data_2"),
         ("note_bench", ["--steps", "3"], "baseline"),
         ("bench_tnf", ["--preset", "tiny"], "hf_trainer"),
@@ -448,7 +448,9 @@ def test_tools_that_train_never_replace_a_run_unless_their_own_overwrite_says_so
     before = finished_looking_run(tmp_path / target)
     assert main([*argv, "--out", str(tmp_path)]) == 2
     assert {p.name: p.read_bytes() for p in (tmp_path / target).iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == [target]  # nothing else was trained or written
+    top, _, inner = target.partition("/")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [top]  # nothing else was trained or written
+    assert not inner or [p.name for p in (tmp_path / top).iterdir()] == [inner]
 
 
 def test_a_sweep_refuses_a_reused_run_that_does_not_exist(tmp_path):

@@ -106,7 +106,12 @@ def test_bench_writes_both_reports_and_the_peer_trains_like_the_baseline(small_c
     assert "## Time to score (downstream)" in report and (out / "downstream.png").is_file()
     assert (out / "tnf" / "downstream" / "step00000006" / "export" / "model.safetensors").is_file()
     throughput = json.loads((out / "throughput.json").read_text())
-    assert [r["tnf"] for r in throughput["runs"]] == ["off", "on"] and not throughput["peer"]["timed_phases"]
+    assert [r["tnf"] for r in throughput["runs"]] == ["off", "on"]
+    peer_phases = throughput["peer"]["phase_seconds"]  # timed inside the peer's DeepSpeed engine too
+    assert throughput["peer"]["timed_phases"] and peer_phases["forward"] > 0 and peer_phases["optimizer"] > 0
+    # in bf16 (--precision auto on a CPU with native bf16) each micro-batch's gradients are added into fp32
+    bf16 = throughput["peer"]["precision"] == "bf16"
+    assert (peer_phases["accumulation"] > 0) == bf16
     ratio = throughput["runs"][0]["tokens_per_s"]["median"] / throughput["peer"]["tokens_per_s"]["median"]
     assert f"| tokens/s ÷ HF Trainer | {ratio:.2f}x |" in report
     tnf = throughput["runs"][1]
@@ -115,6 +120,8 @@ def test_bench_writes_both_reports_and_the_peer_trains_like_the_baseline(small_c
         and tnf["timed_phases"]
         and tnf["phase_seconds"]["forward"] > 0
         and tnf["phase_seconds"]["note_write"] > 0
+        and (tnf["phase_seconds"]["accumulation"] > 0) == bf16
+        and sum(tnf["phase_shares"].values()) == pytest.approx(1.0)
     )
     assert 0 < tnf["mfu"] < 1 and ("measured now" in throughput["peak"] or throughput["gpus"])
 
@@ -153,11 +160,12 @@ def test_the_peer_logs_its_last_step_even_off_the_logging_schedule():
 
     from transformers import TrainerControl
 
+    from tnf_scale.anatomy import EngineClock
     from tnf_scale.reports.hf_peer import StepMetrics
 
     logged = []
     callback = StepMetrics(
-        SimpleNamespace(log=logged.append), SimpleNamespace(step=lambda n: ([0, 1], None, None)), [5, 7]
+        SimpleNamespace(log=logged.append), SimpleNamespace(step=lambda n: ([0, 1], None, None)), [5, 7], EngineClock()
     )
     callback.on_train_begin(None, None, None)
     for step, should_log in ((3, False), (4, True)):  # a 4-step run logging every 100 steps

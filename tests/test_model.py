@@ -166,3 +166,27 @@ def test_export_reads_a_zero_disabled_checkpoint_without_unpickling_code(small_c
     torch.save({"module": module, "extra": _RunsCode()}, ckpt / "mp_rank_00_model_states.pt")
     with pytest.raises(ConfigError, match="holds objects other than tensors and plain data; it was not loaded"):
         consolidated_state_dict(ckpt, model.config)
+
+
+def test_a_micro_batch_without_padding_trains_the_same_without_its_attention_mask(small_config, prepared):
+    """The mask-free path (`Batch.model_attention_mask` is None when nothing is padding): the loss and every gradient
+    are bit for bit those of the all-ones mask, in fp32 and in bf16 (planted: a mask hiding the last position, which
+    a wrong "no padding" decision would drop, changes them)."""
+    cfg = dataclasses.replace(small_config, dropout=0.0)
+    ids = torch.randint(5, len(prepared.tokenizer), (4, 64), generator=torch.Generator().manual_seed(0))
+    labels = torch.where(torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.15, ids, -100)
+    predicted = torch.nonzero(labels.flatten() != -100).flatten()
+    hides_last = torch.ones_like(ids)
+    hides_last[:, -1] = 0
+
+    def trained(mask, dtype):
+        objective = MaskedLMObjective(build_bert(cfg, prepared.tokenizer).to(dtype))
+        (losses,) = objective(ids, mask, labels, predicted)
+        losses.sum().backward()
+        return losses.detach(), [p.grad for p in objective.parameters() if p.grad is not None]
+
+    for dtype in (torch.float32, torch.bfloat16):
+        loss, grads = trained(None, dtype)
+        same_loss, same_grads = trained(torch.ones_like(ids), dtype)
+        assert torch.equal(loss, same_loss) and all(torch.equal(a, b) for a, b in zip(grads, same_grads))
+        assert not torch.equal(loss, trained(hides_last, dtype)[0])

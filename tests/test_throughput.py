@@ -127,7 +127,7 @@ def test_throughput_report_refuses_a_folder_without_a_run(tmp_path):
     from tnf_scale.reports.throughput import write_report
 
     with pytest.raises(ConfigError, match=r"--peer .*nothing holds no run \(metrics.jsonl is missing\)"):
-        write_report([], tmp_path / "nothing", tmp_path / "out", warmup=5)
+        write_report([], [tmp_path / "nothing"], tmp_path / "out", warmup=5)
     assert not (tmp_path / "out").exists()
 
 
@@ -166,3 +166,145 @@ def test_metrics_go_to_weights_and_biases_when_asked_and_a_resume_continues_its_
     MetricsLogger(tmp_path, True, resumed_step=3, wandb_project="tnf").close()
     assert calls[3][1]["id"] == first["id"] == (tmp_path / "wandb_id").read_text().strip()
     assert not MetricsLogger(tmp_path / "other", False, wandb_project="tnf").enabled and len(calls) == 5  # rank > 0
+
+
+def fake_timing_run(path, flags: list[str], script: str) -> None:
+    """A finished timing run as the tool's launches leave it: its settings, model, provenance and six logged steps,
+    at a speed set by the trainer and its trial (the peer 100 tokens/s, tnf_scale 150 in trial 1 and 120 in trial 2),
+    with the engine's phases of the step."""
+    peer = "hf_peer" in script
+    settings = dict(zip(flags[::2], flags[1::2]))
+    speed = 100.0 if peer else {"trial1": 150.0, "trial2": 120.0}[path.parent.name]
+    (path / "hf_trainer" if peer else path).mkdir(parents=True)
+    (path / "run_config.json").write_text(
+        json.dumps(
+            {
+                "preset": "tiny",
+                "tnf": "off",
+                "global_batch_size": int(settings["--global_batch_size"]),
+                "micro_batch_size": 16,
+                "max_seq_len": 128,
+                "mlm_probability": 0.15,
+            }
+        )
+    )
+    (path / "model_config.json").write_text(
+        json.dumps({"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 256, "vocab_size": 1000})
+    )
+    (path / "provenance.json").write_text(
+        json.dumps({"commit": "abc1234", "machine": "a test machine", "precision": "fp32", "world_size": 1})
+    )
+    step_seconds = 64 * 128 / speed
+    phases = {"forward": 0.3, "backward": 0.5, "accumulation": 0.05, "reduction": 0.0, "optimizer": 0.1}
+    records = [
+        {"step": s, "loss": 5.0, "tokens_per_s": speed, "step_seconds": step_seconds}
+        | {f"time_{p}": share * step_seconds for p, share in phases.items()}
+        for s in range(1, 7)
+    ]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_the_tool_trains_every_trainer_in_turn_at_64_sequences_a_step_and_reports_each_trial(tmp_path, monkeypatch):
+    """Trials alternate the order (A B, then B A: planted, the same order every trial fails the order check), a
+    timing run trains at least 64 sequences a step, and the report gives each trial's tokens/s, the ratio of the
+    medians with the trial-by-trial spread, and the step's anatomy as shares."""
+    from tnf_scale.cli import throughput_report
+
+    order = []
+
+    def launch(run_dir, ranks, port, flags, overwrite, script):
+        order.append((run_dir.parent.name, run_dir.name))
+        fake_timing_run(run_dir, flags, script)
+        return run_dir
+
+    monkeypatch.setattr(throughput_report, "launch_training", launch)
+    out = tmp_path / "tp"
+    assert (
+        throughput_report.main(["--preset", "tiny", "--steps", "6", "--warmup", "1", "--with_peer", "--out", str(out)])
+        == 0
+    )
+    assert order == [("trial1", "run"), ("trial1", "hf_trainer"), ("trial2", "hf_trainer"), ("trial2", "run")]
+    report = json.loads((out / "throughput.json").read_text())
+    (run,) = report["runs"]
+    assert run["global_batch_size"] == 64 and [t["tokens_per_s"] for t in run["trials"]] == [150.0, 120.0]
+    assert run["tokens_per_s_over_peer"] == {"median": 1.35, "min": 1.2, "max": 1.5}
+    shares = run["phase_shares"]
+    assert shares["forward"] == pytest.approx(0.3) and shares["rest"] == pytest.approx(0.05)
+    text = (out / "throughput.md").read_text()
+    assert "| tokens/s ÷ HF Trainer | 1.35x (trials 1.20..1.50x) |" in text and "2 trials per trainer" in text
+    assert "| tokens/s of each trial | 150, 120 | 100, 100 |" in text
+    order.clear()  # a batch given is kept
+    assert (
+        throughput_report.main(
+            [
+                "--preset",
+                "tiny",
+                "--steps",
+                "6",
+                "--trials",
+                "1",
+                "--out",
+                str(tmp_path / "one"),
+                "--global_batch_size",
+                "32",
+            ]
+        )
+        == 0
+    )
+    assert order == [("trial1", "run")]
+    assert json.loads((tmp_path / "one" / "throughput.json").read_text())["runs"][0]["global_batch_size"] == 32
+
+
+def test_the_engine_clock_charges_each_phase_its_own_time_less_the_timed_calls_inside(monkeypatch):
+    """A backward that holds the boundary reduction is charged without it, so the phases add up to the time in the
+    engine (planted: not subtracting the inner call charges the backward 7 s and the sum passes 8 s)."""
+    from tnf_scale import anatomy
+
+    now = [0.0]
+    monkeypatch.setattr(anatomy.time, "perf_counter", lambda: now[0])
+    clock = anatomy.EngineClock()
+
+    def work(seconds, inner=None):
+        def method():
+            now[0] += seconds
+            if inner is not None:
+                inner()
+
+        return method
+
+    backward = clock.timed("backward", work(5.0, clock.timed("reduction", work(2.0))))
+    step = clock.timed("optimizer", work(1.0, clock.timed("optimizer", work(0.5))))
+    backward(), step()
+    taken = clock.take()
+    assert taken == {"forward": 0.0, "backward": 5.0, "accumulation": 0.0, "reduction": 2.0, "optimizer": 1.5}
+    assert sum(clock.take().values()) == 0.0  # taking starts again from zero
+    assert anatomy.engine_split(9.0, taken) == {**taken, "engine_other": 0.5}
+
+
+def test_the_step_anatomy_steps_both_models_in_turn_on_deepspeed_engines_and_splits_their_steps(tmp_path):
+    """One process, the tiny preset: trials alternate (tnf_scale first, then the stock model first), every phase
+    of both steps is timed inside the engines, the shares and the rest make the step, and the ratio is given trial by
+    trial."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, clean_env
+
+    proc = subprocess.run(
+        [sys.executable, "tools/step_anatomy.py", "--preset", "tiny", "--steps", "1", "--out", str(tmp_path)],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("trial ")]
+    assert trials == ["trial 1, tnf_scale", "trial 1, stock", "trial 2, stock", "trial 2, tnf_scale"]
+    result = json.loads((tmp_path / "anatomy.json").read_text())
+    for model in result["models"].values():
+        shares = model["phase_shares"]
+        assert all(shares[p] > 0 for p in ("forward", "backward", "optimizer")) and model["steps"] == 2
+        assert sum(shares.values()) == pytest.approx(1.0)
+    assert result["accumulation_steps"] == 2 and len(result["tnf_scale_over_stock"]["trials"]) == 2
+    assert "tnf_scale's tokens/s over the stock model's" in (tmp_path / "anatomy.md").read_text()

@@ -12,15 +12,12 @@ from tnf_scale.data.batch import Batch
 from tnf_scale.model.objective import LossSums, Objective, loss_parts
 from tnf_scale.model.pipeline import PipelineObjective
 from tnf_scale.model.tnf_bert import TnfHooks
-from tnf_scale.timing import PhaseTimer
 
 NoteRows = list[torch.Tensor | None]  # per micro-batch, the note rows of its reading occurrences (None: no notes)
 
 
 class StepStrategy(Protocol):
-    def train(
-        self, batches: list[Batch], rows: NoteRows, scales: list[float], timer: PhaseTimer
-    ) -> tuple[list[float], list]:
+    def train(self, batches: list[Batch], rows: NoteRows, scales: list[float]) -> tuple[list[float], list]:
         """Forward, backward and optimizer step over the micro-batches (each term's summed loss, times its scale, is
         what backward sees); returns each term's summed loss and the notes taken per micro-batch."""
 
@@ -41,20 +38,15 @@ class DataParallelStep:
         """Per loss term, the loss of every position it averages over (row-major order)."""
         return self.engine(**self.objective.inputs(batch))
 
-    def train(
-        self, batches: list[Batch], rows: NoteRows, scales: list[float], timer: PhaseTimer
-    ) -> tuple[list[float], list]:
+    def train(self, batches: list[Batch], rows: NoteRows, scales: list[float]) -> tuple[list[float], list]:
         totals, pooled = None, []
         for batch, batch_rows in zip(batches, rows):
             if self.hooks is not None:
                 self._set_reads(batch, batch_rows)
                 self.hooks.set_capture(batch.occ_sample, batch.occ_start, batch.occ_end, batch.lengths)
             sums = [term.sum() for term in self._term_losses(batch)]
-            timer.lap("forward")
             self.engine.backward(sum(term * scale for term, scale in zip(sums, scales) if scale))
-            timer.lap("backward")
             self.engine.step()
-            timer.lap("optimizer")
             step_sums = torch.stack([term.detach().double() for term in sums])
             totals = step_sums if totals is None else totals + step_sums  # in order, in float64: as Python adds
             if self.hooks is not None:
@@ -105,13 +97,10 @@ class PipelineStep:
                 ),
             )
 
-    def train(
-        self, batches: list[Batch], rows: NoteRows, scales: list[float], timer: PhaseTimer
-    ) -> tuple[list[float], list]:
+    def train(self, batches: list[Batch], rows: NoteRows, scales: list[float]) -> tuple[list[float], list]:
         (scale,) = scales  # the masked LM: one term
         self.stage_loss.start(scale, self.take_notes)
         self.engine.train_batch(iter(self._items(batches, rows)))
-        timer.lap("forward")  # the schedule interleaves forward, backward and the step: all counted here
         return [self.stage_loss.sums().ce], self.stage_loss.pooled
 
     def evaluate(self, batches: list[Batch], rows: NoteRows) -> list[LossSums]:

@@ -22,6 +22,7 @@ from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
 )
 
+from tnf_scale.anatomy import engine_split, install_engine_clock
 from tnf_scale.config import RunConfig
 from tnf_scale.data.collate import Collator
 from tnf_scale.data.prepared import PreparedData
@@ -37,8 +38,6 @@ from tnf_scale.notes.store import NoteStore
 from tnf_scale.step_strategy import DataParallelStep, PipelineStep, StepStrategy
 from tnf_scale.timing import PhaseTimer
 
-STEP_PHASES = ("data", "note_read", "forward", "backward", "optimizer", "note_write")
-
 
 @dataclass
 class StepResult:
@@ -51,7 +50,7 @@ class StepResult:
     tokens: int
     seconds: float
     notes: dict[str, float]  # occurrences, distinct words noted, note traffic (STEP_NOTE_METRICS at 0 without notes)
-    phases: dict[str, float]  # seconds this rank spent in each of STEP_PHASES
+    phases: dict[str, float]  # seconds this rank spent in each of anatomy.STEP_PHASES
     memory_max_rank_gib: float  # the largest peak memory allocated so far on any rank (GiB)
 
 
@@ -73,6 +72,7 @@ class Trainer:
         self.grad_accum = engine.gradient_accumulation_steps()
         self.counts_data = world.is_first_stage  # the stage that feeds the inputs counts tokens and loss positions
         self.sync = get_accelerator().synchronize if profile_phases else None  # a sync stalls a GPU: only when asked
+        self.clock = install_engine_clock(self.sync)
 
     def distinct_noted(self) -> int:
         """Words noted at least once so far (0 without notes). Collective: every rank calls it at a logged step."""
@@ -81,7 +81,8 @@ class Trainer:
     def train_step(self, step: int) -> StepResult:
         """Train global batch `step`; notes read at the start and written once at the end."""
         t0 = time.perf_counter()
-        timer = PhaseTimer(STEP_PHASES, sync=self.sync)
+        timer = PhaseTimer(sync=self.sync)
+        self.clock.take()  # what the engine did since the last step (an evaluation) is not this step's
         batches = self.feeder.train_batches(step)
         counted = batches if self.counts_data else []
         weights = self.objective.term_weights
@@ -94,7 +95,8 @@ class Trainer:
         timer.lap("data")
         rows = self.notes.read(batches) if self.notes is not None else [None] * len(batches)
         timer.lap("note_read")
-        term_totals, pooled = self.strategy.train(batches, rows, scales, timer)
+        term_totals, pooled = self.strategy.train(batches, rows, scales)
+        timer.lap("engine")
         local_notes: dict[str, float] = {}
         if self.notes is not None:
             self.notes.write(batches, pooled)
@@ -112,7 +114,9 @@ class Trainer:
         loss = sum(weight * mean for weight, mean in zip(weights, means))
         step_metrics = self.objective.step_metrics(means)
         seconds = time.perf_counter() - t0
-        return StepResult(loss, step_metrics, int(tokens), seconds, notes, timer.seconds, max(memory))
+        in_engine = timer.seconds.pop("engine")
+        phases = {**timer.seconds, **engine_split(in_engine, self.clock.take())}
+        return StepResult(loss, step_metrics, int(tokens), seconds, notes, phases, max(memory))
 
 
 @dataclass

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             downstream,
             "## Throughput",
             "",
-            write_throughput([baseline, tnf], peer, out, args.warmup),
+            write_throughput([[baseline], [tnf]], [peer] if peer else None, out, args.warmup),
         ]
     )
     (out / "report.md").write_text(report)

@@ -6,11 +6,14 @@
     python tools/throughput_report.py --preset tiny --steps 30 --with_peer --out runs/tp   # train first
     (extra flags go to train.py)
 
-Prints a table and writes throughput.md and throughput.json into --out (default: the first run).
+Prints a table and writes throughput.md, throughput.json and throughput.png into --out (default: the first run).
 --peer names a run of tnf_scale/reports/hf_peer.py (the same model, data, batch and optimizer through the
-Hugging Face Trainer); the table then gives each run's tokens/s as a multiple of the peer's. MFU is
-against the GPU's dense bf16 peak (looked up by its NVML name) or, on a CPU, against a matmul peak
-of this machine measured in the same invocation and named as such.
+Hugging Face Trainer); the table then gives each run's tokens/s as a multiple of the peer's. With --preset the
+tool trains --trials rounds, each trainer once per round, in turn A B, then B A, ... (this machine's speed
+drifts; a trainer always first would take the drift), at the preset's global batch but at least 64 sequences
+per step (by accumulation) unless --global_batch_size says otherwise. MFU is against the GPU's dense peak in the
+run's math (looked up by its NVML name) or, on a CPU, against a matmul peak of this machine measured in the same
+invocation and named as such.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tnf_scale.config import forwarding_parser
+from tnf_scale.config import PRESETS, RunConfig, forwarding_parser
 from tnf_scale.errors import ConfigError, command_line
-from tnf_scale.launch import PEER_SCRIPT
-from tnf_scale.reports.bench import add_overwrite_flag, check_replaceable, launch_training, timing_flags
+from tnf_scale.launch import PEER_SCRIPT, TRAIN_SCRIPT
+from tnf_scale.reports.bench import add_overwrite_flag, check_replaceable, launch_training, timing_flags, trial_plan
 from tnf_scale.reports.throughput import check_warmup, write_report
 from tnf_scale.run_dir import check_out_dir
+
+MIN_SEQUENCES_PER_STEP = 64
 
 
 @command_line
@@ -33,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peer", help="a finished tnf_scale/reports/hf_peer.py run to compare with")
     parser.add_argument("--preset", help="train this preset first (with --steps, --out)")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument(
+        "--trials", type=int, default=2, help="with --preset: rounds of training every trainer, in alternating order"
+    )
     parser.add_argument(
         "--with_peer", action="store_true", help="with --preset: also run the Hugging Face Trainer peer"
     )
@@ -59,28 +67,44 @@ def main(argv: list[str] | None = None) -> int:
             "already: leave it out, or give --preset instead of --run."
         )
     check_warmup(args.warmup)  # before anything is trained
+    if args.trials < 1:
+        raise ConfigError(f"--trials {args.trials}: give the number of rounds to train every trainer (1 or more).")
     if args.preset:
         out = check_out_dir(args.out, "--out")
-        flags = [*timing_flags(args.preset, args.steps), *extra]
-        precisions = {f"run_{p}": ["--precision", p] for p in args.precisions} if args.precisions else {"run": []}
-        check_replaceable([out / name for name in precisions] + [out / "hf_trainer"] * args.with_peer, args.overwrite)
-        runs = [
-            launch_training(out / name, args.ranks, args.master_port, [*flags, *p], args.overwrite)
-            for name, p in precisions.items()
-        ]
-        last = list(precisions.values())[-1]
-        peer = (
+        flags = [*timing_flags(args.preset, args.steps), *realistic_batch(args.preset, extra), *extra]
+        arms = {f"run_{p}": ["--precision", p] for p in args.precisions} if args.precisions else {"run": []}
+        if args.with_peer:
+            arms["hf_trainer"] = list(arms.values())[-1]  # the peer runs in the last precision
+        plan = trial_plan(list(arms), args.trials)
+        check_replaceable([trial_dir(out, name, t) for t, name in plan], args.overwrite)
+        for t, name in plan:
+            script = PEER_SCRIPT if name == "hf_trainer" else TRAIN_SCRIPT
             launch_training(
-                out / "hf_trainer", args.ranks, args.master_port, [*flags, *last], args.overwrite, PEER_SCRIPT
+                trial_dir(out, name, t), args.ranks, args.master_port, [*flags, *arms[name]], args.overwrite, script
             )
-            if args.with_peer
-            else None
-        )
+        trials = {name: [trial_dir(out, name, t) for t in range(args.trials)] for name in arms}
+        peer = trials.pop("hf_trainer", None)
+        runs = list(trials.values())
     else:
-        runs, peer = [Path(r) for r in args.run], Path(args.peer) if args.peer else None
-        out = check_out_dir(args.out or runs[0], "--out")
+        runs, peer = [[Path(r)] for r in args.run], [Path(args.peer)] if args.peer else None
+        out = check_out_dir(args.out or runs[0][0], "--out")
     print(write_report(runs, peer, out, args.warmup))
     return 0
+
+
+def trial_dir(out: Path, arm: str, trial: int) -> Path:
+    return out / f"trial{trial + 1}" / arm
+
+
+def realistic_batch(preset: str, extra: list[str]) -> list[str]:
+    """`--global_batch_size` of a timing run: the preset's, at least MIN_SEQUENCES_PER_STEP, unless the forwarded
+    flags give one (at a few sequences per step the fixed work of a step weighs more than in pre-training)."""
+    if any(flag.split("=")[0] == "--global_batch_size" for flag in extra):
+        return []
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset {preset} is not a preset; choose one of {', '.join(PRESETS)}.")
+    preset_batch = PRESETS[preset].get("global_batch_size", RunConfig.global_batch_size)
+    return ["--global_batch_size", str(max(preset_batch, MIN_SEQUENCES_PER_STEP))]
 
 
 if __name__ == "__main__":

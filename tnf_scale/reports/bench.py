@@ -79,6 +79,12 @@ def launch_pair(out: Path, ranks: int, port: int, flags: list[str], overwrite: b
     )
 
 
+def trial_plan(arms: list[str], trials: int) -> list[tuple[int, str]]:
+    """(trial, arm) in the order to measure them: every arm once per trial, in the given order, then reversed, and so
+    on (this machine's speed drifts: an arm always first would take the drift)."""
+    return [(t, name) for t in range(trials) for name in (arms if t % 2 == 0 else arms[::-1])]
+
+
 def finished_run(run_dir: str | Path, flag: str) -> Path:
     """`run_dir` if it holds a run's metrics with at least one record; otherwise one sentence naming the flag and the
     fix."""

@@ -22,6 +22,7 @@ from deepspeed.accelerator import get_accelerator
 from torch.utils.data import Dataset, SequentialSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from tnf_scale.anatomy import EngineClock, install_engine_clock
 from tnf_scale.config import RunConfig
 from tnf_scale.data.collate import Collator
 from tnf_scale.data.sampler import GlobalBatchSampler
@@ -69,17 +70,21 @@ class InOrderTrainer(Trainer):
 class StepMetrics(TrainerCallback):
     """One metrics.jsonl record per optimizer step, with the fields train.py writes for throughput.
 
-    A step's time runs from the previous step's end to its own, so it holds data loading too.
+    A step's time runs from the previous step's end to its own, so it holds data loading too; its engine phases
+    (`time_forward` ...) come from the engine clock, reset where the step begins.
     """
 
-    def __init__(self, metrics: MetricsLogger, sampler: GlobalBatchSampler, lengths: list[int]):
-        self.metrics, self.sampler, self.lengths = metrics, sampler, lengths
+    def __init__(self, metrics: MetricsLogger, sampler: GlobalBatchSampler, lengths: list[int], clock: EngineClock):
+        self.metrics, self.sampler, self.lengths, self.clock = metrics, sampler, lengths, clock
         self.start = self.last = 0.0
         self.tokens = 0
         self.pending: dict | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = self.last = time.perf_counter()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.clock.take()
 
     def on_step_end(self, args, state, control, **kwargs):
         """Time the step; the last step is always logged, as train.py logs it, even off the logging schedule."""
@@ -95,6 +100,7 @@ class StepMetrics(TrainerCallback):
             "wall_time": now - self.start,
             "step_seconds": now - self.last,
             "tokens_per_s": tokens / (now - self.last),
+            **{f"time_{phase}": seconds for phase, seconds in self.clock.take().items()},
         }
         self.last = now
         return control
@@ -153,6 +159,7 @@ def run(cfg: RunConfig) -> int:
         disable_tqdm=not world.is_main,
     )
     metrics = MetricsLogger(run_dir.path, world.is_main)
+    clock = install_engine_clock(get_accelerator().synchronize if cfg.profile_phases else None)
     lengths = [len(ids) for ids in data.train["input_ids"]]
     trainer = InOrderTrainer(
         model=model,
@@ -161,7 +168,7 @@ def run(cfg: RunConfig) -> int:
         data_collator=StreamCollator(
             data.train, sampler, Collator(data.tokenizer, cfg.max_seq_len, cfg.mlm_probability, cfg.seed)
         ),
-        callbacks=[StepMetrics(metrics, sampler, lengths)],
+        callbacks=[StepMetrics(metrics, sampler, lengths, clock)],
     )
     log(
         f"Hugging Face Trainer peer: world {world.size} on {get_accelerator().device_name()}, DeepSpeed "

@@ -1,5 +1,5 @@
-"""Throughput figures of a run: tokens/s, the step split into phases, model FLOPs (model_flops.py), MFU, GPU
-state."""
+"""Throughput figures of runs: tokens/s over interleaved trials, the step's anatomy (its phases as shares of the step),
+model FLOPs (model_flops.py), MFU, GPU state, and each run's ratio to the Hugging Face Trainer peer."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
+from tnf_scale.anatomy import STEP_PHASES
 from tnf_scale.errors import ConfigError
 from tnf_scale.model_flops import gpu_peak, run_flops_per_token
 from tnf_scale.reports.bench import finished_run, steady_steps
 from tnf_scale.run_dir import RunDir, machine
 
-PHASES = ("data", "note_read", "forward", "backward", "optimizer", "note_write")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -55,20 +55,25 @@ def gpu_state() -> dict:
     return {"gpus": gpus, "note": f"{len(gpus)} GPU(s) seen by NVML"}
 
 
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
 def summarize(steps: list[dict], samples_per_step: int) -> dict:
-    """Median and spread (min, max) of tokens/s and samples/s, and the median seconds of each phase."""
+    """Median and spread (min, max) of tokens/s and samples/s, the median seconds of each phase, and the anatomy:
+    each phase's median as a share of the median step (`rest`: what no phase holds)."""
     tokens_per_s = [r["tokens_per_s"] for r in steps]
     samples_per_s = [samples_per_step / r["step_seconds"] for r in steps]
+    step_seconds = statistics.median(r["step_seconds"] for r in steps)
+    phase_seconds = {p: statistics.median(r.get(f"time_{p}", 0.0) for r in steps) for p in STEP_PHASES}
+    shares = {p: seconds / step_seconds for p, seconds in phase_seconds.items()}
     return {
         "steps": len(steps),
-        "tokens_per_s": {"median": statistics.median(tokens_per_s), "min": min(tokens_per_s), "max": max(tokens_per_s)},
-        "samples_per_s": {
-            "median": statistics.median(samples_per_s),
-            "min": min(samples_per_s),
-            "max": max(samples_per_s),
-        },
-        "step_seconds": statistics.median(r["step_seconds"] for r in steps),
-        "phase_seconds": {p: statistics.median(r.get(f"time_{p}", 0.0) for r in steps) for p in PHASES},
+        "tokens_per_s": spread(tokens_per_s),
+        "samples_per_s": spread(samples_per_s),
+        "step_seconds": step_seconds,
+        "phase_seconds": phase_seconds,
+        "phase_shares": {**shares, "rest": max(1.0 - sum(shares.values()), 0.0)},
     }
 
 
@@ -101,23 +106,28 @@ def precision_of(origin: dict) -> str:
     return origin.get("precision", "fp32")
 
 
-def run_figures(run: Path, warmup: int, cpu_peaks: dict[str, float]) -> dict:
-    """Throughput figures of one finished run (train.py's or the Hugging Face Trainer peer's).
+def run_figures(trials: list[Path], warmup: int, cpu_peaks: dict[str, float]) -> dict:
+    """Throughput figures of one arm (train.py's or the Hugging Face Trainer peer's), over the steady steps of all its
+    `trials` (runs trained alike), with each trial's median tokens/s.
 
     FLOPs count the MLM head on masked tokens for every trainer: the work the objective needs.
     """
-    if not RunDir(run).run_config.is_file():
-        raise ConfigError(
-            f"{run} has no {RunDir(run).run_config.name}, which says what it trained; time a run of ours."
-        )
+    for run in trials:
+        if not RunDir(run).run_config.is_file():
+            raise ConfigError(
+                f"{run} has no {RunDir(run).run_config.name}, which says what it trained; time a run of ours."
+            )
+    run = trials[0]
     config = RunDir(run).read_run_config()
-    steps = steady_steps(run, warmup)
-    if not steps:
-        logged = len(steady_steps(run, 0))
-        raise ConfigError(
-            f"--warmup {warmup} leaves none of the {logged} logged steps of {run} to time; "
-            + (f"use a warmup below {logged}." if logged else "the run logged no training step yet.")
-        )
+    per_trial = [steady_steps(trial, warmup) for trial in trials]
+    for trial, steps in zip(trials, per_trial):
+        if not steps:
+            logged = len(steady_steps(trial, 0))
+            raise ConfigError(
+                f"--warmup {warmup} leaves none of the {logged} logged steps of {trial} to time; "
+                + (f"use a warmup below {logged}." if logged else "the run logged no training step yet.")
+            )
+    steps = [record for trial in per_trial for record in trial]
     summary = summarize(steps, config["global_batch_size"])
     flops = run_flops_per_token(run, config["max_seq_len"], config["mlm_probability"])
     achieved = flops * summary["tokens_per_s"]["median"]
@@ -125,9 +135,15 @@ def run_figures(run: Path, warmup: int, cpu_peaks: dict[str, float]) -> dict:
     peak, peak_source = run_peak(origin, cpu_peaks)
     return {
         "run": str(run),
+        "trials": [
+            {"run": str(t), "tokens_per_s": statistics.median(r["tokens_per_s"] for r in s)}
+            for t, s in zip(trials, per_trial)
+        ],
         "preset": config["preset"],
         "tnf": config["tnf"],
         "precision": precision_of(origin),
+        "global_batch_size": config["global_batch_size"],
+        "micro_batch_size": config.get("micro_batch_size"),
         "timed_phases": any("time_forward" in r for r in steps),
         "commit": origin.get("commit", "unknown"),
         "world_size": origin.get("world_size"),
@@ -143,6 +159,13 @@ def run_figures(run: Path, warmup: int, cpu_peaks: dict[str, float]) -> dict:
     }
 
 
+def peer_ratio(run: dict, peer: dict) -> dict[str, float]:
+    """A run's tokens/s over the peer's: of the medians over all timed steps, and the spread of the trial-by-trial
+    ratios (trial i of the run against trial i of the peer, trained next to it)."""
+    pairs = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(run["trials"], peer["trials"])]
+    return {**spread(pairs), "median": run["tokens_per_s"]["median"] / peer["tokens_per_s"]["median"]}
+
+
 def render(report: dict) -> str:
     """The report as a markdown table, one column per run (the peer last), with the ratio to the peer."""
     runs, peer = report["runs"], report["peer"]
@@ -152,17 +175,23 @@ def render(report: dict) -> str:
         return f"| {name} | " + " | ".join(cell(r) for r in columns) + " |"
 
     def phase(r: dict, name: str) -> str:
-        return f"{1000 * r['phase_seconds'][name]:.1f} ms" if r["timed_phases"] else "n/a"
+        if not r["timed_phases"]:
+            return "n/a"
+        seconds = r["phase_seconds"].get(name, r["step_seconds"] * r["phase_shares"]["rest"])
+        return f"{1000 * seconds:.1f} ms ({100 * r['phase_shares'][name]:.0f}%)"
 
     machines = sorted({r["machine"] or "unrecorded" for r in columns})
+    trials = max(len(r["trials"]) for r in columns)
     lines = [
-        f"Trained on: {'; '.join(machines)}. Median over steady steps (warm-up excluded).",
+        f"Trained on: {'; '.join(machines)}. Median over the steady steps (warm-up excluded) of "
+        + (f"{trials} trials per trainer, trained in turn (A B, B A, ...)." if trials > 1 else "one run per trainer."),
         "",
         "| | " + " | ".join(f"`{r['run']}`" for r in columns) + " |",
         "| --- |" + " --- |" * len(columns),
         row("trainer", lambda r: "Hugging Face Trainer" if r is peer else "tnf_scale"),
         row("preset, TNF, precision", lambda r: f"{r['preset']}, {r['tnf']}, {r['precision']}"),
         row("ranks, commit", lambda r: f"{r['world_size'] or '?'}, {r['commit']}"),
+        row("sequences per step (micro-batch)", lambda r: f"{r['global_batch_size']} ({r['micro_batch_size']})"),
         row("steps timed", lambda r: str(r["steps"])),
         row(
             "tokens/s",
@@ -170,9 +199,14 @@ def render(report: dict) -> str:
                 f"{r['tokens_per_s']['median']:,.0f} ({r['tokens_per_s']['min']:,.0f}..{r['tokens_per_s']['max']:,.0f})"
             ),
         ),
+        *(
+            [row("tokens/s of each trial", lambda r: ", ".join(f"{t['tokens_per_s']:,.0f}" for t in r["trials"]))]
+            if trials > 1
+            else []
+        ),
         row("samples/s", lambda r: f"{r['samples_per_s']['median']:,.1f}"),
         row("step", lambda r: f"{1000 * r['step_seconds']:.1f} ms"),
-        *(row(name, lambda r, name=name: phase(r, name)) for name in PHASES),
+        *(row(f"{name} (share of the step)", lambda r, name=name: phase(r, name)) for name in [*STEP_PHASES, "rest"]),
         row("model FLOPs / token", lambda r: f"{r['flops_per_token'] / 1e6:,.1f} M"),
         row("achieved", lambda r: f"{r['achieved_flops_per_s'] / 1e9:,.2f} GFLOP/s"),
         row("MFU", lambda r: f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"),
@@ -183,12 +217,13 @@ def render(report: dict) -> str:
         ),
     ]
     if peer:
-        lines.append(
-            row(
-                "tokens/s ÷ HF Trainer",
-                lambda r: f"{r['tokens_per_s']['median'] / peer['tokens_per_s']['median']:.2f}x",
-            )
-        )
+
+        def ratio(r: dict) -> str:
+            figures = peer_ratio(r, peer)
+            trials_said = f" (trials {figures['min']:.2f}..{figures['max']:.2f}x)" if len(r["trials"]) > 1 else ""
+            return f"{figures['median']:.2f}x{trials_said}"
+
+        lines.append(row("tokens/s ÷ HF Trainer", ratio))
     lines += [
         "",
         "CPU peaks measured now: "
@@ -198,7 +233,11 @@ def render(report: dict) -> str:
     if peer:
         lines.append(
             "The Hugging Face Trainer runs stock BertForMaskedLM, whose MLM head computes logits at every position; "
-            "tnf_scale computes them at masked positions only. Model FLOPs count the masked positions for both."
+            "tnf_scale computes them at masked positions only. Model FLOPs count the masked positions for both. "
+            "Both drive a DeepSpeed engine from the same config; forward, backward, accumulation (bf16 gradients "
+            "added into fp32), the boundary reduction and the optimizer are timed inside DeepSpeed's methods for "
+            "both. A tnf_scale step is its trainer's `train_step` (data and notes included); the peer's runs from "
+            "one step's end to the next (its data loading and the Trainer's own work are its `rest`)."
         )
     return "\n".join(lines) + "\n"
 
@@ -208,23 +247,29 @@ def check_warmup(warmup: int) -> None:
         raise ConfigError(f"--warmup {warmup}: give the number of first steps to leave out of the timing (0 or more).")
 
 
-def write_report(runs: list[Path], peer: Path | None, out: Path, warmup: int) -> str:
-    """Throughput of finished runs (and the peer's, with the ratio); writes throughput.md and .json into `out`."""
+def write_report(runs: list[list[Path]], peer: list[Path] | None, out: Path, warmup: int) -> str:
+    """Throughput of finished runs, each given as its trials (and the peer's, with the ratios); writes throughput.md,
+    .json and .png into `out`."""
     check_warmup(warmup)
-    runs = [finished_run(r, "--run") for r in runs]
-    peer = finished_run(peer, "--peer") if peer else None
-    if peer is not None and not RunDir(peer).hf_trainer.is_dir():
-        raise ConfigError(
-            f"--peer {peer} is a run of tnf_scale's own trainer, not of the Hugging Face Trainer peer; give it with "
-            "--run, or train the peer (tnf_scale/reports/hf_peer.py, or --with_peer)."
-        )
-    device = device_peak({precision_of(RunDir(r).read_provenance()) for r in [*runs, *([peer] if peer else [])]})
+    runs = [[finished_run(r, "--run") for r in trials] for trials in runs]
+    peer = [finished_run(r, "--peer") for r in peer] if peer else None
+    for trial in peer or []:
+        if not RunDir(trial).hf_trainer.is_dir():
+            raise ConfigError(
+                f"--peer {trial} is a run of tnf_scale's own trainer, not of the Hugging Face Trainer peer; give it "
+                "with --run, or train the peer (tnf_scale/reports/hf_peer.py, or --with_peer)."
+            )
+    every = [r for trials in [*runs, *([peer] if peer else [])] for r in trials]
+    device = device_peak({precision_of(RunDir(r).read_provenance()) for r in every})
     report = {
         "reported_on": machine(),
         **device,
-        "runs": [run_figures(r, warmup, device["peaks_flops_per_s"]) for r in runs],
+        "runs": [run_figures(trials, warmup, device["peaks_flops_per_s"]) for trials in runs],
         "peer": run_figures(peer, warmup, device["peaks_flops_per_s"]) if peer else None,
     }
+    if peer:
+        for run in report["runs"]:
+            run["tokens_per_s_over_peer"] = peer_ratio(run, report["peer"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "throughput.json").write_text(json.dumps(report, indent=2) + "\n")
     text = render(report)
