@@ -95,11 +95,13 @@ def test_every_training_command_of_the_plan_is_one_train_py_accepts(dry, gpus, t
         if flags:
             parse_args(flags)
             parsed += 1
-    assert parsed == 11  # ten training runs and the census
+    assert parsed == 12  # eleven training runs and the census
     skipped = [s.title for s in steps if s.skip]
     assert (len(skipped) == 4) == (gpus == 1) and all(s.skip in ("", TWO_GPUS) for s in steps)
     large = next(s for s in steps if "TNF on (with the export)" in s.title)
     assert parse_args(train_flags(large.argv)).log_interval == (2 if dry else 10)  # never 1: its collective biases TNF
+    compiled = next(s for s in steps if "encoder layers compiled" in s.title)  # the A/B of --compile
+    assert parse_args(train_flags(compiled.argv)).compile and not parse_args(train_flags(large.argv)).compile
     assert {j.name for j in jobs} == {"build", "data"}
 
 

@@ -185,6 +185,7 @@ def fake_timing_run(path, flags: list[str], script: str) -> None:
                 "micro_batch_size": 16,
                 "max_seq_len": 128,
                 "mlm_probability": 0.15,
+                "compile": settings.get("--compile") == "true",
             }
         )
     )
@@ -210,10 +211,11 @@ def test_the_tool_trains_every_trainer_in_turn_at_64_sequences_a_step_and_report
     medians with the trial-by-trial spread, and the step's anatomy as shares."""
     from tnf_scale.cli import throughput_report
 
-    order = []
+    order, flags_of = [], {}
 
     def launch(run_dir, ranks, port, flags, overwrite, script):
         order.append((run_dir.parent.name, run_dir.name))
+        flags_of[run_dir.name] = flags
         fake_timing_run(run_dir, flags, script)
         return run_dir
 
@@ -253,6 +255,25 @@ def test_the_tool_trains_every_trainer_in_turn_at_64_sequences_a_step_and_report
     )
     assert order == [("trial1", "run")]
     assert json.loads((tmp_path / "one" / "throughput.json").read_text())["runs"][0]["global_batch_size"] == 32
+    # eager against compiled, in turn, the peer eager (planted: the peer given the compiled run's flags fails)
+    order.clear()
+    args = ["--preset", "tiny", "--steps", "6", "--warmup", "1", "--compile_ab", "--with_peer", "--out"]
+    assert throughput_report.main([*args, str(tmp_path / "ab")]) == 0
+    assert [name for _, name in order] == [
+        *["run_eager", "run_compiled", "hf_trainer"],
+        *["hf_trainer", "run_compiled", "run_eager"],
+    ]
+    assert flags_of["run_compiled"][-2:] == ["--compile", "true"]
+    assert flags_of["run_eager"][-2:] == ["--compile", "false"]
+    assert "--compile" not in flags_of["hf_trainer"]
+    assert [r["compiled"] for r in json.loads((tmp_path / "ab" / "throughput.json").read_text())["runs"]] == [
+        False,
+        True,
+    ]
+    assert (
+        "| preset, TNF, precision | tiny, off, fp32 | tiny, off, fp32, compiled | tiny, off, fp32 |"
+        in (tmp_path / "ab" / "throughput.md").read_text()
+    )
 
 
 def test_the_engine_clock_charges_each_phase_its_own_time_less_the_timed_calls_inside(monkeypatch):
@@ -285,20 +306,13 @@ def test_the_step_anatomy_steps_both_models_in_turn_on_deepspeed_engines_and_spl
     """One process, the tiny preset: trials alternate (tnf_scale first, then the stock model first), every phase
     of both steps is timed inside the engines, the shares and the rest make the step, and the ratio is given trial by
     trial."""
-    import subprocess
     import sys
 
-    from conftest import REPO, clean_env
+    from conftest import check_ok, run_cmd
 
-    proc = subprocess.run(
-        [sys.executable, "tools/step_anatomy.py", "--preset", "tiny", "--steps", "1", "--out", str(tmp_path)],
-        cwd=REPO,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    anatomy = [sys.executable, "tools/step_anatomy.py", "--preset", "tiny", "--steps", "1"]
+    proc = run_cmd([*anatomy, "--out", str(tmp_path)])
+    check_ok(proc)
     trials = [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("trial ")]
     assert trials == ["trial 1, tnf_scale", "trial 1, stock", "trial 2, stock", "trial 2, tnf_scale"]
     result = json.loads((tmp_path / "anatomy.json").read_text())

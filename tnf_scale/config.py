@@ -258,6 +258,11 @@ class OptimizationSettings:
         False, help="recompute each encoder layer's activations in the backward pass (less memory, more compute)",
         resume=MAY_CHANGE, role=PACES,
     )  # fmt: skip
+    compile: bool = setting(
+        False, help="compile each encoder layer with torch.compile (the note seam stays eager; compiled dropout draws "
+        "other random numbers, so a compiled run does not repeat an eager one bit for bit); not with ZeRO stage 3",
+        resume=MAY_CHANGE, role=PACES,
+    )  # fmt: skip
     precision: Literal[PRECISIONS] = setting(
         "auto",
         help="auto: bf16 where the device computes it natively (GPUs of compute capability 8.0+, CPUs with "

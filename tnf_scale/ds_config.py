@@ -219,6 +219,11 @@ def build_ds_config(
         if ds["scheduler"]["type"] == schedule or key in sched:
             _agree(sched, key, value, flag, f"{source} scheduler.params")
 
+    if cfg.compile and ds.get("zero_optimization", {}).get("stage") == 3:
+        raise ConfigError(
+            f"--compile with ZeRO stage 3 ({source}): stage 3 gathers each layer's parameters in module hooks, which "
+            "a compiled layer would trace; use ZeRO stage 1 or 2, or drop --compile."
+        )
     precision = resolve_precision(cfg.precision, ds.get("bf16", {}).get("enabled", "auto"), native_bf16, source)
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision.bf16}
     if precision.bf16:

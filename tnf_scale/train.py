@@ -128,6 +128,7 @@ def describe(cfg: RunConfig, started: Started, training: Training) -> str:
         f"ZeRO stage {engine.zero_optimization_stage()}; "
         f"optimizer {type(inner).__module__}.{type(inner).__name__}{note}; "
         f"precision {started.precision.describe()}; TNF {cfg.tnf}"
+        + ("; encoder layers compiled" if cfg.compile else "")
     )
 
 

@@ -29,6 +29,7 @@ from tnf_scale.data.prepared import PreparedData
 from tnf_scale.distributed import Topology, all_reduce_sum, in_own_slot
 from tnf_scale.evaluator import Evaluator
 from tnf_scale.feeder import StepFeeder
+from tnf_scale.model.compile import compile_encoder_layers
 from tnf_scale.model.objective import Objective
 from tnf_scale.model.param_groups import parameter_groups
 from tnf_scale.model.pipeline import TIED_KEY, PipelineObjective, build_pipeline
@@ -149,6 +150,8 @@ def build_training(
         # takes stage 0's copy of each, where it would otherwise keep whichever stage's it wrote last
         replicated = {PIPELINE_REPLICATED_PARAMETER_PATTERNS: [rf"tied_modules\.{re.escape(TIED_KEY)}\."]}
         setattr(module, UNIVERSAL_CHECKPOINT_INFO, {**universal_info, **replicated})
+        if cfg.compile:
+            compile_encoder_layers(module)
         engine, optimizer, _, _ = deepspeed.initialize(
             model=module, model_parameters=parameter_groups(module, cfg.weight_decay), config=ds_config
         )
@@ -164,6 +167,8 @@ def build_training(
             for network in objective.children():  # the Hugging Face models it wraps
                 network.gradient_checkpointing_enable()
         setattr(objective, UNIVERSAL_CHECKPOINT_INFO, universal_info)
+        if cfg.compile:
+            compile_encoder_layers(objective)
         engine, optimizer, _, _ = deepspeed.initialize(
             model=objective, model_parameters=parameter_groups(objective, cfg.weight_decay), config=ds_config
         )

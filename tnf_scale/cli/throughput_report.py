@@ -4,6 +4,7 @@
     python tools/throughput_report.py --run runs/bench/baseline runs/bench/tnf \
         --peer runs/bench/hf_trainer --out runs/bench
     python tools/throughput_report.py --preset tiny --steps 30 --with_peer --out runs/tp   # train first
+    python tools/throughput_report.py --preset bert-base --steps 6 --compile_ab --out runs/tp_compile
     (extra flags go to train.py)
 
 Prints a table and writes throughput.md, throughput.json and throughput.png into --out (default: the first run).
@@ -50,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=("fp32", "bf16"),
         help="with --preset: one tnf_scale run per precision, side by side (the peer runs in the last one)",
     )
+    parser.add_argument(
+        "--compile_ab",
+        action="store_true",
+        help="with --preset: each tnf_scale run twice, eager and with its encoder layers compiled (--compile), "
+        "side by side (the peer runs eager)",
+    )
     parser.add_argument("--out", help="where the report goes (default: the first --run)")
     parser.add_argument("--ranks", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
@@ -59,7 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     if (args.run is None) == (args.preset is None) or (args.preset and not args.out) or (args.run and extra):
         parser.error("give --run RUN_DIR [...] (and --peer), or --preset P with --steps and --out (and train.py flags)")
     trains_only = [
-        name for name, given in (("--precisions", args.precisions), ("--with_peer", args.with_peer)) if given
+        name
+        for name, given in (
+            ("--precisions", args.precisions),
+            ("--with_peer", args.with_peer),
+            ("--compile_ab", args.compile_ab),
+        )
+        if given
     ]
     if args.run and trains_only:
         raise ConfigError(
@@ -72,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.preset:
         out = check_out_dir(args.out, "--out")
         flags = [*timing_flags(args.preset, args.steps), *realistic_batch(args.preset, extra), *extra]
-        arms = {f"run_{p}": ["--precision", p] for p in args.precisions} if args.precisions else {"run": []}
-        if args.with_peer:
-            arms["hf_trainer"] = list(arms.values())[-1]  # the peer runs in the last precision
+        arms = timed_arms(args.precisions, args.compile_ab, args.with_peer)
         plan = trial_plan(list(arms), args.trials)
         check_replaceable([trial_dir(out, name, t) for t, name in plan], args.overwrite)
         for t, name in plan:
@@ -90,6 +101,19 @@ def main(argv: list[str] | None = None) -> int:
         out = check_out_dir(args.out or runs[0][0], "--out")
     print(write_report(runs, peer, out, args.warmup))
     return 0
+
+
+def timed_arms(precisions: list[str] | None, compile_ab: bool, with_peer: bool) -> dict[str, list[str]]:
+    """The runs of one trial, by name, with the flags each adds: one tnf_scale run per precision (or one run), each
+    eager and compiled with `compile_ab`, and the peer in the last precision, eager (it has no --compile)."""
+    base = {f"run_{p}": ["--precision", p] for p in precisions} if precisions else {"run": []}
+    arms = base
+    if compile_ab:
+        modes = (("eager", "false"), ("compiled", "true"))
+        arms = {f"{name}_{mode}": [*flags, "--compile", on] for name, flags in base.items() for mode, on in modes}
+    if with_peer:
+        arms["hf_trainer"] = list(base.values())[-1]
+    return arms
 
 
 def trial_dir(out: Path, arm: str, trial: int) -> Path:

@@ -167,12 +167,18 @@ def plan(out: Path, dry: bool, gpus: int, python: str, bin_dir: Path, port: int)
         Step(f"{size.large}, TNF off", timed("large_tnf_off", "--tnf", "off"), 300, waits_for=("build", "data")),
         Step(f"{size.large}, TNF on (with the export)", timed("large_tnf_on", "--tnf", "on"), 300),
         Step(
-            f"{size.large} throughput, TNF off against on",
+            f"{size.large}, TNF off, encoder layers compiled",
+            timed("large_tnf_off_compiled", "--tnf", "off", "--compile", "true", "--export", "false"),
+            300,
+        ),
+        Step(
+            f"{size.large} throughput, TNF off against on, and eager against compiled",
             [
                 str(bin_dir / "tnf-throughput"),
                 "--run",
                 str(out / "large_tnf_off"),
                 str(out / "large_tnf_on"),
+                str(out / "large_tnf_off_compiled"),
                 "--warmup",
                 str(size.warmup),
                 "--out",
