@@ -496,31 +496,13 @@ def test_the_tokenizer_sample_is_bounded_and_spread_over_the_corpus(small_corpus
 
 
 def test_data_bench_prepares_the_words_asked_for_and_reports_phases_and_memory(tmp_path):
-    import subprocess
     import sys
 
-    from conftest import REPO, clean_env
+    from conftest import check_ok, run_cmd
 
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "tools/data_bench.py",
-            "--words",
-            "20000",
-            "--num_proc",
-            "1",
-            "--out",
-            str(tmp_path),
-            "--eval_fraction",
-            "0.25",
-        ],  # extra flags go to the preparation
-        cwd=REPO,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    bench = [sys.executable, "tools/data_bench.py", "--words", "20000", "--num_proc", "1", "--out", str(tmp_path)]
+    proc = run_cmd([*bench, "--eval_fraction", "0.25"])  # extra flags go to the preparation
+    check_ok(proc)
     report = json.loads((tmp_path / "data_bench.json").read_text())
     (run,) = report["runs"]
     assert (
