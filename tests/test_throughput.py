@@ -233,7 +233,7 @@ def test_the_tool_trains_every_trainer_in_turn_at_64_sequences_a_step_and_report
     shares = run["phase_shares"]
     assert shares["forward"] == pytest.approx(0.3) and shares["rest"] == pytest.approx(0.05)
     text = (out / "throughput.md").read_text()
-    assert "| tokens/s ÷ HF Trainer | 1.35x (trials 1.20..1.50x) |" in text and "2 trials per trainer" in text
+    assert "| tokens/s ÷ HF Trainer | 1.35x (trials 1.20..1.50x) | 1.00x |" in text and "2 trials per trainer" in text
     assert "| tokens/s of each trial | 150, 120 | 100, 100 |" in text
     order.clear()  # a batch given is kept
     assert (

@@ -224,7 +224,8 @@ def render(report: dict) -> str:
 
         def ratio(r: dict) -> str:
             figures = peer_ratio(r, peer)
-            trials_said = f" (trials {figures['min']:.2f}..{figures['max']:.2f}x)" if len(r["trials"]) > 1 else ""
+            spread_said = len(r["trials"]) > 1 and r is not peer  # the peer against itself has no spread to say
+            trials_said = f" (trials {figures['min']:.2f}..{figures['max']:.2f}x)" if spread_said else ""
             return f"{figures['median']:.2f}x{trials_said}"
 
         lines.append(row("tokens/s ÷ HF Trainer", ratio))
