@@ -322,3 +322,14 @@ def test_the_step_anatomy_steps_both_models_in_turn_on_deepspeed_engines_and_spl
         assert sum(shares.values()) == pytest.approx(1.0)
     assert result["accumulation_steps"] == 2 and len(result["tnf_scale_over_stock"]["trials"]) == 2
     assert "tnf_scale's tokens/s over the stock model's" in (tmp_path / "anatomy.md").read_text()
+
+
+def test_the_tool_names_an_unknown_preset_before_it_claims_its_out_folder(tmp_path, capsys):
+    """The preset's global batch is looked up through the settings' own resolution (planted: a lookup in PRESETS
+    without the check fails with a KeyError's traceback)."""
+    from tnf_scale.cli import throughput_report
+
+    out = tmp_path / "tp"
+    assert throughput_report.main(["--preset", "bert-huge", "--steps", "6", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'bert-huge'; choose one of" in err and "Traceback" not in err and not out.exists()

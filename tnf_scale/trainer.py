@@ -140,6 +140,8 @@ def build_training(
         data.tokenizer, cfg.max_seq_len, cfg.mlm_probability, cfg.seed, cfg.notes_at_masked, cfg.whole_word_masking
     )
     universal_info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+    if cfg.compile:  # in place: a pipeline's stages hold the same layers
+        compile_encoder_layers(objective)
     if world.dims.pipeline > 1:
         stage_loss = PipelineObjective(cfg.note_window)
         module = build_pipeline(
@@ -150,8 +152,6 @@ def build_training(
         # takes stage 0's copy of each, where it would otherwise keep whichever stage's it wrote last
         replicated = {PIPELINE_REPLICATED_PARAMETER_PATTERNS: [rf"tied_modules\.{re.escape(TIED_KEY)}\."]}
         setattr(module, UNIVERSAL_CHECKPOINT_INFO, {**universal_info, **replicated})
-        if cfg.compile:
-            compile_encoder_layers(module)
         engine, optimizer, _, _ = deepspeed.initialize(
             model=module, model_parameters=parameter_groups(module, cfg.weight_decay), config=ds_config
         )
@@ -167,8 +167,6 @@ def build_training(
             for network in objective.children():  # the Hugging Face models it wraps
                 network.gradient_checkpointing_enable()
         setattr(objective, UNIVERSAL_CHECKPOINT_INFO, universal_info)
-        if cfg.compile:
-            compile_encoder_layers(objective)
         engine, optimizer, _, _ = deepspeed.initialize(
             model=objective, model_parameters=parameter_groups(objective, cfg.weight_decay), config=ds_config
         )

@@ -22,7 +22,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tnf_scale.config import PRESETS, RunConfig, forwarding_parser
+from tnf_scale.config import forwarding_parser, resolve
 from tnf_scale.errors import ConfigError, command_line
 from tnf_scale.launch import PEER_SCRIPT, TRAIN_SCRIPT
 from tnf_scale.reports.bench import add_overwrite_flag, check_replaceable, launch_training, timing_flags, trial_plan
@@ -125,10 +125,7 @@ def realistic_batch(preset: str, extra: list[str]) -> list[str]:
     flags give one (at a few sequences per step the fixed work of a step weighs more than in pre-training)."""
     if any(flag.split("=")[0] == "--global_batch_size" for flag in extra):
         return []
-    if preset not in PRESETS:
-        raise ConfigError(f"--preset {preset} is not a preset; choose one of {', '.join(PRESETS)}.")
-    preset_batch = PRESETS[preset].get("global_batch_size", RunConfig.global_batch_size)
-    return ["--global_batch_size", str(max(preset_batch, MIN_SEQUENCES_PER_STEP))]
+    return ["--global_batch_size", str(max(resolve(preset, {}).global_batch_size, MIN_SEQUENCES_PER_STEP))]
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ from tnf_scale.model.objective import MaskedLMObjective
 from tnf_scale.model.param_groups import parameter_groups
 from tnf_scale.model.tnf_bert import build_bert
 from tnf_scale.reports.bench import trial_plan
+from tnf_scale.reports.throughput import spread
 from tnf_scale.startup import launch_plan
+from tnf_scale.step_strategy import DataParallelStep
 from tnf_scale.threads import set_intra_op_threads
 
 MODELS = ("tnf_scale", "stock")
@@ -42,15 +44,13 @@ def engine_of(module, cfg: RunConfig, ds_config: dict):
 
 
 def tnf_scale_step(engine, objective: MaskedLMObjective) -> Callable[[list[Batch]], None]:
-    """One optimizer step as train.py's data-parallel path takes it: the loss summed over the masked tokens, scaled
-    to their mean over the step."""
+    """One optimizer step through train.py's data-parallel step strategy, without notes: the loss summed over the
+    masked tokens, scaled to their mean over the step."""
+    strategy = DataParallelStep(engine, objective, hooks=None)
 
     def step(batches: list[Batch]) -> None:
         scale = engine.gradient_accumulation_steps() / max(sum(b.num_predicted for b in batches), 1)
-        for batch in batches:
-            (losses,) = engine(**objective.inputs(batch))
-            engine.backward(losses.sum() * scale)
-            engine.step()
+        strategy.train(batches, [None] * len(batches), [scale])
 
     return step
 
@@ -70,15 +70,13 @@ def stock_step(engine) -> Callable[[list[Batch]], None]:
 
 def summary(records: list[dict]) -> dict:
     """Median and spread of the step's seconds and tokens/s, the median of each phase and its share of the step."""
-    seconds = [r["seconds"] for r in records]
-    step = statistics.median(seconds)
+    step_seconds = spread([r["seconds"] for r in records])
     phases = {p: statistics.median(r[p] for r in records) for p in ENGINE_PHASES}
-    shares = {p: s / step for p, s in phases.items()}
-    tokens_per_s = [r["tokens"] / r["seconds"] for r in records]
+    shares = {p: s / step_seconds["median"] for p, s in phases.items()}
     return {
         "steps": len(records),
-        "step_seconds": {"median": step, "min": min(seconds), "max": max(seconds)},
-        "tokens_per_s": {"median": statistics.median(tokens_per_s), "min": min(tokens_per_s), "max": max(tokens_per_s)},
+        "step_seconds": step_seconds,
+        "tokens_per_s": spread([r["tokens"] / r["seconds"] for r in records]),
         "phase_seconds": phases,
         "phase_shares": {**shares, "rest": max(1.0 - sum(shares.values()), 0.0)},
     }

@@ -56,6 +56,7 @@ def gpu_state() -> dict:
 
 
 def spread(values: list[float]) -> dict[str, float]:
+    """The median, least and largest of `values`."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
@@ -223,9 +224,10 @@ def render(report: dict) -> str:
     if peer:
 
         def ratio(r: dict) -> str:
-            figures = peer_ratio(r, peer)
-            spread_said = len(r["trials"]) > 1 and r is not peer  # the peer against itself has no spread to say
-            trials_said = f" (trials {figures['min']:.2f}..{figures['max']:.2f}x)" if spread_said else ""
+            if r is peer:
+                return "1.00x"
+            figures = r["tokens_per_s_over_peer"]
+            trials_said = f" (trials {figures['min']:.2f}..{figures['max']:.2f}x)" if len(r["trials"]) > 1 else ""
             return f"{figures['median']:.2f}x{trials_said}"
 
         lines.append(row("tokens/s ÷ HF Trainer", ratio))
