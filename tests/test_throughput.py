@@ -40,15 +40,20 @@ def test_flops_for_electra_base_match_the_hand_computed_value():
     assert electra_flops_per_token(generator, discriminator, 128, 0.15) == pytest.approx(3 * 203_700_787.2)
 
 
-def test_summary_takes_medians_and_spread():
+def test_summary_takes_medians_and_spread_and_shares_of_the_total_that_add_up_to_the_step():
+    """Tokens/s as median and spread; the anatomy as shares of the total time (planted: each phase's median over the
+    median step, the old reading, gives these steps 0.9 + 0.9 = 180% of the step, as CI once saw in a real run)."""
     steps = [
-        {"tokens_per_s": t, "step_seconds": s, "time_forward": f}
-        for t, s, f in ((100.0, 2.0, 1.0), (300.0, 1.0, 0.5), (200.0, 4.0, 2.0))
+        {"tokens_per_s": t, "step_seconds": s, "time_forward": f, "time_backward": b}
+        for t, s, f, b in ((100.0, 1.0, 0.9, 0.1), (300.0, 1.0, 0.1, 0.9), (200.0, 4.0, 1.5, 1.5))
     ]
     summary = summarize(steps, samples_per_step=8)
     assert summary["tokens_per_s"] == {"median": 200.0, "min": 100.0, "max": 300.0}
-    assert summary["samples_per_s"]["median"] == 4.0 and summary["step_seconds"] == 2.0
-    assert summary["phase_seconds"]["forward"] == 1.0 and summary["phase_seconds"]["note_read"] == 0.0
+    assert summary["samples_per_s"]["median"] == 8.0 and summary["step_seconds"] == 1.0
+    assert summary["phase_seconds"]["forward"] == pytest.approx(2.5 / 3) and summary["phase_seconds"]["note_read"] == 0
+    shares = summary["phase_shares"]
+    assert shares["forward"] == shares["backward"] == pytest.approx(2.5 / 6) and shares["rest"] == pytest.approx(1 / 6)
+    assert sum(shares.values()) == pytest.approx(1.0)
 
 
 def test_the_math_a_run_computes_in(monkeypatch):

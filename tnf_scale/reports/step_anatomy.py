@@ -28,7 +28,7 @@ from tnf_scale.model.objective import MaskedLMObjective
 from tnf_scale.model.param_groups import parameter_groups
 from tnf_scale.model.tnf_bert import build_bert
 from tnf_scale.reports.bench import trial_plan
-from tnf_scale.reports.throughput import spread
+from tnf_scale.reports.throughput import phase_anatomy, phase_cell, spread
 from tnf_scale.startup import launch_plan
 from tnf_scale.step_strategy import DataParallelStep
 from tnf_scale.threads import set_intra_op_threads
@@ -69,16 +69,12 @@ def stock_step(engine) -> Callable[[list[Batch]], None]:
 
 
 def summary(records: list[dict]) -> dict:
-    """Median and spread of the step's seconds and tokens/s, the median of each phase and its share of the step."""
-    step_seconds = spread([r["seconds"] for r in records])
-    phases = {p: statistics.median(r[p] for r in records) for p in ENGINE_PHASES}
-    shares = {p: s / step_seconds["median"] for p, s in phases.items()}
+    """Median and spread of the step's seconds and tokens/s, and the anatomy (phase_anatomy)."""
     return {
         "steps": len(records),
-        "step_seconds": step_seconds,
+        "step_seconds": spread([r["seconds"] for r in records]),
         "tokens_per_s": spread([r["tokens"] / r["seconds"] for r in records]),
-        "phase_seconds": phases,
-        "phase_shares": {**shares, "rest": max(1.0 - sum(shares.values()), 0.0)},
+        **phase_anatomy([r["seconds"] for r in records], {p: [r[p] for r in records] for p in ENGINE_PHASES}),
     }
 
 
@@ -144,15 +140,11 @@ def measure(cfg: RunConfig, trials: int, steps: int, log=print) -> dict:
 
 
 def render(result: dict, machine: str, command: str) -> str:
-    """The anatomy as markdown: one column per model, each phase's median with its share of the step."""
+    """The anatomy as markdown: one column per model, each phase's mean with its share of the step."""
     models = result["models"]
 
     def row(name: str, cell) -> str:
         return f"| {name} | " + " | ".join(cell(models[m]) for m in MODELS) + " |"
-
-    def phase(m: dict, name: str) -> str:
-        seconds = m["phase_seconds"].get(name, m["step_seconds"]["median"] * m["phase_shares"]["rest"])
-        return f"{seconds:.3f} s ({100 * m['phase_shares'][name]:.1f}%)"
 
     ratio = result["tnf_scale_over_stock"]
     lines = [
@@ -170,7 +162,7 @@ def render(result: dict, machine: str, command: str) -> str:
             ),
         ),  # fmt: skip
         row("tokens/s", lambda m: f"{m['tokens_per_s']['median']:,.0f}"),
-        *(row(name, lambda m, name=name: phase(m, name)) for name in [*ENGINE_PHASES, "rest"]),
+        *(row(name, lambda m, name=name: phase_cell(m, name)) for name in [*ENGINE_PHASES, "rest"]),
         "",
         f"tnf_scale's tokens/s over the stock model's: {ratio['median']:.2f}x (trial by trial "
         + ", ".join(f"{r:.2f}x" for r in ratio["trials"])

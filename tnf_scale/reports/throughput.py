@@ -60,21 +60,33 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def phase_anatomy(step_seconds: list[float], phase_seconds: dict[str, list[float]]) -> dict:
+    """Each phase's mean seconds per step and its share of the steps' total time, `rest` being what no phase holds.
+
+    Shares are of totals, not of medians: a median phase over a median step can add up to more than the whole."""
+    total = sum(step_seconds)
+    means = {p: sum(seconds) / len(step_seconds) for p, seconds in phase_seconds.items()}
+    means["rest"] = max(total / len(step_seconds) - sum(means.values()), 0.0)
+    return {
+        "phase_seconds": means,
+        "phase_shares": {p: mean * len(step_seconds) / total for p, mean in means.items()},
+    }
+
+
+def phase_cell(anatomy: dict, name: str) -> str:
+    """One phase of an anatomy as a table cell: its mean milliseconds per step and its share of the step."""
+    return f"{1000 * anatomy['phase_seconds'][name]:.1f} ms ({100 * anatomy['phase_shares'][name]:.1f}%)"
+
+
 def summarize(steps: list[dict], samples_per_step: int) -> dict:
-    """Median and spread (min, max) of tokens/s and samples/s, the median seconds of each phase, and the anatomy:
-    each phase's median as a share of the median step (`rest`: what no phase holds)."""
-    tokens_per_s = [r["tokens_per_s"] for r in steps]
-    samples_per_s = [samples_per_step / r["step_seconds"] for r in steps]
-    step_seconds = statistics.median(r["step_seconds"] for r in steps)
-    phase_seconds = {p: statistics.median(r.get(f"time_{p}", 0.0) for r in steps) for p in STEP_PHASES}
-    shares = {p: seconds / step_seconds for p, seconds in phase_seconds.items()}
+    """Median and spread (min, max) of tokens/s and samples/s, the median step, and the anatomy (phase_anatomy)."""
+    step_seconds = [r["step_seconds"] for r in steps]
     return {
         "steps": len(steps),
-        "tokens_per_s": spread(tokens_per_s),
-        "samples_per_s": spread(samples_per_s),
-        "step_seconds": step_seconds,
-        "phase_seconds": phase_seconds,
-        "phase_shares": {**shares, "rest": max(1.0 - sum(shares.values()), 0.0)},
+        "tokens_per_s": spread([r["tokens_per_s"] for r in steps]),
+        "samples_per_s": spread([samples_per_step / s for s in step_seconds]),
+        "step_seconds": statistics.median(step_seconds),
+        **phase_anatomy(step_seconds, {p: [r.get(f"time_{p}", 0.0) for r in steps] for p in STEP_PHASES}),
     }
 
 
@@ -177,10 +189,7 @@ def render(report: dict) -> str:
         return f"| {name} | " + " | ".join(cell(r) for r in columns) + " |"
 
     def phase(r: dict, name: str) -> str:
-        if not r["timed_phases"]:
-            return "n/a"
-        seconds = r["phase_seconds"].get(name, r["step_seconds"] * r["phase_shares"]["rest"])
-        return f"{1000 * seconds:.1f} ms ({100 * r['phase_shares'][name]:.0f}%)"
+        return phase_cell(r, name) if r["timed_phases"] else "n/a"
 
     machines = sorted({r["machine"] or "unrecorded" for r in columns})
     trials = max(len(r["trials"]) for r in columns)
