@@ -19,7 +19,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 CLUSTER_BINS := pdsh /usr/sbin/sshd slurmctld slurmd munged mpirun
 CLUSTER_PKGS := pdsh openssh-server openssh-client slurm-wlm munge openmpi-bin libopenmpi-dev
 
-.PHONY: demo bench test test-slow install cluster-deps lint
+.PHONY: demo bench test test-slow install cluster-deps lint bytecode
 install: $(VENV)/.installed
 
 cluster-deps:
@@ -38,7 +38,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m tnf_scale.finetune.shipped
 	touch $@
 
-demo: install
+demo: install bytecode
 	$(VENV)/bin/deepspeed --num_gpus 1 --master_port 29611 tnf_scale/train.py --preset tiny --output_dir $(RUN_DIR) --overwrite true
 
 # Baseline and TNF side by side on the bundled corpus, plus the Hugging Face Trainer peer, and time to score
@@ -50,13 +50,18 @@ bench: install
 	cp $(addprefix $(BENCH_DIR)/,report.md time_to_loss.png time_to_loss.json downstream.png downstream.json throughput.json throughput.png) tools/results/
 
 # The whole suite but the BERT-large-sized test, within 15 minutes here set-up included.
-test: cluster-deps install lint
+test: cluster-deps install lint bytecode
 	$(PY) -m pytest -q tests -m "not slow" --durations=15
+
+# The project's own modules compiled to bytecode: where PYTHONDONTWRITEBYTECODE is set, every process (each rank of
+# every launch) would compile them again, about 1.2 s each here. Python recompiles a module whose source changed.
+bytecode: install
+	$(PY) -m compileall -q tnf_scale tools tests
 
 # ruff's formatter and linter, configured in pyproject.toml
 lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 
-test-slow: install
+test-slow: install bytecode
 	$(PY) -m pytest -q tests -m slow

@@ -137,7 +137,8 @@ def launch(ranks: int, script_args: list[str], timeout: int = 900, through_deeps
     """`ranks` processes of `script_args` on this host from the repository root; fails the test with their output on
     error. With `through_deepspeed`, the real `deepspeed --num_gpus ranks` launcher starts them; otherwise they are
     started as it starts them (its environment and --local_rank), without its two Python processes, each of which
-    imports DeepSpeed: about 5 s a launch here (the launchers' own tests run the real ones)."""
+    imports DeepSpeed (about 5 s a launch here), each forked from a process that imported the training stack once
+    (about 10 s a rank: start_ranks). The launchers' own tests, and every test of a command line, start fresh ones."""
     port = free_port()
     if through_deepspeed:
         proc = run_cmd(deepspeed_command(ranks, port, *script_args[:1], script_args[1:]), timeout=timeout)
@@ -152,23 +153,29 @@ def launch(ranks: int, script_args: list[str], timeout: int = 900, through_deeps
 def start_ranks(ranks: int, port: int, script_args: list[str], timeout: int):
     """The ranks as DeepSpeed's launcher starts them on one node: RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_SIZE,
     CROSS_RANK/CROSS_SIZE, MASTER_ADDR/PORT and --local_rank, their output in one stream; the others are ended when
-    one fails, as the launcher does. Returns what run_cmd returns (the first failing rank's exit status)."""
+    one fails, as the launcher does. Each rank is forked from a server that imported the training stack once
+    (workers/forked_ranks.py). Returns what run_cmd returns (the first failing rank's exit status)."""
     import subprocess
-    import sys
     import tempfile
     import time
+
+    from workers.forked_ranks import ForkedRank
 
     script, *args = script_args
     world = {"WORLD_SIZE": str(ranks), "LOCAL_SIZE": str(ranks), "CROSS_RANK": "0", "CROSS_SIZE": "1"}
     world |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryDirectory() as folder:
+        out, err = Path(folder, "stdout"), Path(folder, "stderr")
+        out.touch()
+        err.touch()
         procs = [
-            subprocess.Popen(
-                [sys.executable, "-u", script, f"--local_rank={rank}", *args],
-                cwd=REPO,
-                env={**clean_env(), **world, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                stdout=out,
-                stderr=err,
+            ForkedRank(
+                script,
+                [f"--local_rank={rank}", *args],
+                {**clean_env(), **world, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                REPO,
+                out,
+                err,
             )
             for rank in range(ranks)
         ]
@@ -185,9 +192,7 @@ def start_ranks(ranks: int, port: int, script_args: list[str], timeout: int):
             p.wait()
         if timed_out:
             raise subprocess.TimeoutExpired(script_args, timeout)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+        stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
     return subprocess.CompletedProcess(script_args, failed, stdout, stderr)
 
 
