@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ELECTRA_RUN, EVAL_SEQUENCES, assert_same_evaluations, check_ok, evaluations, run_cmd, train_args
+from conftest import ELECTRA_RUN, EVAL_SEQUENCES, assert_same_evaluations, evaluations, launch, start_ranks, train_args
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, ElectraForMaskedLM, ElectraForPreTraining
 
@@ -17,6 +16,7 @@ from tnf_scale.config import parse_args
 from tnf_scale.data.batch import IGNORE_INDEX
 from tnf_scale.data.collate import EVAL_EPOCH, Collator
 from tnf_scale.errors import ConfigError
+from tnf_scale.launch import free_port
 from tnf_scale.metrics import read_metrics
 from tnf_scale.model.electra import ElectraObjective, build_electra, sample_replacements
 from tnf_scale.model.tnf_bert import TnfHooks
@@ -209,11 +209,11 @@ def resumed_on_one_rank(small_config, electra_run, tmp_path_factory) -> tuple[Pa
     resumed = tmp_path_factory.mktemp("electra_resumed") / "run"
     shutil.copytree(electra_run, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step00000012")
-    args = [sys.executable, "-m", "tnf_scale.train", *train_args(small_config, resumed, resume="true", **ELECTRA_RUN)]
+    args = ["tnf_scale/train.py", *train_args(small_config, resumed, resume="true", **ELECTRA_RUN)]
     before = (resumed / "run_config.json").read_text()
-    refused = run_cmd([*args, "--deepspeed_config", "ds_configs/zero2.json"])
+    refused = start_ranks(1, free_port(), [*args, "--deepspeed_config", "ds_configs/zero2.json"], timeout=600)
     refused.run_config_kept = (resumed / "run_config.json").read_text() == before
-    check_ok(run_cmd([*args, "--deepspeed_config", "ds_configs/zero3.json"]))
+    launch(1, [*args, "--deepspeed_config", "ds_configs/zero3.json"])
     return resumed, refused
 
 
