@@ -341,7 +341,7 @@ def test_an_output_dir_that_is_a_file_is_named_before_anything_is_written(tmp_pa
     assert target.read_text() == "not a directory"
 
 
-def test_a_tokenizer_that_is_missing_or_not_wordpiece_is_named(tmp_path):
+def test_a_tokenizer_that_is_missing_or_not_wordpiece_or_marks_no_continuations_is_named(tmp_path):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
@@ -365,6 +365,15 @@ def test_a_tokenizer_that_is_missing_or_not_wordpiece_is_named(tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=bpe, **specials).save_pretrained(tmp_path / "bpe")
     with pytest.raises(ConfigError, match="is a BPE tokenizer; .* give a WordPiece tokenizer"):
         load_tokenizer(tmp_path / "bpe")
+    # words are read from the continuation prefix: without one every piece would look like a continuation (planted:
+    # without the check this tokenizer loads)
+    vocab = {token: i for i, token in enumerate([*specials.values(), "a", "b"])}
+    bare = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix=""))
+    PreTrainedTokenizerFast(tokenizer_object=bare, **specials).save_pretrained(tmp_path / "bare")
+    with pytest.raises(
+        ConfigError, match="without a continuing-subword prefix .* give one that marks its continuation"
+    ):
+        load_tokenizer(tmp_path / "bare")
 
 
 def test_a_resume_given_another_tokenizer_than_its_own_is_refused_in_one_sentence(tmp_path):

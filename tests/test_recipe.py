@@ -9,7 +9,8 @@ from deepspeed.runtime import lr_schedules
 
 from tnf_scale.config import RunConfig
 from tnf_scale.data.batch import IGNORE_INDEX
-from tnf_scale.data.collate import Collator, continuation_table
+from tnf_scale.data.collate import Collator
+from tnf_scale.data.tokenizer import continuation_table
 from tnf_scale.ds_config import build_ds_config
 from tnf_scale.model.build import build_objective
 from tnf_scale.model.param_groups import parameter_groups
@@ -23,7 +24,7 @@ def test_whole_word_masking_chooses_every_piece_of_a_word_and_15_percent_of_the_
     batch = Collator(prepared.tokenizer, 64, 0.15, seed=5, whole_word_masking=True)(
         prepared.train, list(range(n)), list(range(n)), [0] * n
     )
-    continues = continuation_table(prepared.tokenizer)
+    continues = torch.from_numpy(continuation_table(prepared.tokenizer))
     special = torch.tensor(sorted(set(prepared.tokenizer.all_special_ids)))
     chosen = batch.labels != IGNORE_INDEX
     ids = torch.where(chosen, batch.labels, batch.input_ids)  # the original tokens
@@ -43,7 +44,7 @@ def test_without_whole_word_masking_pieces_of_a_word_are_chosen_alone(prepared):
     """The default stays per token (the check above is not vacuous: here pieces are split)."""
     n = 1000
     batch = Collator(prepared.tokenizer, 64, 0.15, seed=5)(prepared.train, list(range(n)), list(range(n)), [0] * n)
-    continues = continuation_table(prepared.tokenizer)
+    continues = torch.from_numpy(continuation_table(prepared.tokenizer))
     chosen = batch.labels != IGNORE_INDEX
     ids = torch.where(chosen, batch.labels, batch.input_ids)
     continuation = continues[ids] & batch.attention_mask.bool()

@@ -12,19 +12,11 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from tnf_scale.data.batch import IGNORE_INDEX, Batch
+from tnf_scale.data.tokenizer import continuation_table
 from tnf_scale.seeding import seeded_generator
 from tnf_scale.spans import expand_spans, span_positions, spans_holding
 
 EVAL_EPOCH = 2**32 - 1  # masks of held-out sequences come from a stream no training epoch uses
-
-
-def continuation_table(tokenizer: PreTrainedTokenizerFast) -> torch.Tensor:
-    """For every token id, whether it continues the word before it (a WordPiece piece such as "##ing")."""
-    prefix = tokenizer.backend_tokenizer.model.continuing_subword_prefix
-    table = torch.zeros(len(tokenizer), dtype=torch.bool)
-    for token, token_id in tokenizer.get_vocab().items():
-        table[token_id] = token.startswith(prefix) and len(token) > len(prefix)
-    return table
 
 
 class Collator:
@@ -49,7 +41,7 @@ class Collator:
         self.pad_id, self.mask_id = tokenizer.pad_token_id, tokenizer.mask_token_id
         self.vocab_size = len(tokenizer)
         self.special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.int64)
-        self.continues = continuation_table(tokenizer) if whole_word_masking else None
+        self.continues = torch.from_numpy(continuation_table(tokenizer)) if whole_word_masking else None
 
     def mask(self, ids: torch.Tensor, epoch: int, order_key: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """BERT masking of one sample: 15% of non-special tokens (or of whole words); of those 80% [MASK], 10% random,

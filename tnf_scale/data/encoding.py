@@ -10,7 +10,9 @@ no vocabulary has.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
+from itertools import chain
 from pathlib import Path
 
 import datasets
@@ -20,6 +22,7 @@ import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerFast
 
 from tnf_scale.data.rare_vocab import word_splitter
+from tnf_scale.data.tokenizer import continuation_table
 
 GROUP = 256  # documents encoded, and later packed, as one stream: the rows do not depend on the processes
 TEXT_KEY_TAG = np.int32(-1).tobytes()
@@ -46,14 +49,16 @@ def word_keys(ids: np.ndarray, first: np.ndarray, unk_id: int, unk_words: list[s
 
 
 def encode_texts(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> list:
-    """The Rust batch encoder's `Encoding` of each text, without special tokens, truncation or padding (called
-    directly: transformers' wrapper would also build a Python dict per text that nothing reads)."""
+    """The Rust batch encoder's `Encoding` of each text, without special tokens, truncation or padding, and without
+    the character offsets nothing here reads (tracking them costs the encoder about 40% more here; such an Encoding
+    holds no word ids either: `word_start` reads words from the pieces). Called directly: transformers' wrapper would
+    also build a Python dict per text that nothing reads."""
     backend = tokenizer.backend_tokenizer
     if backend.truncation is not None:  # as transformers' own call with truncation=False does
         backend.no_truncation()
     if backend.padding is not None:
         backend.no_padding()
-    return backend.encode_batch(texts, add_special_tokens=False)
+    return backend.encode_batch_fast(texts, add_special_tokens=False)
 
 
 def word_of_key(key: bytes, tokenizer: PreTrainedTokenizerFast) -> str:
@@ -74,25 +79,24 @@ def list_array(offsets, values, type: pa.DataType | None = None) -> pa.ListArray
 def make_encoder(tokenizer: PreTrainedTokenizerFast) -> Callable[[dict], pa.Table]:
     """A `datasets.map` function, batched with batch_size=1: a row {"texts": [GROUP documents]} -> one row with
     `input_ids` (the documents' tokens, each document closed by [SEP]), `word_start`, `unk_words` and the row's word
-    counts (`keys`, `counts`; separators and other special tokens are not words)."""
+    counts (`keys`, `counts`; separators and other special tokens are not words). A word starts at every token that
+    is not a WordPiece continuation (`continuation_table`), as the pre-tokenizer's words do; a separator, never a
+    continuation, is a word of its own."""
     split = word_splitter(tokenizer)
     sep_id, unk_id = tokenizer.sep_token_id, tokenizer.unk_token_id
     not_words = np.asarray(sorted(set(tokenizer.all_special_ids) - {unk_id}), dtype=np.int32)
+    starts_a_word = ~continuation_table(tokenizer)
 
     def encode(batch: dict) -> pa.Table:
         texts = batch["texts"][0]
-        encodings = encode_texts(tokenizer, texts)
-        ids_parts, word_parts, unk_words = [], [], []
-        for document, (text, encoding) in enumerate(zip(texts, encodings)):
+        ids_parts, unk_words = [], []
+        for text, encoding in zip(texts, encode_texts(tokenizer, texts)):
             ids = encoding.ids  # a new Python list at every reading: read once
             ids_parts += [ids, [sep_id]]
-            word_parts += [encoding.word_ids, [-1 - document]]  # a separator is a word of its own
             if unk_id in ids:
-                unk_words += _unknown_words(text, encoding, unk_id, split)
-        ids = np.concatenate([np.asarray(part, dtype=np.int32) for part in ids_parts])
-        word = np.concatenate([np.asarray(part, dtype=np.int64) for part in word_parts])
-        word_start = np.ones(len(word), dtype=bool)
-        word_start[1:] = word[1:] != word[:-1]
+                unk_words += _unknown_words(text, tokenizer, unk_id, split)
+        ids = np.fromiter(chain.from_iterable(ids_parts), dtype=np.int32)
+        word_start = starts_a_word[ids]
         first, last = word_spans(word_start)
         keys = word_keys(ids, first, unk_id, unk_words)
         is_word = ~((first == last) & np.isin(ids[first], not_words))
@@ -111,8 +115,10 @@ def make_encoder(tokenizer: PreTrainedTokenizerFast) -> Callable[[dict], pa.Tabl
     return encode
 
 
-def _unknown_words(text: str, encoding, unk_id: int, split: Callable[[str], list[str]]) -> list[str]:
-    """The normalized text of each word of one document that holds the unknown token, in order."""
+def _unknown_words(text: str, tokenizer: PreTrainedTokenizerFast, unk_id: int, split: Callable[[str], list[str]]):
+    """The normalized text of each word of one document that holds the unknown token, in order (the document encoded
+    again, with the offsets that find a word's characters: few documents hold an unknown word)."""
+    encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
     words, last_word = [], None
     for token_id, word in zip(encoding.ids, encoding.word_ids):
         if token_id == unk_id and word != last_word:
@@ -120,6 +126,13 @@ def _unknown_words(text: str, encoding, unk_id: int, split: Callable[[str], list
             words.append("".join(split(text[start:end])))
             last_word = word
     return words
+
+
+def derived_fingerprint(dataset: datasets.Dataset, step: str) -> str:
+    """A fingerprint for `step` applied to `dataset`, given to `datasets.map` so that it does not hash the mapped
+    function (about 0.7 s a map here: the closure holds the tokenizer). Preparation maps into a fresh scratch folder
+    with its own file name, and the entry's key already hashes the tokenizer, so no cache is keyed by it."""
+    return hashlib.sha256(f"{dataset._fingerprint}:{step}".encode()).hexdigest()[:32]
 
 
 def group_documents(corpus: datasets.Dataset, path: Path) -> datasets.Dataset:
@@ -151,4 +164,5 @@ def encode_corpus(
         num_proc=min(num_proc, len(groups)) if num_proc > 1 else None,
         desc="encoding and counting words",
         cache_file_name=str(scratch / "encoded.arrow"),
+        new_fingerprint=derived_fingerprint(groups, "encoded"),
     )

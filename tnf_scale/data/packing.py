@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerFast
 
-from tnf_scale.data.encoding import list_array, word_keys, word_spans
+from tnf_scale.data.encoding import derived_fingerprint, list_array, word_keys, word_spans
 
 
 def cut_points(word_start: np.ndarray, n_tokens: int, content_len: int) -> list[int]:
@@ -95,6 +95,7 @@ def pack_corpus(
             num_proc=min(num_proc, len(encoded)) if num_proc > 1 else None,
             desc="packing sequences",
             cache_file_name=str(scratch / "packed.arrow"),
+            new_fingerprint=derived_fingerprint(encoded, f"packed-{max_seq_len}"),
         )
         .with_format(None)
     )

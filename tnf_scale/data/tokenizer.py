@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerFast
 
@@ -78,9 +79,24 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
             f"--tokenizer {path} is a {type(model).__name__} tokenizer; TNF reads words back from their "
             "WordPiece pieces, so give a WordPiece tokenizer (BERT's or ELECTRA's)."
         )
+    if not model.continuing_subword_prefix:
+        raise ConfigError(
+            f"--tokenizer {path} is a WordPiece tokenizer without a continuing-subword prefix (BERT's is '##'); TNF "
+            "tells where a word starts by that prefix, so give one that marks its continuation pieces."
+        )
     missing = [t for t in ("pad_token", "cls_token", "sep_token", "mask_token", "unk_token") if getattr(tok, t) is None]
     if missing:
         raise ConfigError(
             f"--tokenizer {path} lacks {', '.join(missing)}; TNF pre-training needs BERT's special tokens."
         )
     return tok
+
+
+def continuation_table(tokenizer: PreTrainedTokenizerFast) -> np.ndarray:
+    """For every token id, whether it continues the word before it (a WordPiece piece such as "##ing"): within a
+    word WordPiece prefixes every piece but the first, so a token starts a word exactly when it is not one of these."""
+    prefix = tokenizer.backend_tokenizer.model.continuing_subword_prefix
+    table = np.zeros(len(tokenizer), dtype=bool)
+    for token, token_id in tokenizer.get_vocab().items():
+        table[token_id] = token.startswith(prefix) and len(token) > len(prefix)
+    return table
