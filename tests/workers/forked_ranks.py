@@ -14,14 +14,8 @@ import sys
 import traceback
 from pathlib import Path
 
-PRELOAD = ["tnf_scale.train"]  # what a rank's script imports first: the training stack
-
-
-def server():
-    """The forkserver context, its server importing PRELOAD once when it starts."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
-    return context
+SERVER = multiprocessing.get_context("forkserver")  # started by the first rank, for the rest of the session
+SERVER.set_forkserver_preload(["tnf_scale.train"])  # what a rank's script imports first: the training stack
 
 
 def run_script(script: str, args: list[str], env: dict[str, str], cwd: str, out: str, err: str) -> None:
@@ -60,7 +54,7 @@ class ForkedRank:
     """One rank forked from the server, with the part of subprocess.Popen's interface the launch helper uses."""
 
     def __init__(self, script: str, args: list[str], env: dict[str, str], cwd: Path, out: Path, err: Path):
-        self.process = server().Process(target=run_script, args=(script, args, env, str(cwd), str(out), str(err)))
+        self.process = SERVER.Process(target=run_script, args=(script, args, env, str(cwd), str(out), str(err)))
         self.process.start()
 
     @property

@@ -115,7 +115,9 @@ def make_encoder(tokenizer: PreTrainedTokenizerFast) -> Callable[[dict], pa.Tabl
     return encode
 
 
-def _unknown_words(text: str, tokenizer: PreTrainedTokenizerFast, unk_id: int, split: Callable[[str], list[str]]):
+def _unknown_words(
+    text: str, tokenizer: PreTrainedTokenizerFast, unk_id: int, split: Callable[[str], list[str]]
+) -> list[str]:
     """The normalized text of each word of one document that holds the unknown token, in order (the document encoded
     again, with the offsets that find a word's characters: few documents hold an unknown word)."""
     encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)

@@ -64,13 +64,10 @@ def phase_anatomy(step_seconds: list[float], phase_seconds: dict[str, list[float
     """Each phase's mean seconds per step and its share of the steps' total time, `rest` being what no phase holds.
 
     Shares are of totals, not of medians: a median phase over a median step can add up to more than the whole."""
-    total = sum(step_seconds)
-    means = {p: sum(seconds) / len(step_seconds) for p, seconds in phase_seconds.items()}
-    means["rest"] = max(total / len(step_seconds) - sum(means.values()), 0.0)
-    return {
-        "phase_seconds": means,
-        "phase_shares": {p: mean * len(step_seconds) / total for p, mean in means.items()},
-    }
+    mean_step = statistics.mean(step_seconds)
+    means = {p: statistics.mean(seconds) for p, seconds in phase_seconds.items()}
+    means["rest"] = max(mean_step - sum(means.values()), 0.0)
+    return {"phase_seconds": means, "phase_shares": {p: mean / mean_step for p, mean in means.items()}}
 
 
 def phase_cell(anatomy: dict, name: str) -> str:
